@@ -1,0 +1,106 @@
+"""Read-only queries over patients, studies and images, for the CLI and the pages.
+
+Everything here returns plain dicts/lists (JSON-ready) and never the pixel blobs unless
+asked for one image.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import numpy as np
+import sqlite_utils
+
+from bonescan_core import pixelstore
+from bonescan_core.review import training_labels
+
+
+def list_images(db: sqlite_utils.Database) -> list[dict]:
+    """Every image: ``id, study_id, view, source, height, width`` (``cli.md``), by id."""
+    sql = "SELECT id, study_id, view, source, height, width FROM images ORDER BY id"
+    return [dict(row) for row in db.query(sql)]
+
+
+def list_studies(db: sqlite_utils.Database) -> list[dict]:
+    """Every study: ``id, patient_id, n_images, label, included`` plus ``views``, ``origin``.
+
+    ``label`` is the training label (``metastatic``, ``non_metastatic`` or None) and
+    ``included`` whether the study may train (see ``review.training_labels``).
+    """
+    labels = training_labels(db)
+    sql = """
+        SELECT s.id, s.patient_id, s.origin, COUNT(i.id) AS n_images,
+               GROUP_CONCAT(COALESCE(i.view, '?'), ',') AS views
+        FROM studies s LEFT JOIN images i ON i.study_id = s.id
+        GROUP BY s.id ORDER BY s.id
+    """
+    rows = []
+    for row in db.query(sql):
+        label, included = labels.get(row["id"], (None, False))
+        rows.append(
+            {
+                "id": row["id"],
+                "patient_id": row["patient_id"],
+                "n_images": row["n_images"],
+                "label": label,
+                "included": included,
+                "views": sorted((row["views"] or "").split(",")) if row["views"] else [],
+                "origin": row["origin"],
+            }
+        )
+    return rows
+
+
+def study_table(db: sqlite_utils.Database) -> list[dict]:
+    """Studies with patient characteristics and both views' thumbnails (PNG bytes or None)."""
+    studies = {row["id"]: row for row in list_studies(db)}
+    patients = {row["id"]: row for row in db.query("SELECT id, sex, age_band, primary_cancer FROM patients")}
+    thumbs: dict[int, dict[str, bytes]] = {}
+    for row in db.query("SELECT study_id, view, thumbnail FROM images ORDER BY id"):
+        thumbs.setdefault(row["study_id"], {}).setdefault(row["view"] or "anterior", row["thumbnail"])
+    table = []
+    for study_id, study in studies.items():
+        patient = patients[study["patient_id"]]
+        table.append(
+            {
+                **study,
+                "sex": patient["sex"],
+                "age_band": patient["age_band"],
+                "primary_cancer": patient["primary_cancer"],
+                "anterior_thumbnail": thumbs.get(study_id, {}).get("anterior"),
+                "posterior_thumbnail": thumbs.get(study_id, {}).get("posterior"),
+            }
+        )
+    return table
+
+
+def characteristics(rows: list[dict]) -> dict[str, dict[str, int]]:
+    """Counts of patients by sex, age band and primary cancer, and of studies by label.
+
+    Args:
+        rows: output of :func:`study_table` (possibly filtered).
+    """
+    by_patient = {row["patient_id"]: row for row in rows}.values()
+    return {
+        "sex": dict(Counter(row["sex"] or "unknown" for row in by_patient)),
+        "age_band": dict(sorted(Counter(row["age_band"] or "unknown" for row in by_patient).items())),
+        "primary_cancer": dict(Counter(row["primary_cancer"] or "unknown" for row in by_patient)),
+        "label": dict(Counter(row["label"] or "no training label" for row in rows)),
+    }
+
+
+def study_images(db: sqlite_utils.Database, study_id: int) -> list[dict]:
+    """A study's images with decoded pixels: ``id, view, source, display_max, pixels`` (H, W array)."""
+    sql = "SELECT id, view, source, display_max, pixels FROM images WHERE study_id = ? ORDER BY view IS NULL, view, id"
+    images = []
+    for row in db.query(sql, [study_id]):
+        images.append({**row, "pixels": pixelstore.decode_pixels(row["pixels"])})
+    return images
+
+
+def image_pixels(db: sqlite_utils.Database, image_id: int) -> np.ndarray:
+    """Decoded pixels of one image, (H, W), original dtype."""
+    row = db.execute("SELECT pixels FROM images WHERE id = ?", [image_id]).fetchone()
+    if row is None:
+        raise KeyError(f"image {image_id} does not exist; list images with `bonescan images --json`")
+    return pixelstore.decode_pixels(row[0])

@@ -1,0 +1,165 @@
+"""The ``bonescan`` command: headless versions of what the pages do (contract: ``cli.md``).
+
+Exit status: 0 success; 1 the verb ran but some items failed (each reported); 2 usage
+error or nothing could be done. Errors go to stderr, one line each, saying what to do.
+Modules are imported inside each verb so that light verbs start fast (no TensorFlow, no
+pydicom for ``studies``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+EXIT_OK, EXIT_SOME_FAILED, EXIT_USAGE = 0, 1, 2
+
+
+class CommandError(Exception):
+    """Nothing could be done; the message says what to do (exit 2)."""
+
+
+def _progress_printer(label: str):
+    """A progress callback that redraws one stderr line (only on a terminal)."""
+    if not sys.stderr.isatty():
+        return None
+
+    def show(done: int, total: int, name: str) -> None:
+        width = 30
+        filled = int(width * done / max(total, 1))
+        sys.stderr.write(f"\r{label} [{'#' * filled}{'.' * (width - filled)}] {done}/{total} {name[:40]:<40}")
+        if done == total:
+            sys.stderr.write("\n")
+        sys.stderr.flush()
+
+    return show
+
+
+def cmd_init(args: argparse.Namespace) -> int:
+    from bonescan_core import db as dbm
+
+    with dbm.opened(args.db) as db:
+        print(f"{dbm.resolve_path(args.db)}: schema {dbm.schema_version(db)}")
+    return EXIT_OK
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from bonescan_core import db as dbm
+    from bonescan_core.ingest import add_demo_studies
+
+    if args.studies < 1:
+        raise CommandError("--studies must be at least 1")
+    with dbm.opened(args.db) as db:
+        outcomes = add_demo_studies(db, args.studies, args.seed, progress=_progress_printer("demo"))
+    added = sum(o.status == "imported" for o in outcomes)
+    print(f"added {added} demo studies ({len(outcomes) - added} already present), seed {args.seed}")
+    return EXIT_OK
+
+
+def cmd_import(args: argparse.Namespace) -> int:
+    from bonescan_core import db as dbm
+    from bonescan_core.ingest import ManifestError, import_files
+
+    paths = [Path(p) for p in args.paths]
+    if not paths and not args.manifest:
+        raise CommandError("name files or folders to import, or a --manifest CSV")
+    try:
+        with dbm.opened(args.db) as db:
+            outcomes = import_files(
+                db,
+                paths,
+                label_from_folder=args.label_from_folder,
+                manifest=Path(args.manifest) if args.manifest else None,
+                reviewer=args.reviewer,
+                progress=_progress_printer("import"),
+            )
+    except (FileNotFoundError, ManifestError) as error:
+        raise CommandError(str(error)) from error
+    if not outcomes:
+        raise CommandError("no files found under the given paths")
+    for outcome in outcomes:
+        print(outcome.line())
+    return EXIT_SOME_FAILED if any(o.status == "rejected" for o in outcomes) else EXIT_OK
+
+
+def cmd_images(args: argparse.Namespace) -> int:
+    from bonescan_core import catalog
+    from bonescan_core import db as dbm
+
+    with dbm.opened(args.db) as db:
+        rows = catalog.list_images(db)
+    _print_rows(rows, args.json, ["id", "study_id", "view", "source", "height", "width"])
+    return EXIT_OK
+
+
+def cmd_studies(args: argparse.Namespace) -> int:
+    from bonescan_core import catalog
+    from bonescan_core import db as dbm
+
+    with dbm.opened(args.db) as db:
+        rows = catalog.list_studies(db)
+    _print_rows(rows, args.json, ["id", "patient_id", "n_images", "label", "included"])
+    return EXIT_OK
+
+
+def _print_rows(rows: list[dict], as_json: bool, columns: list[str]) -> None:
+    if as_json:
+        json.dump(rows, sys.stdout)
+        sys.stdout.write("\n")
+        return
+    print("\t".join(columns))
+    for row in rows:
+        print("\t".join("" if row[c] is None else str(row[c]) for c in columns))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser (also used by the docs test)."""
+    parser = argparse.ArgumentParser(
+        prog="bonescan",
+        description="Label whole-body bone scans, train and evaluate backbones (headless).",
+    )
+    parser.add_argument("--db", help="database file (default $BONESCAN_DB, else ./labels.db)")
+    verbs = parser.add_subparsers(dest="verb", metavar="VERB", required=True)
+
+    verb = verbs.add_parser("init", help="create or migrate the database")
+    verb.set_defaults(func=cmd_init)
+
+    verb = verbs.add_parser("demo", help="add synthetic studies with reference labels")
+    verb.add_argument("--studies", type=int, default=100, help="number of studies (default 100)")
+    verb.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    verb.set_defaults(func=cmd_demo)
+
+    verb = verbs.add_parser("import", help="import TIFF, PNG, JPEG and DICOM files and folders")
+    verb.add_argument("paths", nargs="*", metavar="PATH")
+    verb.add_argument("--label-from-folder", action="store_true", help="record the class folder as a review")
+    verb.add_argument("--manifest", metavar="CSV", help="path, patient_id, study_id, view, label[, sex, age, primary_cancer]")
+    verb.add_argument("--reviewer", default="import", help="name on folder/manifest label reviews (default import)")
+    verb.set_defaults(func=cmd_import)
+
+    verb = verbs.add_parser("images", help="list images")
+    verb.add_argument("--json", action="store_true")
+    verb.set_defaults(func=cmd_images)
+
+    verb = verbs.add_parser("studies", help="list studies with their training label")
+    verb.add_argument("--json", action="store_true")
+    verb.set_defaults(func=cmd_studies)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``bonescan`` and ``python -m bonescan_core``; returns the exit status."""
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exit_:  # argparse exits 2 on usage errors, 0 on --help
+        return int(exit_.code or 0)
+    try:
+        return args.func(args)
+    except CommandError as error:
+        print(f"bonescan {args.verb}: {error}", file=sys.stderr)
+        return EXIT_USAGE
+    except FileNotFoundError as error:
+        print(f"bonescan {args.verb}: {error}", file=sys.stderr)
+        return EXIT_USAGE

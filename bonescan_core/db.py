@@ -1,0 +1,203 @@
+"""The one SQLite file that holds everything: connection, schema migrations, transactions.
+
+Connections are short-lived: open one per operation with :func:`connect` (Streamlit runs
+sessions on several threads; a connection must not cross threads). Every connection turns
+on WAL (readers never block the writer), foreign keys and a busy timeout (a writer waits
+for another writer instead of failing). Writes go through :func:`write`, which takes the
+write lock up front (``BEGIN IMMEDIATE``) so two writers queue instead of deadlocking.
+
+The schema is versioned by an ordered list of migrations; applied ones are recorded in the
+``_migrations`` table, so opening an old database upgrades it in place.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import os
+import secrets
+import sqlite3
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import sqlite_utils
+
+DEFAULT_DB = "labels.db"
+ENV_VAR = "BONESCAN_DB"
+BUSY_TIMEOUT_S = 30.0
+
+
+def resolve_path(path: str | os.PathLike[str] | None = None) -> Path:
+    """The database path: ``path`` if given, else ``$BONESCAN_DB``, else ``./labels.db``."""
+    return Path(path or os.environ.get(ENV_VAR) or DEFAULT_DB)
+
+
+def utc_now() -> str:
+    """Current UTC time as ISO 8601 with microseconds, e.g. ``2026-11-26T15:13:10.123456Z``."""
+    return dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def connect(path: str | os.PathLike[str] | None = None, *, migrate: bool = True) -> sqlite_utils.Database:
+    """Open the database (creating and migrating it on first use).
+
+    Args:
+        path: database file; see :func:`resolve_path`.
+        migrate: apply pending migrations (cheap when none are pending).
+
+    Returns:
+        A sqlite_utils.Database over a connection owned by the calling thread. Close it
+        when done (or use :func:`opened`).
+    """
+    db_path = resolve_path(path)
+    if db_path.parent and not db_path.parent.exists():
+        raise FileNotFoundError(f"folder {db_path.parent} does not exist; create it or choose another --db path")
+    conn = sqlite3.connect(str(db_path), timeout=BUSY_TIMEOUT_S)
+    conn.execute(f"PRAGMA busy_timeout = {int(BUSY_TIMEOUT_S * 1000)}")
+    conn.execute("PRAGMA journal_mode = WAL")
+    conn.execute("PRAGMA synchronous = NORMAL")  # safe with WAL; a power cut loses at most the last commit
+    conn.execute("PRAGMA foreign_keys = ON")
+    db = sqlite_utils.Database(conn)
+    if migrate:
+        apply_migrations(db)
+    return db
+
+
+@contextlib.contextmanager
+def opened(path: str | os.PathLike[str] | None = None) -> Iterator[sqlite_utils.Database]:
+    """``with opened(path) as db:`` — a connection that is closed on exit."""
+    db = connect(path)
+    try:
+        yield db
+    finally:
+        db.close()
+
+
+@contextlib.contextmanager
+def write(db: sqlite_utils.Database) -> Iterator[sqlite_utils.Database]:
+    """One write transaction: all of it is stored, or none of it (on any exception).
+
+    ``BEGIN IMMEDIATE`` takes the write lock at the start, so a concurrent writer waits
+    (busy timeout) rather than failing later when it tries to upgrade a read lock.
+    sqlite-utils calls inside nest as savepoints.
+    """
+    db.conn.execute("BEGIN IMMEDIATE")
+    try:
+        yield db
+    except BaseException:
+        if db.conn.in_transaction:
+            db.conn.execute("ROLLBACK")
+        raise
+    else:
+        db.conn.execute("COMMIT")
+
+
+# --- migrations -------------------------------------------------------------------------
+
+def _m001_foundation(db: sqlite_utils.Database) -> None:
+    """Patients, studies, images, reviews, settings (salt)."""
+    # One statement per execute: sqlite3's executescript would COMMIT our transaction.
+    for statement in _FOUNDATION_SQL:
+        db.execute(statement)
+    db["settings"].insert({"key": "salt", "value": secrets.token_hex(32)})
+
+
+_FOUNDATION_SQL = [
+    """CREATE TABLE settings (
+            key TEXT PRIMARY KEY,
+            value TEXT NOT NULL
+        )""",
+    """CREATE TABLE patients (
+            id INTEGER PRIMARY KEY,
+            key TEXT NOT NULL UNIQUE,          -- salted hash; never the original identifier
+            sex TEXT CHECK (sex IN ('F', 'M', 'O')),
+            age_band TEXT,                     -- e.g. '40-49', '90+'; never an exact age or date
+            primary_cancer TEXT,
+            created_at TEXT NOT NULL
+        )""",
+    """CREATE TABLE studies (
+            id INTEGER PRIMARY KEY,
+            patient_id INTEGER NOT NULL REFERENCES patients(id),
+            key TEXT NOT NULL UNIQUE,          -- salted hash of the grouping key (UID or path)
+            study_year INTEGER,                -- year only
+            origin TEXT NOT NULL CHECK (origin IN ('import', 'demo')),
+            created_at TEXT NOT NULL
+        )""",
+    "CREATE INDEX studies_patient ON studies(patient_id)",
+    """CREATE TABLE images (
+            id INTEGER PRIMARY KEY,
+            study_id INTEGER NOT NULL REFERENCES studies(id),
+            view TEXT CHECK (view IN ('anterior', 'posterior')),
+            frame INTEGER NOT NULL DEFAULT 0,  -- page/frame index within the source file
+            source TEXT NOT NULL,              -- original file name (no folders)
+            format TEXT NOT NULL,              -- tiff | png | jpeg | dicom | phantom
+            height INTEGER NOT NULL,
+            width INTEGER NOT NULL,
+            dtype TEXT NOT NULL,
+            pixels BLOB NOT NULL,              -- lossless, see pixelstore.encode_pixels
+            pixel_sha256 TEXT NOT NULL UNIQUE, -- of dtype, shape and pixel bytes
+            thumbnail BLOB NOT NULL,           -- 8-bit PNG, inverted (NM display)
+            display_max REAL NOT NULL,         -- 99.5th percentile: a default upper window
+            truth TEXT,                        -- phantom ground truth (JSON findings); NULL for real scans
+            created_at TEXT NOT NULL
+        )""",
+    "CREATE INDEX images_study ON images(study_id)",
+    """CREATE TABLE reviews (
+            id INTEGER PRIMARY KEY,
+            study_id INTEGER NOT NULL REFERENCES studies(id),
+            reviewer TEXT NOT NULL,
+            created_at TEXT NOT NULL,          -- UTC ISO 8601
+            decision TEXT NOT NULL CHECK (decision IN ('include', 'exclude')),
+            label TEXT CHECK (label IN ('metastatic', 'non_metastatic')),
+            criteria TEXT NOT NULL DEFAULT '', -- criterion ids joined by ';'
+            exclusion_reason TEXT,
+            artifacts TEXT NOT NULL DEFAULT '',-- artifact ids joined by ';'
+            confidence INTEGER CHECK (confidence BETWEEN 1 AND 5),
+            note TEXT NOT NULL DEFAULT '',
+            CHECK ((decision = 'exclude') = (exclusion_reason IS NOT NULL)),
+            CHECK (decision = 'exclude' OR label IS NOT NULL)
+        )""",
+    "CREATE INDEX reviews_study ON reviews(study_id, reviewer, id)",
+    # The audit trail: a correction is a new row, never an edit.
+    """CREATE TRIGGER reviews_no_update BEFORE UPDATE ON reviews
+        BEGIN SELECT RAISE(ABORT, 'reviews are append-only: add a new review instead'); END""",
+    """CREATE TRIGGER reviews_no_delete BEFORE DELETE ON reviews
+        BEGIN SELECT RAISE(ABORT, 'reviews are append-only: add a new review instead'); END""",
+]
+
+
+MIGRATIONS: list[tuple[str, Callable[[sqlite_utils.Database], None]]] = [
+    ("001_foundation", _m001_foundation),
+]
+
+
+def apply_migrations(db: sqlite_utils.Database) -> list[str]:
+    """Apply pending migrations in order, each in its own transaction.
+
+    Returns:
+        Names of the migrations applied now (empty when the schema is current).
+    """
+    db.execute("CREATE TABLE IF NOT EXISTS _migrations (name TEXT PRIMARY KEY, applied_at TEXT NOT NULL)")
+    done = {row[0] for row in db.execute("SELECT name FROM _migrations").fetchall()}
+    applied = []
+    for name, migration in MIGRATIONS:
+        if name in done:
+            continue
+        with write(db):
+            # Another process may have migrated while we waited for the lock.
+            if db.execute("SELECT 1 FROM _migrations WHERE name = ?", [name]).fetchone():
+                continue
+            migration(db)
+            db["_migrations"].insert({"name": name, "applied_at": utc_now()})
+        applied.append(name)
+    return applied
+
+
+def schema_version(db: sqlite_utils.Database) -> str:
+    """Name of the newest applied migration."""
+    row = db.execute("SELECT name FROM _migrations ORDER BY name DESC LIMIT 1").fetchone()
+    return row[0] if row else ""
+
+
+def salt(db: sqlite_utils.Database) -> str:
+    """This database's secret salt for pseudonymous keys (created with the database)."""
+    return db.execute("SELECT value FROM settings WHERE key = 'salt'").fetchone()[0]

@@ -1,0 +1,143 @@
+"""Scans: import files, folders or the demo dataset; browse studies; view both views."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+import streamlit as st
+
+from bonescan_core import catalog, ingest
+from pages.common import data_url, open_db, scan_viewer
+
+PAGE_SIZE = 50
+UPLOAD_TYPES = ["tif", "tiff", "png", "jpg", "jpeg", "dcm", "dicom", "ima"]
+
+
+def show_outcomes(outcomes: list[ingest.FileOutcome]) -> None:
+    """Summary line plus one line per file; rejected files as errors that say what to do."""
+    counts = {status: sum(o.status == status for o in outcomes) for status in ("imported", "duplicate", "rejected")}
+    summary = ", ".join(f"{n} {status}" for status, n in counts.items() if n)
+    (st.warning if counts["rejected"] else st.success)(f"{len(outcomes)} file(s): {summary}.")
+    for outcome in outcomes:
+        if outcome.status == "rejected":
+            st.error(outcome.line(), icon=":material/block:")
+    with st.expander("Every file", expanded=False):
+        st.code("\n".join(o.line() for o in outcomes) or "(none)", language=None)
+
+
+def progress_callback(bar):
+    def update(done: int, total: int, name: str) -> None:
+        bar.progress(done / max(total, 1), text=f"{done} of {total} {name}")
+    return update
+
+
+st.title("Scans")
+
+upload_tab, folder_tab, demo_tab = st.tabs(["Upload files", "Import a folder on this computer", "Demo dataset"])
+
+with upload_tab:
+    st.caption("TIFF, PNG, JPEG or DICOM. Upload both views of a study together so they are grouped "
+               "(file names with A/ANT/anterior and P/POST/posterior, or DICOM study UIDs).")
+    uploads = st.file_uploader("Scan files", type=UPLOAD_TYPES, accept_multiple_files=True, key="uploads")
+    if st.button("Import uploaded files", disabled=not uploads, key="import_uploads"):
+        bar = st.progress(0.0, text="importing")
+        with open_db() as db:
+            outcomes = ingest.import_uploads(db, [(f.name, f.getvalue()) for f in uploads], progress_callback(bar))
+        bar.empty()
+        show_outcomes(outcomes)
+
+with folder_tab:
+    folder = st.text_input("Folder or file path", key="import_folder", placeholder="/data/bonescans")
+    label_from_folder = st.checkbox("Record class folders (metastatic/, normal/, 0/, 1/...) as labels by reviewer `import`",
+                                    key="import_label_from_folder")
+    if st.button("Import folder", disabled=not folder, key="import_folder_button"):
+        try:
+            path = ingest.check_import_root(Path(folder))
+            files = ingest.collect_files([path])
+        except (PermissionError, FileNotFoundError) as error:
+            st.error(str(error))
+        else:
+            bar = st.progress(0.0, text="importing")
+            with open_db() as db:
+                outcomes = ingest.import_files(db, files, label_from_folder=label_from_folder, progress=progress_callback(bar))
+            bar.empty()
+            show_outcomes(outcomes) if outcomes else st.warning("No files found in that folder.")
+
+with demo_tab:
+    st.caption("Synthetic whole-body studies (anterior + posterior, 1024 x 256 counts, Poisson noise), about 40% "
+               "metastatic, with benign look-alikes in both classes and reference labels by reviewer `reference`.")
+    n_demo = st.number_input("Studies", 10, 1000, 100, 10, key="demo_studies")
+    if st.button("Load demo dataset", type="primary", key="load_demo"):
+        bar = st.progress(0.0, text="generating")
+        with open_db() as db:
+            outcomes = ingest.add_demo_studies(db, int(n_demo), seed=0, progress=progress_callback(bar))
+        bar.empty()
+        added = sum(o.status == "imported" for o in outcomes)
+        st.success(f"Added {added} demo studies ({len(outcomes) - added} were already there).")
+
+with open_db() as db:
+    table = catalog.study_table(db)
+
+st.subheader(f"Studies ({len(table)})")
+if not table:
+    st.info("No studies yet: upload files, import a folder, or load the demo dataset above.")
+    st.stop()
+
+filters = st.columns(4)
+label_choice = filters[0].multiselect("Training label", ["metastatic", "non_metastatic", "none"], key="filter_label")
+sex_choice = filters[1].multiselect("Sex", sorted({r["sex"] or "unknown" for r in table}), key="filter_sex")
+cancer_choice = filters[2].multiselect("Primary cancer", sorted({r["primary_cancer"] or "unknown" for r in table}), key="filter_cancer")
+origin_choice = filters[3].multiselect("Origin", sorted({r["origin"] for r in table}), key="filter_origin")
+rows = [
+    r for r in table
+    if (not label_choice or (r["label"] or "none") in label_choice)
+    and (not sex_choice or (r["sex"] or "unknown") in sex_choice)
+    and (not cancer_choice or (r["primary_cancer"] or "unknown") in cancer_choice)
+    and (not origin_choice or r["origin"] in origin_choice)
+]
+
+summary = catalog.characteristics(rows)
+with st.expander(f"Patient characteristics ({len({r['patient_id'] for r in rows})} patients, {len(rows)} studies)", expanded=True):
+    columns = st.columns(4)
+    for column, (title, counts) in zip(columns, [("Sex", summary["sex"]), ("Age band", summary["age_band"]),
+                                                ("Primary cancer", summary["primary_cancer"]), ("Training label (studies)", summary["label"])],
+                                       strict=True):
+        column.dataframe(pd.DataFrame({title: list(counts), "n": list(counts.values())}), hide_index=True)
+
+pages = max(1, -(-len(rows) // PAGE_SIZE))
+page = st.number_input(f"Page (of {pages}, {PAGE_SIZE} per page)", 1, pages, 1, key="studies_page") if pages > 1 else 1
+shown = rows[(page - 1) * PAGE_SIZE: page * PAGE_SIZE]
+frame = pd.DataFrame(
+    {
+        "study": [r["id"] for r in shown],
+        "anterior": [data_url(r["anterior_thumbnail"]) if r["anterior_thumbnail"] else None for r in shown],
+        "posterior": [data_url(r["posterior_thumbnail"]) if r["posterior_thumbnail"] else None for r in shown],
+        "label": [r["label"] or "" for r in shown],
+        "included": [r["included"] for r in shown],
+        "images": [r["n_images"] for r in shown],
+        "sex": [r["sex"] or "" for r in shown],
+        "age band": [r["age_band"] or "" for r in shown],
+        "primary cancer": [r["primary_cancer"] or "" for r in shown],
+        "origin": [r["origin"] for r in shown],
+    }
+)
+selection = st.dataframe(
+    frame,
+    hide_index=True,
+    row_height=96,
+    column_config={
+        "anterior": st.column_config.ImageColumn("Anterior", width="small"),
+        "posterior": st.column_config.ImageColumn("Posterior", width="small"),
+    },
+    on_select="rerun",
+    selection_mode="single-row",
+    key="studies_table",
+)
+selected_rows = selection.selection.rows if selection else []
+study_id = int(frame["study"].iloc[selected_rows[0]]) if selected_rows else int(frame["study"].iloc[0])
+st.subheader(f"Study {study_id}")
+st.caption("Select a row in the table to view another study.")
+with open_db() as db:
+    images = catalog.study_images(db, study_id)
+scan_viewer(images, key="scans_viewer")

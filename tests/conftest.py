@@ -1,0 +1,38 @@
+"""Shared fixtures: a fresh database per test (sqlite-utils style ``tmp_path`` fixtures)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from bonescan_core import db as dbm
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def db_path(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Path of a new, migrated database; also exported as $BONESCAN_DB for the app and CLI."""
+    path = tmp_path / "labels.db"
+    dbm.connect(path).close()
+    monkeypatch.setenv(dbm.ENV_VAR, str(path))
+    return path
+
+
+@pytest.fixture
+def db(db_path: Path):
+    """An open connection to a new database (closed after the test)."""
+    with dbm.opened(db_path) as database:
+        yield database
+
+
+def run_cli(*args: str, db_path: Path | None = None, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+    """Run ``python -m bonescan_core ARGS`` in a fresh process, as a user would."""
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    prefix = ["--db", str(db_path)] if db_path else []
+    return subprocess.run([sys.executable, "-m", "bonescan_core", *prefix, *args],
+                          capture_output=True, text=True, env=env, cwd=cwd or REPO, timeout=300)

@@ -1,0 +1,82 @@
+import sqlite3
+import threading
+
+import pytest
+
+from bonescan_core import db as dbm
+
+
+def test_new_database_is_migrated_with_wal_and_foreign_keys(tmp_path):
+    with dbm.opened(tmp_path / "new.db") as db:
+        assert {"patients", "studies", "images", "reviews", "settings", "_migrations"} <= set(db.table_names())
+        assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+        assert db.execute("PRAGMA foreign_keys").fetchone()[0] == 1
+        assert db.execute("PRAGMA busy_timeout").fetchone()[0] >= 5000
+        assert dbm.schema_version(db) == dbm.MIGRATIONS[-1][0]
+
+
+def test_reopening_applies_nothing_and_keeps_the_salt(tmp_path):
+    path = tmp_path / "x.db"
+    with dbm.opened(path) as db:
+        salt = dbm.salt(db)
+    with dbm.opened(path) as db:
+        assert dbm.apply_migrations(db) == []
+        assert dbm.salt(db) == salt
+    with dbm.opened(tmp_path / "other.db") as other:
+        assert dbm.salt(other) != salt, "each database gets its own salt"
+
+
+def test_path_resolution_order(monkeypatch, tmp_path):
+    monkeypatch.delenv(dbm.ENV_VAR, raising=False)
+    assert str(dbm.resolve_path()) == "labels.db"
+    monkeypatch.setenv(dbm.ENV_VAR, str(tmp_path / "env.db"))
+    assert dbm.resolve_path() == tmp_path / "env.db"
+    assert str(dbm.resolve_path("given.db")) == "given.db"
+
+
+def test_write_rolls_back_everything_on_error(db):
+    with pytest.raises(RuntimeError):
+        with dbm.write(db):
+            db["patients"].insert({"key": "k1", "created_at": dbm.utc_now()})
+            raise RuntimeError("boom")
+    assert db["patients"].count == 0
+
+
+def test_foreign_keys_are_enforced(db):
+    with pytest.raises(sqlite3.IntegrityError):
+        with dbm.write(db):
+            db["studies"].insert({"patient_id": 999, "key": "s", "origin": "import", "created_at": dbm.utc_now()})
+
+
+def test_reviews_are_append_only(db):
+    with dbm.write(db):
+        pid = db["patients"].insert({"key": "p", "created_at": dbm.utc_now()}).last_pk
+        sid = db["studies"].insert({"patient_id": pid, "key": "s", "origin": "import", "created_at": dbm.utc_now()}).last_pk
+        db["reviews"].insert({"study_id": sid, "reviewer": "a", "created_at": dbm.utc_now(), "decision": "include",
+                              "label": "metastatic", "criteria": "flare"})
+    with pytest.raises(sqlite3.IntegrityError, match="append-only"):
+        db.execute("UPDATE reviews SET label = 'non_metastatic'")
+    with pytest.raises(sqlite3.IntegrityError, match="append-only"):
+        db.execute("DELETE FROM reviews")
+
+
+def test_concurrent_writers_all_land(db_path):
+    """Threads with their own short-lived connections: every write lands, none fails."""
+    errors: list[BaseException] = []
+
+    def writer(name: str) -> None:
+        try:
+            for i in range(20):
+                with dbm.opened(db_path) as db, dbm.write(db):
+                    db["patients"].insert({"key": f"{name}-{i}", "created_at": dbm.utc_now()})
+        except BaseException as error:  # noqa: BLE001 - collected and asserted below
+            errors.append(error)
+
+    threads = [threading.Thread(target=writer, args=(f"t{n}",)) for n in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert errors == []
+    with dbm.opened(db_path) as db:
+        assert db["patients"].count == 80
