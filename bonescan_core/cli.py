@@ -104,6 +104,84 @@ def cmd_studies(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _split_ids(text: str | None) -> tuple[str, ...]:
+    return tuple(part.strip() for part in (text or "").replace(";", ",").split(",") if part.strip())
+
+
+def cmd_label(args: argparse.Namespace) -> int:
+    from bonescan_core import db as dbm
+    from bonescan_core.review import Review, ReviewError, add_review
+
+    if args.exclude:
+        decision, label = "exclude", None
+    else:
+        decision, label = "include", "metastatic" if args.metastatic else "non_metastatic"
+    review = Review(
+        study_id=args.study, reviewer=args.reviewer, decision=decision, label=label,
+        criteria=_split_ids(args.criteria), exclusion_reason=args.exclude, artifacts=_split_ids(args.artifacts),
+        confidence=args.confidence, note=args.note or "", adjudication=args.adjudication,
+    )
+    try:
+        with dbm.opened(args.db) as db:
+            review_id = add_review(db, review)
+    except ReviewError as error:
+        raise CommandError(str(error)) from error
+    print(f"review {review_id}: study {args.study} {label or 'excluded (' + args.exclude + ')'} by {args.reviewer}")
+    return EXIT_OK
+
+
+def cmd_labels(args: argparse.Namespace) -> int:
+    from bonescan_core import db as dbm
+    from bonescan_core.review import ReviewError, export_reviews_csv, import_reviews_csv
+
+    with dbm.opened(args.db) as db:
+        if args.action == "export":
+            count = export_reviews_csv(db, Path(args.csv))
+            print(f"exported {count} reviews to {args.csv}")
+            return EXIT_OK
+        try:
+            result = import_reviews_csv(db, Path(args.csv))
+        except ReviewError as error:
+            raise CommandError(str(error)) from error
+    for error in result.errors:
+        print(f"{args.csv} {error}", file=sys.stderr)
+    print(f"added {result.added} reviews, {result.duplicates} duplicates skipped, {len(result.errors)} rows rejected")
+    if result.errors and not result.added and not result.duplicates:
+        return EXIT_USAGE
+    return EXIT_SOME_FAILED if result.errors else EXIT_OK
+
+
+def cmd_agreement(args: argparse.Namespace) -> int:
+    from bonescan_core import db as dbm
+    from bonescan_core.agreement import pairwise
+
+    with dbm.opened(args.db) as db:
+        pairs = pairwise(db)
+    if args.json:
+        json.dump([pair.as_json() for pair in pairs], sys.stdout)
+        sys.stdout.write("\n")
+        return EXIT_OK
+    if not pairs:
+        print("no two readers have read the same study yet")
+    for pair in pairs:
+        kappa = "n/a" if pair.kappa is None else f"{pair.kappa:.3f}"
+        ci = "" if pair.kappa_ci95 is None else f" (95% CI {pair.kappa_ci95[0]:.3f} to {pair.kappa_ci95[1]:.3f})"
+        agree = "n/a" if pair.percent_agreement is None else f"{pair.percent_agreement:.1f}%"
+        print(f"{pair.reviewers[0]} vs {pair.reviewers[1]}: n={pair.n}, agreement {agree}, kappa {kappa}{ci}, "
+              f"{len(pair.disagreements)} disagreements")
+    return EXIT_OK
+
+
+def cmd_adjudicator(args: argparse.Namespace) -> int:
+    from bonescan_core import db as dbm
+    from bonescan_core.review import set_adjudicator
+
+    with dbm.opened(args.db) as db:
+        set_adjudicator(db, args.name, not args.remove)
+    print(f"{args.name} {'is no longer' if args.remove else 'is now'} an adjudicator")
+    return EXIT_OK
+
+
 def _print_rows(rows: list[dict], as_json: bool, columns: list[str]) -> None:
     if as_json:
         json.dump(rows, sys.stdout)
@@ -145,6 +223,34 @@ def build_parser() -> argparse.ArgumentParser:
     verb = verbs.add_parser("studies", help="list studies with their training label")
     verb.add_argument("--json", action="store_true")
     verb.set_defaults(func=cmd_studies)
+
+    verb = verbs.add_parser("label", help="append one review of a study")
+    verb.add_argument("study", type=int, metavar="STUDY")
+    verb.add_argument("--reviewer", required=True)
+    decision = verb.add_mutually_exclusive_group(required=True)
+    decision.add_argument("--metastatic", action="store_true")
+    decision.add_argument("--no-metastasis", action="store_true")
+    decision.add_argument("--exclude", metavar="REASON", help="an exclusion reason id (see cli.md)")
+    verb.add_argument("--criteria", metavar="C,...", help="criterion ids, comma-separated")
+    verb.add_argument("--artifacts", metavar="A,...", help="injection_site, urine_contamination, other_artifact")
+    verb.add_argument("--confidence", type=int, choices=range(1, 6), metavar="1-5")
+    verb.add_argument("--note")
+    verb.add_argument("--adjudication", action="store_true", help="record the consensus (adjudicators only)")
+    verb.set_defaults(func=cmd_label)
+
+    verb = verbs.add_parser("labels", help="export or bulk-import reviews as CSV")
+    verb.add_argument("action", choices=["export", "import"])
+    verb.add_argument("--csv", required=True, metavar="FILE")
+    verb.set_defaults(func=cmd_labels)
+
+    verb = verbs.add_parser("agreement", help="inter-reader agreement (Cohen's kappa) per reviewer pair")
+    verb.add_argument("--json", action="store_true")
+    verb.set_defaults(func=cmd_agreement)
+
+    verb = verbs.add_parser("adjudicator", help="mark a reviewer as adjudicator (may record the consensus)")
+    verb.add_argument("name")
+    verb.add_argument("--remove", action="store_true")
+    verb.set_defaults(func=cmd_adjudicator)
     return parser
 
 

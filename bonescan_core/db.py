@@ -94,7 +94,7 @@ def write(db: sqlite_utils.Database) -> Iterator[sqlite_utils.Database]:
 # --- migrations -------------------------------------------------------------------------
 
 def _m001_foundation(db: sqlite_utils.Database) -> None:
-    """Patients, studies, images, reviews, settings (salt)."""
+    """Patients, studies, images, reviews, reviewers, flags, settings (salt)."""
     # One statement per execute: sqlite3's executescript would COMMIT our transaction.
     for statement in _FOUNDATION_SQL:
         db.execute(statement)
@@ -153,10 +153,24 @@ _FOUNDATION_SQL = [
             artifacts TEXT NOT NULL DEFAULT '',-- artifact ids joined by ';'
             confidence INTEGER CHECK (confidence BETWEEN 1 AND 5),
             note TEXT NOT NULL DEFAULT '',
+            adjudication INTEGER NOT NULL DEFAULT 0 CHECK (adjudication IN (0, 1)),  -- the consensus, by an adjudicator
             CHECK ((decision = 'exclude') = (exclusion_reason IS NOT NULL)),
             CHECK (decision = 'exclude' OR label IS NOT NULL)
         )""",
     "CREATE INDEX reviews_study ON reviews(study_id, reviewer, id)",
+    """CREATE TABLE reviewers (
+            name TEXT PRIMARY KEY,
+            adjudicator INTEGER NOT NULL DEFAULT 0 CHECK (adjudicator IN (0, 1)),
+            created_at TEXT NOT NULL
+        )""",
+    """CREATE TABLE flags (                -- 'flag for re-review' (append-only, like reviews)
+            id INTEGER PRIMARY KEY,
+            study_id INTEGER NOT NULL REFERENCES studies(id),
+            reason TEXT NOT NULL,
+            flagged_by TEXT NOT NULL,
+            created_at TEXT NOT NULL
+        )""",
+    "CREATE INDEX flags_study ON flags(study_id)",
     # The audit trail: a correction is a new row, never an edit.
     """CREATE TRIGGER reviews_no_update BEFORE UPDATE ON reviews
         BEGIN SELECT RAISE(ABORT, 'reviews are append-only: add a new review instead'); END""",

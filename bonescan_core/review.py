@@ -8,8 +8,11 @@ correction is a new review, and a reader's current opinion is their latest revie
 from __future__ import annotations
 
 import contextlib
+import csv
+import datetime as dt
 from collections.abc import Iterable
 from dataclasses import dataclass
+from pathlib import Path
 
 import sqlite_utils
 
@@ -71,6 +74,7 @@ class Review:
     artifacts: tuple[str, ...] = ()
     confidence: int | None = None  # 1..5
     note: str = ""
+    adjudication: bool = False  # the consensus recorded by an adjudicator
 
     def validate(self) -> None:
         """Raise ReviewError unless the review is complete and consistent."""
@@ -122,47 +126,273 @@ def add_review(db: sqlite_utils.Database, review: Review, created_at: str | None
         "artifacts": ";".join(review.artifacts),
         "confidence": review.confidence,
         "note": review.note,
+        "adjudication": int(review.adjudication),
     }
     in_caller_transaction = db.conn.in_transaction
     with contextlib.nullcontext() if in_caller_transaction else dbm.write(db):
         if not db.execute("SELECT 1 FROM studies WHERE id = ?", [review.study_id]).fetchone():
             raise ReviewError(f"study {review.study_id} does not exist; list studies with `bonescan studies --json`")
+        if review.adjudication and not is_adjudicator(db, row["reviewer"]):
+            raise ReviewError(f"{row['reviewer']} is not an adjudicator; mark them as one on the Agreement page first")
         return db["reviews"].insert(row).last_pk
 
 
-def latest_reviews(db: sqlite_utils.Database, study_ids: Iterable[int] | None = None) -> list[dict]:
-    """Each reader's current opinion: their latest review per study (rows as dicts)."""
-    sql = """
-        SELECT r.* FROM reviews r
-        JOIN (SELECT study_id, reviewer, MAX(id) AS id FROM reviews GROUP BY study_id, reviewer) latest
-          ON latest.id = r.id
+def set_adjudicator(db: sqlite_utils.Database, name: str, adjudicator: bool = True) -> None:
+    """Mark (or unmark) a reviewer as an adjudicator, who may record the consensus."""
+    with dbm.write(db):
+        db["reviewers"].upsert({"name": name.strip(), "adjudicator": int(adjudicator), "created_at": dbm.utc_now()}, pk="name")
+
+
+def is_adjudicator(db: sqlite_utils.Database, name: str) -> bool:
+    """Whether ``name`` may record consensus reviews."""
+    row = db.execute("SELECT adjudicator FROM reviewers WHERE name = ?", [name.strip()]).fetchone()
+    return bool(row and row[0])
+
+
+def adjudicators(db: sqlite_utils.Database) -> list[str]:
+    """Names of the adjudicators, sorted."""
+    return [row[0] for row in db.execute("SELECT name FROM reviewers WHERE adjudicator = 1 ORDER BY name").fetchall()]
+
+
+def verdict(row: dict) -> str:
+    """A review's verdict: its label, or ``exclude``."""
+    return row["label"] if row["decision"] == "include" else "exclude"
+
+
+@dataclass(frozen=True)
+class StudyStatus:
+    """Where a study stands with its readers.
+
+    ``readers`` maps each reader to their current verdict (``metastatic``,
+    ``non_metastatic`` or ``exclude``); ``adjudicated`` is the adjudicator's consensus
+    verdict, if any. ``label`` (the training label) and ``included`` follow the rules of
+    :func:`study_statuses`.
     """
-    rows = [dict(row) for row in db.query(sql)]
-    if study_ids is not None:
-        wanted = set(study_ids)
-        rows = [row for row in rows if row["study_id"] in wanted]
-    return rows
+
+    study_id: int
+    readers: dict[str, str]
+    adjudicated: str | None
+    label: str | None
+    included: bool
+
+    @property
+    def state(self) -> str:
+        """``unread``, ``adjudicated``, ``agreed``, ``excluded`` or ``disagreement``."""
+        if self.adjudicated is not None:
+            return "adjudicated"
+        if not self.readers:
+            return "unread"
+        verdicts = set(self.readers.values())
+        if len(verdicts) > 1:
+            return "disagreement"
+        return "excluded" if verdicts == {"exclude"} else "agreed"
+
+
+def study_statuses(db: sqlite_utils.Database, study_ids: Iterable[int] | None = None) -> dict[int, StudyStatus]:
+    """Every study's readers, consensus and training label.
+
+    Rules: the training label is the adjudicated consensus if there is one, else the
+    unanimous verdict of the study's readers, else none (the study waits for
+    adjudication). Only a label trains: an excluded study never does. A reader's verdict is
+    their latest reading; ``import`` reviews (folder labels) count only while no person
+    has read the study. Adjudication reviews are not readings.
+    """
+    wanted = None if study_ids is None else set(study_ids)
+    readers: dict[int, dict[str, str]] = {}
+    system: dict[int, dict[str, str]] = {}
+    adjudicated: dict[int, str] = {}
+    sql = """
+        SELECT r.study_id, r.reviewer, r.decision, r.label, r.adjudication FROM reviews r
+        JOIN (SELECT MAX(id) AS id FROM reviews GROUP BY study_id, reviewer, adjudication) latest ON latest.id = r.id
+        ORDER BY r.id
+    """
+    for row in db.query(sql):
+        if wanted is not None and row["study_id"] not in wanted:
+            continue
+        if row["adjudication"]:
+            adjudicated[row["study_id"]] = verdict(row)  # ordered by id: the newest consensus wins
+        elif row["reviewer"] in SYSTEM_REVIEWERS:
+            system.setdefault(row["study_id"], {})[row["reviewer"]] = verdict(row)
+        else:
+            readers.setdefault(row["study_id"], {})[row["reviewer"]] = verdict(row)
+    ids = wanted if wanted is not None else [row[0] for row in db.execute("SELECT id FROM studies").fetchall()]
+    statuses = {}
+    for study_id in ids:
+        current = readers.get(study_id) or system.get(study_id, {})
+        decided = adjudicated.get(study_id)
+        if decided is None:
+            verdicts = set(current.values())
+            decided = verdicts.pop() if len(verdicts) == 1 else None
+        label = decided if decided in LABELS else None
+        statuses[study_id] = StudyStatus(study_id, dict(current), adjudicated.get(study_id), label, label is not None)
+    return statuses
 
 
 def training_labels(db: sqlite_utils.Database) -> dict[int, tuple[str | None, bool]]:
-    """Each study's training label and inclusion, from its readers' latest reviews.
+    """{study_id: (training label or None, included)} for every study; see :func:`study_statuses`."""
+    return {study_id: (status.label, status.included) for study_id, status in study_statuses(db).items()}
 
-    A study is included when at least one reader has read it and none of the latest
-    reviews excludes it; its label is the readers' unanimous label, else None.
 
-    Returns:
-        {study_id: (label or None, included)} for every study (unread: (None, False)).
+# --- the reading queue ----------------------------------------------------------------------
+
+QUEUE_ORDERS: dict[str, str] = {
+    "unread": "not yet read by me first",
+    "all": "all studies",
+    "disagreements": "disagreements",
+    "flagged": "flagged for re-review",
+}
+
+
+def read_by(db: sqlite_utils.Database, reviewer: str) -> set[int]:
+    """Ids of the studies ``reviewer`` has reviewed (readings or adjudications)."""
+    return {row[0] for row in db.execute("SELECT DISTINCT study_id FROM reviews WHERE reviewer = ?", [reviewer]).fetchall()}
+
+
+def review_queue(db: sqlite_utils.Database, reviewer: str, order: str = "unread") -> list[int]:
+    """Study ids in reading order.
+
+    Args:
+        order: ``unread`` (studies this reviewer has not read, then the rest, each by id),
+            ``all`` (by id), ``disagreements`` (only studies whose readers disagree and no
+            adjudication settled), ``flagged`` (only studies with an open re-review flag).
     """
-    result: dict[int, tuple[str | None, bool]] = {
-        row["id"]: (None, False) for row in db.query("SELECT id FROM studies")
-    }
-    by_study: dict[int, list[dict]] = {}
-    for row in latest_reviews(db):
-        by_study.setdefault(row["study_id"], []).append(row)
-    for study_id, rows in by_study.items():
-        if any(row["decision"] == "exclude" for row in rows):
-            result[study_id] = (None, False)
-            continue
-        labels = {row["label"] for row in rows}
-        result[study_id] = (labels.pop() if len(labels) == 1 else None, True)
-    return result
+    if order not in QUEUE_ORDERS:
+        raise ValueError(f"unknown queue order {order!r}; one of {', '.join(QUEUE_ORDERS)}")
+    if order == "disagreements":
+        return sorted(s.study_id for s in study_statuses(db).values() if s.state == "disagreement")
+    if order == "flagged":
+        return sorted(open_flags(db))
+    ids = [row[0] for row in db.execute("SELECT id FROM studies ORDER BY id").fetchall()]
+    if order == "all":
+        return ids
+    mine = read_by(db, reviewer)
+    return [i for i in ids if i not in mine] + [i for i in ids if i in mine]
+
+
+def history(db: sqlite_utils.Database, study_id: int) -> list[dict]:
+    """Every review of a study, oldest first (the audit trail)."""
+    return [dict(row) for row in db.query("SELECT * FROM reviews WHERE study_id = ? ORDER BY id", [study_id])]
+
+
+# --- flags for re-review -------------------------------------------------------------------
+
+def add_flag(db: sqlite_utils.Database, study_id: int, reason: str, flagged_by: str) -> int:
+    """Put a study on the re-review list with a reason (e.g. from the evaluation explorer)."""
+    if not reason.strip():
+        raise ReviewError("say why the study needs another look")
+    with dbm.write(db):
+        if not db.execute("SELECT 1 FROM studies WHERE id = ?", [study_id]).fetchone():
+            raise ReviewError(f"study {study_id} does not exist")
+        return db["flags"].insert(
+            {"study_id": study_id, "reason": reason.strip(), "flagged_by": flagged_by.strip() or "unknown", "created_at": dbm.utc_now()}
+        ).last_pk
+
+
+def open_flags(db: sqlite_utils.Database) -> dict[int, list[str]]:
+    """{study_id: [reasons]} for flags that no reader has answered with a later review."""
+    sql = """
+        SELECT f.study_id, f.reason FROM flags f
+        WHERE NOT EXISTS (
+            SELECT 1 FROM reviews r WHERE r.study_id = f.study_id AND r.created_at > f.created_at
+              AND r.reviewer NOT IN ({})
+        )
+        ORDER BY f.id
+    """.format(", ".join("?" for _ in SYSTEM_REVIEWERS))
+    flags: dict[int, list[str]] = {}
+    for study_id, reason in db.execute(sql, sorted(SYSTEM_REVIEWERS)).fetchall():
+        flags.setdefault(study_id, []).append(reason)
+    return flags
+
+
+# --- CSV exchange (reading-room spreadsheets) ------------------------------------------------
+
+CSV_COLUMNS = ("study_id", "reviewer", "decision", "label", "criteria", "exclusion_reason", "note", "created_at",
+               "artifacts", "confidence", "adjudication")
+REQUIRED_CSV_COLUMNS = ("study_id", "reviewer", "decision", "label", "criteria")
+
+
+def export_reviews_csv(db: sqlite_utils.Database, path: Path) -> int:
+    """Write every review, oldest first, with ``CSV_COLUMNS``; returns the row count."""
+    rows = db.query(f"SELECT {', '.join(CSV_COLUMNS)} FROM reviews ORDER BY id")
+    count = 0
+    with path.open("w", newline="", encoding="utf-8") as handle:
+        writer = csv.DictWriter(handle, fieldnames=CSV_COLUMNS)
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({key: "" if value is None else value for key, value in row.items()})
+            count += 1
+    return count
+
+
+@dataclass(frozen=True)
+class CsvImportResult:
+    added: int
+    duplicates: int  # rows identical to a stored review (e.g. re-importing an export)
+    errors: list[str]  # "line N: what is wrong"
+
+
+def _review_from_csv(row: dict[str, str]) -> tuple[Review, str | None]:
+    def split(value: str) -> tuple[str, ...]:
+        return tuple(part.strip() for part in value.replace(",", ";").split(";") if part.strip())
+
+    decision = row["decision"].strip().lower()
+    label = row["label"].strip().lower() or None
+    confidence = (row.get("confidence") or "").strip()
+    if not row["study_id"].strip().isdigit():
+        raise ReviewError(f"study_id {row['study_id']!r} is not a study number")
+    if confidence and not confidence.isdigit():
+        raise ReviewError(f"confidence {confidence!r} is not a whole number 1-5")
+    created_at = (row.get("created_at") or "").strip() or None
+    if created_at:
+        try:
+            dt.datetime.fromisoformat(created_at.replace("Z", "+00:00"))
+        except ValueError as error:
+            raise ReviewError(f"created_at {created_at!r} is not an ISO 8601 time") from error
+    review = Review(
+        study_id=int(row["study_id"]),
+        reviewer=row["reviewer"].strip(),
+        decision=decision,
+        label=label,
+        criteria=split(row["criteria"]),
+        exclusion_reason=(row.get("exclusion_reason") or "").strip() or None,
+        artifacts=split(row.get("artifacts") or ""),
+        confidence=int(confidence) if confidence else None,
+        note=(row.get("note") or "").strip(),
+        adjudication=(row.get("adjudication") or "").strip().lower() in ("1", "true", "yes"),
+    )
+    return review, created_at
+
+
+def import_reviews_csv(db: sqlite_utils.Database, path: Path) -> CsvImportResult:
+    """Append the reviews of a CSV (columns as :func:`export_reviews_csv`; ``study_id,
+    reviewer, decision, label, criteria`` required). Bad rows are reported with their line
+    number and skipped; good rows are stored. A row identical to a stored review (same
+    study, reviewer, time, decision, label, criteria) is a duplicate and is skipped, so
+    re-importing an export adds nothing.
+    """
+    try:
+        with path.open(newline="", encoding="utf-8-sig") as handle:
+            reader = csv.DictReader(handle)
+            missing = [c for c in REQUIRED_CSV_COLUMNS if c not in (reader.fieldnames or [])]
+            if missing:
+                raise ReviewError(f"{path}: missing columns {', '.join(missing)}; the header needs {', '.join(REQUIRED_CSV_COLUMNS)}")
+            rows = list(enumerate(reader, start=2))
+    except (OSError, UnicodeDecodeError, csv.Error) as error:
+        raise ReviewError(f"{path}: cannot read it as a UTF-8 CSV ({error})") from error
+    added = duplicates = 0
+    errors = []
+    for line, row in rows:
+        try:
+            review, created_at = _review_from_csv(row)
+            if created_at and db.execute(
+                "SELECT 1 FROM reviews WHERE study_id = ? AND reviewer = ? AND created_at = ? AND decision = ?"
+                " AND label IS ? AND criteria = ?",
+                [review.study_id, review.reviewer, created_at, review.decision, review.label, ";".join(review.criteria)],
+            ).fetchone():
+                duplicates += 1
+                continue
+            add_review(db, review, created_at=created_at)
+            added += 1
+        except ReviewError as error:
+            errors.append(f"line {line}: {error}")
+    return CsvImportResult(added, duplicates, errors)

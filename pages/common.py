@@ -9,8 +9,8 @@ from pathlib import Path
 import numpy as np
 import streamlit as st
 
+from bonescan_core import catalog, devices, pixelstore
 from bonescan_core import db as dbm
-from bonescan_core import devices, pixelstore
 
 
 def db_path() -> Path:
@@ -73,3 +73,14 @@ def scan_viewer(images: list[dict], key: str) -> None:
         shown = pixelstore.to_display(pixels, upper=image["display_max"] * window / 100.0, gamma=gamma)
         width = max(1, round(pixels.shape[1] * height / pixels.shape[0]))
         column.image(shown, caption=f"{(image['view'] or 'view unknown').capitalize()} · {image['source']}", width=width)
+
+
+@st.cache_data(max_entries=64, show_spinner=False)
+def _study_images(database: str, study_id: int) -> list[dict]:
+    with dbm.opened(database) as db:
+        return catalog.study_images(db, study_id)
+
+
+def cached_study_images(study_id: int) -> list[dict]:
+    """A study's decoded images, cached per database and study (pixels never change)."""
+    return _study_images(str(db_path()), study_id)

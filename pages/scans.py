@@ -8,7 +8,7 @@ import pandas as pd
 import streamlit as st
 
 from bonescan_core import catalog, ingest
-from pages.common import data_url, open_db, scan_viewer
+from pages.common import cached_study_images, data_url, open_db, scan_viewer
 
 PAGE_SIZE = 50
 UPLOAD_TYPES = ["tif", "tiff", "png", "jpg", "jpeg", "dcm", "dicom", "ima"]
@@ -138,6 +138,4 @@ selected_rows = selection.selection.rows if selection else []
 study_id = int(frame["study"].iloc[selected_rows[0]]) if selected_rows else int(frame["study"].iloc[0])
 st.subheader(f"Study {study_id}")
 st.caption("Select a row in the table to view another study.")
-with open_db() as db:
-    images = catalog.study_images(db, study_id)
-scan_viewer(images, key="scans_viewer")
+scan_viewer(cached_study_images(study_id), key="scans_viewer")

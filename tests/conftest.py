@@ -36,3 +36,20 @@ def run_cli(*args: str, db_path: Path | None = None, cwd: Path | None = None) ->
     prefix = ["--db", str(db_path)] if db_path else []
     return subprocess.run([sys.executable, "-m", "bonescan_core", *prefix, *args],
                           capture_output=True, text=True, env=env, cwd=cwd or REPO, timeout=300)
+
+
+def add_bare_studies(db, n: int) -> list[int]:
+    """n studies (one patient each, no images) for tests that only need study rows."""
+    ids = []
+    with dbm.write(db):
+        for i in range(n):
+            patient = db["patients"].insert({"key": f"test-patient-{i}", "created_at": dbm.utc_now()}).last_pk
+            ids.append(db["studies"].insert({"patient_id": patient, "key": f"test-study-{i}", "origin": "import",
+                                             "created_at": dbm.utc_now()}).last_pk)
+    return ids
+
+
+@pytest.fixture
+def studies(db) -> list[int]:
+    """Ten bare studies in the test database."""
+    return add_bare_studies(db, 10)

@@ -1,0 +1,162 @@
+"""Review: read studies in a queue and record decisions by the study's criteria.
+
+Keys: m = Metastatic, n = No metastasis, x = Exclude, j = next, k = previous. A save
+appends one review and moves on to the next study in the queue.
+"""
+
+from __future__ import annotations
+
+import time
+
+import pandas as pd
+import streamlit as st
+
+from bonescan_core import review as rv
+from pages.common import cached_study_images, open_db, reviewer, scan_viewer
+
+METASTATIC_CRITERIA = [c for c, (side, _) in rv.CRITERIA.items() if side == "metastatic"]
+NON_METASTATIC_CRITERIA = [c for c, (side, _) in rv.CRITERIA.items() if side == "non_metastatic"]
+
+
+def form_key(study_id: int, name: str) -> str:
+    """Widget keys carry the study id, so every study starts with a clean form."""
+    return f"rv_{study_id}_{name}"
+
+
+def current_review(study_id: int, decision: str, label: str | None) -> rv.Review:
+    """The Review the form describes, from the widget state."""
+    state = st.session_state
+    side = METASTATIC_CRITERIA if label == "metastatic" else NON_METASTATIC_CRITERIA if label else []
+    screening = state.get(form_key(study_id, "screening"), "yes") == "yes"
+    reason = state.get(form_key(study_id, "exclusion_reason"))
+    if decision == "exclude" and not screening and reason is None:
+        reason = "non_screening_indication"
+    return rv.Review(
+        study_id=study_id,
+        reviewer=reviewer(),
+        decision=decision,
+        label=label,
+        criteria=tuple(c for c in side if state.get(form_key(study_id, c))),
+        exclusion_reason=reason if decision == "exclude" else None,
+        artifacts=tuple(a for a in rv.ARTIFACTS if state.get(form_key(study_id, a))),
+        confidence=state.get(form_key(study_id, "confidence")),
+        note=state.get(form_key(study_id, "note"), ""),
+        adjudication=bool(state.get(form_key(study_id, "adjudication"))),
+    )
+
+
+def save(study_id: int, decision: str, label: str | None, next_study: int | None) -> None:
+    """Button callback: validate, append the review, move to the next study."""
+    review = current_review(study_id, decision, label)
+    if decision == "include" and st.session_state.get(form_key(study_id, "screening"), "yes") == "no":
+        st.session_state["rv_error"] = "The indication is not metastasis screening: use Exclude (the paper excludes these)."
+        return
+    started = time.perf_counter()
+    try:
+        with open_db() as db:
+            review_id = rv.add_review(db, review)
+    except rv.ReviewError as error:
+        st.session_state["rv_error"] = str(error)
+        return
+    elapsed_ms = (time.perf_counter() - started) * 1000
+    what = label.replace("_", " ") if label else f"excluded ({review.exclusion_reason})"
+    st.session_state["rv_saved"] = f"Saved review {review_id}: study {study_id} {what} ({elapsed_ms:.0f} ms)."
+    if next_study is not None:
+        st.session_state["rv_study"] = next_study
+
+
+def move(target: int | None) -> None:
+    if target is not None:
+        st.session_state["rv_study"] = target
+
+
+st.title("Review")
+name = reviewer()
+if not name:
+    st.warning("Enter your name as Reviewer in the sidebar (or open this page as /review?reviewer=NAME) to start reading.")
+    st.stop()
+
+if "study" in st.query_params and st.query_params["study"].isdigit():
+    st.session_state["rv_study"] = int(st.query_params.pop("study"))
+
+top = st.columns([2, 1, 3])
+order = top[0].selectbox("Queue", list(rv.QUEUE_ORDERS), format_func=lambda o: rv.QUEUE_ORDERS[o].capitalize(), key="rv_order")
+blind = top[1].toggle("Blind mode", value=True, key="rv_blind", help="Hide other readers' labels until you have read the study.")
+
+with open_db() as db:
+    queue = rv.review_queue(db, name, order)
+    mine = rv.read_by(db, name)
+    total = db["studies"].count
+    adjudicator = rv.is_adjudicator(db, name)
+
+top[2].progress(len(mine) / max(total, 1), text=f"{len(mine)} of {total} read by you")
+if not queue:
+    st.info("Nothing in this queue." if total else "No studies yet: import scans or load the demo dataset on the Scans page.")
+    st.stop()
+
+study_id = st.session_state.get("rv_study")
+if study_id not in queue:
+    study_id = queue[0]
+    st.session_state["rv_study"] = study_id
+position = queue.index(study_id)
+previous_study = queue[position - 1] if position > 0 else None
+next_study = queue[position + 1] if position + 1 < len(queue) else None
+
+if message := st.session_state.pop("rv_saved", None):
+    st.success(message, icon=":material/check:")
+if message := st.session_state.pop("rv_error", None):
+    st.error(message, icon=":material/error:")
+
+nav = st.columns([1, 1, 4])
+nav[0].button("Previous (k)", shortcut="K", on_click=move, args=(previous_study,), disabled=previous_study is None, key="rv_prev")
+nav[1].button("Next (j)", shortcut="J", on_click=move, args=(next_study,), disabled=next_study is None, key="rv_next")
+nav[2].markdown(f"**Study {study_id}** · {position + 1} of {len(queue)} in this queue"
+                + (" · you have read it" if study_id in mine else ""))
+
+viewer_column, form_column = st.columns([3, 2])
+with viewer_column:
+    scan_viewer(cached_study_images(study_id), key="rv_viewer")
+if next_study is not None:
+    cached_study_images(next_study)  # decode the next study now, so it shows at once after a save
+
+with form_column:
+    st.radio("Indication is metastasis screening", ["yes", "no"], horizontal=True, key=form_key(study_id, "screening"))
+    st.markdown("**Metastatic** when any of:")
+    for criterion in METASTATIC_CRITERIA:
+        st.checkbox(rv.CRITERIA[criterion][1], key=form_key(study_id, criterion))
+    st.markdown("**No metastasis** when any of:")
+    for criterion in NON_METASTATIC_CRITERIA:
+        st.checkbox(rv.CRITERIA[criterion][1], key=form_key(study_id, criterion))
+    st.markdown("**Artifacts** (recorded, not excluding):")
+    artifact_columns = st.columns(len(rv.ARTIFACTS))
+    for column, (artifact, words) in zip(artifact_columns, rv.ARTIFACTS.items(), strict=True):
+        column.checkbox(words, key=form_key(study_id, artifact))
+    st.selectbox("Exclusion reason (for Exclude)", list(rv.EXCLUSION_REASONS), index=None,
+                 format_func=lambda r: rv.EXCLUSION_REASONS[r], placeholder="choose a reason to exclude",
+                 key=form_key(study_id, "exclusion_reason"))
+    st.select_slider("Confidence", options=[1, 2, 3, 4, 5], value=3, key=form_key(study_id, "confidence"))
+    st.text_input("Note", key=form_key(study_id, "note"))
+    if adjudicator:
+        st.checkbox("Record as the consensus (adjudication)", key=form_key(study_id, "adjudication"))
+    buttons = st.columns(3)
+    buttons[0].button("Metastatic", shortcut="M", type="primary", on_click=save,
+                      args=(study_id, "include", "metastatic", next_study), key="rv_metastatic")
+    buttons[1].button("No metastasis", shortcut="N", type="primary", on_click=save,
+                      args=(study_id, "include", "non_metastatic", next_study), key="rv_no_metastasis")
+    buttons[2].button("Exclude", shortcut="X", on_click=save, args=(study_id, "exclude", None, next_study), key="rv_exclude")
+
+    st.divider()
+    with open_db() as db:
+        trail = rv.history(db, study_id)
+        status = rv.study_statuses(db, [study_id])[study_id]
+    if blind and study_id not in mine:
+        st.caption("Other readers' labels and the history are hidden until you have read this study (blind mode).")
+    else:
+        training = status.label.replace("_", " ") if status.label else "none"
+        st.markdown(f"**Training label:** {training} · state: {status.state}")
+        if trail:
+            st.dataframe(
+                pd.DataFrame(trail)[["created_at", "reviewer", "decision", "label", "criteria", "exclusion_reason",
+                                     "artifacts", "confidence", "note", "adjudication"]],
+                hide_index=True,
+            )
