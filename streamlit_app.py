@@ -1,15 +1,21 @@
-"""bonescan: the router. Page config, the shared sidebar, and navigation; nothing else."""
+"""bonescan: the router. Page config, the shared sidebar, and navigation; nothing else.
+
+The page scripts live in ``app_pages/``, not ``pages/``: Streamlit treats a ``pages/`` folder
+beside the main script as a legacy page list, and on a fresh server a deep link such as
+``/review`` would then run the page script directly, without this router. The default page
+(Scans) is served at ``/``.
+"""
 
 import streamlit as st
 
-from pages.common import sidebar
+from app_pages.common import sidebar
 
 st.set_page_config(page_title="bonescan", page_icon=":material/radiology:", layout="wide")
 
 PAGES = [
-    st.Page("pages/scans.py", title="Scans", icon=":material/photo_library:", url_path="scans", default=True),
-    st.Page("pages/review.py", title="Review", icon=":material/rate_review:", url_path="review"),
-    st.Page("pages/agreement.py", title="Agreement", icon=":material/group:", url_path="agreement"),
+    st.Page("app_pages/scans.py", title="Scans", icon=":material/photo_library:", default=True),
+    st.Page("app_pages/review.py", title="Review", icon=":material/rate_review:", url_path="review"),
+    st.Page("app_pages/agreement.py", title="Agreement", icon=":material/group:", url_path="agreement"),
 ]
 
 navigation = st.navigation(PAGES)

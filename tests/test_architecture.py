@@ -29,7 +29,7 @@ def test_core_never_imports_streamlit():
 
 
 def test_pages_run_no_sql():
-    for path in [REPO / "streamlit_app.py", *sorted((REPO / "pages").glob("*.py"))]:
+    for path in [REPO / "streamlit_app.py", *sorted((REPO / "app_pages").glob("*.py"))]:
         text = path.read_text()
         for needle in ("SELECT ", "INSERT ", "UPDATE ", ".execute(", ".query("):
             assert needle not in text, f"{path.name} contains {needle!r}: move it into bonescan_core"

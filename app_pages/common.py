@@ -30,18 +30,24 @@ def _device_line() -> str:
 
 def reviewer() -> str:
     """The reviewer name from the sidebar ('' when none is entered)."""
-    return st.session_state.get("reviewer", "").strip()
+    return st.session_state.get("reviewer_name", "")
 
 
 def sidebar() -> None:
-    """Database in use, reviewer name (also ``?reviewer=NAME``), compute device."""
-    if "reviewer" not in st.session_state:
-        st.session_state["reviewer"] = st.query_params.get("reviewer", "")
+    """Database in use, reviewer name (also ``?reviewer=NAME``), compute device.
+
+    The name lives in a plain session key: Streamlit drops a widget's own state when the
+    user switches pages, and the reviewer must survive that.
+    """
+    if "reviewer_name" not in st.session_state:
+        st.session_state["reviewer_name"] = st.query_params.get("reviewer", "").strip()
     with st.sidebar:
-        st.text_input("Reviewer", key="reviewer", placeholder="your name or initials",
-                      help="Every review is stored under this name. Also settable as ?reviewer=NAME in the URL.")
-        if reviewer():
-            st.query_params["reviewer"] = reviewer()
+        name = st.text_input("Reviewer", value=st.session_state["reviewer_name"], key="reviewer_input",
+                             placeholder="your name or initials",
+                             help="Every review is stored under this name. Also settable as ?reviewer=NAME in the URL.")
+        st.session_state["reviewer_name"] = name.strip()
+        if name.strip():
+            st.query_params["reviewer"] = name.strip()
         st.caption(f"Database: `{db_path()}`")
         st.caption(f"Compute: {_device_line()}")
 

@@ -11,8 +11,8 @@ import time
 import pandas as pd
 import streamlit as st
 
+from app_pages.common import cached_study_images, open_db, reviewer, scan_viewer
 from bonescan_core import review as rv
-from pages.common import cached_study_images, open_db, reviewer, scan_viewer
 
 METASTATIC_CRITERIA = [c for c, (side, _) in rv.CRITERIA.items() if side == "metastatic"]
 NON_METASTATIC_CRITERIA = [c for c, (side, _) in rv.CRITERIA.items() if side == "non_metastatic"]

@@ -7,8 +7,8 @@ from pathlib import Path
 import pandas as pd
 import streamlit as st
 
+from app_pages.common import cached_study_images, data_url, open_db, scan_viewer
 from bonescan_core import catalog, ingest
-from pages.common import cached_study_images, data_url, open_db, scan_viewer
 
 PAGE_SIZE = 50
 UPLOAD_TYPES = ["tif", "tiff", "png", "jpg", "jpeg", "dcm", "dicom", "ima"]

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pandas as pd
 import streamlit as st
 
+from app_pages.common import open_db, reviewer
 from bonescan_core import agreement
 from bonescan_core import review as rv
-from pages.common import open_db, reviewer
 
 st.title("Agreement")
 

@@ -1,0 +1,73 @@
+"""Scans page in a real browser: reviewer from the URL, load the demo dataset, view a study."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+from playwright.sync_api import expect
+
+from .conftest import REPO, VIEWPORT, AppServer, open_app, start_app_server, wait_for_streamlit_idle
+
+pytestmark = pytest.mark.e2e
+
+# The Scans page is st.navigation's default page, which Streamlit serves at the app root ("/").
+SCANS = "/"
+
+
+def test_load_demo_dataset_and_view_a_study(app_server: AppServer, browser_page) -> None:
+    page = browser_page
+    open_app(page, app_server, f"{SCANS}?reviewer=alice")
+    expect(page.get_by_role("dialog")).to_have_count(0)
+
+    sidebar = page.get_by_test_id("stSidebar")
+    expect(sidebar.get_by_role("textbox", name="Reviewer", exact=True)).to_have_value("alice")
+    expect(page.get_by_role("heading", name="Studies (0)")).to_be_visible()
+
+    page.get_by_role("tab", name="Demo dataset").click()
+    studies = page.get_by_role("spinbutton", name="Studies", exact=True)
+    studies.fill("10")
+    studies.press("Enter")  # number_input commits on Enter (or blur)
+    wait_for_streamlit_idle(page)
+    expect(studies).to_have_value("10")
+
+    page.get_by_role("button", name="Load demo dataset").click()
+    expect(page.get_by_test_id("stAlertContentSuccess")).to_contain_text("Added 10", timeout=45_000)
+    wait_for_streamlit_idle(page)
+    expect(page.get_by_role("heading", name="Studies (10)")).to_be_visible()
+
+    # The viewer below the table shows both views of the first study, decoded by the browser.
+    images = page.locator('[data-testid="stImage"] img')
+    images.first.scroll_into_view_if_needed()
+    page.wait_for_function("img => img.complete && img.naturalWidth > 0", arg=images.first.element_handle(),
+                           timeout=15_000)
+    expect(images).to_have_count(2)
+
+    result = subprocess.run(
+        [sys.executable, "-m", "bonescan_core", "--db", str(app_server.db_path), "studies", "--json"],
+        capture_output=True, text=True, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)}, timeout=60,
+    )
+    assert result.returncode == 0, result.stderr
+    rows = json.loads(result.stdout)
+    assert len(rows) == 10
+    assert [row["n_images"] for row in rows] == [2] * 10
+
+
+def test_first_request_after_server_start_runs_the_router(tmp_path, chromium) -> None:
+    """A bookmarked deep link works as the very first request after a server start.
+
+    (Regression: while the page scripts lived in ``pages/``, Streamlit's legacy pages-folder
+    mode ran ``pages/review.py`` directly on a fresh server: no router, no sidebar.)
+    """
+    with start_app_server(tmp_path) as server:
+        context = chromium.new_context(viewport=VIEWPORT)
+        try:
+            page = context.new_page()
+            open_app(page, server, "/review?reviewer=alice")
+            sidebar = page.get_by_test_id("stSidebar")
+            expect(sidebar.get_by_role("textbox", name="Reviewer", exact=True)).to_have_value("alice", timeout=2_000)
+        finally:
+            context.close()

@@ -1,0 +1,79 @@
+"""AppTest: every page renders without an exception, empty and with demo data; the main
+flows of the Scans and Review pages work through the widgets."""
+
+import pytest
+from conftest import REPO
+from streamlit.testing.v1 import AppTest
+
+from bonescan_core import db as dbm
+from bonescan_core import review as rv
+from bonescan_core.ingest import add_demo_studies
+
+PAGES = ["app_pages/scans.py", "app_pages/review.py", "app_pages/agreement.py"]
+TIMEOUT = 60
+
+
+def run_page(page: str, reviewer: str | None = None) -> AppTest:
+    app = AppTest.from_file(str(REPO / "streamlit_app.py"), default_timeout=TIMEOUT)
+    if reviewer:
+        app.query_params["reviewer"] = reviewer
+    app.run()
+    if page != PAGES[0]:
+        app.switch_page(page).run()
+    return app
+
+
+@pytest.mark.parametrize("page", PAGES)
+def test_every_page_renders_on_an_empty_database(db_path, page):
+    app = run_page(page, reviewer="ann")
+    assert not app.exception, [e.value for e in app.exception]
+
+
+@pytest.mark.parametrize("page", PAGES)
+def test_every_page_renders_with_demo_data(db_path, page):
+    with dbm.opened(db_path) as db:
+        add_demo_studies(db, 4, seed=1)
+    app = run_page(page, reviewer="ann")
+    assert not app.exception, [e.value for e in app.exception]
+
+
+def test_scans_page_loads_the_demo_dataset(db_path):
+    app = run_page(PAGES[0])
+    app.number_input(key="demo_studies").set_value(10)
+    app.button(key="load_demo").click().run()
+    assert not app.exception
+    assert any("Added 10 demo studies" in s.value for s in app.success)
+    assert any("Studies (10)" in h.value for h in app.subheader)
+    with dbm.opened(db_path) as db:
+        assert db["studies"].count == 10 and db["images"].count == 20
+
+
+def test_review_tick_criterion_and_save(db_path):
+    with dbm.opened(db_path) as db:
+        add_demo_studies(db, 3, seed=2)
+    app = run_page(PAGES[1], reviewer="ann")
+    first = app.session_state["rv_study"]
+    app.checkbox(key=f"rv_{first}_typical_pattern").check()
+    app.button(key="rv_metastatic").click().run()
+    assert not app.exception
+    with dbm.opened(db_path) as db:
+        rows = [r for r in rv.history(db, first) if r["reviewer"] == "ann"]
+    assert len(rows) == 1 and (rows[0]["label"], rows[0]["criteria"]) == ("metastatic", "typical_pattern")
+    assert app.session_state["rv_study"] != first, "a save moves on to the next study"
+
+
+def test_review_without_criterion_shows_error_and_stores_nothing(db_path):
+    with dbm.opened(db_path) as db:
+        add_demo_studies(db, 2, seed=3)
+    app = run_page(PAGES[1], reviewer="ann")
+    first = app.session_state["rv_study"]
+    app.button(key="rv_no_metastasis").click().run()
+    assert any("tick at least one criterion" in e.value for e in app.error)
+    with dbm.opened(db_path) as db:
+        assert not [r for r in rv.history(db, first) if r["reviewer"] == "ann"]
+    assert app.session_state["rv_study"] == first
+
+
+def test_review_page_asks_for_a_name(db_path):
+    app = run_page(PAGES[1])
+    assert any("Enter your name" in w.value for w in app.warning)

@@ -1,0 +1,57 @@
+"""The `bonescan` command as scripts use it: verbs, JSON fields and exit codes of cli.md."""
+
+import csv
+import json
+
+from conftest import run_cli
+
+
+def test_demo_studies_images_json(db_path):
+    result = run_cli("demo", "--studies", "6", "--seed", "4", db_path=db_path)
+    assert result.returncode == 0, result.stderr
+    studies = json.loads(run_cli("studies", "--json", db_path=db_path).stdout)
+    assert len(studies) == 6
+    assert set(studies[0]) >= {"id", "patient_id", "n_images", "label", "included"}
+    assert all(s["n_images"] == 2 and s["included"] and s["label"] in ("metastatic", "non_metastatic") for s in studies)
+    assert sum(s["label"] == "metastatic" for s in studies) == round(6 * 0.4)
+    images = json.loads(run_cli("images", "--json", db_path=db_path).stdout)
+    assert len(images) == 12
+    assert set(images[0]) == {"id", "study_id", "view", "source", "height", "width"}
+    assert {i["view"] for i in images} == {"anterior", "posterior"}
+    assert {(i["height"], i["width"]) for i in images} == {(1024, 256)}
+    again = run_cli("demo", "--studies", "6", "--seed", "4", db_path=db_path)
+    assert "added 0 demo studies (6 already present)" in again.stdout
+
+
+def test_label_agreement_and_csv(db_path, tmp_path):
+    run_cli("demo", "--studies", "3", "--seed", "5", db_path=db_path)
+    ok = run_cli("label", "1", "--reviewer", "ann", "--metastatic", "--criteria", "typical_pattern,flare", "--note", "hot T7",
+                 db_path=db_path)
+    assert ok.returncode == 0, ok.stderr
+    missing = run_cli("label", "2", "--reviewer", "ann", "--no-metastasis", db_path=db_path)
+    assert missing.returncode == 2 and "tick at least one criterion" in missing.stderr
+    excluded = run_cli("label", "2", "--reviewer", "ann", "--exclude", "medical_device", db_path=db_path)
+    assert excluded.returncode == 0, excluded.stderr
+    pairs = json.loads(run_cli("agreement", "--json", db_path=db_path).stdout)
+    assert [p["reviewers"] for p in pairs] == [["ann", "reference"]]
+    assert set(pairs[0]) >= {"reviewers", "n", "kappa", "kappa_ci95", "percent_agreement"}
+
+    exported = tmp_path / "reviews.csv"
+    assert run_cli("labels", "export", "--csv", str(exported), db_path=db_path).returncode == 0
+    rows = list(csv.DictReader(exported.open()))
+    assert [r["reviewer"] for r in rows].count("ann") == 2
+    assert {"study_id", "reviewer", "decision", "label", "criteria", "exclusion_reason", "note", "created_at"} <= set(rows[0])
+
+    sheet = tmp_path / "sheet.csv"
+    sheet.write_text("study_id,reviewer,decision,label,criteria\n3,bob,include,metastatic,flare\n99,bob,include,metastatic,flare\n")
+    result = run_cli("labels", "import", "--csv", str(sheet), db_path=db_path)
+    assert result.returncode == 1
+    assert "line 3: study 99 does not exist" in result.stderr
+    assert "added 1 reviews" in result.stdout
+
+
+def test_usage_errors_exit_2(db_path, tmp_path):
+    assert run_cli("import", str(tmp_path / "nope"), db_path=db_path).returncode == 2
+    assert run_cli("frobnicate", db_path=db_path).returncode == 2
+    result = run_cli("import", db_path=db_path)
+    assert result.returncode == 2 and "name files or folders" in result.stderr
