@@ -84,10 +84,16 @@ order = top[0].selectbox("Queue", list(rv.QUEUE_ORDERS), format_func=lambda o: r
 blind = top[1].toggle("Blind mode", value=True, key="rv_blind", help="Hide other readers' labels until you have read the study.")
 
 with open_db() as db:
-    queue = rv.review_queue(db, name, order)
     mine = rv.read_by(db, name)
     total = db["studies"].count
     adjudicator = rv.is_adjudicator(db, name)
+    # The queue is a snapshot, taken when the order, the reader or the number of studies
+    # changes (or on Refresh): j/k then walk a stable list, and k returns to the study just saved.
+    snapshot_key = (order, name, total, st.session_state.get("rv_refresh", 0))
+    if st.session_state.get("rv_queue_key") != snapshot_key:
+        st.session_state["rv_queue"] = rv.review_queue(db, name, order)
+        st.session_state["rv_queue_key"] = snapshot_key
+queue: list[int] = st.session_state["rv_queue"]
 
 top[2].progress(len(mine) / max(total, 1), text=f"{len(mine)} of {total} read by you")
 if not queue:
@@ -107,13 +113,15 @@ if message := st.session_state.pop("rv_saved", None):
 if message := st.session_state.pop("rv_error", None):
     st.error(message, icon=":material/error:")
 
-nav = st.columns([1, 1, 4])
+nav = st.columns([1, 1, 1, 3])
 nav[0].button("Previous (k)", shortcut="K", on_click=move, args=(previous_study,), disabled=previous_study is None, key="rv_prev")
 nav[1].button("Next (j)", shortcut="J", on_click=move, args=(next_study,), disabled=next_study is None, key="rv_next")
-nav[2].markdown(f"**Study {study_id}** · {position + 1} of {len(queue)} in this queue"
+nav[2].button("Refresh queue", key="rv_refresh_button",
+              on_click=lambda: st.session_state.update(rv_refresh=st.session_state.get("rv_refresh", 0) + 1))
+nav[3].markdown(f"**Study {study_id}** · {position + 1} of {len(queue)} in this queue"
                 + (" · you have read it" if study_id in mine else ""))
 
-viewer_column, form_column = st.columns([3, 2])
+viewer_column, form_column = st.columns([1, 1])
 with viewer_column:
     scan_viewer(cached_study_images(study_id), key="rv_viewer")
 if next_study is not None:
@@ -128,9 +136,8 @@ with form_column:
     for criterion in NON_METASTATIC_CRITERIA:
         st.checkbox(rv.CRITERIA[criterion][1], key=form_key(study_id, criterion))
     st.markdown("**Artifacts** (recorded, not excluding):")
-    artifact_columns = st.columns(len(rv.ARTIFACTS))
-    for column, (artifact, words) in zip(artifact_columns, rv.ARTIFACTS.items(), strict=True):
-        column.checkbox(words, key=form_key(study_id, artifact))
+    for artifact, words in rv.ARTIFACTS.items():
+        st.checkbox(words, key=form_key(study_id, artifact))
     st.selectbox("Exclusion reason (for Exclude)", list(rv.EXCLUSION_REASONS), index=None,
                  format_func=lambda r: rv.EXCLUSION_REASONS[r], placeholder="choose a reason to exclude",
                  key=form_key(study_id, "exclusion_reason"))

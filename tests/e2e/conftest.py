@@ -18,8 +18,7 @@ Fixtures (reusable by every e2e module):
 ``browser_page``
     Function scope: a fresh browser context (own cookies, own Streamlit session) and page,
     viewport 1400x1000. On a failing test, a full-page screenshot is saved to
-    ``test-artifacts/<test name>.png`` before the page is closed. Before the first page on a
-    server, ``warm_up`` runs the router once (see its docstring: an app/Streamlit quirk).
+    ``test-artifacts/<test name>.png`` before the page is closed.
 
 Helpers: ``wait_for_streamlit_idle(page)`` after anything that triggers a rerun, and
 ``open_app(page, server, path)`` to load a page and wait for its first run.
