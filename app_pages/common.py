@@ -6,7 +6,6 @@ import base64
 import os
 from pathlib import Path
 
-import numpy as np
 import streamlit as st
 
 from bonescan_core import catalog, devices, pixelstore
@@ -73,12 +72,9 @@ def scan_viewer(images: list[dict], key: str) -> None:
                                 help="Lower it to see faint uptake; raise it to separate hot lesions.")
     gamma = controls[1].slider("Gamma", 0.3, 2.0, 1.0, 0.05, key=f"{key}_gamma", help="Below 1 brightens faint uptake.")
     height = controls[2].slider("Zoom (display height, px)", 300, 1400, 700, 50, key=f"{key}_zoom")
-    columns = st.columns(max(len(images), 2))
-    for column, image in zip(columns, images, strict=False):
-        pixels: np.ndarray = image["pixels"]
-        shown = pixelstore.to_display(pixels, upper=image["display_max"] * window / 100.0, gamma=gamma)
-        width = max(1, round(pixels.shape[1] * height / pixels.shape[0]))
-        column.image(shown, caption=f"{(image['view'] or 'view unknown').capitalize()} · {image['source']}", width=width)
+    shown = [pixelstore.to_display(image["pixels"], upper=image["display_max"] * window / 100.0, gamma=gamma) for image in images]
+    captions = " | ".join(f"{(image['view'] or 'view unknown').capitalize()} ({image['source']})" for image in images)
+    st.image(pixelstore.side_by_side(shown, height), caption=captions)
 
 
 @st.cache_data(max_entries=64, show_spinner=False)

@@ -67,7 +67,7 @@ with folder_tab:
 with demo_tab:
     st.caption("Synthetic whole-body studies (anterior + posterior, 1024 x 256 counts, Poisson noise), about 40% "
                "metastatic, with benign look-alikes in both classes and reference labels by reviewer `reference`.")
-    n_demo = st.number_input("Studies", 10, 1000, 100, 10, key="demo_studies")
+    n_demo = st.number_input("Studies", 10, 1000, 100, 10, key="demo_studies", width=200)
     if st.button("Load demo dataset", type="primary", key="load_demo"):
         bar = st.progress(0.0, text="generating")
         with open_db() as db:
@@ -108,11 +108,13 @@ with st.expander(f"Patient characteristics ({len({r['patient_id'] for r in rows}
 pages = max(1, -(-len(rows) // PAGE_SIZE))
 page = st.number_input(f"Page (of {pages}, {PAGE_SIZE} per page)", 1, pages, 1, key="studies_page") if pages > 1 else 1
 shown = rows[(page - 1) * PAGE_SIZE: page * PAGE_SIZE]
+with open_db() as db:
+    thumbs = catalog.thumbnails(db, [r["id"] for r in shown])
 frame = pd.DataFrame(
     {
         "study": [r["id"] for r in shown],
-        "anterior": [data_url(r["anterior_thumbnail"]) if r["anterior_thumbnail"] else None for r in shown],
-        "posterior": [data_url(r["posterior_thumbnail"]) if r["posterior_thumbnail"] else None for r in shown],
+        "anterior": [data_url(thumbs[r["id"]]["anterior"]) if "anterior" in thumbs.get(r["id"], {}) else None for r in shown],
+        "posterior": [data_url(thumbs[r["id"]]["posterior"]) if "posterior" in thumbs.get(r["id"], {}) else None for r in shown],
         "label": [r["label"] or "" for r in shown],
         "included": [r["included"] for r in shown],
         "images": [r["n_images"] for r in shown],
@@ -126,6 +128,7 @@ selection = st.dataframe(
     frame,
     hide_index=True,
     row_height=96,
+    height=min(96 * len(frame) + 40, 620),
     column_config={
         "anterior": st.column_config.ImageColumn("Anterior", width="small"),
         "posterior": st.column_config.ImageColumn("Posterior", width="small"),

@@ -52,40 +52,43 @@ def list_studies(db: sqlite_utils.Database) -> list[dict]:
 
 
 def study_table(db: sqlite_utils.Database) -> list[dict]:
-    """Studies with patient characteristics and both views' thumbnails (PNG bytes or None)."""
-    studies = {row["id"]: row for row in list_studies(db)}
+    """Studies (as :func:`list_studies`) with their patient's sex, age band and primary cancer.
+
+    No pixels or thumbnails: fetch those for the rows on screen with :func:`thumbnails`.
+    """
     patients = {row["id"]: row for row in db.query("SELECT id, sex, age_band, primary_cancer FROM patients")}
-    thumbs: dict[int, dict[str, bytes]] = {}
-    for row in db.query("SELECT study_id, view, thumbnail FROM images ORDER BY id"):
-        thumbs.setdefault(row["study_id"], {}).setdefault(row["view"] or "anterior", row["thumbnail"])
     table = []
-    for study_id, study in studies.items():
+    for study in list_studies(db):
         patient = patients[study["patient_id"]]
-        table.append(
-            {
-                **study,
-                "sex": patient["sex"],
-                "age_band": patient["age_band"],
-                "primary_cancer": patient["primary_cancer"],
-                "anterior_thumbnail": thumbs.get(study_id, {}).get("anterior"),
-                "posterior_thumbnail": thumbs.get(study_id, {}).get("posterior"),
-            }
-        )
+        table.append({**study, "sex": patient["sex"], "age_band": patient["age_band"], "primary_cancer": patient["primary_cancer"]})
     return table
 
 
+def thumbnails(db: sqlite_utils.Database, study_ids: list[int]) -> dict[int, dict[str, bytes]]:
+    """{study_id: {"anterior": png, "posterior": png}} for the given studies (first image per view;
+    an image of unknown view shows as anterior)."""
+    if not study_ids:
+        return {}
+    marks = ", ".join("?" for _ in study_ids)
+    result: dict[int, dict[str, bytes]] = {}
+    for row in db.query(f"SELECT study_id, view, thumbnail FROM images WHERE study_id IN ({marks}) ORDER BY id", study_ids):
+        result.setdefault(row["study_id"], {}).setdefault(row["view"] or "anterior", row["thumbnail"])
+    return result
+
+
 def characteristics(rows: list[dict]) -> dict[str, dict[str, int]]:
-    """Counts of patients by sex, age band and primary cancer, and of studies by label.
+    """Counts of patients by sex, age band and primary cancer, and of studies by label
+    (most common first; age bands in order).
 
     Args:
         rows: output of :func:`study_table` (possibly filtered).
     """
     by_patient = {row["patient_id"]: row for row in rows}.values()
     return {
-        "sex": dict(Counter(row["sex"] or "unknown" for row in by_patient)),
+        "sex": dict(Counter(row["sex"] or "unknown" for row in by_patient).most_common()),
         "age_band": dict(sorted(Counter(row["age_band"] or "unknown" for row in by_patient).items())),
-        "primary_cancer": dict(Counter(row["primary_cancer"] or "unknown" for row in by_patient)),
-        "label": dict(Counter(row["label"] or "no training label" for row in rows)),
+        "primary_cancer": dict(Counter(row["primary_cancer"] or "unknown" for row in by_patient).most_common()),
+        "label": dict(Counter(row["label"] or "no training label" for row in rows).most_common()),
     }
 
 

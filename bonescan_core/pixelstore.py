@@ -74,3 +74,28 @@ def make_thumbnail(pixels: np.ndarray) -> bytes:
     buffer = io.BytesIO()
     image.save(buffer, format="PNG", optimize=True)
     return buffer.getvalue()
+
+
+def side_by_side(images: list[np.ndarray], height: int, gap: int = 12, background: int = 255) -> np.ndarray:
+    """Resize display images to one height and place them left to right, for tight comparison.
+
+    Args:
+        images: (H, W) uint8 or (H, W, 3) uint8 arrays (all grey or all RGB).
+        height: output height in px; each image keeps its aspect ratio.
+        gap: blank columns between images.
+        background: grey level of the gap (255: white, like the inverted scan background).
+
+    Returns:
+        (height, sum of widths + gaps) uint8 array, 2-D or with 3 channels like the inputs.
+    """
+    resized = []
+    for image in images:
+        width = max(1, round(image.shape[1] * height / image.shape[0]))
+        resized.append(np.asarray(Image.fromarray(image).resize((width, height), Image.Resampling.BILINEAR)))
+    spacer_shape = (height, gap) + resized[0].shape[2:]
+    parts: list[np.ndarray] = []
+    for index, image in enumerate(resized):
+        if index:
+            parts.append(np.full(spacer_shape, background, dtype=np.uint8))
+        parts.append(image)
+    return np.concatenate(parts, axis=1)

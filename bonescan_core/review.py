@@ -197,18 +197,18 @@ def study_statuses(db: sqlite_utils.Database, study_ids: Iterable[int] | None = 
     their latest reading; ``import`` reviews (folder labels) count only while no person
     has read the study. Adjudication reviews are not readings.
     """
-    wanted = None if study_ids is None else set(study_ids)
+    wanted = None if study_ids is None else sorted(set(study_ids))
     readers: dict[int, dict[str, str]] = {}
     system: dict[int, dict[str, str]] = {}
     adjudicated: dict[int, str] = {}
-    sql = """
+    # Only the asked-for studies are read when a list is given (the Review page asks for one).
+    where = "" if wanted is None else f"WHERE study_id IN ({', '.join('?' for _ in wanted)})"
+    sql = f"""
         SELECT r.study_id, r.reviewer, r.decision, r.label, r.adjudication FROM reviews r
-        JOIN (SELECT MAX(id) AS id FROM reviews GROUP BY study_id, reviewer, adjudication) latest ON latest.id = r.id
+        JOIN (SELECT MAX(id) AS id FROM reviews {where} GROUP BY study_id, reviewer, adjudication) latest ON latest.id = r.id
         ORDER BY r.id
     """
-    for row in db.query(sql):
-        if wanted is not None and row["study_id"] not in wanted:
-            continue
+    for row in db.query(sql, wanted or []):
         if row["adjudication"]:
             adjudicated[row["study_id"]] = verdict(row)  # ordered by id: the newest consensus wins
         elif row["reviewer"] in SYSTEM_REVIEWERS:
