@@ -300,7 +300,8 @@ def store_scan(db: sqlite_utils.Database, plan: PlannedFile, scan: ScanFile, rev
                 "SELECT label FROM reviews WHERE study_id = ? AND reviewer = ? ORDER BY id DESC LIMIT 1", [study_id, reviewer]
             ).fetchone()
             if already is None:
-                add_review(db, Review(study_id=study_id, reviewer=reviewer, decision="include", label=plan.label, note=f"label from {plan.label_source}"))
+                add_review(db, Review(study_id=study_id, reviewer=reviewer, decision="include", label=plan.label,
+                                      note=f"label from {plan.label_source}", from_import=True))
             elif already[0] != plan.label:
                 notes.append(f"{plan.label_source} says {plan.label} but this study's earlier files said {already[0]}; label kept, check it in Review")
     if duplicates:

@@ -53,7 +53,8 @@ ARTIFACTS: dict[str, str] = {
 }
 
 # Reviewers whose reviews come from a machine step, not a reading: `import` records the
-# class folder a file came from, with no criterion (a reader later confirms or changes it).
+# class folder a file came from (a reader later confirms or changes it). Their labels count
+# only while no person has read the study.
 SYSTEM_REVIEWERS = frozenset({"import"})
 
 
@@ -75,6 +76,7 @@ class Review:
     confidence: int | None = None  # 1..5
     note: str = ""
     adjudication: bool = False  # the consensus recorded by an adjudicator
+    from_import: bool = False  # a label recorded by import (class folder or manifest): no criterion needed
 
     def validate(self) -> None:
         """Raise ReviewError unless the review is complete and consistent."""
@@ -96,7 +98,7 @@ class Review:
             wrong_side = [c for c in self.criteria if CRITERIA[c][0] != self.label]
             if wrong_side:
                 raise ReviewError(f"criteria {', '.join(wrong_side)} belong to the other label; untick them")
-            if not self.criteria and self.reviewer not in SYSTEM_REVIEWERS:
+            if not self.criteria and not self.from_import:
                 side = "metastasis (a)-(e)" if self.label == "metastatic" else "no metastasis (a)-(d) or 'no abnormal uptake'"
                 raise ReviewError(f"tick at least one criterion for {side} before saving")
         else:

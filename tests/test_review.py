@@ -27,7 +27,7 @@ def test_a_label_needs_a_criterion_of_its_own_side(db, studies):
         rv.add_review(db, reading(10_000, "ann", "metastatic"))
     assert db["reviews"].count == 0
     # folder labels from `import` are allowed without a criterion
-    rv.add_review(db, rv.Review(studies[0], "import", "include", label="metastatic"))
+    rv.add_review(db, rv.Review(studies[0], "import", "include", label="metastatic", from_import=True))
     assert db["reviews"].count == 1
 
 
@@ -50,8 +50,8 @@ def test_consensus_rules(db, studies):
     rv.add_review(db, reading(c, "ann", "metastatic"))
     rv.add_review(db, reading(c, "bob", exclude="poor_quality"))  # include vs exclude: waits
     rv.add_review(db, reading(d, "ann", exclude="medical_device"))  # excluded: never trains
-    rv.add_review(db, rv.Review(e, "import", "include", label="non_metastatic"))  # folder label only
-    rv.add_review(db, rv.Review(f, "import", "include", label="non_metastatic"))
+    rv.add_review(db, rv.Review(e, "import", "include", label="non_metastatic", from_import=True))  # folder label only
+    rv.add_review(db, rv.Review(f, "import", "include", label="non_metastatic", from_import=True))
     rv.add_review(db, reading(f, "ann", "metastatic"))  # a reader's reading replaces the folder label
     statuses = rv.study_statuses(db)
     assert (statuses[a].label, statuses[a].state) == ("metastatic", "agreed")
