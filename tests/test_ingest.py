@@ -6,15 +6,15 @@ import shutil
 import numpy as np
 import pytest
 import tifffile
+from bad_corpus import PHI_STRINGS, make_bad_corpus, make_good_corpus
+from conftest import run_cli
 from PIL import Image
 from pydicom.data import get_testdata_file
 
-from bad_corpus import PHI_STRINGS, make_bad_corpus, make_good_corpus
 from bonescan_core import catalog, ingest
 from bonescan_core import db as dbm
 from bonescan_core import review as rv
 from bonescan_core.phantom import make_study
-from conftest import run_cli
 
 TABLES = ("patients", "studies", "images", "reviews")
 
