@@ -179,8 +179,89 @@ _FOUNDATION_SQL = [
 ]
 
 
+def _m002_training(db: sqlite_utils.Database) -> None:
+    """Splits, runs (the job queue), epochs, predictions, cached features and Grad-CAM maps."""
+    for statement in _TRAINING_SQL:
+        db.execute(statement)
+
+
+_TRAINING_SQL = [
+    """CREATE TABLE splits (
+            id INTEGER PRIMARY KEY,
+            seed INTEGER NOT NULL,
+            test_fraction REAL NOT NULL,
+            val_fraction REAL NOT NULL,        -- of the non-test part
+            labels_hash TEXT NOT NULL,         -- sha256 of the (study, label) pairs it was made from
+            created_at TEXT NOT NULL
+        )""",
+    """CREATE TABLE split_members (
+            split_id INTEGER NOT NULL REFERENCES splits(id),
+            study_id INTEGER NOT NULL REFERENCES studies(id),
+            subset TEXT NOT NULL CHECK (subset IN ('train', 'val', 'test')),
+            label TEXT NOT NULL CHECK (label IN ('metastatic', 'non_metastatic')),  -- the label when split
+            PRIMARY KEY (split_id, study_id)
+        )""",
+    """CREATE TABLE runs (
+            id INTEGER PRIMARY KEY,
+            backbone TEXT NOT NULL,
+            status TEXT NOT NULL CHECK (status IN ('queued', 'running', 'done', 'failed', 'cancelled', 'interrupted')),
+            config TEXT NOT NULL,              -- JSON: every setting, split id, labels hash, versions, device
+            config_hash TEXT NOT NULL,         -- of the settings that define the run (duplicate detection)
+            split_id INTEGER REFERENCES splits(id),
+            created_at TEXT NOT NULL,
+            started_at TEXT,
+            finished_at TEXT,
+            heartbeat_at TEXT,                 -- the worker writes it while the run is alive
+            worker_pid INTEGER,
+            device TEXT,
+            progress TEXT,                     -- JSON: phase, epoch, epochs, batch, batches, loss, metrics, eta_s
+            cancel_requested INTEGER NOT NULL DEFAULT 0,
+            error TEXT,
+            threshold REAL,                    -- chosen on validation
+            images_per_second REAL,            -- training throughput over the training epochs
+            weights_path TEXT,                 -- relative to the runs/ folder beside the database
+            weights_sha256 TEXT
+        )""",
+    "CREATE INDEX runs_status ON runs(status)",
+    """CREATE TABLE epochs (
+            run_id INTEGER NOT NULL REFERENCES runs(id),
+            epoch INTEGER NOT NULL,            -- 1-based, counted across phases
+            phase TEXT NOT NULL,               -- head | finetune | full
+            loss REAL, val_loss REAL,
+            metrics TEXT NOT NULL DEFAULT '{}',-- JSON: accuracy, auc, val_accuracy, val_auc, ...
+            seconds REAL,
+            train_images_per_second REAL,
+            PRIMARY KEY (run_id, epoch)
+        )""",
+    """CREATE TABLE predictions (
+            run_id INTEGER NOT NULL REFERENCES runs(id),
+            image_id INTEGER NOT NULL REFERENCES images(id),
+            subset TEXT NOT NULL CHECK (subset IN ('train', 'val', 'test')),
+            label INTEGER NOT NULL CHECK (label IN (0, 1)),   -- 1 = metastatic
+            probability REAL NOT NULL,
+            PRIMARY KEY (run_id, image_id)
+        )""",
+    """CREATE TABLE features (               -- fast mode: backbone outputs, computed once
+            backbone TEXT NOT NULL,
+            weights TEXT NOT NULL,             -- 'imagenet', 'none' or the weights file's sha256
+            height INTEGER NOT NULL,
+            width INTEGER NOT NULL,
+            image_id INTEGER NOT NULL REFERENCES images(id),
+            vector BLOB NOT NULL,              -- float16 pooled feature vector
+            PRIMARY KEY (backbone, weights, height, width, image_id)
+        )""",
+    """CREATE TABLE explanations (           -- Grad-CAM maps, cached per run and image
+            run_id INTEGER NOT NULL REFERENCES runs(id),
+            image_id INTEGER NOT NULL REFERENCES images(id),
+            heatmap BLOB NOT NULL,             -- encoded like pixels: float16 (h, w) in 0..1
+            PRIMARY KEY (run_id, image_id)
+        )""",
+]
+
+
 MIGRATIONS: list[tuple[str, Callable[[sqlite_utils.Database], None]]] = [
     ("001_foundation", _m001_foundation),
+    ("002_training", _m002_training),
 ]
 
 
