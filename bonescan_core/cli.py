@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -182,6 +183,53 @@ def cmd_adjudicator(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_worker(args: argparse.Namespace) -> int:
+    from bonescan_core import db as dbm
+    from bonescan_core import jobs
+
+    def stop(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt  # a run in progress is recorded as interrupted, not left "running"
+
+    signal.signal(signal.SIGTERM, stop)
+    db_path = dbm.resolve_path(args.db)
+    dbm.connect(db_path).close()  # create/migrate before the loop
+    done = jobs.run_worker(db_path, once=args.once, idle_exit_s=args.idle_exit, echo=lambda line: print(line, flush=True))
+    print(f"worker: {done} run(s) processed", flush=True)
+    return EXIT_OK
+
+
+def cmd_runs(args: argparse.Namespace) -> int:
+    from bonescan_core import db as dbm
+    from bonescan_core import jobs
+
+    with dbm.opened(args.db) as db:
+        rows = jobs.runs_json(db)
+    if args.json:
+        json.dump(rows, sys.stdout)
+        sys.stdout.write("\n")
+    else:
+        _print_rows(rows, False, ["id", "backbone", "status", "device", "images_per_second", "threshold", "error"])
+    return EXIT_OK
+
+
+def cmd_cancel(args: argparse.Namespace) -> int:
+    from bonescan_core import db as dbm
+    from bonescan_core import jobs
+
+    try:
+        with dbm.opened(args.db) as db:
+            status = jobs.request_cancel(db, args.run)
+    except jobs.RunNotFound as error:
+        raise CommandError(str(error)) from error
+    if status == "cancelled":
+        print(f"run {args.run}: cancelled")
+    elif status == "running":
+        print(f"run {args.run}: cancel requested; it stops within a few batches")
+    else:
+        print(f"run {args.run}: already {status}")
+    return EXIT_OK
+
+
 def _print_rows(rows: list[dict], as_json: bool, columns: list[str]) -> None:
     if as_json:
         json.dump(rows, sys.stdout)
@@ -246,6 +294,20 @@ def build_parser() -> argparse.ArgumentParser:
     verb = verbs.add_parser("agreement", help="inter-reader agreement (Cohen's kappa) per reviewer pair")
     verb.add_argument("--json", action="store_true")
     verb.set_defaults(func=cmd_agreement)
+
+    verb = verbs.add_parser("worker", help="run queued training runs one at a time")
+    verb.add_argument("--once", action="store_true", help="stop when the queue is empty")
+    verb.add_argument("--idle-exit", type=float, default=None, metavar="SECONDS",
+                      help="stop after this long with an empty queue (the app's workers use 600)")
+    verb.set_defaults(func=cmd_worker)
+
+    verb = verbs.add_parser("runs", help="list training runs")
+    verb.add_argument("--json", action="store_true")
+    verb.set_defaults(func=cmd_runs)
+
+    verb = verbs.add_parser("cancel", help="ask a queued or running run to stop")
+    verb.add_argument("run", type=int, metavar="RUN")
+    verb.set_defaults(func=cmd_cancel)
 
     verb = verbs.add_parser("adjudicator", help="mark a reviewer as adjudicator (may record the consensus)")
     verb.add_argument("name")

@@ -1,0 +1,377 @@
+"""The runs table as a job queue, and the worker that trains one run at a time.
+
+The Streamlit app never trains in its own process: it enqueues a run and, if no worker is
+alive, starts ``bonescan worker`` in the background. The worker claims the oldest queued
+run, writes progress and a heartbeat to the database, honours cancel within a few batches,
+and records the outcome. A run whose worker died is marked ``interrupted`` once its
+heartbeat is older than ``STALE_AFTER_S`` or when a new worker starts.
+
+TensorFlow is imported only when a run actually trains (``_train``), never by the app.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+import traceback
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import sqlite_utils
+
+from bonescan_core import db as dbm
+
+STATUSES = ("queued", "running", "done", "failed", "cancelled", "interrupted")
+ACTIVE = ("queued", "running")
+STALE_AFTER_S = 30.0
+HEARTBEAT_EVERY_S = 5.0
+WORKER_KEY = "worker"  # settings row: {"pid": ..., "heartbeat_at": ..., "host": ...}
+WORKER_ALIVE_S = 15.0
+
+
+class DuplicateRun(Exception):
+    """An identical run is already queued or running; ``run_id`` says which."""
+
+    def __init__(self, run_id: int, status: str) -> None:
+        super().__init__(f"an identical run is already {status} (run {run_id}); wait for it or cancel it")
+        self.run_id = run_id
+        self.status = status
+
+
+class RunNotFound(LookupError):
+    """No run with that id; list them with `bonescan runs --json`."""
+
+
+def runs_dir(db_path: Path) -> Path:
+    """Trained models live in ``runs/`` beside the database."""
+    return Path(db_path).resolve().parent / "runs"
+
+
+def _seconds_since(timestamp: str | None) -> float:
+    if not timestamp:
+        return float("inf")
+    from datetime import datetime
+
+    then = datetime.fromisoformat(timestamp.replace("Z", "+00:00"))
+    now = datetime.fromisoformat(dbm.utc_now().replace("Z", "+00:00"))
+    return (now - then).total_seconds()
+
+
+def _pid_alive(pid: int | None) -> bool:
+    if not pid:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+# --- the queue ------------------------------------------------------------------------------
+
+def enqueue(db: sqlite_utils.Database, backbone: str, config: dict, config_hash: str) -> int:
+    """Add a queued run; returns its id.
+
+    Args:
+        config: the run's settings (JSON-serialisable); the worker adds what it learns.
+        config_hash: identity of the settings; an identical queued/running run is a duplicate.
+
+    Raises:
+        DuplicateRun: an identical run is already queued or running.
+    """
+    with dbm.write(db):
+        row = db.execute(
+            "SELECT id, status FROM runs WHERE config_hash = ? AND status IN ('queued', 'running') ORDER BY id LIMIT 1",
+            [config_hash],
+        ).fetchone()
+        if row:
+            raise DuplicateRun(row[0], row[1])
+        return db["runs"].insert(
+            {
+                "backbone": backbone,
+                "status": "queued",
+                "config": json.dumps(config, sort_keys=True),
+                "config_hash": config_hash,
+                "split_id": config.get("split_id"),
+                "created_at": dbm.utc_now(),
+            }
+        ).last_pk
+
+
+def get_run(db: sqlite_utils.Database, run_id: int) -> dict:
+    """One run as a dict (``config`` and ``progress`` decoded)."""
+    row = db.execute("SELECT * FROM runs WHERE id = ?", [run_id]).fetchone()
+    if row is None:
+        raise RunNotFound(f"run {run_id} does not exist; list them with `bonescan runs --json`")
+    columns = [c[0] for c in db.execute("SELECT * FROM runs LIMIT 0").description]
+    return _decode(dict(zip(columns, row, strict=True)))
+
+
+def _decode(run: dict) -> dict:
+    run["config"] = json.loads(run["config"]) if run.get("config") else {}
+    run["progress"] = json.loads(run["progress"]) if run.get("progress") else None
+    return run
+
+
+def list_runs(db: sqlite_utils.Database) -> list[dict]:
+    """Every run, newest first, with config and progress decoded."""
+    return [_decode(dict(row)) for row in db.query("SELECT * FROM runs ORDER BY id DESC")]
+
+
+def runs_json(db: sqlite_utils.Database) -> list[dict]:
+    """``bonescan runs --json``: id, backbone, status, device, images_per_second, config, error
+    (plus threshold, split_id, created/started/finished times and progress)."""
+    keys = ("id", "backbone", "status", "device", "images_per_second", "config", "error", "threshold", "split_id",
+            "created_at", "started_at", "finished_at", "progress")
+    return [{key: run[key] for key in keys} for run in list_runs(db)]
+
+
+def epochs(db: sqlite_utils.Database, run_id: int) -> list[dict]:
+    """A run's epoch rows (metrics decoded), in order."""
+    rows = [dict(row) for row in db.query("SELECT * FROM epochs WHERE run_id = ? ORDER BY epoch", [run_id])]
+    for row in rows:
+        row["metrics"] = json.loads(row["metrics"] or "{}")
+    return rows
+
+
+def request_cancel(db: sqlite_utils.Database, run_id: int) -> str:
+    """Ask a run to stop: a queued run is cancelled at once, a running one within a few
+    batches. Returns the run's status afterwards."""
+    with dbm.write(db):
+        row = db.execute("SELECT status FROM runs WHERE id = ?", [run_id]).fetchone()
+        if row is None:
+            raise RunNotFound(f"run {run_id} does not exist; list them with `bonescan runs --json`")
+        if row[0] == "queued":
+            db.execute("UPDATE runs SET status = 'cancelled', finished_at = ? WHERE id = ?", [dbm.utc_now(), run_id])
+            return "cancelled"
+        if row[0] == "running":
+            db.execute("UPDATE runs SET cancel_requested = 1 WHERE id = ?", [run_id])
+        return row[0]
+
+
+def mark_interrupted(db: sqlite_utils.Database, worker_starting: bool = False) -> list[int]:
+    """Mark running runs whose worker is gone as ``interrupted``; returns their ids.
+
+    A run is orphaned when its heartbeat is older than STALE_AFTER_S, or, when a new worker
+    starts on this machine, when its worker process no longer exists.
+    """
+    orphaned = []
+    with dbm.write(db):
+        for run_id, heartbeat_at, pid in db.execute(
+            "SELECT id, heartbeat_at, worker_pid FROM runs WHERE status = 'running'"
+        ).fetchall():
+            stale = _seconds_since(heartbeat_at) > STALE_AFTER_S
+            dead = worker_starting and not _pid_alive(pid)
+            if stale or dead:
+                db.execute(
+                    "UPDATE runs SET status = 'interrupted', finished_at = ?, error = ? WHERE id = ?",
+                    [dbm.utc_now(), "the worker stopped while training (killed, crashed or the machine restarted); "
+                     "enqueue the run again", run_id],
+                )
+                orphaned.append(run_id)
+    return orphaned
+
+
+def claim_next(db: sqlite_utils.Database, run_id: int | None = None) -> dict | None:
+    """Take the oldest queued run (or the given one) and mark it running by this process."""
+    with dbm.write(db):
+        if run_id is None:
+            row = db.execute("SELECT id FROM runs WHERE status = 'queued' ORDER BY id LIMIT 1").fetchone()
+        else:
+            row = db.execute("SELECT id FROM runs WHERE status = 'queued' AND id = ?", [run_id]).fetchone()
+        if row is None:
+            return None
+        now = dbm.utc_now()
+        db.execute(
+            "UPDATE runs SET status = 'running', started_at = ?, heartbeat_at = ?, worker_pid = ? WHERE id = ?",
+            [now, now, os.getpid(), row[0]],
+        )
+    return get_run(db, row[0])
+
+
+# --- the worker -----------------------------------------------------------------------------
+
+def worker_alive(db: sqlite_utils.Database) -> bool:
+    """Whether a worker process is alive (its idle heartbeat is fresh and its pid exists)."""
+    row = db.execute("SELECT value FROM settings WHERE key = ?", [WORKER_KEY]).fetchone()
+    if row is None:
+        return False
+    info = json.loads(row[0])
+    if info.get("state") == "stopped":
+        return False
+    same_host = info.get("host") == os.uname().nodename
+    fresh = _seconds_since(info.get("heartbeat_at")) < WORKER_ALIVE_S
+    return fresh and (not same_host or _pid_alive(info.get("pid")))
+
+
+def _worker_heartbeat(db: sqlite_utils.Database, state: str) -> None:
+    value = json.dumps({"pid": os.getpid(), "host": os.uname().nodename, "heartbeat_at": dbm.utc_now(), "state": state})
+    with dbm.write(db):
+        db["settings"].upsert({"key": WORKER_KEY, "value": value}, pk="key")
+
+
+def start_worker(db_path: Path, idle_exit_s: float = 600.0) -> int:
+    """Start ``bonescan worker`` in the background (own session, log in runs/worker.log);
+    returns its pid. It exits after ``idle_exit_s`` with an empty queue."""
+    log_dir = runs_dir(db_path)
+    log_dir.mkdir(parents=True, exist_ok=True)
+    with (log_dir / "worker.log").open("ab") as log:  # the child keeps its own handle
+        process = subprocess.Popen(
+            [sys.executable, "-m", "bonescan_core", "--db", str(Path(db_path).resolve()), "worker",
+             "--idle-exit", str(idle_exit_s)],
+            stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
+            cwd=str(Path(__file__).resolve().parents[1]),
+        )
+    return process.pid
+
+
+def ensure_worker(db_path: Path, idle_exit_s: float = 600.0) -> bool:
+    """Start a worker unless one is alive; returns True if one was started."""
+    with dbm.opened(db_path) as db:
+        if worker_alive(db):
+            return False
+    start_worker(db_path, idle_exit_s)
+    return True
+
+
+@dataclass
+class DatabaseReporter:
+    """Training progress into the runs/epochs tables (training.Reporter protocol).
+
+    Progress is written at most every ``every_s`` seconds; cancel is read as often.
+    A separate thread keeps the heartbeat fresh while a long step (model build, feature
+    extraction, a slow batch) gives no progress callbacks.
+    """
+
+    db_path: Path
+    run_id: int
+    every_s: float = 0.5
+    echo: Callable[[dict], None] | None = None  # e.g. a terminal progress bar
+
+    def __post_init__(self) -> None:
+        self._last_write = 0.0
+        self._cancelled = False
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._beat, daemon=True)
+        self._thread.start()
+
+    def _beat(self) -> None:
+        while not self._stop.wait(HEARTBEAT_EVERY_S):
+            try:
+                with dbm.opened(self.db_path) as db, dbm.write(db):
+                    db.execute("UPDATE runs SET heartbeat_at = ? WHERE id = ?", [dbm.utc_now(), self.run_id])
+            except Exception:  # noqa: BLE001 - a missed beat must never kill training
+                continue
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=HEARTBEAT_EVERY_S + 1)
+
+    def progress(self, fields: dict) -> None:
+        if self.echo:
+            self.echo(fields)
+        now = time.monotonic()
+        if now - self._last_write < self.every_s:
+            return
+        self._last_write = now
+        with dbm.opened(self.db_path) as db:
+            with dbm.write(db):
+                db.execute("UPDATE runs SET progress = ?, heartbeat_at = ? WHERE id = ?",
+                           [json.dumps(fields, default=float), dbm.utc_now(), self.run_id])
+            self._cancelled = bool(db.execute("SELECT cancel_requested FROM runs WHERE id = ?", [self.run_id]).fetchone()[0])
+
+    def epoch_done(self, epoch: int, phase: str, logs: dict, seconds: float, train_images_per_second: float) -> None:
+        metrics = {k: float(v) for k, v in logs.items() if k not in ("loss", "val_loss")}
+        with dbm.opened(self.db_path) as db, dbm.write(db):
+            db["epochs"].upsert(
+                {"run_id": self.run_id, "epoch": epoch, "phase": phase, "loss": _float(logs.get("loss")),
+                 "val_loss": _float(logs.get("val_loss")), "metrics": json.dumps(metrics), "seconds": seconds,
+                 "train_images_per_second": train_images_per_second},
+                pk=("run_id", "epoch"),
+            )
+
+    def cancelled(self) -> bool:
+        if not self._cancelled:  # also read between progress writes, so cancel is seen within a few batches
+            now = time.monotonic()
+            if now - self._last_write >= self.every_s:
+                self._last_write = now
+                with dbm.opened(self.db_path) as db:
+                    self._cancelled = bool(
+                        db.execute("SELECT cancel_requested FROM runs WHERE id = ?", [self.run_id]).fetchone()[0])
+        return self._cancelled
+
+
+def _float(value: object) -> float | None:
+    return None if value is None else float(value)
+
+
+def execute_run(db_path: Path, run: dict, echo: Callable[[dict], None] | None = None) -> str:
+    """Train one claimed run and record its outcome; returns the final status."""
+    from bonescan_core import training  # TensorFlow/Keras load here, in the worker only
+
+    reporter = DatabaseReporter(Path(db_path), run["id"], echo=echo)
+    status, error, result = "done", None, None
+    try:
+        config = training.TrainConfig.from_json(json.dumps(run["config"]))
+        with dbm.opened(db_path) as db:
+            result = training.train_run(db, run["id"], config, reporter, runs_dir(db_path))
+    except training.TrainingCancelled:
+        status = "cancelled"
+    except KeyboardInterrupt:
+        status, error = "interrupted", "stopped by the user (Ctrl-C or SIGTERM); enqueue the run again"
+    except Exception as exc:  # noqa: BLE001 - recorded on the run, with the traceback in the worker log
+        traceback.print_exc()
+        status, error = "failed", f"{type(exc).__name__}: {exc}".splitlines()[0][:500]
+    finally:
+        reporter.close()
+    with dbm.opened(db_path) as db, dbm.write(db):
+        fields = {"status": status, "finished_at": dbm.utc_now(), "error": error, "heartbeat_at": dbm.utc_now()}
+        if result is not None:
+            config = {**run["config"], **result.config}
+            fields.update(
+                threshold=result.threshold, images_per_second=result.images_per_second, weights_path=result.weights_path,
+                weights_sha256=result.weights_sha256, device=result.device, config=json.dumps(config, sort_keys=True),
+                split_id=config.get("split_id"),
+            )
+        db["runs"].update(run["id"], fields)
+    return status
+
+
+def run_worker(db_path: Path, once: bool = False, idle_exit_s: float | None = None, poll_s: float = 2.0,
+               echo: Callable[[str], None] = print) -> int:
+    """The worker loop: one run at a time until the queue is empty (``once``) or forever
+    (until ``idle_exit_s`` seconds pass with nothing to do). Returns the number of runs done."""
+    db_path = Path(db_path)
+    with dbm.opened(db_path) as db:
+        for run_id in mark_interrupted(db, worker_starting=True):
+            echo(f"run {run_id}: interrupted (its worker is gone)")
+    done = 0
+    idle_since = time.monotonic()
+    try:
+        while True:
+            with dbm.opened(db_path) as db:
+                mark_interrupted(db)
+                _worker_heartbeat(db, "idle")
+                run = claim_next(db)
+            if run is None:
+                if once or (idle_exit_s is not None and time.monotonic() - idle_since > idle_exit_s):
+                    return done
+                time.sleep(poll_s)
+                continue
+            echo(f"run {run['id']}: {run['backbone']} started")
+            with dbm.opened(db_path) as db:
+                _worker_heartbeat(db, f"running {run['id']}")
+            status = execute_run(db_path, run)
+            echo(f"run {run['id']}: {status}")
+            done += 1
+            idle_since = time.monotonic()
+    finally:
+        with dbm.opened(db_path) as db:
+            _worker_heartbeat(db, "stopped")
