@@ -1,7 +1,7 @@
 """How pixels are stored: lossless blobs, content hashes, thumbnails and display windows.
 
 Pixels are kept exactly as read (any dtype: uint8/uint16 counts, signed DICOM, float32),
-as an ``.npy`` image compressed with zlib: lossless for every dtype, fast to decode
+as an ``.npy`` image compressed with zlib (level 1): lossless for every dtype, fast to decode
 (~2 ms for 1024 x 256 uint16) and about 130 KB for a noisy whole-body view.
 """
 
@@ -22,7 +22,7 @@ def encode_pixels(pixels: np.ndarray) -> bytes:
     """Lossless blob of a 2-D array (any numeric dtype)."""
     buffer = io.BytesIO()
     np.save(buffer, np.ascontiguousarray(pixels), allow_pickle=False)
-    return zlib.compress(buffer.getvalue(), 6)
+    return zlib.compress(buffer.getvalue(), 1)  # level 1: 8x faster than 6, about 3% larger
 
 
 def decode_pixels(blob: bytes) -> np.ndarray:

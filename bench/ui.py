@@ -1,0 +1,132 @@
+"""UI benchmark: a database with many studies; Review page rerun, save of one review, Scans
+page load, database bytes per image. Prints one JSON object per measurement.
+
+    python bench/ui.py            # 10,000 studies (20,000 full-size images; ~3 GB, a few minutes)
+    python bench/ui.py --quick    # 1,000 studies
+
+Studies are built from a few real phantom studies: every image row holds a real encoded
+full-size pixel blob and thumbnail (so page and database sizes are honest), with a unique
+content hash per row. Goals (issue: performance): rerun < 200 ms, save < 20 ms,
+< 400 KB per full-size image.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from bonescan_core import db as dbm  # noqa: E402
+from bonescan_core import pixelstore  # noqa: E402
+from bonescan_core import review as rv  # noqa: E402
+from bonescan_core.phantom import make_studies  # noqa: E402
+
+
+def emit(**fields: object) -> None:
+    print(json.dumps({"bench": "ui", "machine": platform.machine(), "cpus": os.cpu_count(), **fields}), flush=True)
+
+
+def build_database(path: Path, n_studies: int, seed: int = 0) -> float:
+    """n studies x 2 full-size images, reference-labelled; returns seconds taken."""
+    started = time.perf_counter()
+    templates = []
+    for phantom in make_studies(20, seed):
+        views = {}
+        for view in ("anterior", "posterior"):
+            pixels = getattr(phantom, view)
+            views[view] = (pixelstore.encode_pixels(pixels), pixelstore.make_thumbnail(pixels), pixelstore.display_max(pixels))
+        templates.append((phantom.metastatic, views))
+    now = dbm.utc_now()
+    with dbm.opened(path) as db:
+        with dbm.write(db):
+            db["patients"].insert_all(
+                ({"id": i + 1, "key": f"bench-{i}", "sex": "FM"[i % 2], "age_band": "60-69", "created_at": now}
+                 for i in range(n_studies)), batch_size=1000)
+            db["studies"].insert_all(
+                ({"id": i + 1, "patient_id": i + 1, "key": f"bench-{i}", "origin": "demo", "created_at": now}
+                 for i in range(n_studies)), batch_size=1000)
+            rows = (
+                {"study_id": i + 1, "view": view, "source": f"bench-{i}-{view}", "format": "phantom", "height": 1024,
+                 "width": 256, "dtype": "uint16", "pixels": templates[i % len(templates)][1][view][0],
+                 "pixel_sha256": f"bench-{i}-{view}", "thumbnail": templates[i % len(templates)][1][view][1],
+                 "display_max": templates[i % len(templates)][1][view][2], "created_at": now}
+                for i in range(n_studies) for view in ("anterior", "posterior")
+            )
+            db["images"].insert_all(rows, batch_size=500)
+            db["reviews"].insert_all(
+                ({"study_id": i + 1, "reviewer": "reference", "created_at": now, "decision": "include",
+                  "label": "metastatic" if templates[i % len(templates)][0] else "non_metastatic",
+                  "criteria": "typical_pattern" if templates[i % len(templates)][0] else "no_abnormal_uptake"}
+                 for i in range(n_studies)), batch_size=1000)
+    return time.perf_counter() - started
+
+
+def time_saves(path: Path, n: int = 50) -> list[float]:
+    """Milliseconds per review save, as the Review page does it (open, validate, insert, commit)."""
+    times = []
+    for i in range(n):
+        started = time.perf_counter()
+        with dbm.opened(path) as db:
+            rv.add_review(db, rv.Review(i + 1, "bench", "include", label="metastatic", criteria=("typical_pattern",)))
+        times.append((time.perf_counter() - started) * 1000)
+    return times
+
+
+def time_page(path: Path, page: str, reruns: int = 5) -> dict:
+    """AppTest: first run and rerun times (ms) of one page of the real app."""
+    from streamlit.testing.v1 import AppTest
+
+    os.environ[dbm.ENV_VAR] = str(path)
+    app = AppTest.from_file(str(REPO / "streamlit_app.py"), default_timeout=300)
+    app.query_params["reviewer"] = "bench"
+    started = time.perf_counter()
+    app.run()
+    if page != "app_pages/scans.py":
+        app.switch_page(page).run()
+    first = (time.perf_counter() - started) * 1000
+    times = []
+    for _ in range(reruns):
+        started = time.perf_counter()
+        app.run()
+        times.append((time.perf_counter() - started) * 1000)
+    assert not app.exception, [e.value for e in app.exception]
+    return {"first_ms": round(first, 1), "rerun_ms_median": round(statistics.median(times), 1),
+            "rerun_ms_max": round(max(times), 1)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="1,000 studies instead of 10,000")
+    parser.add_argument("--studies", type=int, default=None)
+    args = parser.parse_args()
+    n_studies = args.studies or (1_000 if args.quick else 10_000)
+    with tempfile.TemporaryDirectory(prefix="bonescan-bench-") as folder:
+        path = Path(folder) / "labels.db"
+        seconds = build_database(path, n_studies)
+        with dbm.opened(path) as db:
+            db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+            n_images = db["images"].count
+        size = path.stat().st_size
+        emit(measure="database", studies=n_studies, images=n_images, build_s=round(seconds, 1),
+             bytes_per_image=round(size / n_images), goal_bytes_per_image=400_000)
+        saves = time_saves(path)
+        emit(measure="review_save", studies=n_studies, n=len(saves), ms_median=round(statistics.median(saves), 2),
+             ms_p95=round(float(np.percentile(saves, 95)), 2), goal_ms=20)
+        for page in ("app_pages/review.py", "app_pages/scans.py", "app_pages/agreement.py"):
+            emit(measure="page", page=page, studies=n_studies, **time_page(path, page),
+                 goal_rerun_ms=200 if page.endswith("review.py") else None)
+
+
+if __name__ == "__main__":
+    main()
