@@ -71,3 +71,28 @@ def test_first_request_after_server_start_runs_the_router(tmp_path, chromium) ->
             expect(sidebar.get_by_role("textbox", name="Reviewer", exact=True)).to_have_value("alice", timeout=2_000)
         finally:
             context.close()
+
+
+def test_upload_good_and_bad_files(app_server: AppServer, browser_page, tmp_path) -> None:
+    """Several files at once through the upload widget: the good pair becomes one study, the bad
+    file gets its reason on the page, and no traceback is shown."""
+    import numpy as np
+    from PIL import Image
+
+    from bonescan_core.phantom import make_study
+
+    phantom = make_study(np.random.default_rng(5), metastatic=True, height=512, width=128)
+    Image.fromarray(phantom.anterior).save(tmp_path / "upload_case_ANT.png")
+    Image.fromarray(phantom.posterior).save(tmp_path / "upload_case_POST.png")
+    (tmp_path / "notes.png").write_text("not an image")
+
+    page = browser_page
+    open_app(page, app_server, f"{SCANS}?reviewer=alice")
+    page.get_by_test_id("stFileUploaderDropzoneInput").set_input_files(
+        [str(tmp_path / name) for name in ("upload_case_ANT.png", "upload_case_POST.png", "notes.png")])
+    wait_for_streamlit_idle(page)
+    page.get_by_role("button", name="Import uploaded files").click()
+    wait_for_streamlit_idle(page)
+    expect(page.get_by_text("3 file(s): 2 imported, 1 rejected.")).to_be_visible(timeout=30_000)
+    expect(page.get_by_text("notes.png: rejected: not an image")).to_be_visible()
+    expect(page.get_by_test_id("stException")).to_have_count(0)
