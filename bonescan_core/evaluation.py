@@ -1,12 +1,158 @@
 """Metrics, confidence intervals, thresholds and paired tests over stored predictions.
 
 No plotting here (see ``plots.py``); everything takes and returns plain arrays and dicts.
+
+Conventions used throughout:
+
+* ``labels``: (n,) 0/1 (1 = metastatic); ``probabilities``: (n,) floats in [0, 1], the
+  model's probability of metastasis. A sample is predicted metastatic when
+  ``probability >= threshold``.
+* A metric that is undefined on the data at hand (precision with no positive prediction,
+  AUC with one class, ...) is ``nan``, never an exception; :func:`evaluate` turns it into
+  ``None`` (JSON ``null``).
+* Confidence intervals come from a cluster bootstrap over *patients*: images of one patient
+  (both views, follow-up studies) are correlated, and resampling images as if independent
+  would make the intervals too narrow.
+
+Implementation: every metric and curve is computed here with numpy, from one sort of the
+scores, with exactly scikit-learn's definitions (``accuracy_score``, ``recall_score``,
+``precision_score``, ``f1_score`` with ``zero_division=nan``, ``roc_auc_score``,
+``average_precision_score``, ``brier_score_loss``, ``roc_curve``,
+``precision_recall_curve``); the tests check each against scikit-learn to 1e-12 on fixed,
+random and tied vectors (and the p-values against statsmodels/scipy). The reason is start-up
+time: importing ``sklearn.metrics`` (and ``scipy.stats``, which it pulls in) takes over a
+second, and ``bonescan evaluate`` on stored predictions must start in well under one
+(``cli.md``); this module imports only numpy and sqlite-utils. The same code, fed integer weights
+(how many times each sample was drawn), computes all 1000 bootstrap resamples at once.
 """
 
 from __future__ import annotations
 
+import itertools
+import math
+import statistics
+from collections.abc import Mapping, Sequence
+from typing import Any
+
 import numpy as np
-from sklearn.metrics import roc_curve
+import sqlite_utils
+
+METRICS = ("accuracy", "recall", "precision", "f1", "specificity", "npv", "auc", "pr_auc", "brier")
+"""Every metric :func:`point_metrics` returns, in display order (the paper's four first)."""
+
+THRESHOLD_METRICS = METRICS[:6]
+"""The metrics that depend on the decision threshold (the rest are threshold-free)."""
+
+BACKBONE_NAMES = {"resnet50": "ResNet50", "vgg19": "VGG19", "densenet121": "DenseNet121"}
+"""Display spelling of the backbones (``runs.backbone`` is lower case)."""
+
+DEFAULT_THRESHOLD = 0.5
+"""Used by :func:`evaluate` when neither the caller nor the run gives a threshold."""
+
+ROUND_DIGITS = 4
+"""Decimals kept in :func:`evaluate`'s JSON (far finer than any CI width at n ~ 200)."""
+
+ALPHA = 0.05
+"""Significance level of the sentences :func:`compare_runs` writes."""
+
+
+class RunNotFoundError(LookupError):
+    """The run id does not exist in the database."""
+
+
+class NoPredictionsError(LookupError):
+    """The run has no stored predictions for the requested subset."""
+
+
+class IncomparableRunsError(ValueError):
+    """Runs that cannot be compared pairwise (different split or different test images)."""
+
+
+# --- input checks -----------------------------------------------------------------------
+
+def _check(labels: Any, probabilities: Any) -> tuple[np.ndarray, np.ndarray]:
+    """Validate and convert: labels -> (n,) int64 in {0, 1}; probabilities -> (n,) float64 in [0, 1]."""
+    y = np.asarray(labels)
+    p = np.asarray(probabilities, dtype=np.float64)
+    if y.ndim != 1 or p.ndim != 1 or y.shape != p.shape:
+        raise ValueError(f"labels and probabilities must be 1-D and equally long; got shapes {y.shape} and {p.shape}")
+    if y.size and not np.isin(y, (0, 1)).all():
+        raise ValueError("labels must be 0 (no metastasis) or 1 (metastatic)")
+    if p.size and (not np.isfinite(p).all() or p.min() < 0.0 or p.max() > 1.0):
+        raise ValueError("probabilities must be finite and within [0, 1]")
+    return y.astype(np.int64), p
+
+
+def _ratio(numerator: np.ndarray, denominator: np.ndarray) -> np.ndarray:
+    """Elementwise numerator / denominator, nan where the denominator is 0 (metric undefined)."""
+    numerator = np.asarray(numerator, dtype=np.float64)
+    denominator = np.asarray(denominator, dtype=np.float64)
+    out = np.full(np.broadcast_shapes(numerator.shape, denominator.shape), np.nan)
+    np.divide(numerator, denominator, out=out, where=denominator != 0)
+    return out
+
+
+def _count_metrics(tp: np.ndarray, fp: np.ndarray, tn: np.ndarray, fn: np.ndarray) -> dict[str, np.ndarray]:
+    """The threshold metrics from (possibly weighted) confusion counts of any common shape."""
+    return {
+        "accuracy": _ratio(tp + tn, tp + fp + tn + fn),
+        "recall": _ratio(tp, tp + fn),
+        "precision": _ratio(tp, tp + fp),
+        # 2TP / (2TP + FP + FN): defined (0) when precision is undefined but positives exist,
+        # as scikit-learn computes it.
+        "f1": _ratio(2 * tp, 2 * tp + fp + fn),
+        "specificity": _ratio(tn, tn + fp),
+        "npv": _ratio(tn, tn + fn),
+    }
+
+
+# --- point estimates --------------------------------------------------------------------
+
+def confusion(labels: Any, probabilities: Any, threshold: float) -> dict[str, int]:
+    """Confusion counts at a threshold.
+
+    Args:
+        labels: (n,) 0/1, 1 = metastatic.
+        probabilities: (n,) in [0, 1].
+        threshold: predict metastatic when probability >= threshold.
+
+    Returns:
+        ``{"tp", "fp", "tn", "fn"}`` as Python ints (positive = metastatic).
+    """
+    y, p = _check(labels, probabilities)
+    predicted = p >= threshold
+    positive = y == 1
+    return {
+        "tp": int(np.sum(predicted & positive)),
+        "fp": int(np.sum(predicted & ~positive)),
+        "tn": int(np.sum(~predicted & ~positive)),
+        "fn": int(np.sum(~predicted & positive)),
+    }
+
+
+def point_metrics(labels: Any, probabilities: Any, threshold: float) -> dict[str, float]:
+    """Every metric in :data:`METRICS` at one threshold (scikit-learn's definitions).
+
+    Args:
+        labels: (n,) 0/1, 1 = metastatic.
+        probabilities: (n,) in [0, 1].
+        threshold: predict metastatic when probability >= threshold.
+
+    Returns:
+        ``{metric: value}`` for every name in :data:`METRICS`, floats in [0, 1]:
+        accuracy; recall (sensitivity); precision (PPV); F1; specificity; NPV; ROC AUC;
+        PR AUC (average precision, the step-wise area, no interpolation); Brier score (mean
+        squared error of the probability, lower is better). ``nan`` where undefined:
+        recall/AUC/PR AUC without positives, specificity/AUC without negatives, precision
+        without positive predictions, NPV without negative predictions, F1 without
+        positives or positive predictions, everything on empty input.
+    """
+    y, p = _check(labels, probabilities)
+    if y.size == 0:
+        return dict.fromkeys(METRICS, math.nan)
+    # One weighting with all weights 1 is the sample itself.
+    values = _weighted_metrics(y, p, threshold, np.ones((1, y.size)))
+    return {name: float(values[name][0]) for name in METRICS}
 
 
 def youden_threshold(labels: np.ndarray, probabilities: np.ndarray) -> float:
@@ -20,9 +166,726 @@ def youden_threshold(labels: np.ndarray, probabilities: np.ndarray) -> float:
         A threshold in [0, 1]; predict metastatic when probability >= threshold. With one
         class only (J undefined), 0.5.
     """
+    from sklearn.metrics import roc_curve  # only here: sklearn takes a second to import (module docstring)
+
     labels = np.asarray(labels).astype(int)
     if labels.min() == labels.max():
         return 0.5
     fpr, tpr, thresholds = roc_curve(labels, np.asarray(probabilities, dtype=np.float64))
     best = int(np.argmax(tpr - fpr))
     return float(np.clip(thresholds[best], 0.0, 1.0))  # roc_curve's first threshold is +inf
+
+
+# --- weighted, vectorised metrics (bootstrap and threshold sweep) -----------------------
+
+def _weighted_metrics(labels: np.ndarray, probabilities: np.ndarray, threshold: float, weights: np.ndarray) -> dict[str, np.ndarray]:
+    """Every metric for many weightings of the same samples at once.
+
+    A bootstrap resample is the original samples with integer weights (times drawn); every
+    metric here is a function of the weighted empirical distribution, so this equals the
+    metric of the expanded resample (checked against scikit-learn in the tests).
+
+    Args:
+        labels: (n,) int 0/1. probabilities: (n,) float in [0, 1].
+        threshold: predict metastatic when probability >= threshold.
+        weights: (r, n) non-negative, one row per resample.
+
+    Returns:
+        ``{metric: (r,) float64}`` for every name in :data:`METRICS`, nan where undefined.
+    """
+    w = np.asarray(weights, dtype=np.float64)
+    y = labels.astype(np.float64)
+    predicted = (probabilities >= threshold).astype(np.float64)
+    # Four mat-vec products give every resample's confusion counts.
+    tp = w @ (y * predicted)
+    fp = w @ ((1 - y) * predicted)
+    fn = w @ (y * (1 - predicted))
+    tn = w @ ((1 - y) * (1 - predicted))
+    out = _count_metrics(tp, fp, tn, fn)
+    auc, ap = _weighted_ranking_metrics(y, probabilities, w)
+    out["auc"], out["pr_auc"] = auc, ap
+    out["brier"] = _ratio(w @ (probabilities - y) ** 2, w.sum(axis=1))
+    return out
+
+
+def _weighted_ranking_metrics(y: np.ndarray, p: np.ndarray, w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """ROC AUC and average precision for each row of weights, from one sort of the scores.
+
+    Samples are sorted by descending score once and grouped by tied score; per resample we
+    only need the weighted positives and negatives in each tie group.
+
+    Args:
+        y: (n,) float 0/1. p: (n,) scores. w: (r, n) weights.
+
+    Returns:
+        (auc, ap), each (r,) float64; nan where a resample lacks positives (both) or
+        negatives (AUC).
+    """
+    r, n = w.shape
+    if n == 0:
+        return np.full(r, np.nan), np.full(r, np.nan)
+    order = np.argsort(-p, kind="stable")
+    p_sorted, y_sorted, w_sorted = p[order], y[order], w[:, order]
+    starts = np.flatnonzero(np.r_[True, p_sorted[1:] != p_sorted[:-1]])  # first index of each tie group
+    group_pos = np.add.reduceat(w_sorted * y_sorted, starts, axis=1)  # (r, groups)
+    group_neg = np.add.reduceat(w_sorted * (1 - y_sorted), starts, axis=1)
+    tps = np.cumsum(group_pos, axis=1)  # weighted positives scoring >= each group's score
+    fps = np.cumsum(group_neg, axis=1)
+    n_pos, n_neg = tps[:, -1], fps[:, -1]
+    # AUC = P(score_pos > score_neg) + 0.5 P(tie): for the positives of a group, the
+    # negatives strictly below are n_neg - fps, the tied ones group_neg.
+    concordant = np.sum(group_pos * (n_neg[:, None] - fps + 0.5 * group_neg), axis=1)
+    auc = _ratio(concordant, n_pos * n_neg)
+    # Average precision = sum over thresholds of (recall step) x (precision there), as in
+    # scikit-learn; a group with no weight adds nothing (its recall step is 0).
+    precision = np.zeros_like(tps)
+    np.divide(tps, tps + fps, out=precision, where=(tps + fps) > 0)
+    ap = _ratio(np.sum(group_pos * precision, axis=1), n_pos)
+    return auc, ap
+
+
+def metrics_at_thresholds(labels: Any, probabilities: Any, thresholds: Any) -> dict[str, np.ndarray]:
+    """Every metric at many thresholds at once (for a live threshold slider).
+
+    O((n + t) log n): the probabilities are sorted once and the confusion counts at every
+    threshold come from binary search.
+
+    Args:
+        labels: (n,) 0/1, 1 = metastatic.
+        probabilities: (n,) in [0, 1].
+        thresholds: (t,) thresholds, any order.
+
+    Returns:
+        ``{metric: (t,) float64}`` for every name in :data:`METRICS` (the threshold-free
+        ones, auc, pr_auc and brier, repeated), nan where undefined, plus ``"tp"``,
+        ``"fp"``, ``"tn"``, ``"fn"``: (t,) int64 counts.
+    """
+    y, p = _check(labels, probabilities)
+    t = np.atleast_1d(np.asarray(thresholds, dtype=np.float64))
+    positives, negatives = np.sort(p[y == 1]), np.sort(p[y == 0])
+    # Predicted positive when p >= t: everything from the first index with p >= t onwards.
+    tp = positives.size - np.searchsorted(positives, t, side="left")
+    fp = negatives.size - np.searchsorted(negatives, t, side="left")
+    fn, tn = positives.size - tp, negatives.size - fp
+    out: dict[str, np.ndarray] = dict(_count_metrics(tp, fp, tn, fn))
+    free = point_metrics(y, p, 0.5)  # threshold-free metrics; the 0.5 is irrelevant to them
+    for name in METRICS[len(THRESHOLD_METRICS):]:
+        out[name] = np.full(t.shape, free[name])
+    out.update(tp=tp.astype(np.int64), fp=fp.astype(np.int64), tn=tn.astype(np.int64), fn=fn.astype(np.int64))
+    return out
+
+
+# --- bootstrap --------------------------------------------------------------------------
+
+def bootstrap_weights(groups: Any, n_resamples: int, seed: int) -> np.ndarray:
+    """Cluster-bootstrap weights: how many times each sample is drawn, per resample.
+
+    Each resample draws as many clusters (patients) as there are, with replacement; every
+    sample of a drawn cluster comes along, as many times as its cluster was drawn.
+
+    Args:
+        groups: (n,) cluster id (patient id) of each sample, any hashable dtype.
+        n_resamples: number of resamples r.
+        seed: seed of ``np.random.default_rng``.
+
+    Returns:
+        (r, n) int64 weights.
+    """
+    _, cluster = np.unique(np.asarray(groups), return_inverse=True)
+    cluster = cluster.ravel()
+    n_clusters = int(cluster.max()) + 1 if cluster.size else 0
+    if n_clusters == 0:
+        return np.zeros((n_resamples, 0), dtype=np.int64)
+    rng = np.random.default_rng(seed)
+    draws = rng.integers(0, n_clusters, size=(n_resamples, n_clusters))
+    # Count draws per (resample, cluster) with one bincount over offset ids.
+    offsets = (np.arange(n_resamples)[:, None] * n_clusters + draws).ravel()
+    counts = np.bincount(offsets, minlength=n_resamples * n_clusters).reshape(n_resamples, n_clusters)
+    return counts[:, cluster]
+
+
+def bootstrap_ci(
+    labels: Any,
+    probabilities: Any,
+    groups: Any | None,
+    threshold: float,
+    n_resamples: int = 1000,
+    seed: int = 0,
+    level: float = 0.95,
+) -> dict[str, tuple[float, float]]:
+    """Percentile confidence intervals of every metric from a patient (cluster) bootstrap.
+
+    Args:
+        labels: (n,) 0/1, 1 = metastatic.
+        probabilities: (n,) in [0, 1].
+        groups: (n,) patient id of each sample; resampling draws whole patients. None
+            treats every sample as its own patient (the ordinary bootstrap).
+        threshold: predict metastatic when probability >= threshold.
+        n_resamples: bootstrap resamples (1000 take about 20 ms at n = 200).
+        seed: seed of ``np.random.default_rng``; the same seed gives the same intervals.
+        level: coverage in (0, 1); 0.95 gives the 2.5th and 97.5th percentiles.
+
+    Returns:
+        ``{metric: (low, high)}`` for every name in :data:`METRICS`. Resamples in which a
+        metric is undefined (e.g. no positive patient drawn) are left out of that metric's
+        percentiles; ``(nan, nan)`` when it is undefined in all of them.
+    """
+    y, p = _check(labels, probabilities)
+    if not 0.0 < level < 1.0:
+        raise ValueError("level must be within (0, 1), e.g. 0.95")
+    if groups is None:
+        groups = np.arange(y.size)
+    groups = np.asarray(groups)
+    if groups.shape != y.shape:
+        raise ValueError(f"groups must give one patient id per sample; got shape {groups.shape} for {y.size} samples")
+    weights = bootstrap_weights(groups, n_resamples, seed)
+    values = _weighted_metrics(y, p, threshold, weights)
+    quantiles = [(1.0 - level) / 2.0, 1.0 - (1.0 - level) / 2.0]
+    out = {}
+    for name in METRICS:
+        v = values[name]
+        if np.isnan(v).all():  # checked first: nanquantile would warn on an all-nan column
+            out[name] = (math.nan, math.nan)
+        else:
+            low, high = np.nanquantile(v, quantiles)
+            out[name] = (float(low), float(high))
+    return out
+
+
+# --- study level ------------------------------------------------------------------------
+
+def study_level(study_ids: Any, patient_ids: Any, labels: Any, probabilities: Any) -> dict[str, np.ndarray]:
+    """Collapse image-level predictions to one row per study.
+
+    The study's probability is the MAX over its images (views): a lesion seen on either the
+    anterior or the posterior view makes the study metastatic, so the most suspicious view
+    decides, as a reader would. (A mean would dilute a lesion visible on one view only.)
+    The study's label is its reference label, which every image of the study carries; were
+    they ever to differ, the study counts as metastatic if any image is labelled so.
+
+    Args:
+        study_ids: (n,) study id of each image.
+        patient_ids: (n,) patient id of each image (one patient per study).
+        labels: (n,) 0/1, 1 = metastatic.
+        probabilities: (n,) in [0, 1].
+
+    Returns:
+        ``{"study_id", "patient_id", "label", "probability", "n_images"}``: (s,) arrays, one
+        entry per study in ascending study id; label int64 0/1, probability float64,
+        n_images int64.
+
+    Raises:
+        ValueError: a study whose images name different patients.
+    """
+    y, p = _check(labels, probabilities)
+    studies, patients = np.asarray(study_ids), np.asarray(patient_ids)
+    if studies.shape != y.shape or patients.shape != y.shape:
+        raise ValueError("study_ids, patient_ids, labels and probabilities must be equally long")
+    unique, first, index = np.unique(studies, return_index=True, return_inverse=True)
+    index = index.ravel()
+    s = unique.size
+    probability = np.full(s, -np.inf)
+    np.maximum.at(probability, index, p)
+    label = np.zeros(s, dtype=np.int64)
+    np.maximum.at(label, index, y)
+    patient = patients[first]  # the patient of each study's first image
+    mismatch = patients != patient[index]
+    if mismatch.any():
+        raise ValueError(f"studies {np.unique(studies[mismatch]).tolist()} have images of more than one patient; fix the study grouping")
+    return {
+        "study_id": unique,
+        "patient_id": patient,
+        "label": label,
+        "probability": probability.astype(np.float64),
+        "n_images": np.bincount(index, minlength=s).astype(np.int64),
+    }
+
+
+# --- curves -----------------------------------------------------------------------------
+
+def _curve_counts(y: np.ndarray, p: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Cumulative counts at each distinct score, highest first (scikit-learn's ``_binary_clf_curve``).
+
+    Returns:
+        (thresholds, tps, fps): (k,) distinct scores descending; positives and negatives
+        scoring >= each, float64.
+    """
+    order = np.argsort(-p, kind="stable")
+    p_sorted, y_sorted = p[order], y[order].astype(np.float64)
+    last = np.r_[np.flatnonzero(p_sorted[1:] != p_sorted[:-1]), p_sorted.size - 1]  # end of each tie group
+    tps = np.cumsum(y_sorted)[last]
+    fps = (last + 1) - tps
+    return p_sorted[last], tps, fps
+
+
+def roc_points(labels: Any, probabilities: Any) -> dict[str, Any]:
+    """The ROC curve, every distinct threshold kept (exact operating points, n ~ hundreds).
+
+    Equals scikit-learn's ``roc_curve(..., drop_intermediate=False)``.
+
+    Returns:
+        ``{"fpr", "tpr", "thresholds"}``: (k,) float64 arrays from (0, 0) to (1, 1) with
+        decreasing thresholds (the first is ``inf``: nothing predicted positive); and
+        ``"auc"``: float. With one class only the curve is undefined: empty arrays, auc nan.
+    """
+    y, p = _check(labels, probabilities)
+    if y.size == 0 or y.min() == y.max():
+        empty = np.empty(0)
+        return {"fpr": empty, "tpr": empty, "thresholds": empty, "auc": math.nan}
+    thresholds, tps, fps = _curve_counts(y, p)
+    return {
+        "fpr": np.r_[0.0, fps / fps[-1]],
+        "tpr": np.r_[0.0, tps / tps[-1]],
+        "thresholds": np.r_[np.inf, thresholds],
+        "auc": point_metrics(y, p, 0.5)["auc"],
+    }
+
+
+def pr_points(labels: Any, probabilities: Any) -> dict[str, Any]:
+    """The precision-recall curve (equals scikit-learn's ``precision_recall_curve``).
+
+    Returns:
+        ``{"recall", "precision", "thresholds"}``: (k,) float64 arrays with recall
+        decreasing to 0; thresholds increasing, the last ``inf`` (the conventional end
+        point recall 0, precision 1, nothing predicted positive). ``"ap"``: average
+        precision; ``"prevalence"``: fraction of positives (the curve of a random
+        classifier). Without positives: empty arrays, ap nan.
+    """
+    y, p = _check(labels, probabilities)
+    prevalence = float(y.mean()) if y.size else math.nan
+    if y.size == 0 or not y.any():
+        empty = np.empty(0)
+        return {"recall": empty, "precision": empty, "thresholds": empty, "ap": math.nan, "prevalence": prevalence}
+    thresholds, tps, fps = _curve_counts(y, p)
+    precision, recall = tps / (tps + fps), tps / tps[-1]  # every distinct threshold, down to the lowest score
+    return {
+        "recall": np.r_[recall[::-1], 0.0],
+        "precision": np.r_[precision[::-1], 1.0],
+        "thresholds": np.r_[thresholds[::-1], np.inf],
+        "ap": point_metrics(y, p, 0.5)["pr_auc"],
+        "prevalence": prevalence,
+    }
+
+
+def _wilson(successes: np.ndarray, n: np.ndarray, z: float = 1.959963984540054) -> tuple[np.ndarray, np.ndarray]:
+    """Wilson score interval of a proportion, elementwise; nan where n == 0."""
+    n = n.astype(np.float64)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        phat = successes / n
+        centre = (phat + z * z / (2 * n)) / (1 + z * z / n)
+        half = z * np.sqrt(phat * (1 - phat) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    low, high = centre - half, centre + half
+    low[n == 0], high[n == 0] = np.nan, np.nan
+    return np.clip(low, 0, 1), np.clip(high, 0, 1)
+
+
+def calibration_points(labels: Any, probabilities: Any, n_bins: int = 10) -> dict[str, Any]:
+    """Reliability diagram data: per probability bin, mean predicted vs observed frequency.
+
+    Bins are equal-width on [0, 1], binned as scikit-learn's ``calibration_curve``
+    (``strategy="uniform"``) does: a probability on an inner edge goes to the lower bin.
+
+    Returns:
+        ``{"bin_lower", "bin_upper", "mean_predicted", "observed", "observed_low",
+        "observed_high", "count"}``: (n_bins,) arrays, every bin, nan means (and count 0)
+        where a bin is empty; observed_low/high is the Wilson 95% interval of the observed
+        frequency. ``"ece"``: expected calibration error (count-weighted mean
+        |observed - predicted|); ``"brier"``; ``"n"``.
+    """
+    y, p = _check(labels, probabilities)
+    if n_bins < 1:
+        raise ValueError("n_bins must be at least 1")
+    edges = np.linspace(0.0, 1.0, n_bins + 1)
+    bins = np.searchsorted(edges[1:-1], p)
+    count = np.bincount(bins, minlength=n_bins)
+    predicted_sum = np.bincount(bins, weights=p, minlength=n_bins)
+    positive_sum = np.bincount(bins, weights=y.astype(np.float64), minlength=n_bins)
+    mean_predicted, observed = _ratio(predicted_sum, count), _ratio(positive_sum, count)
+    low, high = _wilson(positive_sum, count)
+    filled = count > 0
+    ece = float(np.sum(count[filled] * np.abs(observed[filled] - mean_predicted[filled])) / y.size) if y.size else math.nan
+    return {
+        "bin_lower": edges[:-1],
+        "bin_upper": edges[1:],
+        "mean_predicted": mean_predicted,
+        "observed": observed,
+        "observed_low": low,
+        "observed_high": high,
+        "count": count.astype(np.int64),
+        "ece": ece,
+        "brier": float(np.mean((p - y) ** 2)) if y.size else math.nan,
+        "n": int(y.size),
+    }
+
+
+# --- paired tests -----------------------------------------------------------------------
+
+MCNEMAR_EXACT_BELOW = 25
+"""Discordant pairs below which McNemar's test uses the exact binomial distribution."""
+
+
+def mcnemar(labels: Any, pred_a: Any, pred_b: Any) -> dict[str, Any]:
+    """McNemar's test: do two classifiers err on the same images equally often?
+
+    Only the discordant images count: b = A right and B wrong, c = A wrong and B right.
+    With b + c < 25 the two-sided exact binomial test (b ~ Bin(b + c, 1/2)); otherwise the
+    chi-square statistic with Edwards' continuity correction, (|b - c| - 1)^2 / (b + c),
+    on 1 degree of freedom (taken as 0 when b == c: no evidence of a difference).
+
+    Args:
+        labels: (n,) 0/1 truth. pred_a, pred_b: (n,) 0/1 (or bool) predictions of the two
+            classifiers on the same images, in the same order.
+
+    Returns:
+        ``{"b", "c"}`` ints; ``"statistic"``: min(b, c) for the exact test, chi-square
+        otherwise; ``"p_value"``: two-sided, in [0, 1]; ``"method"``: ``"exact binomial"``
+        or ``"chi-square with continuity correction"``.
+    """
+    y = np.asarray(labels).astype(bool)
+    a, b_pred = np.asarray(pred_a).astype(bool), np.asarray(pred_b).astype(bool)
+    if not (y.shape == a.shape == b_pred.shape) or y.ndim != 1:
+        raise ValueError("labels, pred_a and pred_b must be 1-D and equally long")
+    right_a, right_b = a == y, b_pred == y
+    b = int(np.sum(right_a & ~right_b))
+    c = int(np.sum(~right_a & right_b))
+    if b + c < MCNEMAR_EXACT_BELOW:
+        statistic = float(min(b, c))
+        # Bin(n, 1/2) is symmetric: two-sided p = 2 P(X <= min(b, c)), capped at 1.
+        n = b + c
+        p_value = min(1.0, 2.0 * sum(math.comb(n, k) for k in range(min(b, c) + 1)) / 2.0**n)  # exact: n < 25
+        method = "exact binomial"
+    else:
+        statistic = max(abs(b - c) - 1.0, 0.0) ** 2 / (b + c)
+        p_value = math.erfc(math.sqrt(statistic / 2.0))  # chi-square survival function, 1 df
+        method = "chi-square with continuity correction"
+    return {"b": b, "c": c, "statistic": statistic, "p_value": p_value, "method": method}
+
+
+def _midranks(x: np.ndarray) -> np.ndarray:
+    """Midranks of each row: 1-based ranks, tied values sharing their average rank.
+
+    Args:
+        x: (r, n) values.
+
+    Returns:
+        (r, n) float64 (equals ``scipy.stats.rankdata(x, axis=-1)``).
+    """
+    out = np.empty(x.shape, dtype=np.float64)
+    for row, values in enumerate(x):
+        order = np.argsort(values, kind="stable")
+        sorted_values = values[order]
+        starts = np.flatnonzero(np.r_[True, sorted_values[1:] != sorted_values[:-1]])
+        ends = np.r_[starts[1:], values.size]  # exclusive
+        average = (starts + 1 + ends) / 2.0  # mean of the 1-based ranks starts+1 .. ends
+        out[row, order] = np.repeat(average, ends - starts)
+    return out
+
+
+def delong(labels: Any, prob_a: Any, prob_b: Any, level: float = 0.95) -> dict[str, float]:
+    """DeLong's test of two correlated ROC AUCs (same images), fast midrank algorithm.
+
+    DeLong, DeLong & Clarke-Pearson (1988) estimate the covariance of the two AUCs from
+    their structural components; Sun & Xu (2014) compute those from midranks in
+    O(n log n): with m positives and k negatives, for each classifier
+    V10 = (rank among all - rank among positives) / k for each positive, and
+    V01 = 1 - (rank among all - rank among negatives) / m for each negative;
+    Var = cov(V10) / m + cov(V01) / k.
+
+    Args:
+        labels: (n,) 0/1, both classes present (at least 2 of each for a variance).
+        prob_a, prob_b: (n,) scores of the two classifiers on the same images.
+        level: coverage of the interval of the difference.
+
+    Returns:
+        ``{"auc_a", "auc_b", "difference" (auc_a - auc_b), "z", "p_value" (two-sided),
+        "ci95" ((low, high) of the difference, normal approximation)}``. nan where
+        undefined (one class; fewer than 2 of a class). When the two are identical in
+        ranking (variance 0, difference 0): z 0, p 1.
+    """
+    y, pa = _check(labels, prob_a)
+    _, pb = _check(labels, prob_b)
+    nan = math.nan
+    m, k = int(y.sum()), int((1 - y).sum())
+    if m == 0 or k == 0:
+        return {"auc_a": nan, "auc_b": nan, "difference": nan, "z": nan, "p_value": nan, "ci95": (nan, nan)}
+    scores = np.stack([pa, pb])  # (2, n)
+    positives, negatives = scores[:, y == 1], scores[:, y == 0]
+    combined = np.concatenate([positives, negatives], axis=1)
+    rank_all = _midranks(combined)
+    rank_pos, rank_neg = _midranks(positives), _midranks(negatives)
+    auc = (rank_all[:, :m].sum(axis=1) - m * (m + 1) / 2.0) / (m * k)
+    v10 = (rank_all[:, :m] - rank_pos) / k  # (2, m): P(negative scored lower) per positive
+    v01 = 1.0 - (rank_all[:, m:] - rank_neg) / m  # (2, k): P(positive scored higher) per negative
+    difference = float(auc[0] - auc[1])
+    out = {"auc_a": float(auc[0]), "auc_b": float(auc[1]), "difference": difference}
+    if m < 2 or k < 2:
+        return {**out, "z": nan, "p_value": nan, "ci95": (nan, nan)}
+    covariance = np.cov(v10) / m + np.cov(v01) / k  # (2, 2)
+    variance = float(covariance[0, 0] + covariance[1, 1] - 2.0 * covariance[0, 1])
+    z_level = statistics.NormalDist().inv_cdf(0.5 + level / 2.0)
+    if variance <= 1e-15:  # identical rankings up to rounding
+        if abs(difference) < 1e-12:
+            return {**out, "z": 0.0, "p_value": 1.0, "ci95": (0.0, 0.0)}
+        return {**out, "z": nan, "p_value": nan, "ci95": (nan, nan)}
+    sd = math.sqrt(variance)
+    z = difference / sd
+    return {**out, "z": z, "p_value": math.erfc(abs(z) / math.sqrt(2.0)), "ci95": (difference - z_level * sd, difference + z_level * sd)}
+
+
+def holm(p_values: Sequence[float]) -> list[float]:
+    """Holm's step-down adjustment of p-values for multiple comparisons (nan kept as nan)."""
+    p = np.asarray(p_values, dtype=np.float64)
+    valid = np.flatnonzero(~np.isnan(p))
+    adjusted = np.full(p.shape, np.nan)
+    order = valid[np.argsort(p[valid], kind="stable")]
+    running = 0.0
+    for rank, i in enumerate(order):
+        running = max(running, min(1.0, (order.size - rank) * p[i]))
+        adjusted[i] = running
+    return adjusted.tolist()
+
+
+# --- database ---------------------------------------------------------------------------
+
+def _run_row(db: sqlite_utils.Database, run_id: int) -> dict[str, Any]:
+    row = db.execute("SELECT id, backbone, status, threshold, split_id FROM runs WHERE id = ?", [run_id]).fetchone()
+    if row is None:
+        raise RunNotFoundError(f"run {run_id} does not exist; list runs with `bonescan runs --json`")
+    return dict(zip(("id", "backbone", "status", "threshold", "split_id"), row, strict=True))
+
+
+def run_predictions(db: sqlite_utils.Database, run_id: int, subset: str = "test") -> dict[str, np.ndarray]:
+    """A run's stored predictions on one subset, with each image's study, patient and view.
+
+    Returns:
+        ``{"image_id", "study_id", "patient_id"}``: (n,) int64; ``"view"``: (n,) object
+        (str or None); ``"label"``: (n,) int64 0/1; ``"probability"``: (n,) float64;
+        ordered by image id. Empty arrays when there are none.
+
+    Raises:
+        RunNotFoundError: no such run.
+    """
+    _run_row(db, run_id)
+    rows = db.execute(
+        """SELECT p.image_id, i.study_id, s.patient_id, i.view, p.label, p.probability
+           FROM predictions p JOIN images i ON i.id = p.image_id JOIN studies s ON s.id = i.study_id
+           WHERE p.run_id = ? AND p.subset = ? ORDER BY p.image_id""",
+        [run_id, subset],
+    ).fetchall()
+    columns = list(zip(*rows, strict=True)) if rows else [()] * 6
+    return {
+        "image_id": np.asarray(columns[0], dtype=np.int64),
+        "study_id": np.asarray(columns[1], dtype=np.int64),
+        "patient_id": np.asarray(columns[2], dtype=np.int64),
+        "view": np.asarray(columns[3], dtype=object),
+        "label": np.asarray(columns[4], dtype=np.int64),
+        "probability": np.asarray(columns[5], dtype=np.float64),
+    }
+
+
+def _clean(value: float, digits: int = ROUND_DIGITS) -> float | None:
+    """Round for JSON; nan (undefined) becomes None."""
+    value = float(value)
+    return None if math.isnan(value) else round(value, digits)
+
+
+def _summary(labels: np.ndarray, probabilities: np.ndarray, groups: np.ndarray, threshold: float, n_resamples: int, seed: int) -> dict[str, Any]:
+    """metrics {name: {value, ci95}} and confusion at one threshold (the cli.md shape)."""
+    values = point_metrics(labels, probabilities, threshold)
+    intervals = bootstrap_ci(labels, probabilities, groups, threshold, n_resamples=n_resamples, seed=seed)
+    return {
+        "metrics": {
+            name: {"value": _clean(values[name]), "ci95": [_clean(intervals[name][0]), _clean(intervals[name][1])]}
+            for name in METRICS
+        },
+        "confusion": confusion(labels, probabilities, threshold),
+    }
+
+
+def evaluate(
+    db: sqlite_utils.Database,
+    run_id: int,
+    threshold: float | None = None,
+    subset: str = "test",
+    n_resamples: int = 1000,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """The ``evaluate --json`` object of ``cli.md`` for one run, plus study-level metrics.
+
+    Args:
+        db: open database.
+        run_id: ``runs.id``.
+        threshold: decision threshold; None uses the run's stored (validation-chosen)
+            ``runs.threshold``, or 0.5 when the run has none.
+        subset: ``"test"`` (default), ``"val"`` or ``"train"``.
+        n_resamples, seed: of the patient bootstrap behind every ``ci95``.
+
+    Returns:
+        ``{"run", "backbone", "threshold", "threshold_source" ("argument" | "run" |
+        "default"), "subset", "n_images", "n_studies", "n_patients", "metrics": {name:
+        {"value", "ci95": [low, high]}}, "confusion": {tp, fp, tn, fn}, "study_level":
+        {"aggregation", "threshold", "n_studies", "n_patients", "metrics", "confusion"},
+        "bootstrap": {"unit", "interval", "level", "n_resamples", "seed"}}``.
+        Values rounded to 4 decimals; undefined values None. Study level: one row per
+        study, probability = max over its views (see :func:`study_level`), same threshold.
+
+    Raises:
+        RunNotFoundError: no such run.
+        NoPredictionsError: the run has no predictions on ``subset``.
+    """
+    run = _run_row(db, run_id)
+    data = run_predictions(db, run_id, subset)
+    if data["label"].size == 0:
+        raise NoPredictionsError(
+            f"run {run_id} ({run['status']}) has no {subset} predictions; evaluate a run that finished training "
+            "(`bonescan runs --json`, status done) or train one with `bonescan train`"
+        )
+    if threshold is not None:
+        used, source = float(threshold), "argument"
+    elif run["threshold"] is not None:
+        used, source = float(run["threshold"]), "run"
+    else:
+        used, source = DEFAULT_THRESHOLD, "default"
+    studies = study_level(data["study_id"], data["patient_id"], data["label"], data["probability"])
+    return {
+        "run": int(run["id"]),
+        "backbone": run["backbone"],
+        "threshold": _clean(used),
+        "threshold_source": source,
+        "subset": subset,
+        "n_images": int(data["label"].size),
+        "n_studies": int(studies["study_id"].size),
+        "n_patients": int(np.unique(data["patient_id"]).size),
+        **_summary(data["label"], data["probability"], data["patient_id"], used, n_resamples, seed),
+        "study_level": {
+            "aggregation": "max probability over the study's views",
+            "threshold": _clean(used),
+            "n_studies": int(studies["study_id"].size),
+            "n_patients": int(np.unique(studies["patient_id"]).size),
+            **_summary(studies["label"], studies["probability"], studies["patient_id"], used, n_resamples, seed),
+        },
+        "bootstrap": {"unit": "patient", "interval": "percentile", "level": 0.95, "n_resamples": n_resamples, "seed": seed},
+    }
+
+
+def run_label(backbone: str, run_id: int, with_id: bool = False) -> str:
+    """Display name of a run: "DenseNet121", or "DenseNet121 (run 3)" with ``with_id``."""
+    name = BACKBONE_NAMES.get(backbone, backbone)
+    return f"{name} (run {run_id})" if with_id else name
+
+
+def _format_p(p: float) -> str:
+    if math.isnan(p):
+        return "p undefined"
+    if p < 0.001:
+        return "p < 0.001"
+    return f"p = {p:.2g}"
+
+
+def _auc_sentence(name_a: str, name_b: str, result: Mapping[str, Any], p_holm: float | None) -> str:
+    """One sentence, e.g. DenseNet121's AUC is higher than VGG19's by 0.06 (95% CI 0.01 to 0.11), p = 0.03: significant at 0.05."""
+    difference, p = result["difference"], result["p_value"]
+    if math.isnan(difference):
+        return f"The AUCs of {name_a} and {name_b} are undefined on these images (one class only)."
+    if difference < 0:  # state the higher one first; the interval flips with it
+        name_a, name_b, difference = name_b, name_a, -difference
+        low, high = -result["ci95"][1], -result["ci95"][0]
+    else:
+        low, high = result["ci95"]
+    adjusted = f"; Holm-adjusted {_format_p(p_holm)}" if p_holm is not None and not math.isnan(p_holm) else ""
+    verdict_p = p_holm if p_holm is not None and not math.isnan(p_holm) else p
+    verdict = "undefined" if math.isnan(verdict_p) else ("significant" if verdict_p < ALPHA else "not significant")
+    if difference == 0:
+        return f"{name_a}'s and {name_b}'s AUCs are equal ({result['auc_a']:.2f}), {_format_p(p)}{adjusted}: {verdict} at {ALPHA:g}."
+    ci = "" if math.isnan(low) else f" (95% CI {low:.2f} to {high:.2f})"
+    return f"{name_a}'s AUC is higher than {name_b}'s by {difference:.2f}{ci}, {_format_p(p)}{adjusted}: {verdict} at {ALPHA:g}."
+
+
+def _accuracy_sentence(name_a: str, name_b: str, acc_a: float, acc_b: float, result: Mapping[str, Any]) -> str:
+    verdict = "significant" if result["p_value"] < ALPHA else "not significant"
+    return (
+        f"Accuracy at each run's threshold: {name_a} {acc_a:.0%}, {name_b} {acc_b:.0%}; "
+        f"{result['b']} images only {name_a} got right, {result['c']} only {name_b}; "
+        f"McNemar ({result['method']}) {_format_p(result['p_value'])}: {verdict} at {ALPHA:g}."
+    )
+
+
+def compare_runs(db: sqlite_utils.Database, run_ids: Sequence[int], threshold: float | None = None, subset: str = "test") -> dict[str, Any]:
+    """Paired comparison of runs on the same test images: McNemar and DeLong per pair.
+
+    Args:
+        db: open database.
+        run_ids: two or more distinct run ids, trained on the same split.
+        threshold: one threshold for all runs; None uses each run's own stored threshold
+            (0.5 when it has none), i.e. compares the runs as they would be deployed.
+        subset: the images compared (``"test"``).
+
+    Returns:
+        ``{"subset", "n_images", "runs": [{"run", "backbone", "label", "threshold", "auc",
+        "accuracy"}], "pairs": [{"run_a", "run_b", "label_a", "label_b", "mcnemar":
+        mcnemar(...), "delong": delong(...) + "p_value_holm", "summary": AUC sentence,
+        "accuracy_summary": McNemar sentence}]}``; pairs in the order of ``run_ids``.
+        With more than one pair, DeLong p-values are also Holm-adjusted across the pairs and
+        the sentence's verdict uses the adjusted p. Floats unrounded; nan where undefined.
+
+    Raises:
+        ValueError: fewer than two distinct runs.
+        RunNotFoundError, NoPredictionsError: as :func:`evaluate`.
+        IncomparableRunsError: runs from different splits, or on different images.
+    """
+    ids = list(dict.fromkeys(int(r) for r in run_ids))
+    if len(ids) < 2:
+        raise ValueError("compare needs at least two different runs")
+    runs = [_run_row(db, r) for r in ids]
+    splits = {run["id"]: run["split_id"] for run in runs}
+    if len(set(splits.values())) != 1:
+        detail = ", ".join(f"run {r}: split {s}" for r, s in splits.items())
+        raise IncomparableRunsError(f"runs were trained on different splits ({detail}); compare runs of one split")
+    data = {}
+    for run in runs:
+        data[run["id"]] = run_predictions(db, run["id"], subset)
+        if data[run["id"]]["label"].size == 0:
+            raise NoPredictionsError(f"run {run['id']} ({run['status']}) has no {subset} predictions; compare finished runs")
+    reference = data[ids[0]]
+    for r in ids[1:]:
+        if not np.array_equal(data[r]["image_id"], reference["image_id"]):
+            raise IncomparableRunsError(
+                f"runs {ids[0]} and {r} have predictions on different {subset} images; re-run prediction so both cover the same images"
+            )
+        if not np.array_equal(data[r]["label"], reference["label"]):
+            raise IncomparableRunsError(f"runs {ids[0]} and {r} disagree on the labels of the same images; the labels changed between runs")
+    backbones = [run["backbone"] for run in runs]
+    labels = {run["id"]: run_label(run["backbone"], run["id"], with_id=backbones.count(run["backbone"]) > 1) for run in runs}
+    thresholds = {
+        run["id"]: float(threshold) if threshold is not None else (float(run["threshold"]) if run["threshold"] is not None else DEFAULT_THRESHOLD)
+        for run in runs
+    }
+    y = reference["label"]
+    predicted = {r: data[r]["probability"] >= thresholds[r] for r in ids}
+    summaries = {r: point_metrics(y, data[r]["probability"], thresholds[r]) for r in ids}
+    pairs = []
+    for a, b in itertools.combinations(ids, 2):
+        pairs.append({
+            "run_a": a,
+            "run_b": b,
+            "label_a": labels[a],
+            "label_b": labels[b],
+            "mcnemar": mcnemar(y, predicted[a], predicted[b]),
+            "delong": delong(y, data[a]["probability"], data[b]["probability"]),
+        })
+    adjusted = holm([pair["delong"]["p_value"] for pair in pairs]) if len(pairs) > 1 else [None] * len(pairs)
+    for pair, p_holm in zip(pairs, adjusted, strict=True):
+        a, b = pair["run_a"], pair["run_b"]
+        pair["delong"]["p_value_holm"] = p_holm if p_holm is not None else pair["delong"]["p_value"]
+        pair["summary"] = _auc_sentence(labels[a], labels[b], pair["delong"], p_holm)
+        pair["accuracy_summary"] = _accuracy_sentence(labels[a], labels[b], summaries[a]["accuracy"], summaries[b]["accuracy"], pair["mcnemar"])
+    return {
+        "subset": subset,
+        "n_images": int(y.size),
+        "runs": [
+            {"run": r, "backbone": run["backbone"], "label": labels[r], "threshold": thresholds[r],
+             "auc": summaries[r]["auc"], "accuracy": summaries[r]["accuracy"]}
+            for r, run in zip(ids, runs, strict=True)
+        ],
+        "pairs": pairs,
+    }

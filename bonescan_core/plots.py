@@ -1,0 +1,429 @@
+"""Plotly figures of evaluation results, for the app and the self-contained HTML report.
+
+Pure functions: each takes the plain dicts of :mod:`bonescan_core.evaluation` (or stored
+rows) and returns a ``plotly.graph_objects.Figure``; no file or database IO, no Streamlit.
+Probability-scale axes run 0..1; every trace has hover text; colours are the Okabe-Ito
+palette (distinguishable with colour-vision deficiency), the same run keeping the same
+colour across figures when passed in the same order.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import plotly.graph_objects as go
+from plotly.subplots import make_subplots
+
+PALETTE = ("#0072B2", "#D55E00", "#009E73", "#CC79A7", "#E69F00", "#56B4E9", "#000000", "#F0E442")
+"""Okabe-Ito colours, in the order runs are drawn."""
+
+TEMPLATE = "plotly_white"
+GREY = "#888888"
+FONT = {"family": "Inter, Segoe UI, Helvetica, Arial, sans-serif", "size": 13}
+
+METRIC_NAMES = {
+    "accuracy": "Accuracy",
+    "recall": "Recall (sensitivity)",
+    "precision": "Precision (PPV)",
+    "f1": "F1",
+    "specificity": "Specificity",
+    "npv": "NPV",
+    "auc": "ROC AUC",
+    "pr_auc": "PR AUC",
+    "brier": "Brier score (lower is better)",
+    "loss": "Loss",
+}
+"""Display names of metric keys (unknown keys are shown title-cased)."""
+
+POSITIVE, NEGATIVE = "metastatic", "no metastasis"
+
+
+def colour(index: int) -> str:
+    """The palette colour of the index-th run (cycles after eight)."""
+    return PALETTE[index % len(PALETTE)]
+
+
+def metric_name(key: str) -> str:
+    """Display name of a metric key, e.g. ``"recall"`` -> ``"Recall (sensitivity)"``."""
+    return METRIC_NAMES.get(key, key.replace("_", " ").capitalize())
+
+
+def _layout(fig: go.Figure, title: str, **kwargs: Any) -> go.Figure:
+    """Shared look: white template, title top-left, readable fonts; ``kwargs`` override."""
+    settings: dict[str, Any] = {
+        "template": TEMPLATE,
+        "title": {"text": title, "x": 0.0, "xanchor": "left"},
+        "font": FONT,
+        "hoverlabel": {"font": {"size": 12}},
+        "legend": {"bgcolor": "rgba(255,255,255,0.8)"},
+        "margin": {"l": 70, "r": 30, "t": 70, "b": 60},
+    }
+    settings.update(kwargs)  # callers override the defaults (legend position, size, margins)
+    fig.update_layout(**settings)
+    return fig
+
+
+def _curves(curves: Mapping[str, Any], key: str) -> dict[str, Mapping[str, Any]]:
+    """Accept one curve's points (has ``key``) or ``{name: points}``; return the latter."""
+    if key in curves:
+        return {"model": curves}
+    return dict(curves)
+
+
+def _fmt(value: Any, digits: int = 3) -> str:
+    """A number for hover text; '—' for None or nan."""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "—"
+    return f"{float(value):.{digits}f}"
+
+
+def _threshold_text(thresholds: np.ndarray) -> list[str]:
+    return ["nothing predicted positive" if not np.isfinite(t) else f"≥ {t:.3f}" for t in np.asarray(thresholds, dtype=float)]
+
+
+def _unit_square(fig: go.Figure, x_title: str, y_title: str) -> None:
+    """0..1 on both axes (a hair of padding so lines on the border show), equal scale.
+
+    When the container is not square the plot shrinks toward its lower-left corner, so
+    legends placed in paper coordinates near (0, 0) stay inside the axes.
+    """
+    pad = 0.01
+    fig.update_xaxes(title=x_title, range=[-pad, 1 + pad], constrain="domain", constraintoward="left",
+                     tick0=0, dtick=0.2, zeroline=False)
+    fig.update_yaxes(title=y_title, range=[-pad, 1 + pad], scaleanchor="x", scaleratio=1, constrain="domain",
+                     constraintoward="bottom", tick0=0, dtick=0.2, zeroline=False)
+
+
+# --- confusion matrix -------------------------------------------------------------------
+
+def confusion_heatmap(confusion: Mapping[str, int], threshold: float | None = None, unit: str = "images",
+                      title: str | None = None) -> go.Figure:
+    """2x2 confusion matrix: counts and row percentages, shaded by row percentage.
+
+    Rows are the truth (Actual: metastatic, no metastasis), columns the prediction; row
+    percentages are sensitivity / miss rate on the metastatic row and false-positive rate /
+    specificity on the other, so the colour reads the same whatever the class balance.
+
+    Args:
+        confusion: ``{"tp", "fp", "tn", "fn"}`` counts (as :func:`evaluation.confusion`).
+        threshold: the decision threshold, shown in the title.
+        unit: what is counted ("images" or "studies"), for the text.
+        title: overrides the default title.
+    """
+    tp, fn, fp, tn = (int(confusion[k]) for k in ("tp", "fn", "fp", "tn"))
+    counts = np.array([[tp, fn], [fp, tn]])
+    row_totals = counts.sum(axis=1, keepdims=True)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        share = np.where(row_totals > 0, counts / np.maximum(row_totals, 1), np.nan)
+    actual = [f"Actual: {POSITIVE}", f"Actual: {NEGATIVE}"]
+    predicted = [f"Predicted: {POSITIVE}", f"Predicted: {NEGATIVE}"]
+    names = [["True positive", "False negative"], ["False positive", "True negative"]]
+    text = [[f"<b>{counts[i, j]}</b><br>{'—' if np.isnan(share[i, j]) else f'{share[i, j]:.1%}'}" for j in range(2)] for i in range(2)]
+    hover = [
+        [f"{names[i][j]}<br>{actual[i]}<br>{predicted[j]}<br>{counts[i, j]} {unit}"
+         + ("" if np.isnan(share[i, j]) else f" ({share[i, j]:.1%} of actual {[POSITIVE, NEGATIVE][i]})")
+         for j in range(2)]
+        for i in range(2)
+    ]
+    fig = go.Figure(go.Heatmap(
+        z=share, x=predicted, y=actual, text=text, texttemplate="%{text}", textfont={"size": 18},
+        customdata=hover, hovertemplate="%{customdata}<extra></extra>",
+        colorscale="Blues", zmin=0.0, zmax=1.0, xgap=3, ygap=3,
+        colorbar={"title": {"text": "Row %"}, "tickformat": ".0%"},
+    ))
+    n = int(counts.sum())
+    default = f"Confusion matrix (n = {n} {unit})" + ("" if threshold is None else f", threshold {threshold:.2f}")
+    _layout(fig, title or default, width=560, height=460)
+    fig.update_yaxes(autorange="reversed", title=None)  # metastatic row on top
+    fig.update_xaxes(side="bottom", title=None)
+    return fig
+
+
+# --- curves -----------------------------------------------------------------------------
+
+def _operating_index(thresholds: np.ndarray, threshold: float) -> int | None:
+    """Index of the curve point for 'predict positive when p >= threshold': the point with
+    the smallest curve threshold that is still >= it (the curves keep every distinct score)."""
+    t = np.asarray(thresholds, dtype=float)
+    candidates = np.flatnonzero(t >= threshold)
+    if candidates.size == 0:
+        return None
+    return int(candidates[np.argmin(t[candidates])])
+
+
+def roc_figure(curves: Mapping[str, Any], operating_thresholds: Mapping[str, float] | None = None,
+               title: str = "ROC curve") -> go.Figure:
+    """ROC curves of one or more runs, with the chance diagonal.
+
+    Args:
+        curves: ``{name: evaluation.roc_points(...)}`` (or a single roc_points dict).
+        operating_thresholds: ``{name: threshold}``: marks each run's operating point.
+        title: figure title.
+    """
+    fig = go.Figure()
+    fig.add_trace(go.Scatter(x=[0, 1], y=[0, 1], mode="lines", name="Chance (AUC 0.50)",
+                             line={"color": GREY, "dash": "dash", "width": 1}, hoverinfo="skip"))
+    for i, (name, points) in enumerate(_curves(curves, "fpr").items()):
+        fpr, tpr = np.asarray(points["fpr"], dtype=float), np.asarray(points["tpr"], dtype=float)
+        fig.add_trace(go.Scatter(
+            x=fpr, y=tpr, mode="lines", name=f"{name} (AUC {_fmt(points.get('auc'), 2)})", legendgroup=name,
+            line={"color": colour(i), "width": 2.5}, text=_threshold_text(points["thresholds"]),
+            hovertemplate=f"<b>{name}</b><br>threshold %{{text}}<br>sensitivity %{{y:.3f}}<br>"
+                          "specificity %{customdata:.3f}<extra></extra>",
+            customdata=1.0 - fpr,
+        ))
+        if operating_thresholds and name in operating_thresholds and fpr.size:
+            at = _operating_index(points["thresholds"], operating_thresholds[name])
+            if at is not None:
+                fig.add_trace(go.Scatter(
+                    x=[fpr[at]], y=[tpr[at]], mode="markers", name=f"{name} @ {operating_thresholds[name]:.2f}",
+                    legendgroup=name, showlegend=False,
+                    marker={"color": colour(i), "size": 12, "symbol": "circle", "line": {"color": "white", "width": 2}},
+                    hovertemplate=f"<b>{name}</b> operating point<br>threshold {operating_thresholds[name]:.3f}<br>"
+                                  f"sensitivity {tpr[at]:.3f}<br>specificity {1 - fpr[at]:.3f}<extra></extra>",
+                ))
+    _layout(fig, title, width=620, height=650, legend={"x": 0.98, "y": 0.02, "xanchor": "right", "yanchor": "bottom",
+                                                       "bgcolor": "rgba(255,255,255,0.8)"})
+    _unit_square(fig, "1 − specificity (false-positive rate)", "Sensitivity (true-positive rate)")
+    return fig
+
+
+def pr_figure(curves: Mapping[str, Any], operating_thresholds: Mapping[str, float] | None = None,
+              title: str = "Precision–recall curve") -> go.Figure:
+    """Precision-recall curves (step-wise, as average precision integrates them) with the
+    prevalence baseline of a random classifier.
+
+    Args:
+        curves: ``{name: evaluation.pr_points(...)}`` (or a single pr_points dict).
+        operating_thresholds: ``{name: threshold}``: marks each run's operating point.
+        title: figure title.
+    """
+    fig = go.Figure()
+    prevalences: list[float] = []
+    for i, (name, points) in enumerate(_curves(curves, "recall").items()):
+        recall, precision = np.asarray(points["recall"], dtype=float), np.asarray(points["precision"], dtype=float)
+        fig.add_trace(go.Scatter(
+            x=recall, y=precision, mode="lines", line_shape="hv", name=f"{name} (AP {_fmt(points.get('ap'), 2)})",
+            legendgroup=name, line={"color": colour(i), "width": 2.5}, text=_threshold_text(points["thresholds"]),
+            hovertemplate=f"<b>{name}</b><br>threshold %{{text}}<br>recall %{{x:.3f}}<br>precision %{{y:.3f}}<extra></extra>",
+        ))
+        prevalence = points.get("prevalence")
+        if prevalence is not None and not math.isnan(prevalence) and all(abs(prevalence - q) > 1e-9 for q in prevalences):
+            prevalences.append(float(prevalence))
+        if operating_thresholds and name in operating_thresholds and recall.size:
+            at = _operating_index(points["thresholds"], operating_thresholds[name])
+            if at is not None:
+                fig.add_trace(go.Scatter(
+                    x=[recall[at]], y=[precision[at]], mode="markers", name=f"{name} @ {operating_thresholds[name]:.2f}",
+                    legendgroup=name, showlegend=False,
+                    marker={"color": colour(i), "size": 12, "line": {"color": "white", "width": 2}},
+                    hovertemplate=f"<b>{name}</b> operating point<br>threshold {operating_thresholds[name]:.3f}<br>"
+                                  f"recall {recall[at]:.3f}<br>precision {precision[at]:.3f}<extra></extra>",
+                ))
+    for prevalence in prevalences:
+        fig.add_trace(go.Scatter(
+            x=[0, 1], y=[prevalence, prevalence], mode="lines", name=f"Chance (prevalence {prevalence:.2f})",
+            line={"color": GREY, "dash": "dash", "width": 1},
+            hovertemplate=f"random classifier: precision = prevalence {prevalence:.3f}<extra></extra>",
+        ))
+    _layout(fig, title, width=620, height=650, legend={"x": 0.02, "y": 0.02, "xanchor": "left", "yanchor": "bottom",
+                                                       "bgcolor": "rgba(255,255,255,0.8)"})
+    _unit_square(fig, "Recall (sensitivity)", "Precision (PPV)")
+    return fig
+
+
+def calibration_figure(curves: Mapping[str, Any], title: str = "Calibration (reliability diagram)") -> go.Figure:
+    """Reliability diagram: observed frequency of metastasis vs mean predicted probability
+    per bin, with Wilson 95% intervals, over a histogram of how many images fall in each bin.
+
+    Args:
+        curves: ``{name: evaluation.calibration_points(...)}`` (or a single one).
+        title: figure title.
+    """
+    fig = make_subplots(rows=2, cols=1, shared_xaxes=True, row_heights=[0.74, 0.26], vertical_spacing=0.05)
+    fig.add_trace(go.Scatter(x=[0, 1], y=[0, 1], mode="lines", name="Perfectly calibrated",
+                             line={"color": GREY, "dash": "dash", "width": 1}, hoverinfo="skip"), row=1, col=1)
+    named = _curves(curves, "mean_predicted")
+    for i, (name, points) in enumerate(named.items()):
+        count = np.asarray(points["count"])
+        filled = count > 0
+        predicted = np.asarray(points["mean_predicted"], dtype=float)[filled]
+        observed = np.asarray(points["observed"], dtype=float)[filled]
+        low = np.asarray(points["observed_low"], dtype=float)[filled]
+        high = np.asarray(points["observed_high"], dtype=float)[filled]
+        lower, upper = np.asarray(points["bin_lower"])[filled], np.asarray(points["bin_upper"])[filled]
+        hover = [f"bin {a:.2f}–{b:.2f}, n = {c}<br>mean predicted {p:.3f}<br>observed {o:.3f} (95% CI {lo:.2f}–{hi:.2f})"
+                 for a, b, c, p, o, lo, hi in zip(lower, upper, count[filled], predicted, observed, low, high, strict=True)]
+        fig.add_trace(go.Scatter(
+            x=predicted, y=observed, mode="lines+markers", legendgroup=name,
+            name=f"{name} (ECE {_fmt(points.get('ece'), 3)}, Brier {_fmt(points.get('brier'), 3)})",
+            line={"color": colour(i), "width": 2}, marker={"size": 8},
+            error_y={"type": "data", "symmetric": False, "array": high - observed, "arrayminus": observed - low,
+                     "color": colour(i), "thickness": 1.2, "width": 4},
+            text=hover, hovertemplate=f"<b>{name}</b><br>%{{text}}<extra></extra>",
+        ), row=1, col=1)
+        width = np.asarray(points["bin_upper"]) - np.asarray(points["bin_lower"])
+        fig.add_trace(go.Bar(
+            x=(np.asarray(points["bin_lower"]) + np.asarray(points["bin_upper"])) / 2, y=count,
+            width=width / max(len(named), 1) * 0.9, offsetgroup=str(i), legendgroup=name, showlegend=False,
+            name=name, marker={"color": colour(i), "opacity": 0.75},
+            hovertemplate=f"<b>{name}</b><br>p in %{{x:.2f}} ± {width[0] / 2:.2f}: %{{y}} images<extra></extra>",
+        ), row=2, col=1)
+    _layout(fig, title, width=640, height=680, barmode="group", bargap=0.05,
+            legend={"x": 0.98, "y": 0.31, "xanchor": "right", "yanchor": "bottom", "bgcolor": "rgba(255,255,255,0.8)"})
+    fig.update_xaxes(range=[-0.01, 1.01], tick0=0, dtick=0.1, zeroline=False)
+    fig.update_xaxes(title="Mean predicted probability of metastasis", row=2, col=1)
+    fig.update_yaxes(title="Observed frequency", range=[-0.01, 1.01], tick0=0, dtick=0.2, zeroline=False, row=1, col=1)
+    fig.update_yaxes(title="Images", rangemode="tozero", row=2, col=1)
+    return fig
+
+
+# --- training ---------------------------------------------------------------------------
+
+def _row_metrics(row: Mapping[str, Any]) -> dict[str, float]:
+    """The epoch row's metrics dict (stored as JSON text in the epochs table)."""
+    metrics = row.get("metrics") or {}
+    if isinstance(metrics, str):
+        metrics = json.loads(metrics) if metrics.strip() else {}
+    return {str(k): v for k, v in metrics.items() if isinstance(v, int | float) and not isinstance(v, bool)}
+
+
+def training_curves(epochs: Sequence[Mapping[str, Any]], title: str = "Training curves") -> go.Figure:
+    """Loss (top) and metrics (bottom) per epoch; training solid, validation dashed; the
+    training phases (head, finetune, full) shaded with their names.
+
+    Args:
+        epochs: rows with ``epoch`` (1-based), ``phase``, ``loss``, ``val_loss`` and
+            ``metrics`` (dict or its JSON text: ``accuracy``, ``val_accuracy``, ``auc``, ...),
+            as stored in the ``epochs`` table; any order.
+        title: figure title.
+    """
+    rows = sorted(epochs, key=lambda r: r["epoch"])
+    fig = make_subplots(rows=2, cols=1, shared_xaxes=True, vertical_spacing=0.08, row_heights=[0.5, 0.5],
+                        subplot_titles=("Loss", "Metrics"))
+    _layout(fig, title, width=760, height=620, hovermode="x unified")
+    if not rows:
+        fig.add_annotation(text="No epochs recorded yet", x=0.5, y=0.5, xref="paper", yref="paper", showarrow=False,
+                           font={"size": 16, "color": GREY})
+        return fig
+    x = [int(r["epoch"]) for r in rows]
+
+    def series(values: list[Any]) -> list[float | None]:
+        return [None if v is None or (isinstance(v, float) and math.isnan(v)) else float(v) for v in values]
+
+    for key, dash, label in (("loss", "solid", "train loss"), ("val_loss", "dash", "validation loss")):
+        values = series([r.get(key) for r in rows])
+        if any(v is not None for v in values):
+            fig.add_trace(go.Scatter(x=x, y=values, mode="lines+markers", name=label, legendgroup="loss",
+                                     line={"color": "#333333", "dash": dash, "width": 2}, marker={"size": 5},
+                                     hovertemplate=f"{label} %{{y:.4f}}<extra></extra>"), row=1, col=1)
+    per_row = [_row_metrics(r) for r in rows]
+    keys = sorted({k.removeprefix("val_") for m in per_row for k in m if k.removeprefix("val_") != "loss"})
+    for i, key in enumerate(keys):
+        for prefix, dash, split in (("", "solid", "train"), ("val_", "dash", "validation")):
+            values = series([m.get(prefix + key) for m in per_row])
+            if any(v is not None for v in values):
+                fig.add_trace(go.Scatter(x=x, y=values, mode="lines+markers", name=f"{split} {metric_name(key).lower()}",
+                                         legendgroup=key, line={"color": colour(i), "dash": dash, "width": 2},
+                                         marker={"size": 5}, hovertemplate=f"{split} {key} %{{y:.3f}}<extra></extra>"),
+                              row=2, col=1)
+    # Shade each phase; a change of phase is where fine-tuning starts (loss often jumps).
+    phases: list[tuple[str, int, int]] = []
+    for r in rows:
+        phase = str(r.get("phase") or "")
+        if phases and phases[-1][0] == phase:
+            phases[-1] = (phase, phases[-1][1], int(r["epoch"]))
+        else:
+            phases.append((phase, int(r["epoch"]), int(r["epoch"])))
+    for k, (phase, start, end) in enumerate(phases):
+        if k % 2:
+            fig.add_vrect(x0=start - 0.5, x1=end + 0.5, fillcolor="#000000", opacity=0.05, line_width=0, layer="below",
+                          row="all", col=1)
+        if phase:
+            fig.add_annotation(x=start - 0.5, y=1.0, xref="x", yref="y domain", text=phase, showarrow=False,
+                               xanchor="left", yanchor="top", font={"size": 11, "color": GREY})
+    fig.update_xaxes(title="Epoch", row=2, col=1)
+    fig.update_xaxes(range=[x[0] - 0.6, x[-1] + 0.6], dtick=max(1, math.ceil(len(x) / 15)))
+    fig.update_yaxes(title="Loss", rangemode="tozero", row=1, col=1)
+    fig.update_yaxes(title="Value", range=[0, 1.02], row=2, col=1)
+    return fig
+
+
+# --- forest plot ------------------------------------------------------------------------
+
+def forest_plot(
+    results: Mapping[str, Mapping[str, Any]],
+    metrics: Sequence[str] = ("accuracy", "recall", "precision", "f1", "auc"),
+    level: str = "image",
+    reference: Mapping[str, Mapping[str, float]] | None = None,
+    title: str | None = None,
+) -> go.Figure:
+    """The paper's Figure 6 with uncertainty: each metric a group, one row per run in it,
+    the point estimate with its 95% CI whiskers.
+
+    Args:
+        results: ``{run label: evaluation.evaluate(...) dict}``, drawn in this order.
+        metrics: metric keys, top to bottom.
+        level: ``"image"`` (the top-level metrics) or ``"study"`` (``result["study_level"]``).
+        reference: optional published values without CIs, ``{label: {metric: value}}``,
+            e.g. ``{"Paper: DenseNet121": {"accuracy": 0.83, ...}}``; drawn as open diamonds.
+        title: overrides the default title.
+    """
+    if level not in ("image", "study"):
+        raise ValueError('level must be "image" or "study"')
+    series: dict[str, dict[str, tuple[float | None, float | None, float | None]]] = {}
+    for label, result in results.items():
+        block = result["study_level"] if level == "study" else result
+        values = block["metrics"]
+        series[label] = {}
+        for m in metrics:
+            entry = values.get(m) or {}
+            low, high = (entry.get("ci95") or [None, None])[:2]
+            series[label][m] = (entry.get("value"), low, high)
+    for label, values in (reference or {}).items():
+        series[label] = {m: (values.get(m), None, None) for m in metrics}
+    labels = list(series)
+    per_group = len(labels) + 1  # one blank row between metric groups
+
+    fig = go.Figure()
+    for i, label in enumerate(labels):
+        is_reference = label in (reference or {}) and label not in results
+        xs, ys, plus, minus, hover = [], [], [], [], []
+        for g, m in enumerate(metrics):
+            value, low, high = series[label][m]
+            ys.append(g * per_group + i)
+            xs.append(value)
+            plus.append(0.0 if value is None or high is None else high - value)
+            minus.append(0.0 if value is None or low is None else value - low)
+            ci = "" if low is None or high is None else f" (95% CI {_fmt(low)}–{_fmt(high)})"
+            hover.append(f"<b>{label}</b><br>{metric_name(m)}: {_fmt(value)}{ci}")
+        fig.add_trace(go.Scatter(
+            x=xs, y=ys, mode="markers", name=label, text=hover, hovertemplate="%{text}<extra></extra>",
+            marker={"color": colour(i), "size": 10 if not is_reference else 11,
+                    "symbol": "diamond-open" if is_reference else "circle", "line": {"width": 2 if is_reference else 0}},
+            error_x={"type": "data", "symmetric": False, "array": plus, "arrayminus": minus,
+                     "color": colour(i), "thickness": 2, "width": 5},
+        ))
+    # Alternate light bands behind the metric groups, and the metric name at each group's centre.
+    for g in range(len(metrics)):
+        if g % 2 == 0:
+            fig.add_hrect(y0=g * per_group - 0.5, y1=g * per_group + len(labels) - 0.5, fillcolor="#000000",
+                          opacity=0.04, line_width=0, layer="below")
+    fig.update_yaxes(
+        tickmode="array", tickvals=[g * per_group + (len(labels) - 1) / 2 for g in range(len(metrics))],
+        ticktext=[metric_name(m) for m in metrics], autorange=False,
+        range=[len(metrics) * per_group - 1.0, -1.0],  # reversed: first metric on top
+        showgrid=False, zeroline=False,
+    )
+    fig.update_xaxes(title="Value (point estimate and 95% CI)", range=[0, 1.0], tick0=0, dtick=0.1, zeroline=False)
+    level_text = "study-level" if level == "study" else "image-level"
+    default = f"Test-set metrics, {level_text}, with 95% patient-bootstrap CIs"
+    height = 140 + 26 * len(metrics) * per_group
+    _layout(fig, title or default, width=760, height=max(360, height),
+            legend={"orientation": "h", "x": 0.0, "y": -0.12, "xanchor": "left", "yanchor": "top"},
+            margin={"l": 160, "r": 30, "t": 70, "b": 90})
+    return fig
