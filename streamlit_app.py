@@ -16,6 +16,7 @@ PAGES = [
     st.Page("app_pages/scans.py", title="Scans", icon=":material/photo_library:", default=True),
     st.Page("app_pages/review.py", title="Review", icon=":material/rate_review:", url_path="review"),
     st.Page("app_pages/agreement.py", title="Agreement", icon=":material/group:", url_path="agreement"),
+    st.Page("app_pages/train.py", title="Train", icon=":material/model_training:", url_path="train"),
 ]
 
 navigation = st.navigation(PAGES)

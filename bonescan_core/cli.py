@@ -9,6 +9,7 @@ pydicom for ``studies``).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import signal
 import sys
@@ -183,6 +184,110 @@ def cmd_adjudicator(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_split(args: argparse.Namespace) -> int:
+    from bonescan_core import db as dbm
+    from bonescan_core import splits
+
+    try:
+        with dbm.opened(args.db) as db:
+            split_id = splits.make_split(db, seed=args.seed, test=args.test, val=args.val)
+            result = splits.get_split(db, split_id)
+    except splits.SplitError as error:
+        raise CommandError(str(error)) from error
+    if args.json:
+        json.dump(result, sys.stdout)
+        sys.stdout.write("\n")
+    else:
+        sizes = ", ".join(f"{len(ids)} {name}" for name, ids in result["subsets"].items())
+        print(f"split {split_id}: {sizes} studies (seed {args.seed})", file=sys.stderr)
+        print(split_id)
+    return EXIT_OK
+
+
+def parse_size(text: str) -> tuple[int, int]:
+    """``646x220`` -> (646, 220): height x width."""
+    try:
+        height, width = (int(part) for part in text.lower().split("x"))
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(f"{text!r} is not HEIGHTxWIDTH, e.g. 646x220") from error
+    return height, width
+
+
+def train_config(args: argparse.Namespace):
+    """The TrainConfig the train options describe (no Keras import)."""
+    from bonescan_core.training import TrainConfig
+
+    optional = {"augment": {}} if args.no_augment else {}  # default: the paper's augmentation
+    return TrainConfig(
+        backbone=args.backbone, weights=args.weights, mode=args.mode, epochs=args.epochs, batch_size=args.batch_size,
+        learning_rate=args.lr, image_size=args.image_size, seed=args.seed, split_id=args.split,
+        view_mode=args.view_mode, max_train_images=args.max_train_images, **optional,
+    )
+
+
+def _terminal_progress(fields: dict) -> None:
+    if not sys.stderr.isatty():
+        return
+    batch, batches = fields.get("batch") or 0, fields.get("batches") or 0
+    eta = fields.get("eta_s")
+    line = (f"\r{fields.get('phase', ''):<10} epoch {fields.get('epoch') or '-'}/{fields.get('epochs') or '-'} "
+            f"batch {batch}/{batches} loss {fields.get('loss') or float('nan'):.4f}"
+            + (f" eta {eta:.0f}s" if eta else ""))
+    sys.stderr.write(f"{line:<80}")
+    sys.stderr.flush()
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from bonescan_core import db as dbm
+    from bonescan_core import jobs, splits
+
+    try:
+        config = train_config(args)
+    except ValueError as error:
+        raise CommandError(str(error)) from error
+    db_path = dbm.resolve_path(args.db)
+    try:
+        with dbm.opened(db_path) as db:
+            if config.split_id is None:  # fix the split now, so queued backbones share it
+                config = dataclasses.replace(config, split_id=splits.ensure_split(db, seed=config.seed))
+            run_id = jobs.enqueue(db, config.backbone, config.to_dict(), config.identity_hash())
+    except (jobs.DuplicateRun, splits.SplitError) as error:
+        raise CommandError(str(error)) from error
+    if args.queue:
+        print(f"queued run {run_id}; `bonescan worker` trains it", file=sys.stderr)
+        print(run_id)
+        return EXIT_OK
+    with dbm.opened(db_path) as db:
+        run = jobs.claim_next(db, run_id)
+    status = jobs.execute_run(db_path, run, echo=_terminal_progress)
+    if sys.stderr.isatty():
+        sys.stderr.write("\n")
+    with dbm.opened(db_path) as db:
+        run = jobs.get_run(db, run_id)
+    summary = f"run {run_id}: {status}"
+    if status == "done":
+        summary += f", threshold {run['threshold']:.3f}, {run['images_per_second']:.1f} training images/s on {run['device']}"
+    elif run["error"]:
+        summary += f": {run['error']}"
+    print(summary, file=sys.stderr)
+    print(run_id)
+    return EXIT_OK if status == "done" else EXIT_SOME_FAILED
+
+
+def cmd_predictions(args: argparse.Namespace) -> int:
+    from bonescan_core import db as dbm
+    from bonescan_core import evaluation, report
+
+    try:
+        with dbm.opened(args.db) as db:
+            text = report.predictions_csv(db, args.run)
+    except evaluation.RunNotFoundError as error:
+        raise CommandError(str(error)) from error
+    Path(args.csv).write_text(text)
+    print(f"wrote {text.count(chr(10)) - 1} predictions to {args.csv}")
+    return EXIT_OK
+
+
 def cmd_worker(args: argparse.Namespace) -> int:
     from bonescan_core import db as dbm
     from bonescan_core import jobs
@@ -294,6 +399,34 @@ def build_parser() -> argparse.ArgumentParser:
     verb = verbs.add_parser("agreement", help="inter-reader agreement (Cohen's kappa) per reviewer pair")
     verb.add_argument("--json", action="store_true")
     verb.set_defaults(func=cmd_agreement)
+
+    verb = verbs.add_parser("split", help="patient-grouped stratified split of the labelled studies")
+    verb.add_argument("--seed", type=int, default=0)
+    verb.add_argument("--test", type=float, default=0.30, help="fraction of studies for testing (default 0.30)")
+    verb.add_argument("--val", type=float, default=0.15, help="fraction of the rest for validation (default 0.15)")
+    verb.add_argument("--json", action="store_true")
+    verb.set_defaults(func=cmd_split)
+
+    verb = verbs.add_parser("train", help="train a backbone (foreground with progress, or --queue)")
+    verb.add_argument("--backbone", required=True, choices=["resnet50", "vgg19", "densenet121"])
+    verb.add_argument("--weights", default="imagenet", help="imagenet, none, or a weights file")
+    verb.add_argument("--mode", default="finetune", choices=["fast", "head", "finetune", "full"])
+    verb.add_argument("--epochs", type=int, default=20)
+    verb.add_argument("--batch-size", type=int, default=16)
+    verb.add_argument("--lr", type=float, default=1e-3)
+    verb.add_argument("--image-size", type=parse_size, default=(646, 220), metavar="HxW")
+    verb.add_argument("--seed", type=int, default=0)
+    verb.add_argument("--split", type=int, default=None, metavar="ID", help="default: the latest split of the current labels")
+    verb.add_argument("--view-mode", default="per_image", choices=["per_image", "composite"])
+    verb.add_argument("--no-augment", action="store_true", help="switch augmentation off")
+    verb.add_argument("--max-train-images", type=int, default=None, metavar="N")
+    verb.add_argument("--queue", action="store_true", help="only enqueue for the worker")
+    verb.set_defaults(func=cmd_train)
+
+    verb = verbs.add_parser("predictions", help="a run's predictions as CSV")
+    verb.add_argument("run", type=int, metavar="RUN")
+    verb.add_argument("--csv", required=True, metavar="FILE")
+    verb.set_defaults(func=cmd_predictions)
 
     verb = verbs.add_parser("worker", help="run queued training runs one at a time")
     verb.add_argument("--once", action="store_true", help="stop when the queue is empty")

@@ -232,8 +232,16 @@ def start_worker(db_path: Path, idle_exit_s: float = 600.0) -> int:
     return process.pid
 
 
+def autostart_enabled() -> bool:
+    """Whether the app starts workers itself (``BONESCAN_AUTOSTART_WORKER=0`` turns it off,
+    e.g. on a GPU server where a worker is started by hand)."""
+    return os.environ.get("BONESCAN_AUTOSTART_WORKER", "1") != "0"
+
+
 def ensure_worker(db_path: Path, idle_exit_s: float = 600.0) -> bool:
-    """Start a worker unless one is alive; returns True if one was started."""
+    """Start a worker unless one is alive or autostart is off; returns True if one was started."""
+    if not autostart_enabled():
+        return False
     with dbm.opened(db_path) as db:
         if worker_alive(db):
             return False
@@ -334,7 +342,7 @@ def execute_run(db_path: Path, run: dict, echo: Callable[[dict], None] | None = 
     with dbm.opened(db_path) as db, dbm.write(db):
         fields = {"status": status, "finished_at": dbm.utc_now(), "error": error, "heartbeat_at": dbm.utc_now()}
         if result is not None:
-            config = {**run["config"], **result.config}
+            config = {**run["config"], **result.config_additions}
             fields.update(
                 threshold=result.threshold, images_per_second=result.images_per_second, weights_path=result.weights_path,
                 weights_sha256=result.weights_sha256, device=result.device, config=json.dumps(config, sort_keys=True),

@@ -6,10 +6,11 @@ from conftest import REPO
 from streamlit.testing.v1 import AppTest
 
 from bonescan_core import db as dbm
+from bonescan_core import jobs
 from bonescan_core import review as rv
 from bonescan_core.ingest import add_demo_studies
 
-PAGES = ["app_pages/scans.py", "app_pages/review.py", "app_pages/agreement.py"]
+PAGES = ["app_pages/scans.py", "app_pages/review.py", "app_pages/agreement.py", "app_pages/train.py"]
 TIMEOUT = 60
 
 
@@ -77,3 +78,28 @@ def test_review_without_criterion_shows_error_and_stores_nothing(db_path):
 def test_review_page_asks_for_a_name(db_path):
     app = run_page(PAGES[1])
     assert any("Enter your name" in w.value for w in app.warning)
+
+
+def test_train_page_enqueues_one_run_per_backbone_and_refuses_duplicates(db_path, monkeypatch):
+    monkeypatch.setenv("BONESCAN_AUTOSTART_WORKER", "0")  # the test checks the queue, not a worker
+    with dbm.opened(db_path) as db:
+        add_demo_studies(db, 12, seed=4)
+    app = run_page("app_pages/train.py", reviewer="ann")
+    app.multiselect(key="tr_backbones").set_value(["resnet50", "vgg19"])
+    app.radio(key="tr_weights").set_value("none")
+    app.selectbox(key="tr_mode").set_value("full")
+    app.number_input(key="tr_epochs").set_value(2)
+    app.get("form_submit_button")[0].click()
+    app.run()
+    assert not app.exception, [e.value for e in app.exception]
+    assert any("queued" in s.value for s in app.success)
+    with dbm.opened(db_path) as db:
+        runs = jobs.list_runs(db)
+    assert [(r["backbone"], r["status"]) for r in runs] == [("vgg19", "queued"), ("resnet50", "queued")]
+    assert runs[0]["config"]["split_id"] == runs[1]["config"]["split_id"] is not None
+    assert (runs[0]["config"]["weights"], runs[0]["config"]["mode"], runs[0]["config"]["epochs"]) == ("none", "full", 2)
+    app.get("form_submit_button")[0].click()
+    app.run()
+    assert any("already queued" in s.value for s in app.success)
+    with dbm.opened(db_path) as db:
+        assert len(jobs.list_runs(db)) == 2

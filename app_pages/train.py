@@ -1,0 +1,146 @@
+"""Train: choose backbones and settings, enqueue, and watch the runs live.
+
+The page only enqueues: a background worker (started here when none is alive) trains one
+run at a time and writes progress to the database, which the live panel polls.
+"""
+
+from __future__ import annotations
+
+import pandas as pd
+import streamlit as st
+
+from app_pages.common import db_path, open_db
+from bonescan_core import jobs, plots, splits, training
+from bonescan_core import review as rv
+from bonescan_core.models import BACKBONES, DEFAULT_SIZE, MODES
+from bonescan_core.preprocess import PAPER_AUGMENT
+
+MODE_HELP = {
+    "fast": "frozen backbone, cached features: re-runs train only the head (seconds)",
+    "head": "frozen backbone, head trained with augmentation",
+    "finetune": "head first, then the top blocks unfrozen (BatchNorm frozen) at a lower learning rate",
+    "full": "every layer trains from the start (what weights 'none' needs)",
+}
+LIVE_EVERY_S = 2
+
+st.title("Train")
+
+with open_db() as db:
+    statuses = rv.study_statuses(db)
+    split_id = splits.latest_split(db)
+    split = splits.get_split(db, split_id) if split_id else None
+
+labels = pd.Series([s.label for s in statuses.values() if s.included], dtype="object")
+waiting = sum(s.state == "disagreement" for s in statuses.values())
+cards = st.columns(4)
+cards[0].metric("Included, metastatic", int((labels == "metastatic").sum()))
+cards[1].metric("Included, no metastasis", int((labels == "non_metastatic").sum()))
+cards[2].metric("Waiting for adjudication", waiting)
+cards[3].metric("Not used (unread or excluded)", len(statuses) - len(labels) - waiting)
+if split:
+    by_subset = {name: pd.Series([statuses[i].label for i in ids if i in statuses]).value_counts().to_dict()
+                 for name, ids in split["subsets"].items()}
+    st.caption(f"Current split {split['id']} (by patient, stratified): " + "; ".join(
+        f"{name} {sum(counts.values())} studies ({counts.get('metastatic', 0)} metastatic)" for name, counts in by_subset.items()))
+
+with st.form("train_form"):
+    chosen = st.multiselect("Backbones (trained one after another on the same split)", list(BACKBONES),
+                            default=list(BACKBONES), key="tr_backbones")
+    left, middle, right = st.columns(3)
+    weights = left.radio("Weights", ["imagenet", "none", "file"], horizontal=True, key="tr_weights",
+                         help="imagenet: Keras downloads them once into ~/.keras/models")
+    weights_file = left.text_input("Weights file (for 'file')", key="tr_weights_file")
+    mode = middle.selectbox("Mode", MODES, index=MODES.index("finetune"), format_func=lambda m: f"{m}: {MODE_HELP[m]}",
+                            key="tr_mode")
+    epochs = right.number_input("Epochs", 1, 500, 20, key="tr_epochs")
+    left2, middle2, right2 = st.columns(3)
+    learning_rate = left2.number_input("Learning rate", 1e-6, 1.0, 1e-3, format="%.6f", key="tr_lr")
+    batch_size = middle2.number_input("Batch size", 1, 256, 16, key="tr_batch")
+    seed = right2.number_input("Seed", 0, 2**31 - 1, 0, key="tr_seed")
+    size_columns = st.columns(2)
+    height = size_columns[0].number_input("Input height", 32, 2048, DEFAULT_SIZE[0], key="tr_height")
+    width = size_columns[1].number_input("Input width", 32, 1024, DEFAULT_SIZE[1], key="tr_width")
+    st.markdown("Augmentation (training images only; paper defaults)")
+    switches = st.columns(len(PAPER_AUGMENT))
+    augment = {}
+    for column, (name, default) in zip(switches, PAPER_AUGMENT.items(), strict=True):
+        if column.toggle(name.replace("_", " "), value=True, key=f"tr_aug_{name}"):
+            augment[name] = default
+    submitted = st.form_submit_button("Train", type="primary")
+
+if weights == "none" and mode != "full":
+    st.warning("Weights 'none' starts from random weights: only mode 'full' trains them, and from scratch on a few "
+               "hundred scans a network rarely generalises. Prefer imagenet weights.")
+elif weights == "none":
+    st.warning("Training from scratch on a few hundred scans rarely generalises; ImageNet weights usually do much better.")
+
+if submitted:
+    if not chosen:
+        st.error("Choose at least one backbone.")
+    else:
+        try:
+            with open_db() as db:
+                split_id = splits.ensure_split(db, seed=int(seed))
+                messages = []
+                for backbone in chosen:
+                    config = training.TrainConfig(
+                        backbone=backbone, weights=weights_file.strip() if weights == "file" else weights, mode=mode,
+                        epochs=int(epochs), batch_size=int(batch_size), learning_rate=float(learning_rate),
+                        image_size=(int(height), int(width)), seed=int(seed), split_id=split_id, augment=augment,
+                    )
+                    try:
+                        run_id = jobs.enqueue(db, backbone, config.to_dict(), config.identity_hash())
+                        messages.append(f"run {run_id} ({backbone}) queued")
+                    except jobs.DuplicateRun as duplicate:
+                        messages.append(f"{backbone}: {duplicate}")
+            started = jobs.ensure_worker(db_path())
+            st.success("; ".join(messages) + (". Started a background worker." if started else "."))
+        except (splits.SplitError, ValueError) as error:
+            st.error(str(error))
+
+
+@st.fragment(run_every=LIVE_EVERY_S)
+def live_runs() -> None:
+    """The runs, newest first: status, progress, ETA, curves, cancel. Polls the database."""
+    with open_db() as db:
+        runs = jobs.list_runs(db)[:12]
+        worker = jobs.worker_alive(db)
+        curves = {run["id"]: jobs.epochs(db, run["id"]) for run in runs if run["status"] in ("running", "done")}
+    active = [run for run in runs if run["status"] in jobs.ACTIVE]
+    st.subheader("Runs")
+    st.caption(("A worker is running." if worker else "No worker is running.")
+               + (f" {len(active)} run(s) queued or running." if active else ""))
+    if active and not worker:
+        if st.button("Start a worker", key="tr_start_worker"):
+            jobs.ensure_worker(db_path())
+    for run in runs:
+        config = run["config"]
+        title = (f"Run {run['id']} · {run['backbone']} · {config.get('mode')} · {run['status']}"
+                 + (f" · {run['device']}" if run.get("device") else ""))
+        with st.expander(title, expanded=run["status"] == "running"):
+            progress = run["progress"] or {}
+            if run["status"] == "running":
+                epoch, epochs_total = progress.get("epoch") or 0, progress.get("epochs") or config.get("epochs") or 1
+                batch, batches = progress.get("batch") or 0, progress.get("batches") or 1
+                done = min(1.0, ((max(epoch, 1) - 1) + batch / batches) / epochs_total)
+                eta = progress.get("eta_s")
+                st.progress(done, text=f"{progress.get('phase', 'starting')}: epoch {epoch}/{epochs_total}, batch "
+                            f"{batch}/{batches}" + (f", about {eta / 60:.1f} min left" if eta else ""))
+                if progress.get("loss") is not None:
+                    st.caption(f"loss {progress['loss']:.4f}")
+            if run["status"] in jobs.ACTIVE:
+                st.button("Cancel", key=f"tr_cancel_{run['id']}", on_click=cancel, args=(run["id"],))
+            if run.get("error"):
+                st.error(run["error"])
+            if run["status"] == "done":
+                st.caption(f"threshold {run['threshold']:.3f} · {run['images_per_second'] or 0:.1f} training images/s")
+            if curves.get(run["id"]):
+                st.plotly_chart(plots.training_curves(curves[run["id"]]), key=f"tr_curves_{run['id']}_{len(curves[run['id']])}")
+
+
+def cancel(run_id: int) -> None:
+    with open_db() as db:
+        jobs.request_cancel(db, run_id)
+
+
+live_runs()

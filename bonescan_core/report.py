@@ -1,0 +1,119 @@
+"""Exports of a run: predictions CSV, a self-contained HTML report, and the model bundle.
+
+The same functions serve the Evaluate page's downloads and the CLI (``predictions``,
+``export``). Nothing identifying leaves: rows carry database ids only (patients are the
+pseudonymous ids of this database), and the config holds settings, not file paths of scans.
+"""
+
+from __future__ import annotations
+
+import csv
+import html
+import io
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+import sqlite_utils
+
+from bonescan_core import evaluation, jobs, plots
+
+PREDICTION_COLUMNS = ("image_id", "study_id", "patient_id", "view", "subset", "label", "probability")
+BUNDLE_FILES = ("model.keras", "config.json", "metrics.json", "predictions.csv", "report.html")
+
+
+def predictions_rows(db: sqlite_utils.Database, run_id: int) -> list[dict[str, Any]]:
+    """Every stored prediction of a run (validation and test), by subset then image id."""
+    rows = []
+    for subset in ("train", "val", "test"):
+        data = evaluation.run_predictions(db, run_id, subset)
+        for i in range(len(data["image_id"])):
+            rows.append({
+                "image_id": int(data["image_id"][i]), "study_id": int(data["study_id"][i]),
+                "patient_id": int(data["patient_id"][i]), "view": data["view"][i] or "", "subset": subset,
+                "label": int(data["label"][i]), "probability": round(float(data["probability"][i]), 6),
+            })
+    return rows
+
+
+def predictions_csv(db: sqlite_utils.Database, run_id: int) -> str:
+    """``predictions --csv`` text: columns PREDICTION_COLUMNS (label 1 = metastatic)."""
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=PREDICTION_COLUMNS, lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(predictions_rows(db, run_id))
+    return buffer.getvalue()
+
+
+def _metrics_table(result: dict[str, Any]) -> str:
+    rows = []
+    for name, value in result["metrics"].items():
+        ci = value.get("ci95") or [None, None]
+        shown = "n/a" if value["value"] is None else f"{value['value']:.3f}"
+        interval = "" if ci[0] is None else f"{ci[0]:.3f} to {ci[1]:.3f}"
+        rows.append(f"<tr><td>{html.escape(plots.metric_name(name))}</td><td>{shown}</td><td>{interval}</td></tr>")
+    return "<table><tr><th>metric</th><th>value</th><th>95% CI (patient bootstrap)</th></tr>" + "".join(rows) + "</table>"
+
+
+def report_html(db: sqlite_utils.Database, run_id: int, threshold: float | None = None) -> str:
+    """A self-contained HTML report (plotly.js inlined once; opens with no network).
+
+    Contents: backbone and run, metrics with CIs at image and study level, confusion
+    matrix, ROC/PR/calibration curves, training curves, the full configuration.
+    """
+    run = jobs.get_run(db, run_id)
+    result = evaluation.evaluate(db, run_id, threshold=threshold)
+    data = evaluation.run_predictions(db, run_id, "test")
+    name = evaluation.run_label(run["backbone"], run_id, with_id=True)
+    figures = [
+        plots.confusion_heatmap(result["confusion"], result["threshold"]),
+        plots.roc_figure({name: evaluation.roc_points(data["label"], data["probability"])}, {name: result["threshold"]}),
+        plots.pr_figure({name: evaluation.pr_points(data["label"], data["probability"])}, {name: result["threshold"]}),
+        plots.calibration_figure({name: evaluation.calibration_points(data["label"], data["probability"])}),
+        plots.training_curves(jobs.epochs(db, run_id)),
+    ]
+    parts = [figure.to_html(full_html=False, include_plotlyjs=(index == 0)) for index, figure in enumerate(figures)]
+    study = result.get("study_level") or {}
+    config = json.dumps(run["config"], indent=2, sort_keys=True)
+    return f"""<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>bonescan run {run_id}: {html.escape(name)}</title>
+<style>
+body {{ font-family: Inter, 'Segoe UI', Helvetica, Arial, sans-serif; margin: 2em auto; max-width: 1100px; color: #222; }}
+table {{ border-collapse: collapse; margin: 1em 0; }} td, th {{ border: 1px solid #ccc; padding: 4px 10px; text-align: left; }}
+pre {{ background: #f6f6f6; padding: 1em; overflow-x: auto; }} .grid {{ display: grid; grid-template-columns: 1fr 1fr; }}
+</style></head><body>
+<h1>{html.escape(name)} — bone metastasis, run {run_id}</h1>
+<p>Test subset: {result['n_images']} images, {result['n_studies']} studies. Decision threshold {result['threshold']:.3f}
+({html.escape(str(result.get('threshold_source', 'run')))}; chosen on the validation subset unless stated).
+Device: {html.escape(str(run.get('device') or 'unknown'))}. Status: {html.escape(run['status'])}.</p>
+<h2>Image level</h2>{_metrics_table(result)}
+<h2>Study level (probability = max over views)</h2>{_metrics_table(study) if study.get('metrics') else '<p>n/a</p>'}
+<h2>Figures</h2><div class="grid">{''.join(f'<div>{part}</div>' for part in parts)}</div>
+<h2>Configuration</h2><pre>{html.escape(config)}</pre>
+<p><small>Generated by bonescan. Confidence intervals: percentile bootstrap over patients,
+{result.get('bootstrap', {}).get('n_resamples', 1000)} resamples.</small></p>
+</body></html>
+"""
+
+
+def export_bundle(db: sqlite_utils.Database, db_path: Path, run_id: int, out_dir: Path) -> list[Path]:
+    """Write BUNDLE_FILES for a finished run into ``out_dir`` (created); returns the paths.
+
+    The model is copied from ``runs/`` after checking that it loads with
+    ``safe_mode=True`` (see ``explain.load_run_model``), so a bundle never carries a
+    broken model.
+    """
+    from bonescan_core import explain  # Keras loads here: export is a model verb
+
+    run = jobs.get_run(db, run_id)
+    if run["status"] != "done":
+        raise ValueError(f"run {run_id} is {run['status']}; only finished runs can be exported")
+    explain.load_run_model(db_path, run)  # raises ModelUnavailable with advice
+    out_dir.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(jobs.runs_dir(db_path) / run["weights_path"], out_dir / "model.keras")
+    (out_dir / "config.json").write_text(json.dumps(run["config"], indent=2, sort_keys=True))
+    (out_dir / "metrics.json").write_text(json.dumps(evaluation.evaluate(db, run_id), indent=2))
+    (out_dir / "predictions.csv").write_text(predictions_csv(db, run_id))
+    (out_dir / "report.html").write_text(report_html(db, run_id), encoding="utf-8")
+    return [out_dir / name for name in BUNDLE_FILES]
