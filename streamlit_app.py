@@ -17,6 +17,7 @@ PAGES = [
     st.Page("app_pages/review.py", title="Review", icon=":material/rate_review:", url_path="review"),
     st.Page("app_pages/agreement.py", title="Agreement", icon=":material/group:", url_path="agreement"),
     st.Page("app_pages/train.py", title="Train", icon=":material/model_training:", url_path="train"),
+    st.Page("app_pages/evaluate.py", title="Evaluate", icon=":material/query_stats:", url_path="evaluate"),
 ]
 
 navigation = st.navigation(PAGES)

@@ -889,3 +889,46 @@ def compare_runs(db: sqlite_utils.Database, run_ids: Sequence[int], threshold: f
         ],
         "pairs": pairs,
     }
+
+
+def outcome(label: int, probability: float, threshold: float) -> str:
+    """``TP``, ``FP``, ``FN`` or ``TN`` of one image at a threshold (positive = metastatic)."""
+    predicted = probability >= threshold
+    return ("TP" if label else "FP") if predicted else ("FN" if label else "TN")
+
+
+def explorer_rows(db: sqlite_utils.Database, run_id: int, threshold: float) -> list[dict[str, Any]]:
+    """Every validation and test prediction of a run, for the per-image explorer.
+
+    Returns:
+        Dicts with ``image_id, study_id, patient_id, view, subset, label`` (0/1),
+        ``probability``, ``outcome`` (TP/FP/FN/TN at ``threshold``), ``loss`` (binary
+        cross-entropy of the image, >= 0: "top losses" first when sorted descending),
+        ``confidence`` (|probability - threshold|, how far from the decision), and the
+        readers' current ``verdicts`` ("reader: verdict; ..."), ``criteria`` (ids, ";"-joined)
+        and ``notes``.
+    """
+    from bonescan_core.review import latest_reviews  # local: keeps evaluation's import light
+
+    rows = []
+    for subset in ("val", "test"):
+        data = run_predictions(db, run_id, subset)
+        for i in range(len(data["image_id"])):
+            label, probability = int(data["label"][i]), float(data["probability"][i])
+            clipped = min(max(probability, 1e-7), 1 - 1e-7)
+            rows.append({
+                "image_id": int(data["image_id"][i]), "study_id": int(data["study_id"][i]),
+                "patient_id": int(data["patient_id"][i]), "view": data["view"][i], "subset": subset, "label": label,
+                "probability": probability, "outcome": outcome(label, probability, threshold),
+                "loss": float(-np.log(clipped if label else 1 - clipped)),
+                "confidence": abs(probability - threshold),
+            })
+    reviews: dict[int, list[dict]] = {}
+    for review in latest_reviews(db, {row["study_id"] for row in rows}):
+        reviews.setdefault(review["study_id"], []).append(review)
+    for row in rows:
+        mine = reviews.get(row["study_id"], [])
+        row["verdicts"] = "; ".join(f"{r['reviewer']}: {r['label'] or 'excluded'}" for r in mine)
+        row["criteria"] = ";".join(sorted({c for r in mine for c in r["criteria"].split(";") if c}))
+        row["notes"] = " | ".join(r["note"] for r in mine if r["note"])
+    return rows

@@ -230,6 +230,21 @@ def study_statuses(db: sqlite_utils.Database, study_ids: Iterable[int] | None = 
     return statuses
 
 
+def latest_reviews(db: sqlite_utils.Database, study_ids: Iterable[int]) -> list[dict]:
+    """Each reviewer's latest review (reading or consensus) of the given studies, as dicts."""
+    wanted = sorted(set(study_ids))
+    if not wanted:
+        return []
+    marks = ", ".join("?" for _ in wanted)
+    sql = f"""
+        SELECT r.* FROM reviews r
+        JOIN (SELECT MAX(id) AS id FROM reviews WHERE study_id IN ({marks}) GROUP BY study_id, reviewer, adjudication) latest
+          ON latest.id = r.id
+        ORDER BY r.id
+    """
+    return [dict(row) for row in db.query(sql, wanted)]
+
+
 def training_labels(db: sqlite_utils.Database) -> dict[int, tuple[str | None, bool]]:
     """{study_id: (training label or None, included)} for every study; see :func:`study_statuses`."""
     return {study_id: (status.label, status.included) for study_id, status in study_statuses(db).items()}

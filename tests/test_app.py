@@ -10,7 +10,7 @@ from bonescan_core import jobs
 from bonescan_core import review as rv
 from bonescan_core.ingest import add_demo_studies
 
-PAGES = ["app_pages/scans.py", "app_pages/review.py", "app_pages/agreement.py", "app_pages/train.py"]
+PAGES = ["app_pages/scans.py", "app_pages/review.py", "app_pages/agreement.py", "app_pages/train.py", "app_pages/evaluate.py"]
 TIMEOUT = 60
 
 

@@ -1,0 +1,229 @@
+"""Evaluate: metrics with CIs at any threshold, curves, backbone comparison, the per-image
+explorer with Grad-CAM, and exports."""
+
+from __future__ import annotations
+
+import io
+import json
+import tempfile
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import streamlit as st
+
+from app_pages.common import cached_study_images, db_path, open_db, reviewer
+from bonescan_core import evaluation, jobs, pixelstore, plots, report
+from bonescan_core import review as rv
+
+CARD_METRICS = ("accuracy", "recall", "precision", "f1", "specificity", "npv", "auc", "pr_auc", "brier")
+
+
+@st.cache_data(max_entries=32, show_spinner=False)
+def cached_evaluation(database: str, run_id: int, threshold: float) -> dict:
+    with open_db() as db:
+        return evaluation.evaluate(db, run_id, threshold=threshold)
+
+
+@st.cache_data(max_entries=16, show_spinner=False)
+def cached_predictions(database: str, run_id: int, subset: str) -> dict:
+    with open_db() as db:
+        return evaluation.run_predictions(db, run_id, subset)
+
+
+@st.cache_resource(max_entries=3, show_spinner="Loading the model (first time only)...")
+def cached_model(database: str, run_id: int):
+    from bonescan_core import explain  # Keras loads here, only when a map is asked for
+
+    with open_db() as db:
+        return explain.load_run_model(Path(database), jobs.get_run(db, run_id))
+
+
+def heatmap(run_id: int, image_id: int) -> np.ndarray:
+    """The Grad-CAM map of one image (cached in the database after the first computation)."""
+    from bonescan_core import explain
+
+    with open_db() as db:
+        cached = explain.cached_heatmap(db, run_id, image_id)
+        if cached is not None:
+            return cached
+        model = cached_model(str(db_path()), run_id)
+        return explain.explain_image(db, db_path(), run_id, image_id, model=model)
+
+
+def label_of(run: dict) -> str:
+    config = run["config"]
+    return f"Run {run['id']} · {evaluation.run_label(run['backbone'], run['id'])} · {config.get('mode')} · " \
+           f"{config.get('weights')} · split {run.get('split_id')}"
+
+
+st.title("Evaluate")
+with open_db() as db:
+    runs = [run for run in jobs.list_runs(db) if run["status"] == "done"]
+if not runs:
+    st.info("No finished runs yet: train one on the Train page.")
+    st.stop()
+
+by_id = {run["id"]: run for run in runs}
+run_id = st.selectbox("Run", list(by_id), format_func=lambda i: label_of(by_id[i]), key="ev_run")
+run = by_id[run_id]
+database = str(db_path())
+stored_threshold = float(run["threshold"] if run["threshold"] is not None else evaluation.DEFAULT_THRESHOLD)
+
+metrics_tab, compare_tab, explorer_tab, export_tab = st.tabs(["Metrics", "Compare backbones", "Per-image explorer", "Export"])
+
+with metrics_tab:
+    threshold = st.slider("Decision threshold (metastatic when probability >= threshold)", 0.0, 1.0,
+                          round(stored_threshold, 3), 0.005, key=f"ev_threshold_{run_id}",
+                          help=f"The run's threshold, chosen on validation, is {stored_threshold:.3f}.")
+    result = cached_evaluation(database, run_id, round(threshold, 4))
+    st.caption(f"Test subset: {result['n_images']} images, {result['n_studies']} studies, "
+               f"{result.get('n_patients', '?')} patients. 95% CIs: bootstrap over patients.")
+    for row_start in range(0, len(CARD_METRICS), 5):
+        columns = st.columns(5)
+        for column, name in zip(columns, CARD_METRICS[row_start:row_start + 5], strict=False):
+            value = result["metrics"][name]
+            ci = value.get("ci95") or [None, None]
+            column.metric(plots.metric_name(name), "n/a" if value["value"] is None else f"{value['value']:.3f}",
+                          help=None if ci[0] is None else f"95% CI {ci[0]:.3f} to {ci[1]:.3f}")
+            if ci[0] is not None:
+                column.caption(f"{ci[0]:.2f} to {ci[1]:.2f}")
+    level = st.radio("Level", ["image", "study (max over views)"], horizontal=True, key="ev_level")
+    shown = result if level == "image" else result["study_level"]
+    test = cached_predictions(database, run_id, "test")
+    name = evaluation.run_label(run["backbone"], run_id)
+    left, right = st.columns(2)
+    left.plotly_chart(plots.confusion_heatmap(shown["confusion"], threshold,
+                                              unit="images" if level == "image" else "studies"), key="ev_confusion")
+    right.plotly_chart(plots.roc_figure({name: evaluation.roc_points(test["label"], test["probability"])}, {name: threshold}),
+                       key="ev_roc")
+    left, right = st.columns(2)
+    left.plotly_chart(plots.pr_figure({name: evaluation.pr_points(test["label"], test["probability"])}, {name: threshold}),
+                      key="ev_pr")
+    right.plotly_chart(plots.calibration_figure({name: evaluation.calibration_points(test["label"], test["probability"])}),
+                       key="ev_calibration")
+    with open_db() as db:
+        st.plotly_chart(plots.training_curves(jobs.epochs(db, run_id)), key="ev_training")
+    with st.expander("Configuration"):
+        st.json(run["config"])
+
+with compare_tab:
+    same_split = [r["id"] for r in runs if r.get("split_id") == run.get("split_id")]
+    chosen = st.multiselect("Runs on the same split (the same test images)", same_split,
+                            default=[i for i in same_split][:3], format_func=lambda i: label_of(by_id[i]), key="ev_compare")
+    if len(chosen) < 2:
+        st.info("Choose two or more runs to compare.")
+    else:
+        try:
+            with open_db() as db:
+                comparison = evaluation.compare_runs(db, chosen)
+        except evaluation.IncomparableRunsError as error:
+            st.error(str(error))
+        else:
+            results = {evaluation.run_label(by_id[i]["backbone"], i, with_id=True): cached_evaluation(
+                database, i, round(float(by_id[i]["threshold"] or 0.5), 4)) for i in chosen}
+            st.plotly_chart(plots.forest_plot(results), key="ev_forest")
+            st.dataframe(pd.DataFrame([
+                {"run": label, **{plots.metric_name(m): value["metrics"][m]["value"] for m in ("accuracy", "recall", "precision", "f1", "auc")}}
+                for label, value in results.items()]), hide_index=True)
+            st.markdown("**Paired tests on the same test images** (DeLong for AUC, McNemar for decisions):")
+            for pair in comparison["pairs"]:
+                st.markdown(f"- {pair['summary']}  \n  {pair['accuracy_summary']}")
+
+with explorer_tab:
+    threshold_now = st.session_state.get(f"ev_threshold_{run_id}", stored_threshold)
+    with open_db() as db:
+        rows = pd.DataFrame(evaluation.explorer_rows(db, run_id, threshold_now))
+    filters = st.columns(4)
+    outcomes = filters[0].multiselect("Outcome", ["TP", "FP", "FN", "TN"], key="ex_outcome")
+    subsets = filters[1].multiselect("Subset", ["val", "test"], key="ex_subset")
+    views = filters[2].multiselect("View", sorted(rows["view"].dropna().unique()), key="ex_view")
+    criterion = filters[3].selectbox("Reader criterion", ["any"] + list(rv.CRITERIA), key="ex_criterion")
+    order = st.radio("Sort", ["top losses first", "least confident first", "most confident first"], horizontal=True,
+                     key="ex_sort")
+    mask = np.ones(len(rows), dtype=bool)
+    if outcomes:
+        mask &= rows["outcome"].isin(outcomes)
+    if subsets:
+        mask &= rows["subset"].isin(subsets)
+    if views:
+        mask &= rows["view"].isin(views)
+    if criterion != "any":
+        mask &= rows["criteria"].str.split(";").apply(lambda ids: criterion in ids)
+    table = rows[mask].sort_values(*{"top losses first": ("loss", False), "least confident first": ("confidence", True),
+                                     "most confident first": ("confidence", False)}[order])
+    picked = st.dataframe(
+        table[["image_id", "study_id", "view", "subset", "label", "probability", "outcome", "loss", "verdicts", "criteria"]],
+        hide_index=True, on_select="rerun", selection_mode="single-row", key=f"ex_table_{run_id}",
+        column_config={"probability": st.column_config.ProgressColumn("probability", min_value=0.0, max_value=1.0, format="%.3f"),
+                       "loss": st.column_config.NumberColumn(format="%.3f")},
+    )
+    selected = picked.selection.rows if picked else []
+    if table.empty:
+        st.info("No predictions match these filters.")
+    else:
+        chosen_row = table.iloc[selected[0]] if selected else table.iloc[0]
+        study_id, image_id = int(chosen_row["study_id"]), int(chosen_row["image_id"])
+        st.subheader(f"Study {study_id} · image {image_id} ({chosen_row['view']}) · {chosen_row['outcome']}")
+        st.markdown(f"Probability **{chosen_row['probability']:.3f}** · threshold {threshold_now:.3f} · "
+                    f"reference label **{'metastatic' if chosen_row['label'] else 'no metastasis'}**")
+        opacity = st.slider("Grad-CAM opacity", 0.0, 1.0, 0.45, 0.05, key="ex_opacity")
+        images = cached_study_images(study_id)
+        predicted = set(rows.loc[rows["study_id"] == study_id, "image_id"])
+        panels, captions = [], []
+        try:
+            from bonescan_core import explain
+
+            with st.spinner("Computing Grad-CAM..."):
+                for image in images:
+                    if image["id"] in predicted:
+                        panels.append(explain.overlay(image["pixels"], heatmap(run_id, image["id"]), opacity=opacity,
+                                                      upper=image["display_max"]))
+                    else:
+                        grey = pixelstore.to_display(image["pixels"], upper=image["display_max"])
+                        panels.append(np.repeat(grey[..., None], 3, axis=2))
+                    captions.append(f"{(image['view'] or 'view ?').capitalize()} (image {image['id']})")
+            st.image(pixelstore.side_by_side(panels, 700), caption=" | ".join(captions))
+        except Exception as error:  # noqa: BLE001 - a missing model must not break the explorer
+            st.error(f"Grad-CAM is not available for this run: {error}")
+        with open_db() as db:
+            trail = rv.history(db, study_id)
+        if trail:
+            st.dataframe(pd.DataFrame(trail)[["created_at", "reviewer", "decision", "label", "criteria", "artifacts", "note"]],
+                         hide_index=True)
+        reason = st.text_input("Reason for re-review", value=f"run {run_id}: {chosen_row['outcome']}, p={chosen_row['probability']:.2f}",
+                               key=f"ex_reason_{image_id}")
+        if st.button("Flag for re-review", key=f"ex_flag_{image_id}"):
+            with open_db() as db:
+                rv.add_flag(db, study_id, reason, reviewer() or "evaluate")
+            st.success(f"Study {study_id} is in the Review queue's flagged list.")
+
+with export_tab:
+    with open_db() as db:
+        metrics_json = json.dumps(cached_evaluation(database, run_id, round(stored_threshold, 4)), indent=2)
+        predictions = report.predictions_csv(db, run_id)
+    columns = st.columns(4)
+    columns[0].download_button("metrics.json", metrics_json, f"run-{run_id}-metrics.json", "application/json", key="dl_metrics")
+    columns[1].download_button("predictions.csv", predictions, f"run-{run_id}-predictions.csv", "text/csv", key="dl_predictions")
+    if columns[2].button("Build report.html", key="build_report"):
+        with open_db() as db:
+            st.session_state[f"report_{run_id}"] = report.report_html(db, run_id)
+    if f"report_{run_id}" in st.session_state:
+        columns[2].download_button("Download report.html", st.session_state[f"report_{run_id}"], f"run-{run_id}-report.html",
+                                   "text/html", key="dl_report")
+    if columns[3].button("Build model bundle", key="build_bundle"):
+        with tempfile.TemporaryDirectory() as folder, open_db() as db:
+            try:
+                files = report.export_bundle(db, db_path(), run_id, Path(folder) / f"run-{run_id}")
+            except Exception as error:  # noqa: BLE001 - shown to the user with its advice
+                st.error(str(error))
+            else:
+                buffer = io.BytesIO()
+                with zipfile.ZipFile(buffer, "w", zipfile.ZIP_DEFLATED) as archive:
+                    for path in files:
+                        archive.write(path, f"run-{run_id}/{path.name}")
+                st.session_state[f"bundle_{run_id}"] = buffer.getvalue()
+    if f"bundle_{run_id}" in st.session_state:
+        columns[3].download_button("Download bundle (.zip)", st.session_state[f"bundle_{run_id}"], f"run-{run_id}.zip",
+                                   "application/zip", key="dl_bundle")
