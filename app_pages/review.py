@@ -79,8 +79,10 @@ if not name:
 if "study" in st.query_params and st.query_params["study"].isdigit():
     st.session_state["rv_study"] = int(st.query_params.pop("study"))
 
+with open_db() as db:
+    orders = [o for o in rv.QUEUE_ORDERS if o != "uncertain" or rv.newest_finished_run(db) is not None]
 top = st.columns([2, 1, 3])
-order = top[0].selectbox("Queue", list(rv.QUEUE_ORDERS), format_func=lambda o: rv.QUEUE_ORDERS[o].capitalize(), key="rv_order")
+order = top[0].selectbox("Queue", orders, format_func=lambda o: rv.QUEUE_ORDERS[o].capitalize(), key="rv_order")
 blind = top[1].toggle("Blind mode", value=True, key="rv_blind", help="Hide other readers' labels until you have read the study.")
 
 with open_db() as db:

@@ -257,6 +257,7 @@ QUEUE_ORDERS: dict[str, str] = {
     "all": "all studies",
     "disagreements": "disagreements",
     "flagged": "flagged for re-review",
+    "uncertain": "model-uncertain first",
 }
 
 
@@ -271,7 +272,9 @@ def review_queue(db: sqlite_utils.Database, reviewer: str, order: str = "unread"
     Args:
         order: ``unread`` (studies this reviewer has not read, then the rest, each by id),
             ``all`` (by id), ``disagreements`` (only studies whose readers disagree and no
-            adjudication settled), ``flagged`` (only studies with an open re-review flag).
+            adjudication settled), ``flagged`` (only studies with an open re-review flag),
+            ``uncertain`` (studies the newest finished run was least sure of first: smallest
+            |probability - threshold| over the study's images; then the others by id).
     """
     if order not in QUEUE_ORDERS:
         raise ValueError(f"unknown queue order {order!r}; one of {', '.join(QUEUE_ORDERS)}")
@@ -279,11 +282,34 @@ def review_queue(db: sqlite_utils.Database, reviewer: str, order: str = "unread"
         return sorted(s.study_id for s in study_statuses(db).values() if s.state == "disagreement")
     if order == "flagged":
         return sorted(open_flags(db))
+    if order == "uncertain":
+        return _uncertain_first(db)
     ids = [row[0] for row in db.execute("SELECT id FROM studies ORDER BY id").fetchall()]
     if order == "all":
         return ids
     mine = read_by(db, reviewer)
     return [i for i in ids if i not in mine] + [i for i in ids if i in mine]
+
+
+def newest_finished_run(db: sqlite_utils.Database) -> int | None:
+    """Id of the newest run with status ``done`` (None before any training)."""
+    row = db.execute("SELECT id FROM runs WHERE status = 'done' ORDER BY id DESC LIMIT 1").fetchone()
+    return row[0] if row else None
+
+
+def _uncertain_first(db: sqlite_utils.Database) -> list[int]:
+    run_id = newest_finished_run(db)
+    ids = [row[0] for row in db.execute("SELECT id FROM studies ORDER BY id").fetchall()]
+    if run_id is None:
+        return ids
+    sql = """
+        SELECT i.study_id, MIN(ABS(p.probability - COALESCE(r.threshold, 0.5))) AS margin
+        FROM predictions p JOIN images i ON i.id = p.image_id JOIN runs r ON r.id = p.run_id
+        WHERE p.run_id = ? GROUP BY i.study_id ORDER BY margin, i.study_id
+    """
+    ranked = [row[0] for row in db.execute(sql, [run_id]).fetchall()]
+    seen = set(ranked)
+    return ranked + [i for i in ids if i not in seen]
 
 
 def history(db: sqlite_utils.Database, study_id: int) -> list[dict]:

@@ -2,6 +2,7 @@
 
 import csv
 
+import numpy as np
 import pytest
 
 from bonescan_core import review as rv
@@ -128,3 +129,19 @@ def test_csv_missing_columns(db, tmp_path):
     sheet.write_text("study,who\n1,ann\n")
     with pytest.raises(rv.ReviewError, match="missing columns study_id, reviewer, decision, label, criteria"):
         rv.import_reviews_csv(db, sheet)
+
+
+def test_model_uncertain_first(db, studies):
+    from bonescan_core import db as dbm
+    from bonescan_core.ingest import insert_image
+
+    assert rv.review_queue(db, "ann", "uncertain") == studies  # no run yet: by id
+    with dbm.write(db):
+        images = [insert_image(db, s, np.full((64, 64), i + 1, dtype=np.uint16) + np.eye(64, dtype=np.uint16), "anterior",
+                               f"{s}.png", "png") for i, s in enumerate(studies[:3])]
+        run = db["runs"].insert({"backbone": "vgg19", "status": "done", "config": "{}", "config_hash": "x",
+                                 "created_at": dbm.utc_now(), "threshold": 0.4}).last_pk
+        for image, probability in zip(images, (0.95, 0.41, 0.1), strict=True):
+            db["predictions"].insert({"run_id": run, "image_id": image, "subset": "test", "label": 1, "probability": probability})
+    queue = rv.review_queue(db, "ann", "uncertain")
+    assert queue == [studies[1], studies[2], studies[0], *studies[3:]]  # margins 0.01, 0.3, 0.55, then unpredicted by id
