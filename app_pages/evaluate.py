@@ -32,24 +32,13 @@ def cached_predictions(database: str, run_id: int, subset: str) -> dict:
         return evaluation.run_predictions(db, run_id, subset)
 
 
-@st.cache_resource(max_entries=3, show_spinner="Loading the model (first time only)...")
-def cached_model(database: str, run_id: int):
-    from bonescan_core import explain  # Keras loads here, only when a map is asked for
-
-    with open_db() as db:
-        return explain.load_run_model(Path(database), jobs.get_run(db, run_id))
-
-
 def heatmap(run_id: int, image_id: int) -> np.ndarray:
-    """The Grad-CAM map of one image (cached in the database after the first computation)."""
+    """The Grad-CAM map of one image: computed once (the model loads on first use; Keras is
+    imported only then) and cached in the database."""
     from bonescan_core import explain
 
     with open_db() as db:
-        cached = explain.cached_heatmap(db, run_id, image_id)
-        if cached is not None:
-            return cached
-        model = cached_model(str(db_path()), run_id)
-        return explain.explain_image(db, db_path(), run_id, image_id, model=model)
+        return explain.explain_image(db, db_path(), run_id, image_id)
 
 
 def label_of(run: dict) -> str:

@@ -288,6 +288,58 @@ def cmd_predictions(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from bonescan_core import db as dbm
+    from bonescan_core import evaluation
+
+    try:
+        with dbm.opened(args.db) as db:
+            result = evaluation.evaluate(db, args.run, threshold=args.threshold)
+    except (evaluation.RunNotFoundError, evaluation.NoPredictionsError) as error:
+        raise CommandError(str(error)) from error
+    if args.json:
+        json.dump(result, sys.stdout)
+        sys.stdout.write("\n")
+        return EXIT_OK
+    print(f"run {result['run']} ({result['backbone']}), {result['subset']}: {result['n_images']} images, "
+          f"{result['n_studies']} studies, threshold {result['threshold']:.3f}")
+    for name, value in result["metrics"].items():
+        ci = value.get("ci95") or [None, None]
+        shown = "n/a" if value["value"] is None else f"{value['value']:.3f}"
+        print(f"  {name:<12} {shown}" + ("" if ci[0] is None else f"  (95% CI {ci[0]:.3f} to {ci[1]:.3f})"))
+    print("  confusion    " + ", ".join(f"{k} {v}" for k, v in result["confusion"].items()))
+    return EXIT_OK
+
+
+def cmd_explain(args: argparse.Namespace) -> int:
+    from bonescan_core import db as dbm
+    from bonescan_core import explain, jobs
+
+    db_path = dbm.resolve_path(args.db)
+    try:
+        with dbm.opened(db_path) as db:
+            out = explain.explain_png(db, db_path, args.run, args.image, Path(args.out), opacity=args.opacity)
+    except (explain.ModelUnavailable, explain.ImageNotFound, jobs.RunNotFound, ValueError) as error:
+        raise CommandError(str(error)) from error
+    print(f"wrote {out}")
+    return EXIT_OK
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from bonescan_core import db as dbm
+    from bonescan_core import evaluation, explain, jobs, report
+
+    db_path = dbm.resolve_path(args.db)
+    try:
+        with dbm.opened(db_path) as db:
+            files = report.export_bundle(db, db_path, args.run, Path(args.out))
+    except (explain.ModelUnavailable, jobs.RunNotFound, evaluation.NoPredictionsError, ValueError) as error:
+        raise CommandError(str(error)) from error
+    for path in files:
+        print(path)
+    return EXIT_OK
+
+
 def cmd_worker(args: argparse.Namespace) -> int:
     from bonescan_core import db as dbm
     from bonescan_core import jobs
@@ -427,6 +479,24 @@ def build_parser() -> argparse.ArgumentParser:
     verb.add_argument("run", type=int, metavar="RUN")
     verb.add_argument("--csv", required=True, metavar="FILE")
     verb.set_defaults(func=cmd_predictions)
+
+    verb = verbs.add_parser("evaluate", help="metrics with 95% CIs on a run's test subset")
+    verb.add_argument("run", type=int, metavar="RUN")
+    verb.add_argument("--threshold", type=float, default=None, help="default: the run's validation-chosen threshold")
+    verb.add_argument("--json", action="store_true")
+    verb.set_defaults(func=cmd_evaluate)
+
+    verb = verbs.add_parser("explain", help="Grad-CAM overlay of one image for one run")
+    verb.add_argument("run", type=int, metavar="RUN")
+    verb.add_argument("image", type=int, metavar="IMAGE")
+    verb.add_argument("--out", required=True, metavar="FILE.png")
+    verb.add_argument("--opacity", type=float, default=0.4)
+    verb.set_defaults(func=cmd_explain)
+
+    verb = verbs.add_parser("export", help="model.keras, config.json, metrics.json, predictions.csv, report.html")
+    verb.add_argument("run", type=int, metavar="RUN")
+    verb.add_argument("--out", required=True, metavar="DIR")
+    verb.set_defaults(func=cmd_export)
 
     verb = verbs.add_parser("worker", help="run queued training runs one at a time")
     verb.add_argument("--once", action="store_true", help="stop when the queue is empty")

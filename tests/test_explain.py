@@ -1,0 +1,328 @@
+"""Grad-CAM: shapes and ranges per backbone, a model whose answer is known, geometry, overlay,
+loading run models safely, and the explanations cache.
+
+The "known answer" model is built by hand: one convolution ("cam_conv") whose kernel is a
+zero-sum difference of Gaussians (it responds to focal hot spots and ignores flat or broad
+uptake), global average pooling, and a Dense layer with a positive weight. Its evidence for
+"metastatic" is exactly where that convolution fires, so Grad-CAM must peak on the hottest
+focal spot: a phantom lesion made conspicuous. Any error in the gradient's sign, the channel
+weighting, the conv stride or the padding/resizing geometry moves the peak off the lesion.
+"""
+
+from __future__ import annotations
+
+import gc
+import hashlib
+import json
+import weakref
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from bonescan_core import db as dbm
+from bonescan_core import explain, ingest, pixelstore
+from bonescan_core.models import BACKBONES, build_model, keras_module
+from bonescan_core.phantom import make_study
+from bonescan_core.preprocess import content_box
+
+keras = keras_module()
+
+PHANTOM_SHAPE = (512, 160)  # (H0, W0) of the test scans
+FRAME = (256, 128)  # model input: the scan is halved to 256 x 80 and padded by 24 columns each side
+
+
+def gaussian_kernel(sigma: float, size: int = 9) -> np.ndarray:
+    """(size, size) Gaussian summing to 1."""
+    r = np.arange(size) - size // 2
+    g = np.exp(-0.5 * (r[:, None] ** 2 + r[None, :] ** 2) / sigma**2)
+    return g / g.sum()
+
+
+def known_model(image_size: tuple[int, int], conv_name: str = "cam_conv", weight: float = 50.0) -> keras.Model:
+    """Input (H, W, 3) → Conv2D(1, 9x9, stride 2, relu; difference-of-Gaussians kernel) → GAP → Dense(1, sigmoid)."""
+    inputs = keras.Input((*image_size, 3), name="image")
+    x = keras.layers.Conv2D(1, 9, strides=2, padding="same", activation="relu", name=conv_name)(inputs)
+    x = keras.layers.GlobalAveragePooling2D(name="head_pool")(x)
+    outputs = keras.layers.Dense(1, activation="sigmoid", name="head_dense")(x)
+    model = keras.Model(inputs, outputs, name="known")
+    dog = gaussian_kernel(1.2) - gaussian_kernel(3.0)  # zero-sum: the backbone's mean subtraction cancels
+    kernel = np.repeat(dog[:, :, None, None], 3, axis=2).astype(np.float32) / 3.0
+    model.get_layer(conv_name).set_weights([kernel, np.zeros(1, np.float32)])
+    model.get_layer("head_dense").set_weights([np.full((1, 1), weight, np.float32), np.zeros(1, np.float32)])
+    return model
+
+
+def add_blob(image: np.ndarray, row: float, col: float, sigma: float, peak: float) -> np.ndarray:
+    rows = np.arange(image.shape[0], dtype=np.float32)[:, None]
+    cols = np.arange(image.shape[1], dtype=np.float32)[None, :]
+    return image.astype(np.float32) + np.float32(peak) * np.exp(-0.5 * ((rows - row) ** 2 + (cols - col) ** 2) / sigma**2)
+
+
+@pytest.fixture(scope="module")
+def lesion_study():
+    """The first seeded phantom with exactly one metastasis and no look-alikes, its lesion made hotter than anything else."""
+    for seed in range(1000):
+        study = make_study(np.random.default_rng(seed), True, *PHANTOM_SHAPE)
+        if len(study.findings) == 2:  # one focus, seen in both views
+            break
+    views = {}
+    for finding in study.lesions:
+        pixels = getattr(study, finding.view)
+        views[finding.view] = (add_blob(pixels, finding.row, finding.col, max(finding.radius, 2.5), 2.0 * float(pixels.max())), finding)
+    return views
+
+
+def distance_to(heatmap: np.ndarray, finding) -> float:
+    row, col = np.unravel_index(int(np.argmax(heatmap)), heatmap.shape)
+    return float(np.hypot(row - finding.row, col - finding.col))
+
+
+def tolerance(finding) -> float:
+    """A few lesion radii, and at least two conv cells (stride 2 in a frame at half scale: 4 px each)."""
+    return max(3.0 * finding.radius, 8.0)
+
+
+# --- gradcam per backbone ----------------------------------------------------------------------
+
+@pytest.mark.parametrize("name", list(BACKBONES))
+def test_gradcam_shape_range_and_cached_grad_model(name, monkeypatch):
+    built = []
+
+    class CountingGradCam(explain.GradCam):
+        def __init__(self, *args, **kwargs):
+            built.append(args[1])
+            super().__init__(*args, **kwargs)
+
+    monkeypatch.setattr(explain, "GradCam", CountingGradCam)
+    model = build_model(name, weights="none", image_size=(96, 64))
+    layer = BACKBONES[name].last_conv_layer
+    x = np.random.default_rng(0).normal(0.0, 50.0, size=(3, 96, 64, 3)).astype(np.float32)
+
+    maps = explain.gradcam(model, x, layer)
+    again = explain.gradcam(model, x, layer)
+
+    h, w = model.get_layer(layer).output.shape[1:3]
+    assert maps.shape == (3, h, w) and maps.dtype == np.float32
+    assert np.isfinite(maps).all() and maps.min() >= 0.0 and maps.max() <= 1.0
+    assert np.allclose(maps, again)
+    assert built == [layer]  # built once, reused by the second call
+    cam = explain.grad_cam_for(model, layer)
+    assert cam is explain.grad_cam_for(model, layer)
+    assert cam.split and cam.uses_logit  # cut at the layer; scored on the logit, not the saturating sigmoid
+
+
+def test_cached_grad_model_is_freed_with_its_model():
+    model = known_model((64, 32))
+    explain.gradcam(model, np.zeros((1, 64, 32, 3), np.float32), "cam_conv")
+    ref = weakref.ref(model)
+    del model
+    gc.collect()
+    assert ref() is None
+
+
+def test_unknown_layer_names_the_problem():
+    with pytest.raises(ValueError, match="no layer 'nope'"):
+        explain.gradcam(known_model((64, 32)), np.zeros((1, 64, 32, 3), np.float32), "nope")
+
+
+def test_layer_bypassed_by_a_skip_connection():
+    inputs = keras.Input((32, 32, 3))
+    stem = keras.layers.Conv2D(4, 3, padding="same", name="stem")(inputs)
+    target = keras.layers.Conv2D(4, 3, padding="same", activation="relu", name="cam_conv")(stem)
+    x = keras.layers.Add()([stem, target])  # the prediction also reads the stem directly
+    outputs = keras.layers.Dense(1, activation="sigmoid")(keras.layers.GlobalAveragePooling2D()(x))
+    model = keras.Model(inputs, outputs)
+    x = np.random.default_rng(3).normal(size=(2, 32, 32, 3)).astype(np.float32)
+    if keras.backend.backend() == "tensorflow":  # the whole model is taped
+        maps = explain.gradcam(model, x, "cam_conv")
+        assert maps.shape == (2, 32, 32) and np.isfinite(maps).all() and 0.0 <= maps.min() <= maps.max() <= 1.0
+        assert not explain.grad_cam_for(model, "cam_conv").split
+    else:
+        with pytest.raises(ValueError, match="not a cut point"):
+            explain.gradcam(model, x, "cam_conv")
+
+
+def test_map_without_positive_evidence_is_zero_not_nan():
+    # A negative Dense weight: the hot spots count AGAINST metastasis, so no region supports it.
+    model = known_model((64, 32), weight=-50.0)
+    x = np.random.default_rng(1).uniform(-100.0, 100.0, size=(2, 64, 32, 3)).astype(np.float32)
+    maps = explain.gradcam(model, x, "cam_conv")
+    assert maps.shape == (2, 32, 16) and not maps.any()
+    assert not explain.cams_from(np.full((1, 2, 2, 3), np.nan), np.zeros((1, 2, 2, 3))).any()
+
+
+# --- a model whose answer is known --------------------------------------------------------------
+
+def test_heatmap_peaks_inside_the_lesion(lesion_study):
+    pixels, finding = lesion_study["anterior"]
+    heatmap = explain.heatmap_for_image(known_model(FRAME), "resnet50", pixels, FRAME, layer_name="cam_conv")
+    assert heatmap.shape == PHANTOM_SHAPE and heatmap.dtype == np.float32
+    assert heatmap.min() >= 0.0 and heatmap.max() <= 1.0
+    assert distance_to(heatmap, finding) <= tolerance(finding)
+
+
+def test_composite_heatmaps_peak_inside_the_lesion_in_each_view(lesion_study):
+    (front, front_lesion), (back, back_lesion) = lesion_study["anterior"], lesion_study["posterior"]
+    size = (256, 192)  # each view gets a 256 x 96 half
+    maps = explain.heatmaps_for_composite(known_model(size), "densenet121", front, back, size, layer_name="cam_conv")
+    assert [m.shape for m in maps] == [PHANTOM_SHAPE, PHANTOM_SHAPE]
+    assert distance_to(maps[0], front_lesion) <= tolerance(front_lesion)
+    assert distance_to(maps[1], back_lesion) <= tolerance(back_lesion)
+    only_front = explain.heatmaps_for_composite(known_model(size), "densenet121", front, None, size, layer_name="cam_conv")
+    assert only_front[1] is None and distance_to(only_front[0], front_lesion) <= tolerance(front_lesion)
+
+
+# --- geometry ----------------------------------------------------------------------------------
+
+def test_content_box_heatmap_maps_to_the_whole_image():
+    top, left, height, width = content_box(PHANTOM_SHAPE, FRAME)
+    assert left > 0  # the test needs padding to undo
+    frame = np.zeros(FRAME, np.float32)
+    frame[top : top + height, left : left + width] = 1.0
+    assert np.allclose(explain.to_image_geometry(frame, FRAME, PHANTOM_SHAPE), 1.0, atol=1e-5)
+
+
+def test_a_point_in_the_frame_lands_on_the_same_anatomy():
+    top, left, height, width = content_box(PHANTOM_SHAPE, FRAME)
+    frame = np.zeros(FRAME, np.float32)
+    frame[top + 40, left + 10] = 1.0  # image pixel (80, 20) at scale 0.5
+    back = explain.to_image_geometry(frame, FRAME, PHANTOM_SHAPE)
+    row, col = np.unravel_index(int(np.argmax(back)), back.shape)
+    assert abs(row - 80) <= 2 and abs(col - 20) <= 2
+
+
+def test_composite_halves_map_to_their_views():
+    size = (256, 192)
+    frame = np.zeros(size, np.float32)
+    frame[:, : size[1] // 2] = 0.25
+    frame[:, size[1] // 2 :] = 0.75
+    front, back = explain.to_view_geometries(frame, size, (512, 160), (400, 200))
+    assert front.shape == (512, 160) and back.shape == (400, 200)
+    assert np.allclose(front, 0.25, atol=1e-5) and np.allclose(back, 0.75, atol=1e-5)
+
+
+# --- overlay -----------------------------------------------------------------------------------
+
+def test_overlay_shape_opacity_and_colour():
+    pixels = np.random.default_rng(2).poisson(50.0, size=(64, 32)).astype(np.uint16)
+    heat = np.zeros((64, 32), np.float32)
+    heat[10:20, 5:15] = 1.0
+    image = explain.overlay(pixels, heat, opacity=0.6)
+    assert image.shape == (64, 32, 3) and image.dtype == np.uint8
+    plain = pixelstore.to_display(pixels)
+    assert np.array_equal(explain.overlay(pixels, heat, opacity=0.0), np.repeat(plain[..., None], 3, axis=-1))
+    assert np.array_equal(image[30:, :, 0], plain[30:, :])  # no heat: the plain display, untouched
+    hot = image[10:20, 5:15].astype(int)
+    assert (np.abs(hot[..., 0] - hot[..., 2]) > 40).all()  # coloured, not grey
+    with pytest.raises(ValueError, match="shape"):
+        explain.overlay(pixels, np.zeros((8, 8), np.float32))
+
+
+def test_colour_map_runs_from_cool_to_hot():
+    assert explain.TURBO.shape == (256, 3) and explain.TURBO.dtype == np.uint8
+    low, high = explain.TURBO[25].astype(int), explain.TURBO[230].astype(int)
+    assert low[2] > low[0] + 100 and high[0] > high[2] + 100  # blue for little heat, red for much
+
+
+# --- run models and the explanations cache ------------------------------------------------------
+
+def save_run(db, db_path: Path, model: keras.Model | None, *, view_mode: str = "per_image", sha: str | None = "auto",
+             image_size: tuple[int, int] = (128, 64)) -> int:
+    """A finished resnet50 run whose model file is ``model`` (None: no file at all)."""
+    runs = db_path.parent / "runs"
+    runs.mkdir(exist_ok=True)
+    weights_path = f"run-test-{len(list(runs.iterdir()))}/model.keras"
+    if model is not None:
+        (runs / weights_path).parent.mkdir()
+        model.save(runs / weights_path)
+    if sha == "auto":
+        sha = hashlib.sha256((runs / weights_path).read_bytes()).hexdigest() if model is not None else None
+    config = {"backbone": "resnet50", "image_size": list(image_size), "view_mode": view_mode, "weights": "none"}
+    with dbm.write(db):
+        return db["runs"].insert({
+            "backbone": "resnet50", "status": "done", "config": json.dumps(config), "config_hash": f"test-{weights_path}",
+            "created_at": dbm.utc_now(), "weights_path": weights_path, "weights_sha256": sha,
+        }).last_pk
+
+
+def resnet_like(image_size: tuple[int, int] = (128, 64)) -> keras.Model:
+    """The known model with its conv layer named as resnet50's last conv layer (a tiny stand-in classifier)."""
+    return known_model(image_size, conv_name=BACKBONES["resnet50"].last_conv_layer)
+
+
+def test_load_run_model_returns_model_backbone_and_size(db, db_path):
+    run_id = save_run(db, db_path, resnet_like())
+    model, backbone, size = explain.load_run_model(db_path, run_id)
+    assert backbone.name == "resnet50" and size == (128, 64)
+    assert model.get_layer("conv5_block3_out") is not None
+    assert explain.load_run_model(db_path, run_id)[0] is model  # cached while the file is unchanged
+
+
+def test_corrupted_model_file_raises_model_unavailable(db, db_path):
+    run_id = save_run(db, db_path, resnet_like(), sha=None)
+    path = db_path.parent / "runs" / db.execute("SELECT weights_path FROM runs WHERE id = ?", [run_id]).fetchone()[0]
+    path.write_bytes(b"PK\x03\x04 this is not a Keras archive")
+    with pytest.raises(explain.ModelUnavailable, match="cannot be loaded.*train the run again"):
+        explain.load_run_model(db_path, run_id)
+
+
+def test_checksum_mismatch_raises_model_unavailable(db, db_path):
+    run_id = save_run(db, db_path, resnet_like(), sha="0" * 64)
+    with pytest.raises(explain.ModelUnavailable, match="does not match its recorded checksum.*restore the original file"):
+        explain.load_run_model(db_path, run_id)
+
+
+def test_missing_model_file_raises_model_unavailable(db, db_path):
+    run_id = save_run(db, db_path, None)
+    with pytest.raises(explain.ModelUnavailable, match="missing.*restore"):
+        explain.load_run_model(db_path, run_id)
+    with dbm.write(db):
+        db.execute("UPDATE runs SET weights_path = NULL, status = 'failed' WHERE id = ?", [run_id])
+    with pytest.raises(explain.ModelUnavailable, match="no saved model"):
+        explain.load_run_model(db_path, run_id)
+
+
+@pytest.fixture
+def demo_images(db) -> dict[str, int]:
+    """One seeded phantom study in the database: {view: image id}."""
+    ingest.add_demo_studies(db, 1, seed=3)
+    return dict(db.execute("SELECT view, id FROM images ORDER BY id").fetchall())
+
+
+def test_explain_image_is_computed_once_and_cached(db, db_path, demo_images, monkeypatch, tmp_path):
+    run_id = save_run(db, db_path, resnet_like())
+    image_id = demo_images["anterior"]
+    first = explain.explain_image(db, db_path, run_id, image_id)
+    pixels = pixelstore.decode_pixels(db.execute("SELECT pixels FROM images WHERE id = ?", [image_id]).fetchone()[0])
+    assert first.shape == pixels.shape and first.dtype == np.float32 and 0.0 <= first.min() <= first.max() <= 1.0
+    assert db.execute("SELECT COUNT(*) FROM explanations").fetchone()[0] == 1
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("the cached heatmap should have been used")
+
+    monkeypatch.setattr(explain, "load_run_model", no_model)
+    monkeypatch.setattr(explain, "heatmap_for_image", no_model)
+    second = explain.explain_image(db, db_path, run_id, image_id)
+    assert np.array_equal(first, second)
+    assert db.execute("SELECT COUNT(*) FROM explanations").fetchone()[0] == 1
+
+    out = explain.explain_png(db, db_path, run_id, image_id, tmp_path / "overlay.png", opacity=0.5)
+    with Image.open(out) as png:
+        assert png.mode == "RGB" and png.size == (pixels.shape[1], pixels.shape[0])
+
+
+def test_explain_image_of_a_composite_run_stores_both_views(db, db_path, demo_images):
+    run_id = save_run(db, db_path, resnet_like((128, 128)), view_mode="composite", image_size=(128, 128))
+    heat = explain.explain_image(db, db_path, run_id, demo_images["posterior"])
+    assert heat.shape == (1024, 256)
+    stored = dict(db.execute("SELECT image_id, heatmap FROM explanations WHERE run_id = ?", [run_id]).fetchall())
+    assert set(stored) == {demo_images["anterior"], demo_images["posterior"]}
+    assert np.array_equal(pixelstore.decode_pixels(stored[demo_images["posterior"]]).astype(np.float32), heat)
+
+
+def test_explain_image_unknown_image(db, db_path):
+    run_id = save_run(db, db_path, resnet_like())
+    with pytest.raises(explain.ImageNotFound, match="bonescan images"):
+        explain.explain_image(db, db_path, run_id, 999)
