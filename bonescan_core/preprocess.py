@@ -1,0 +1,409 @@
+"""From stored pixels to model input: normalisation, resizing, views, augmentation, batches.
+
+The steps, in order (the paper's min-max normalisation first):
+
+1. per-image min-max normalisation to [0, 1] (:func:`minmax`);
+2. resize to (H, W) keeping the aspect ratio, centred and zero-padded, never stretched
+   (:func:`fit_to`); after step 1 zero is "no counts", the scan's own background;
+3. view handling: ``per_image`` (each image is a sample with its study's label, the
+   paper) or ``composite`` (anterior and posterior side by side, one sample per study,
+   each view fitted into its half, :func:`compose_views`);
+4. cached in memory as float16 (N, H, W) in [0, 1] (570 images at 646 x 220: 160 MB);
+5. per batch: x 255 (the 0..255 range ``preprocess_input`` expects), geometric
+   augmentation on training batches only (Keras layers, :func:`make_augmenter`), grey to
+   3 channels, then the backbone's own ``preprocess_input`` (:func:`to_model_input`).
+
+Importing this module does not import Keras; the augmentation layers and the
+``keras.utils.PyDataset`` are created on first use. Everything per batch uses Keras layers
+and NumPy only (no ``tf.*``), so it runs under ``KERAS_BACKEND=jax`` too.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import os
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import sqlite_utils
+from PIL import Image
+
+from bonescan_core import pixelstore
+from bonescan_core.models import Backbone, get_backbone, keras_module
+
+VIEW_MODES = ("per_image", "composite")
+
+# The paper lists zoom, horizontal flip, rotation, translation and shear without values;
+# these are mild, ImageDataGenerator-style settings for whole-body scans (a body must stay
+# in the frame). Keys are the TrainConfig.augment keys; a missing key or 0 turns one off.
+PAPER_AUGMENT: dict[str, float | bool] = {
+    "flip_horizontal": True,
+    "rotation_degrees": 5.0,  # +-5 degrees
+    "zoom": 0.1,  # +-10 % in both axes
+    "translation": 0.05,  # +-5 % of height and width
+    "shear": 0.1,  # +-10 % of the image, both axes
+}
+AUGMENT_KEYS = tuple(PAPER_AUGMENT)
+
+
+# --- single images (NumPy) -------------------------------------------------------------------------
+
+def minmax(pixels: np.ndarray) -> np.ndarray:
+    """Per-image min-max normalisation.
+
+    Args:
+        pixels: (H, W) array of any numeric dtype (counts).
+
+    Returns:
+        (H, W) float32 in [0, 1]; a constant image becomes all zeros.
+    """
+    data = np.asarray(pixels, dtype=np.float32)
+    low, high = float(data.min()), float(data.max())
+    if not math.isfinite(low) or not math.isfinite(high):
+        data = np.nan_to_num(data, nan=0.0, posinf=0.0, neginf=0.0)
+        low, high = float(data.min()), float(data.max())
+    if high <= low:
+        return np.zeros(data.shape, dtype=np.float32)
+    return (data - low) / (high - low)
+
+
+def content_box(shape: tuple[int, int], size: tuple[int, int]) -> tuple[int, int, int, int]:
+    """Where an image of ``shape`` lands inside ``size`` when fitted by :func:`fit_to`.
+
+    Args:
+        shape: (h, w) of the source image.
+        size: (H, W) of the target.
+
+    Returns:
+        (top, left, height, width) of the resized content inside the (H, W) frame; the rest
+        is padding. Grad-CAM uses it to map a heatmap back onto the original image.
+    """
+    (h, w), (height, width) = shape, size
+    scale = min(height / h, width / w)
+    new_h = min(height, max(1, round(h * scale)))
+    new_w = min(width, max(1, round(w * scale)))
+    return (height - new_h) // 2, (width - new_w) // 2, new_h, new_w
+
+
+def fit_to(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """Resize keeping the aspect ratio, centred in a zero-padded (H, W) frame (pad, never stretch).
+
+    Args:
+        image: (h, w) float array in [0, 1].
+        size: (H, W) of the output.
+
+    Returns:
+        (H, W) float32 in [0, 1]. Bilinear resampling with Pillow's antialiasing when
+        shrinking, so a small hot lesion is averaged, not skipped.
+    """
+    top, left, new_h, new_w = content_box(image.shape, size)
+    frame = np.zeros(size, dtype=np.float32)
+    if (new_h, new_w) == image.shape:
+        resized = np.asarray(image, dtype=np.float32)
+    else:
+        resized = np.asarray(
+            Image.fromarray(np.asarray(image, dtype=np.float32), mode="F").resize((new_w, new_h), Image.Resampling.BILINEAR)
+        )
+    frame[top : top + new_h, left : left + new_w] = np.clip(resized, 0.0, 1.0)
+    return frame
+
+
+def prepare_image(pixels: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """Min-max normalise and fit one image: (h, w) counts → (H, W) float32 in [0, 1]."""
+    return fit_to(minmax(pixels), size)
+
+
+def compose_views(anterior: np.ndarray | None, posterior: np.ndarray | None, size: tuple[int, int]) -> np.ndarray:
+    """Anterior (left half) and posterior (right half) side by side, each normalised and fitted to its half.
+
+    Args:
+        anterior: (h, w) counts, or None (that half stays blank).
+        posterior: (h, w) counts, or None.
+        size: (H, W) of the composite; the halves are W // 2 and W - W // 2 wide.
+
+    Returns:
+        (H, W) float32 in [0, 1]. Each view is min-max normalised on its own (the views'
+        count levels differ). The posterior view is not mirrored: it is shown as acquired.
+    """
+    height, width = size
+    halves = (width // 2, width - width // 2)
+    parts = [
+        prepare_image(view, (height, half)) if view is not None else np.zeros((height, half), dtype=np.float32)
+        for view, half in zip((anterior, posterior), halves, strict=True)
+    ]
+    return np.concatenate(parts, axis=1)
+
+
+def to_model_input(batch: np.ndarray, backbone: str | Backbone) -> np.ndarray:
+    """Grey [0, 1] images → the backbone's preprocessed 3-channel input.
+
+    Args:
+        batch: (N, H, W) or (N, H, W, 1) floats in [0, 1] (possibly augmented).
+        backbone: whose ``preprocess_input`` to apply.
+
+    Returns:
+        (N, H, W, 3) float32: ``preprocess_input(255 * grey repeated on R, G, B)``.
+    """
+    data = np.asarray(batch, dtype=np.float32)
+    if data.ndim == 3:
+        data = data[..., None]
+    rgb = np.repeat(data * np.float32(255.0), 3, axis=-1)
+    return np.asarray(get_backbone(backbone).preprocess_input(rgb), dtype=np.float32)
+
+
+# --- samples and loading from the database ---------------------------------------------------------
+
+@dataclass(frozen=True)
+class Sample:
+    """One training sample: an image (``per_image``) or a study's two views (``composite``).
+
+    Attributes:
+        study_id: the study it belongs to.
+        image_ids: (image,) or (anterior, posterior) ids; a missing view is left out.
+        views: the view of each id (``anterior``, ``posterior`` or None); for a composite,
+            the half each image fills (``anterior`` left, ``posterior`` right), also for an
+            image of unknown view.
+        label: 1 metastatic, 0 not.
+    """
+
+    study_id: int
+    image_ids: tuple[int, ...]
+    views: tuple[str | None, ...]
+    label: int
+
+    @property
+    def key(self) -> int:
+        """The image id that names this sample (feature cache, predictions): its first image."""
+        return self.image_ids[0]
+
+
+def _chunks(items: Sequence[int], size: int = 500) -> Iterable[Sequence[int]]:
+    for start in range(0, len(items), size):
+        yield items[start : start + size]
+
+
+def list_samples(db: sqlite_utils.Database, study_labels: Mapping[int, int], view_mode: str = "per_image") -> list[Sample]:
+    """The samples of some studies, without pixels.
+
+    Args:
+        study_labels: {study_id: 1 metastatic / 0 not}.
+        view_mode: ``per_image`` (one sample per image) or ``composite`` (one per study:
+            its first anterior and first posterior image; images of unknown view fill
+            the missing view(s) in id order; further images are not used).
+
+    Returns:
+        Samples ordered by study id, then image id.
+    """
+    if view_mode not in VIEW_MODES:
+        raise ValueError(f"unknown view mode {view_mode!r}; choose one of {', '.join(VIEW_MODES)}")
+    by_study: dict[int, list[tuple[int, str | None]]] = {}
+    ids = sorted(study_labels)
+    for chunk in _chunks(ids):
+        marks = ", ".join("?" for _ in chunk)
+        for image_id, study_id, view in db.execute(
+            f"SELECT id, study_id, view FROM images WHERE study_id IN ({marks}) ORDER BY study_id, id", list(chunk)
+        ).fetchall():
+            by_study.setdefault(study_id, []).append((image_id, view))
+    samples: list[Sample] = []
+    for study_id in ids:
+        images = by_study.get(study_id, [])
+        label = int(study_labels[study_id])
+        if view_mode == "per_image":
+            samples.extend(Sample(study_id, (image_id,), (view,), label) for image_id, view in images)
+            continue
+        chosen: dict[str, int] = {}
+        for image_id, view in images:
+            if view in ("anterior", "posterior"):
+                chosen.setdefault(view, image_id)
+        for image_id, view in images:  # unknown views fill the gaps, in id order
+            free = [slot for slot in ("anterior", "posterior") if slot not in chosen]
+            if view is None and free:
+                chosen[free[0]] = image_id
+        slots = [slot for slot in ("anterior", "posterior") if slot in chosen]
+        if slots:
+            samples.append(Sample(study_id, tuple(chosen[slot] for slot in slots), tuple(slots), label))
+    return samples
+
+
+def load_images(
+    db: sqlite_utils.Database,
+    samples: Sequence[Sample],
+    size: tuple[int, int],
+    view_mode: str = "per_image",
+    cancelled: Callable[[], bool] | None = None,
+) -> np.ndarray:
+    """Decode, normalise and fit the samples' pixels.
+
+    Args:
+        samples: from :func:`list_samples` with the same ``view_mode``.
+        size: (H, W).
+        cancelled: polled every 32 samples; when it returns True loading stops with
+            ``InterruptedError``.
+
+    Returns:
+        (N, H, W) float16 in [0, 1], in the order of ``samples`` (float16 keeps faint
+        uptake next to a hot bladder that uint8 would flatten, at 2 bytes a pixel).
+    """
+    out = np.zeros((len(samples), *size), dtype=np.float16)
+
+    def prepare(sample: Sample, blobs: Mapping[int, bytes]) -> np.ndarray:
+        arrays = [pixelstore.decode_pixels(blobs[i]) for i in sample.image_ids]
+        if view_mode == "composite":
+            slots = dict(zip(sample.views, arrays, strict=True))
+            return compose_views(slots.get("anterior"), slots.get("posterior"), size)
+        return prepare_image(arrays[0], size)
+
+    # zlib, NumPy and Pillow's resize release the GIL: threads decode in parallel.
+    with ThreadPoolExecutor(max_workers=max(1, min(8, os.cpu_count() or 1))) as pool:
+        for start in range(0, len(samples), 32):
+            chunk = samples[start : start + 32]
+            ids = sorted({i for sample in chunk for i in sample.image_ids})
+            marks = ", ".join("?" for _ in ids)
+            blobs = dict(db.execute(f"SELECT id, pixels FROM images WHERE id IN ({marks})", ids).fetchall())
+            for offset, image in enumerate(pool.map(prepare, chunk, [blobs] * len(chunk))):
+                out[start + offset] = image.astype(np.float16)
+            if cancelled is not None and cancelled():
+                raise InterruptedError("cancelled while loading images")
+    return out
+
+
+# --- augmentation and batches (Keras) --------------------------------------------------------------
+
+def make_augmenter(augment: Mapping[str, Any] | None, seed: int = 0) -> Any:
+    """Geometric augmentation as a ``keras.Sequential`` of preprocessing layers, or None.
+
+    Args:
+        augment: settings with :data:`AUGMENT_KEYS` (see :data:`PAPER_AUGMENT`); None, {}
+            or all-zero turns augmentation off. Unknown keys are an error.
+        seed: seeds each layer (layer k gets seed + k), so a run's augmentation repeats.
+
+    Returns:
+        A model taking (N, H, W, C) float and returning the same shape, which changes the
+        images only when called with ``training=True``; empty areas are filled with 0 (no
+        counts). None when nothing is enabled.
+    """
+    if not augment:
+        return None
+    unknown = sorted(set(augment) - set(AUGMENT_KEYS))
+    if unknown:
+        raise ValueError(f"unknown augmentation settings {', '.join(unknown)}; known: {', '.join(AUGMENT_KEYS)}")
+    keras = keras_module()
+    fill = {"fill_mode": "constant", "fill_value": 0.0}
+    layers: list[Any] = []
+    if augment.get("flip_horizontal"):
+        layers.append(keras.layers.RandomFlip("horizontal", seed=seed, name="flip"))
+    if augment.get("rotation_degrees"):
+        layers.append(keras.layers.RandomRotation(float(augment["rotation_degrees"]) / 360.0, seed=seed + 1, name="rotation", **fill))
+    if augment.get("zoom"):
+        layers.append(keras.layers.RandomZoom(float(augment["zoom"]), seed=seed + 2, name="zoom", **fill))
+    if augment.get("translation"):
+        factor = float(augment["translation"])
+        layers.append(keras.layers.RandomTranslation(factor, factor, seed=seed + 3, name="translation", **fill))
+    if augment.get("shear"):
+        factor = float(augment["shear"])
+        layers.append(keras.layers.RandomShear(factor, factor, seed=seed + 4, name="shear", **fill))
+    if not layers:
+        return None
+    return keras.Sequential(layers, name="augment")
+
+
+@functools.cache
+def _batches_class() -> type:
+    """``ImageBatches``, a ``keras.utils.PyDataset``, defined on first use (keeps imports light)."""
+    keras = keras_module()
+
+    class ImageBatches(keras.utils.PyDataset):
+        """Batches of model input from in-memory images.
+
+        Yields ``(x, y)`` or ``(x, y, sample_weight)``: x (n, H, W, 3) float32 after
+        ``to_model_input``; y (n, 1) float32 0/1; weights (n,) float32.
+        """
+
+        def __init__(
+            self,
+            images: np.ndarray,
+            labels: np.ndarray,
+            backbone: str | Backbone,
+            batch_size: int,
+            *,
+            rng: np.random.Generator | None = None,
+            augmenter: Any = None,
+            class_weights: Mapping[int, float] | None = None,
+            workers: int = 1,
+        ) -> None:
+            super().__init__(workers=workers, use_multiprocessing=False)
+            if len(images) != len(labels):
+                raise ValueError(f"{len(images)} images but {len(labels)} labels")
+            self.images = images
+            self.labels = np.asarray(labels, dtype=np.float32).reshape(-1, 1)
+            self.backbone = get_backbone(backbone)
+            self.batch_size = int(batch_size)
+            self.rng = rng
+            self.augmenter = augmenter
+            self.class_weights = dict(class_weights) if class_weights else None
+            self.order = np.arange(len(images))
+            self._shuffle()
+
+        def _shuffle(self) -> None:
+            if self.rng is not None:
+                self.order = self.rng.permutation(len(self.images))
+
+        def __len__(self) -> int:
+            return math.ceil(len(self.images) / self.batch_size)
+
+        def batch_indices(self, index: int) -> np.ndarray:
+            """Indices (into ``images``) of batch ``index`` in the current epoch's order."""
+            return self.order[index * self.batch_size : (index + 1) * self.batch_size]
+
+        def __getitem__(self, index: int) -> tuple[np.ndarray, ...]:
+            picked = np.sort(self.batch_indices(index))  # sorted: contiguous-ish reads, same set
+            grey = self.images[picked].astype(np.float32)[..., None]
+            if self.augmenter is not None:
+                ops = keras_module().ops
+                grey = np.asarray(ops.convert_to_numpy(self.augmenter(grey, training=True)), dtype=np.float32)
+                grey = np.clip(grey, 0.0, 1.0)
+            x = to_model_input(grey, self.backbone)
+            y = self.labels[picked]
+            if self.class_weights is None:
+                return x, y
+            weights = np.array([self.class_weights[int(label)] for label in y[:, 0]], dtype=np.float32)
+            return x, y, weights
+
+        def on_epoch_end(self) -> None:
+            self._shuffle()
+
+    return ImageBatches
+
+
+def image_batches(
+    images: np.ndarray,
+    labels: np.ndarray,
+    backbone: str | Backbone,
+    batch_size: int,
+    *,
+    rng: np.random.Generator | None = None,
+    augmenter: Any = None,
+    class_weights: Mapping[int, float] | None = None,
+    workers: int = 1,
+) -> Any:
+    """A ``keras.utils.PyDataset`` over in-memory images (see ``ImageBatches``).
+
+    Args:
+        images: (N, H, W) float16/float32 in [0, 1] from :func:`load_images`.
+        labels: (N,) 0/1.
+        backbone: whose ``preprocess_input`` applies.
+        batch_size: samples per batch (the last batch may be smaller).
+        rng: shuffles the order at start and after every epoch; None keeps file order
+            (validation, test, prediction).
+        augmenter: from :func:`make_augmenter`, applied (training=True) to every batch; pass
+            it for training batches only.
+        class_weights: {0: w0, 1: w1}; when given, batches carry per-sample weights.
+        workers: PyDataset threads (1: batches are made in the training thread).
+    """
+    return _batches_class()(
+        images, labels, backbone, batch_size, rng=rng, augmenter=augmenter, class_weights=class_weights, workers=workers
+    )

@@ -1,0 +1,241 @@
+"""Training runs end to end on tiny demo data: config, thresholds, phases, predictions, cancel, feature cache."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from bonescan_core import db as dbm
+from bonescan_core import models, preprocess, splits, training
+from bonescan_core.ingest import add_demo_studies
+
+SIZE = (64, 32)
+TINY = training.TrainConfig(backbone="vgg19", weights="none", mode="full", epochs=2, batch_size=8, image_size=SIZE,
+                            learning_rate=1e-4)
+
+
+@pytest.fixture(scope="module")
+def demo_file(tmp_path_factory) -> Path:
+    """A database with 20 demo studies (40 images, 8 metastatic studies), made once per module."""
+    path = tmp_path_factory.mktemp("demo") / "labels.db"
+    with dbm.opened(path) as db:
+        add_demo_studies(db, 20, seed=0)
+    return path
+
+
+@pytest.fixture
+def demo_db(demo_file, tmp_path):
+    path = tmp_path / "demo.db"  # not labels.db: that is conftest's empty `db`
+    shutil.copy(demo_file, path)
+    with dbm.opened(path) as db:
+        yield db
+
+
+class Recorder:
+    """A Reporter that keeps everything it is told; cancels after ``cancel_after`` polls (if given)."""
+
+    def __init__(self, cancel_after: int | None = None) -> None:
+        self.fields: list[dict] = []
+        self.epochs: list[tuple] = []
+        self.polls = 0
+        self.polls_after_cancel = 0
+        self.cancel_after = cancel_after
+
+    def progress(self, fields: dict) -> None:
+        json.dumps(fields)  # what the worker stores must be JSON
+        self.fields.append(fields)
+
+    def epoch_done(self, epoch, phase, logs, seconds, train_images_per_second) -> None:
+        self.epochs.append((epoch, phase, logs, seconds, train_images_per_second))
+
+    def cancelled(self) -> bool:
+        self.polls += 1
+        if self.cancel_after is not None and self.polls > self.cancel_after:
+            self.polls_after_cancel += 1
+            return True
+        return False
+
+
+def new_run(db, config: training.TrainConfig) -> int:
+    with dbm.write(db):
+        return db["runs"].insert({"backbone": config.backbone, "status": "running", "config": config.to_json(),
+                                  "config_hash": config.identity_hash(), "created_at": dbm.utc_now()}).last_pk
+
+
+def predictions(db, run_id: int) -> dict[int, tuple[str, int, float]]:
+    rows = db.execute("SELECT image_id, subset, label, probability FROM predictions WHERE run_id = ?", [run_id]).fetchall()
+    return {image_id: (subset, label, probability) for image_id, subset, label, probability in rows}
+
+
+def assert_predictions_cover_val_and_test(db, run_id: int, split_id: int) -> dict:
+    stored = predictions(db, run_id)
+    members = splits.split_labels(db, split_id)
+    expected = {}
+    for image_id, study_id in db.execute("SELECT id, study_id FROM images").fetchall():
+        subset, label = members[study_id]
+        if subset in ("val", "test"):
+            expected[image_id] = (subset, int(label == "metastatic"))
+    assert {i: (s, lab) for i, (s, lab, _) in stored.items()} == expected
+    assert all(0.0 <= p <= 1.0 for _, _, p in stored.values())
+    return stored
+
+
+def saved_model_probabilities(db, runs_dir: Path, result: training.RunResult, config: training.TrainConfig, image_ids):
+    """Probabilities the saved model.keras gives the images (per-image view mode)."""
+    keras = models.keras_module()
+    path = runs_dir / result.weights_path
+    assert training.file_sha256(path) == result.weights_sha256
+    model = keras.models.load_model(path)
+    assert model.get_layer(models.BACKBONES[config.backbone].last_conv_layer) is not None
+    samples = [preprocess.Sample(0, (i,), (None,), 0) for i in image_ids]
+    images = preprocess.load_images(db, samples, config.image_size)
+    return np.asarray(model.predict(preprocess.to_model_input(images, config.backbone), verbose=0)).reshape(-1)
+
+
+# --- configuration ------------------------------------------------------------------------------
+
+def test_config_round_trip_hash_and_validation():
+    config = training.TrainConfig(backbone="densenet121")
+    assert (config.weights, config.mode, config.epochs, config.batch_size) == ("imagenet", "finetune", 20, 16)
+    assert config.image_size == (646, 220) and config.augment == preprocess.PAPER_AUGMENT
+    assert training.TrainConfig.from_json(config.to_json()) == config
+    stored = {**json.loads(config.to_json()), "split_id": 4, "labels_hash": "ab", "versions": {"keras": "3"}}
+    assert training.TrainConfig.from_json(json.dumps(stored)) == dataclasses.replace(config, split_id=4)
+    assert config.identity_hash() == training.TrainConfig(backbone="densenet121", image_size=[646, 220]).identity_hash()
+    assert config.identity_hash() != dataclasses.replace(config, seed=1).identity_hash()
+    assert config.identity_hash() != dataclasses.replace(config, augment={}).identity_hash()
+    assert config.phase_epochs() == {"head": 10, "finetune": 10}
+    assert dataclasses.replace(config, epochs=5).phase_epochs() == {"head": 3, "finetune": 2}
+    assert dataclasses.replace(config, mode="full").phase_epochs() == {"full": 20}
+    assert dataclasses.replace(config, mode="fast").phase_epochs() == {"head": 20}
+    for bad in ({"backbone": "alexnet"}, {"mode": "sometimes"}, {"image_size": (16, 16)}, {"epochs": 0},
+                {"view_mode": "stacked"}, {"augment": {"elastic": 1}}, {"threshold_rule": "max_f1"}, {"dropout": 1.0}):
+        with pytest.raises(ValueError, match="bad training config"):
+            training.TrainConfig(**{"backbone": "vgg19", **bad})
+
+
+def test_class_weights_balance_a_40_60_split():
+    weights = training.class_weights_for(np.array([0] * 60 + [1] * 40))
+    assert weights == pytest.approx({0: 100 / 120, 1: 100 / 80})
+    assert 60 * weights[0] == pytest.approx(40 * weights[1])
+
+
+def test_thresholds_youden_on_a_constructed_example_and_fixed():
+    labels = np.array([0, 0, 0, 0, 0, 0, 1, 1, 1, 1])
+    probabilities = np.array([0.05, 0.10, 0.20, 0.30, 0.35, 0.65, 0.50, 0.70, 0.80, 0.90])
+    # At 0.50: sensitivity 1, specificity 5/6 (J = 0.83); at 0.70: 3/4 and 1 (J = 0.75); others lower.
+    assert training.choose_threshold("youden", labels, probabilities) == pytest.approx(0.50)
+    assert training.choose_threshold("fixed", labels, probabilities) == 0.5
+
+
+# --- runs ---------------------------------------------------------------------------------------------
+
+@pytest.mark.slow
+def test_finetune_run_stores_predictions_for_every_val_and_test_image(demo_db, tmp_path):
+    config = dataclasses.replace(TINY, mode="finetune", epochs=3)
+    run_id = new_run(demo_db, config)
+    reporter = Recorder()
+    result = training.train_run(demo_db, run_id, config, reporter, tmp_path / "runs")
+
+    split_id = result.config_additions["split_id"]
+    assert demo_db.execute("SELECT split_id FROM runs WHERE id = ?", [run_id]).fetchone()[0] == split_id
+    assert split_id == splits.latest_split(demo_db, seed=0)
+    stored = assert_predictions_cover_val_and_test(demo_db, run_id, split_id)
+    extra = result.config_additions
+    assert (extra["n_val"], extra["n_test"]) == (sum(s == "val" for s, _, _ in stored.values()),
+                                                 sum(s == "test" for s, _, _ in stored.values()))
+    assert extra["n_train"] + extra["n_val"] + extra["n_test"] == 40
+    assert extra["phase_epochs"] == {"head": 2, "finetune": 1}
+    assert [(e[0], e[1]) for e in reporter.epochs] == [(1, "head"), (2, "head"), (3, "finetune")]
+    assert all({"loss", "val_loss", "accuracy", "auc"} <= set(e[2]) and e[3] > 0 and e[4] > 0 for e in reporter.epochs)
+    assert {"preparing", "loading", "head", "finetune", "predicting", "saving"} <= {f["phase"] for f in reporter.fields}
+    batch_fields = [f for f in reporter.fields if f["phase"] in ("head", "finetune") and f.get("batch")]
+    assert batch_fields and {"epoch", "epochs", "batch", "batches", "loss", "metrics", "eta_s"} <= set(batch_fields[-1])
+    assert extra["notes"] and "weights none" in extra["notes"][0]
+    assert extra["versions"]["keras"] and extra["backend"] in ("tensorflow", "jax", "torch")
+    assert result.device and 0.0 <= result.threshold <= 1.0 and result.images_per_second > 0
+    assert result.weights_path == f"run-{run_id}/model.keras"
+    test_ids = sorted(i for i, (s, _, _) in stored.items() if s == "test")
+    again = saved_model_probabilities(demo_db, tmp_path / "runs", result, config, test_ids)
+    np.testing.assert_allclose(again, [stored[i][2] for i in test_ids], atol=1e-4)
+    assert not list((tmp_path / "runs" / f"run-{run_id}").glob(".model-*")), "no temporary file left behind"
+
+
+@pytest.mark.slow
+def test_cancel_stops_within_a_few_batches(demo_db, tmp_path):
+    config = dataclasses.replace(TINY, epochs=20, batch_size=4)
+    run_id = new_run(demo_db, config)
+    reporter = Recorder(cancel_after=6)  # a few loading polls, then training batches
+    started = time.monotonic()
+    with pytest.raises(training.TrainingCancelled):
+        training.train_run(demo_db, run_id, config, reporter, tmp_path / "runs")
+    assert reporter.polls_after_cancel <= 2, "it must stop at the first poll that says cancel"
+    assert len(reporter.epochs) <= 1 and time.monotonic() - started < 60
+    assert predictions(demo_db, run_id) == {}
+    assert not (tmp_path / "runs" / f"run-{run_id}" / "model.keras").exists()
+
+
+@pytest.mark.slow
+def test_fast_mode_caches_features_and_a_rerun_reuses_them(demo_db, tmp_path, monkeypatch):
+    config = dataclasses.replace(TINY, mode="fast", epochs=4)
+    runs = tmp_path / "runs"
+    started = time.monotonic()
+    first = training.train_run(demo_db, new_run(demo_db, config), config, Recorder(), runs)
+    first_s = time.monotonic() - started
+    rows = demo_db.execute("SELECT COUNT(*) FROM features WHERE backbone = 'vgg19' AND weights = 'none'").fetchone()[0]
+    assert rows == 40 and first.config_additions["features_computed"] == 40
+    vector = demo_db.execute("SELECT vector FROM features LIMIT 1").fetchone()[0]
+    assert len(vector) == 512 * 2  # float16
+
+    def no_pixels(*args, **kwargs):
+        raise AssertionError("a cached re-run must not decode pixels")
+
+    monkeypatch.setattr(preprocess, "load_images", no_pixels)
+    rerun = dataclasses.replace(config, seed=1, dropout=0.5, threshold_rule="fixed", split_id=first.config_additions["split_id"])
+    run_id = new_run(demo_db, rerun)
+    reporter = Recorder()
+    started = time.monotonic()
+    second = training.train_run(demo_db, run_id, rerun, reporter, runs)
+    second_s = time.monotonic() - started
+    assert second.config_additions["features_cached"] == 40 and second.config_additions["features_computed"] == 0
+    assert "features" not in {f["phase"] for f in reporter.fields}
+    assert demo_db.execute("SELECT COUNT(*) FROM features").fetchone()[0] == 40
+    assert second_s < first_s, f"re-run {second_s:.1f} s vs first {first_s:.1f} s"
+    assert second.threshold == 0.5 and second.config_additions["split_id"] == first.config_additions["split_id"]
+    monkeypatch.undo()
+
+    # The trained head was copied into a full model: the saved model gives the stored probabilities.
+    stored = assert_predictions_cover_val_and_test(demo_db, run_id, second.config_additions["split_id"])
+    ids = sorted(stored)
+    np.testing.assert_allclose(saved_model_probabilities(demo_db, runs, second, rerun, ids), [stored[i][2] for i in ids],
+                               atol=2e-3)  # the features were cached as float16
+
+
+@pytest.mark.slow
+def test_composite_fast_run_predicts_each_study_once_for_both_images(demo_db, tmp_path):
+    config = dataclasses.replace(TINY, mode="fast", epochs=2, view_mode="composite")
+    run_id = new_run(demo_db, config)
+    result = training.train_run(demo_db, run_id, config, Recorder(), tmp_path / "runs")
+    assert result.config_additions["sample_unit"] == "study"
+    assert result.config_additions["n_train"] + result.config_additions["n_val"] + result.config_additions["n_test"] == 20
+    stored = assert_predictions_cover_val_and_test(demo_db, run_id, result.config_additions["split_id"])
+    by_study: dict[int, set[float]] = {}
+    for image_id, study_id in demo_db.execute("SELECT id, study_id FROM images").fetchall():
+        if image_id in stored:
+            by_study.setdefault(study_id, set()).add(stored[image_id][2])
+    assert all(len(p) == 1 for p in by_study.values())
+    assert demo_db.execute("SELECT COUNT(*) FROM features WHERE weights = 'none#composite'").fetchone()[0] == 20
+
+
+def test_run_errors_say_what_to_do(demo_db, db, tmp_path):
+    with pytest.raises(training.TrainingError, match="run 99 does not exist"):
+        training.train_run(demo_db, 99, TINY, training.NullReporter(), tmp_path)
+    run_id = new_run(db, TINY)  # the empty database: nothing labelled
+    with pytest.raises(splits.SplitError, match="0 metastatic and 0 non-metastatic"):
+        training.train_run(db, run_id, TINY, training.NullReporter(), tmp_path)
