@@ -280,7 +280,13 @@ def _atomic_save(model: Any, target: Path) -> str:
     handle, temp = tempfile.mkstemp(prefix=".model-", suffix=".keras", dir=target.parent)
     os.close(handle)
     try:
-        model.save(temp)
+        # An uncompiled model over the same layers: the .keras format would otherwise also
+        # store the optimizer's state (Adam: two moments per weight, three times the file),
+        # which inference never needs. (clone_model would copy the compile state too.)
+        from bonescan_core.models import keras_module
+
+        bare = keras_module().Model(model.inputs, model.outputs, name=model.name)
+        bare.save(temp)
         digest = file_sha256(Path(temp))
         os.replace(temp, target)
     except BaseException:
