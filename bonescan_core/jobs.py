@@ -199,7 +199,11 @@ def claim_next(db: sqlite_utils.Database, run_id: int | None = None) -> dict | N
 # --- the worker -----------------------------------------------------------------------------
 
 def worker_alive(db: sqlite_utils.Database) -> bool:
-    """Whether a worker process is alive (its idle heartbeat is fresh and its pid exists)."""
+    """Whether a worker process is alive: one is training (a running run's heartbeat is
+    fresh), or an idle worker's heartbeat is fresh and its pid exists."""
+    for heartbeat_at, in db.execute("SELECT heartbeat_at FROM runs WHERE status = 'running'").fetchall():
+        if _seconds_since(heartbeat_at) < STALE_AFTER_S:
+            return True
     row = db.execute("SELECT value FROM settings WHERE key = ?", [WORKER_KEY]).fetchone()
     if row is None:
         return False
@@ -265,6 +269,7 @@ class DatabaseReporter:
 
     def __post_init__(self) -> None:
         self._last_write = 0.0
+        self._last_cancel_check = 0.0
         self._cancelled = False
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._beat, daemon=True)
@@ -308,8 +313,8 @@ class DatabaseReporter:
     def cancelled(self) -> bool:
         if not self._cancelled:  # also read between progress writes, so cancel is seen within a few batches
             now = time.monotonic()
-            if now - self._last_write >= self.every_s:
-                self._last_write = now
+            if now - self._last_cancel_check >= self.every_s:
+                self._last_cancel_check = now
                 with dbm.opened(self.db_path) as db:
                     self._cancelled = bool(
                         db.execute("SELECT cancel_requested FROM runs WHERE id = ?", [self.run_id]).fetchone()[0])

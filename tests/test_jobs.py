@@ -90,3 +90,22 @@ def test_background_worker_is_alive_then_stops_when_idle(db_path, db):
     while jobs.worker_alive(db) and time.monotonic() < deadline:  # it exits after 2 s with nothing to do
         time.sleep(0.2)
     assert not jobs.worker_alive(db)
+
+
+def test_reporter_writes_progress_while_cancel_is_polled_every_batch(db_path, db):
+    """Training polls cancel every batch and reports progress every interval: both must happen."""
+    run_id = enqueue(db)
+    jobs.claim_next(db)
+    reporter = jobs.DatabaseReporter(db_path, run_id, every_s=0.05)
+    try:
+        for step in range(40):
+            if step % 5 == 0:
+                reporter.progress({"phase": "full", "batch": step})
+            assert reporter.cancelled() is False
+            time.sleep(0.011)
+        assert jobs.get_run(db, run_id)["progress"]["batch"] >= 30
+        jobs.request_cancel(db, run_id)
+        time.sleep(0.06)
+        assert reporter.cancelled() is True
+    finally:
+        reporter.close()
