@@ -99,9 +99,9 @@ def test_reporter_writes_progress_while_cancel_is_polled_every_batch(db_path, db
     reporter = jobs.DatabaseReporter(db_path, run_id, every_s=0.05)
     try:
         for step in range(40):
+            assert reporter.cancelled() is False  # polled at every batch, before the progress report
             if step % 5 == 0:
                 reporter.progress({"phase": "full", "batch": step})
-            assert reporter.cancelled() is False
             time.sleep(0.011)
         assert jobs.get_run(db, run_id)["progress"]["batch"] >= 30
         jobs.request_cancel(db, run_id)
