@@ -140,8 +140,9 @@ with explorer_tab:
         mask &= rows["view"].isin(views)
     if criterion != "any":
         mask &= rows["criteria"].str.split(";").apply(lambda ids: criterion in ids)
-    table = rows[mask].sort_values(*{"top losses first": ("loss", False), "least confident first": ("confidence", True),
-                                     "most confident first": ("confidence", False)}[order])
+    column, ascending = {"top losses first": ("loss", False), "least confident first": ("confidence", True),
+                         "most confident first": ("confidence", False)}[order]
+    table = rows[mask].sort_values(column, ascending=ascending)
     picked = st.dataframe(
         table[["image_id", "study_id", "view", "subset", "label", "probability", "outcome", "loss", "verdicts", "criteria"]],
         hide_index=True, on_select="rerun", selection_mode="single-row", key=f"ex_table_{run_id}",

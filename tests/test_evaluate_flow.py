@@ -1,0 +1,80 @@
+"""A real (tiny) finished run end to end: the Evaluate page renders it, the CLI evaluates,
+explains and exports it, and the exported bundle loads back with safe_mode=True."""
+
+import json
+
+import pytest
+from streamlit.testing.v1 import AppTest
+
+from bonescan_core import db as dbm
+from bonescan_core import jobs
+from bonescan_core.ingest import add_demo_studies
+from bonescan_core.training import TrainConfig
+from conftest import REPO, run_cli
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+    """A database with 16 demo studies and one done run (ResNet50, weights none, 64x32, 1 epoch)."""
+    db_path = tmp_path_factory.mktemp("run") / "labels.db"
+    with dbm.opened(db_path) as db:
+        add_demo_studies(db, 16, seed=21)
+        config = TrainConfig(backbone="resnet50", weights="none", mode="full", epochs=1, batch_size=8, image_size=(64, 32))
+        run_id = jobs.enqueue(db, config.backbone, config.to_dict(), config.identity_hash())
+    assert jobs.run_worker(db_path, once=True, echo=lambda line: None) == 1
+    with dbm.opened(db_path) as db:
+        run = jobs.get_run(db, run_id)
+    assert run["status"] == "done", run["error"]
+    return db_path, run_id
+
+
+def test_evaluate_page_renders_a_stored_run(finished_run, monkeypatch):
+    db_path, run_id = finished_run
+    monkeypatch.setenv(dbm.ENV_VAR, str(db_path))
+    app = AppTest.from_file(str(REPO / "streamlit_app.py"), default_timeout=120)
+    app.run()
+    app.switch_page("app_pages/evaluate.py").run()
+    assert not app.exception, [e.value for e in app.exception]
+    assert [m.label for m in app.metric][:4] == ["Accuracy", "Recall (sensitivity)", "Precision (PPV)", "F1"]
+    app.slider(key=f"ev_threshold_{run_id}").set_value(0.0).run()  # everything predicted metastatic
+    assert not app.exception
+    recall = next(m for m in app.metric if m.label.startswith("Recall"))
+    assert recall.value == "1.000"
+
+
+def test_cli_evaluate_explain_export_round_trip(finished_run, tmp_path):
+    db_path, run_id = finished_run
+    result = json.loads(run_cli("evaluate", str(run_id), "--json", db_path=db_path).stdout)
+    assert result["run"] == run_id and result["subset"] == "test"
+    assert set(result["metrics"]) == {"accuracy", "recall", "precision", "f1", "specificity", "npv", "auc", "pr_auc", "brier"}
+    assert sum(result["confusion"].values()) == result["n_images"]
+
+    csv_path = tmp_path / "p.csv"
+    assert run_cli("predictions", str(run_id), "--csv", str(csv_path), db_path=db_path).returncode == 0
+    header, first = csv_path.read_text().splitlines()[:2]
+    assert header == "image_id,study_id,patient_id,view,subset,label,probability"
+    image_id = first.split(",")[0]
+
+    png = tmp_path / "gradcam.png"
+    explained = run_cli("explain", str(run_id), image_id, "--out", str(png), db_path=db_path)
+    assert explained.returncode == 0, explained.stderr
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    bundle = tmp_path / "bundle"
+    exported = run_cli("export", str(run_id), "--out", str(bundle), db_path=db_path)
+    assert exported.returncode == 0, exported.stderr
+    assert sorted(p.name for p in bundle.iterdir()) == sorted(["model.keras", "config.json", "metrics.json", "predictions.csv",
+                                                               "report.html"])
+    assert json.loads((bundle / "metrics.json").read_text())["run"] == run_id
+    assert json.loads((bundle / "config.json").read_text())["backbone"] == "resnet50"
+    report = (bundle / "report.html").read_text()
+    assert "<script" in report and 'src="http' not in report and "ResNet50" in report  # self-contained: no network
+    import keras
+
+    model = keras.saving.load_model(bundle / "model.keras", safe_mode=True)
+    assert model.output_shape == (None, 1)
+
+    missing = run_cli("explain", "999", image_id, "--out", str(png), db_path=db_path)
+    assert missing.returncode == 2 and "run 999 does not exist" in missing.stderr
