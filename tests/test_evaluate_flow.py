@@ -4,13 +4,13 @@ explains and exports it, and the exported bundle loads back with safe_mode=True.
 import json
 
 import pytest
+from conftest import REPO, run_cli
 from streamlit.testing.v1 import AppTest
 
 from bonescan_core import db as dbm
 from bonescan_core import jobs
 from bonescan_core.ingest import add_demo_studies
 from bonescan_core.training import TrainConfig
-from conftest import REPO, run_cli
 
 pytestmark = pytest.mark.slow
 
