@@ -164,7 +164,8 @@ def youden_threshold(labels: np.ndarray, probabilities: np.ndarray) -> float:
 
     Returns:
         A threshold in [0, 1]; predict metastatic when probability >= threshold. With one
-        class only (J undefined), 0.5.
+        class only (J undefined), or when no threshold separates better than chance (best
+        J <= 0, e.g. a model that gives every image the same probability), 0.5.
     """
     from sklearn.metrics import roc_curve  # only here: sklearn takes a second to import (module docstring)
 
@@ -173,6 +174,8 @@ def youden_threshold(labels: np.ndarray, probabilities: np.ndarray) -> float:
         return 0.5
     fpr, tpr, thresholds = roc_curve(labels, np.asarray(probabilities, dtype=np.float64))
     best = int(np.argmax(tpr - fpr))
+    if tpr[best] - fpr[best] <= 0:
+        return 0.5  # otherwise +inf clipped to 1.0: a threshold that calls nothing metastatic
     return float(np.clip(thresholds[best], 0.0, 1.0))  # roc_curve's first threshold is +inf
 
 

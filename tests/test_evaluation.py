@@ -559,3 +559,10 @@ def test_compare_runs_refuses_other_splits_or_images(db):
         ev.compare_runs(db, [a, b])
     with pytest.raises(ValueError, match="at least two"):
         ev.compare_runs(db, [a, a])
+
+
+def test_youden_falls_back_to_half_when_nothing_separates():
+    from bonescan_core.evaluation import youden_threshold
+
+    assert youden_threshold(np.array([0, 1, 0, 1]), np.array([0.3, 0.3, 0.3, 0.3])) == 0.5
+    assert youden_threshold(np.array([0, 0, 1, 1]), np.array([0.1, 0.2, 0.8, 0.9])) == pytest.approx(0.8)
