@@ -55,3 +55,14 @@ def test_usage_errors_exit_2(db_path, tmp_path):
     assert run_cli("frobnicate", db_path=db_path).returncode == 2
     result = run_cli("import", db_path=db_path)
     assert result.returncode == 2 and "name files or folders" in result.stderr
+
+
+def test_help_of_every_verb_renders():
+    from bonescan_core.cli import build_parser
+
+    verbs = build_parser()._subparsers._group_actions[0].choices  # noqa: SLF001 - argparse keeps them here
+    assert {"init", "demo", "import", "images", "studies", "label", "labels", "agreement", "split", "train", "worker",
+            "runs", "cancel", "evaluate", "predictions", "explain", "export"} <= set(verbs)
+    for name, sub in verbs.items():
+        assert name in sub.format_help()
+    assert "usage: bonescan" in build_parser().format_help()
