@@ -39,12 +39,16 @@ def test_load_demo_dataset_and_view_a_study(app_server: AppServer, browser_page)
     wait_for_streamlit_idle(page)
     expect(page.get_by_role("heading", name="Studies (10)")).to_be_visible()
 
-    # The viewer below the table shows both views of the first study, decoded by the browser.
+    # The viewer below the table shows both views of the first study side by side in one
+    # image (tight comparison), decoded by the browser.
     images = page.locator('[data-testid="stImage"] img')
     images.first.scroll_into_view_if_needed()
     page.wait_for_function("img => img.complete && img.naturalWidth > 0", arg=images.first.element_handle(),
                            timeout=15_000)
-    expect(images).to_have_count(2)
+    expect(images).to_have_count(1)
+    expect(page.get_by_text("Anterior (phantom-0-0000-anterior) | Posterior (phantom-0-0000-posterior)")).to_be_visible()
+    size = images.first.evaluate("img => [img.naturalWidth, img.naturalHeight]")
+    assert size[0] > size[1] / 4 * 2 * 0.9, "two 1:4 views next to each other are at least half as wide as tall"
 
     result = subprocess.run(
         [sys.executable, "-m", "bonescan_core", "--db", str(app_server.db_path), "studies", "--json"],
