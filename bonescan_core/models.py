@@ -307,7 +307,9 @@ def build_model(
             if first_error is None and path.suffix != ".keras":
                 # A .weights.h5 that holds only backbone weights: try the backbone reading.
                 try:
-                    base.load_weights(str(path))
+                    with warnings.catch_warnings():  # Keras warns about every layer of a file that does not fit
+                        warnings.simplefilter("ignore", UserWarning)
+                        base.load_weights(str(path))
                     return model
                 except Exception:
                     pass
