@@ -37,7 +37,6 @@ imports streamlit.
 from __future__ import annotations
 
 import collections
-import hashlib
 import json
 import os
 import threading
@@ -54,6 +53,7 @@ from bonescan_core import db as dbm
 from bonescan_core import jobs, pixelstore
 from bonescan_core.models import DEFAULT_SIZE, Backbone, get_backbone, keras_module
 from bonescan_core.preprocess import compose_views, content_box, list_samples, prepare_image, to_model_input
+from bonescan_core.training import file_sha256
 
 if TYPE_CHECKING:  # pragma: no cover - typing only; keras is imported lazily
     import keras
@@ -493,14 +493,6 @@ def clear_model_cache() -> None:
         _MODELS.clear()
 
 
-def _file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _run_record(db_path: str | os.PathLike[str], run: int | Mapping[str, Any]) -> dict[str, Any]:
     if isinstance(run, Mapping):
         record = dict(run)
@@ -561,7 +553,7 @@ def load_run_model(db_path: str | os.PathLike[str], run: int | Mapping[str, Any]
             _MODELS.move_to_end(key)
             return _MODELS[key], bb, image_size
         if expected:
-            actual = _file_sha256(path)
+            actual = file_sha256(path)
             if actual != expected:
                 raise ModelUnavailable(
                     f"the model file of run {run_id} ({path}) does not match its recorded checksum "

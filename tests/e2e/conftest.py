@@ -221,31 +221,10 @@ def wait_for_streamlit_idle(page, timeout_s: float = 30.0, settle_s: float = 0.4
     the "Running..." status widget to be gone) continuously for ``settle_s`` seconds, which covers the
     gap between a click and the start of its rerun as well as the rerun itself.
     """
-    deadline = time.monotonic() + timeout_s
-    idle_since: float | None = None
-    state = "unknown"
-    while time.monotonic() < deadline:
-        state = page.evaluate(
-            """() => {
-                const app = document.querySelector('[data-testid="stApp"]');
-                if (!app) return 'no-app';
-                const connection = app.getAttribute('data-test-connection-state');
-                if (connection && connection !== 'CONNECTED') return 'connection:' + connection;
-                const widget = document.querySelector('[data-testid="stStatusWidget"]');
-                if (widget && /running/i.test(widget.innerText + (widget.querySelector('[aria-label]')
-                        ?.getAttribute('aria-label') ?? ''))) return 'status-widget-running';
-                return app.getAttribute('data-test-script-state') || 'no-state';
-            }"""
-        )
-        now = time.monotonic()
-        if state == "notRunning":
-            idle_since = idle_since or now
-            if now - idle_since >= settle_s:
-                return
-        else:
-            idle_since = None
-        time.sleep(0.05)
-    raise AssertionError(f"the app did not finish its rerun within {timeout_s:.0f} s (last state: {state})")
+    try:
+        screenshot_script.wait_until_idle(page, timeout_s, settle_s)  # one definition of "idle" for docs and tests
+    except TimeoutError as error:
+        raise AssertionError(f"the app did not finish its rerun: {error}") from error
 
 
 def open_app(page, server: AppServer, path: str = "/", timeout_s: float = 30.0) -> None:
