@@ -98,5 +98,5 @@ def test_upload_good_and_bad_files(app_server: AppServer, browser_page, tmp_path
     page.get_by_role("button", name="Import uploaded files").click()
     wait_for_streamlit_idle(page)
     expect(page.get_by_text("3 file(s): 2 imported, 1 rejected.")).to_be_visible(timeout=30_000)
-    expect(page.get_by_text("notes.png: rejected: not an image")).to_be_visible()
+    expect(page.get_by_test_id("stAlertContentError").get_by_text("notes.png: rejected: not an image")).to_be_visible()
     expect(page.get_by_test_id("stException")).to_have_count(0)
