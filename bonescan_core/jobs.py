@@ -326,15 +326,18 @@ def _float(value: object) -> float | None:
 
 
 def execute_run(db_path: Path, run: dict, echo: Callable[[dict], None] | None = None) -> str:
-    """Train one claimed run and record its outcome; returns the final status."""
+    """Train one claimed run, precompute its Grad-CAM maps, record the outcome; returns the
+    final status."""
     from bonescan_core import training  # TensorFlow/Keras load here, in the worker only
 
     reporter = DatabaseReporter(Path(db_path), run["id"], echo=echo)
-    status, error, result = "done", None, None
+    status, error = "done", None
     try:
         config = training.TrainConfig.from_json(json.dumps(run["config"]))
         with dbm.opened(db_path) as db:
             result = training.train_run(db, run["id"], config, reporter, runs_dir(db_path))
+        _record_result(db_path, run, result)
+        precompute_explanations(db_path, run["id"], reporter)
     except training.TrainingCancelled:
         status = "cancelled"
     except KeyboardInterrupt:
@@ -345,16 +348,38 @@ def execute_run(db_path: Path, run: dict, echo: Callable[[dict], None] | None = 
     finally:
         reporter.close()
     with dbm.opened(db_path) as db, dbm.write(db):
-        fields = {"status": status, "finished_at": dbm.utc_now(), "error": error, "heartbeat_at": dbm.utc_now()}
-        if result is not None:
-            config = {**run["config"], **result.config_additions}
-            fields.update(
-                threshold=result.threshold, images_per_second=result.images_per_second, weights_path=result.weights_path,
-                weights_sha256=result.weights_sha256, device=result.device, config=json.dumps(config, sort_keys=True),
-                split_id=config.get("split_id"),
-            )
-        db["runs"].update(run["id"], fields)
+        db["runs"].update(run["id"], {"status": status, "finished_at": dbm.utc_now(), "error": error,
+                                      "heartbeat_at": dbm.utc_now()})
     return status
+
+
+def _record_result(db_path: Path, run: dict, result) -> None:
+    """Store what training produced (threshold, model, device, config additions)."""
+    config = {**run["config"], **result.config_additions}
+    with dbm.opened(db_path) as db, dbm.write(db):
+        db["runs"].update(run["id"], {
+            "threshold": result.threshold, "images_per_second": result.images_per_second,
+            "weights_path": result.weights_path, "weights_sha256": result.weights_sha256, "device": result.device,
+            "config": json.dumps(config, sort_keys=True), "split_id": config.get("split_id"),
+        })
+
+
+def precompute_explanations(db_path: Path, run_id: int, reporter: DatabaseReporter) -> int:
+    """Grad-CAM maps of every predicted (validation and test) image, cached, so the
+    Evaluate page's explorer never waits for one. Stops early on cancel (the run is
+    still done: maps are only a cache). Returns how many were computed."""
+    from bonescan_core import explain
+
+    with dbm.opened(db_path) as db:
+        image_ids = [row[0] for row in db.execute(
+            "SELECT image_id FROM predictions WHERE run_id = ? AND image_id NOT IN "
+            "(SELECT image_id FROM explanations WHERE run_id = ?) ORDER BY subset DESC, image_id", [run_id, run_id])]
+        for done, image_id in enumerate(image_ids, start=1):
+            if reporter.cancelled():
+                return done - 1
+            explain.explain_image(db, db_path, run_id, image_id)
+            reporter.progress({"phase": "explaining", "batch": done, "batches": len(image_ids)})
+    return len(image_ids)
 
 
 def run_worker(db_path: Path, once: bool = False, idle_exit_s: float | None = None, poll_s: float = 2.0,

@@ -27,6 +27,10 @@ def finished_run(tmp_path_factory):
     with dbm.opened(db_path) as db:
         run = jobs.get_run(db, run_id)
     assert run["status"] == "done", run["error"]
+    with dbm.opened(db_path) as db:  # the worker precomputed every predicted image's Grad-CAM map
+        predicted = {row[0] for row in db.execute("SELECT image_id FROM predictions WHERE run_id = ?", [run_id])}
+        explained = {row[0] for row in db.execute("SELECT image_id FROM explanations WHERE run_id = ?", [run_id])}
+    assert predicted and explained == predicted
     return db_path, run_id
 
 
