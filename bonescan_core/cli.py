@@ -164,8 +164,7 @@ def cmd_agreement(args: argparse.Namespace) -> int:
     with dbm.opened(args.db) as db:
         pairs = pairwise(db)
     if args.json:
-        json.dump([pair.as_json() for pair in pairs], sys.stdout)
-        sys.stdout.write("\n")
+        _print_json([pair.as_json() for pair in pairs])
         return EXIT_OK
     if not pairs:
         print("no two readers have read the same study yet")
@@ -199,8 +198,7 @@ def cmd_split(args: argparse.Namespace) -> int:
     except splits.SplitError as error:
         raise CommandError(str(error)) from error
     if args.json:
-        json.dump(result, sys.stdout)
-        sys.stdout.write("\n")
+        _print_json(result)
     else:
         sizes = ", ".join(f"{len(ids)} {name}" for name, ids in result["subsets"].items())
         print(f"split {split_id}: {sizes} studies (seed {args.seed})", file=sys.stderr)
@@ -302,8 +300,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     except (evaluation.RunNotFoundError, evaluation.NoPredictionsError) as error:
         raise CommandError(str(error)) from error
     if args.json:
-        json.dump(result, sys.stdout)
-        sys.stdout.write("\n")
+        _print_json(result)
         return EXIT_OK
     print(f"run {result['run']} ({result['backbone']}), {result['subset']}: {result['n_images']} images, "
           f"{result['n_studies']} studies, threshold {result['threshold']:.3f}")
@@ -365,11 +362,7 @@ def cmd_runs(args: argparse.Namespace) -> int:
 
     with dbm.opened(args.db) as db:
         rows = jobs.runs_json(db)
-    if args.json:
-        json.dump(rows, sys.stdout)
-        sys.stdout.write("\n")
-    else:
-        _print_rows(rows, False, ["id", "backbone", "status", "device", "images_per_second", "threshold", "error"])
+    _print_rows(rows, args.json, ["id", "backbone", "status", "device", "images_per_second", "threshold", "error"])
     return EXIT_OK
 
 
@@ -391,10 +384,15 @@ def cmd_cancel(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _print_json(value: object) -> None:
+    """One JSON document on stdout, newline-terminated (what ``--json`` prints)."""
+    json.dump(value, sys.stdout)
+    sys.stdout.write("\n")
+
+
 def _print_rows(rows: list[dict], as_json: bool, columns: list[str]) -> None:
     if as_json:
-        json.dump(rows, sys.stdout)
-        sys.stdout.write("\n")
+        _print_json(rows)
         return
     print("\t".join(columns))
     for row in rows:
