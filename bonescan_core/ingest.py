@@ -21,7 +21,6 @@ under a neutral name.
 
 from __future__ import annotations
 
-import csv
 import hashlib
 import json
 import os
@@ -37,6 +36,7 @@ import sqlite_utils
 
 from bonescan_core import db as dbm
 from bonescan_core import pixelstore
+from bonescan_core.csvfile import read_rows
 from bonescan_core.imaging import EXTENSIONS, RejectedFile, ScanFile, read_scan
 from bonescan_core.phantom import VIEWS, PhantomStudy, make_studies
 from bonescan_core.review import Review, add_review
@@ -183,18 +183,7 @@ def read_manifest(csv_path: Path) -> list[PlannedFile]:
     Raises:
         ManifestError: missing columns or a bad value (the message names the line).
     """
-    try:
-        with csv_path.open(newline="", encoding="utf-8-sig") as handle:
-            reader = csv.DictReader(handle)
-            missing = [c for c in MANIFEST_COLUMNS if c not in (reader.fieldnames or [])]
-            if missing:
-                raise ManifestError(f"{csv_path}: missing columns {', '.join(missing)}; the header needs {', '.join(MANIFEST_COLUMNS)}")
-            plans = []
-            for line_number, row in enumerate(reader, start=2):
-                plans.append(_manifest_row(csv_path, line_number, row))
-            return plans
-    except (OSError, UnicodeDecodeError, csv.Error) as error:
-        raise ManifestError(f"{csv_path}: cannot read the manifest ({error}); save it as UTF-8 CSV") from error
+    return [_manifest_row(csv_path, line, row) for line, row in read_rows(csv_path, MANIFEST_COLUMNS, ManifestError)]
 
 
 def _manifest_row(csv_path: Path, line_number: int, row: dict[str, str]) -> PlannedFile:

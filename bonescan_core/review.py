@@ -17,6 +17,7 @@ from pathlib import Path
 import sqlite_utils
 
 from bonescan_core import db as dbm
+from bonescan_core.csvfile import read_rows
 
 LABELS = ("metastatic", "non_metastatic")
 
@@ -413,15 +414,7 @@ def import_reviews_csv(db: sqlite_utils.Database, path: Path) -> CsvImportResult
     study, reviewer, time, decision, label, criteria) is a duplicate and is skipped, so
     re-importing an export adds nothing.
     """
-    try:
-        with path.open(newline="", encoding="utf-8-sig") as handle:
-            reader = csv.DictReader(handle)
-            missing = [c for c in REQUIRED_CSV_COLUMNS if c not in (reader.fieldnames or [])]
-            if missing:
-                raise ReviewError(f"{path}: missing columns {', '.join(missing)}; the header needs {', '.join(REQUIRED_CSV_COLUMNS)}")
-            rows = list(enumerate(reader, start=2))
-    except (OSError, UnicodeDecodeError, csv.Error) as error:
-        raise ReviewError(f"{path}: cannot read it as a UTF-8 CSV ({error})") from error
+    rows = read_rows(path, REQUIRED_CSV_COLUMNS, ReviewError)
     added = duplicates = 0
     errors = []
     for line, row in rows:
