@@ -14,6 +14,7 @@ import pandas as pd
 import streamlit as st
 
 from app_pages.common import cached_study_images, db_path, open_db, reviewer
+from bonescan_core import db as dbm
 from bonescan_core import evaluation, jobs, pixelstore, plots, report
 from bonescan_core import review as rv
 
@@ -22,13 +23,13 @@ CARD_METRICS = ("accuracy", "recall", "precision", "f1", "specificity", "npv", "
 
 @st.cache_data(max_entries=32, show_spinner=False)
 def cached_evaluation(database: str, run_id: int, threshold: float) -> dict:
-    with open_db() as db:
+    with dbm.opened(database) as db:  # the database is part of the cache key, so read that one
         return evaluation.evaluate(db, run_id, threshold=threshold)
 
 
 @st.cache_data(max_entries=16, show_spinner=False)
 def cached_predictions(database: str, run_id: int, subset: str) -> dict:
-    with open_db() as db:
+    with dbm.opened(database) as db:
         return evaluation.run_predictions(db, run_id, subset)
 
 
