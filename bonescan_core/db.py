@@ -259,9 +259,36 @@ _TRAINING_SQL = [
 ]
 
 
+def _m003_accounts(db: sqlite_utils.Database) -> None:
+    """Reader accounts and the failed sign-in record (see accounts.py); sign-in off by default."""
+    for statement in _ACCOUNTS_SQL:
+        db.execute(statement)
+    db.execute("INSERT OR IGNORE INTO settings (key, value) VALUES ('sign_in', 'off')")
+
+
+_ACCOUNTS_SQL = [
+    """CREATE TABLE accounts (
+            name TEXT PRIMARY KEY COLLATE NOCASE,  -- the reviewer name on this reader's reviews
+            password_hash TEXT NOT NULL,       -- scrypt$n$r$p$salt_hex$hash_hex
+            roles TEXT NOT NULL,               -- reader, adjudicator, trainer joined by ';'
+            disabled INTEGER NOT NULL DEFAULT 0 CHECK (disabled IN (0, 1)),  -- never deleted: reviews name them
+            created_at TEXT NOT NULL,
+            password_changed_at TEXT NOT NULL
+        )""",
+    # Keyed by the attempted name, account or not, so the delay does not reveal which names exist.
+    """CREATE TABLE sign_in_failures (
+            name TEXT PRIMARY KEY COLLATE NOCASE,
+            failures INTEGER NOT NULL,         -- consecutive; the row is deleted on success
+            locked_until REAL NOT NULL,        -- Unix seconds; attempts before it are refused unchecked
+            last_failure_at TEXT NOT NULL
+        )""",
+]
+
+
 MIGRATIONS: list[tuple[str, Callable[[sqlite_utils.Database], None]]] = [
     ("001_foundation", _m001_foundation),
     ("002_training", _m002_training),
+    ("003_accounts", _m003_accounts),
 ]
 
 

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import sqlite_utils
 
+from bonescan_core import accounts
 from bonescan_core import db as dbm
 from bonescan_core.csvfile import read_rows
 
@@ -136,6 +137,8 @@ def add_review(db: sqlite_utils.Database, review: Review, created_at: str | None
         if not db.execute("SELECT 1 FROM studies WHERE id = ?", [review.study_id]).fetchone():
             raise ReviewError(f"study {review.study_id} does not exist; list studies with `bonescan studies --json`")
         if review.adjudication and not is_adjudicator(db, row["reviewer"]):
+            if accounts.sign_in_required(db):
+                raise ReviewError(accounts.denial("adjudicate", accounts.get_account(db, row["reviewer"])))
             raise ReviewError(f"{row['reviewer']} is not an adjudicator; mark them as one on the Agreement page first")
         return db["reviews"].insert(row).last_pk
 
@@ -147,13 +150,21 @@ def set_adjudicator(db: sqlite_utils.Database, name: str, adjudicator: bool = Tr
 
 
 def is_adjudicator(db: sqlite_utils.Database, name: str) -> bool:
-    """Whether ``name`` may record consensus reviews."""
+    """Whether ``name`` may record consensus reviews.
+
+    With sign-in required, that is an enabled account with the adjudicator role (the
+    account's roles are the authority, not the reviewers list anyone could edit).
+    """
+    if accounts.sign_in_required(db):
+        return accounts.has_role(db, name, "adjudicator")
     row = db.execute("SELECT adjudicator FROM reviewers WHERE name = ?", [name.strip()]).fetchone()
     return bool(row and row[0])
 
 
 def adjudicators(db: sqlite_utils.Database) -> list[str]:
-    """Names of the adjudicators, sorted."""
+    """Names of the adjudicators, sorted (accounts with the role when sign-in is required)."""
+    if accounts.sign_in_required(db):
+        return sorted(a.name for a in accounts.list_accounts(db) if a.has("adjudicator") and not a.disabled)
     return [row[0] for row in db.execute("SELECT name FROM reviewers WHERE adjudicator = 1 ORDER BY name").fetchall()]
 
 
