@@ -20,7 +20,7 @@ from pathlib import Path
 EXIT_OK, EXIT_SOME_FAILED, EXIT_USAGE = 0, 1, 2
 # Verbs that need no model or table library: they must start in well under a second.
 LIGHT_VERBS = frozenset({"init", "demo", "import", "images", "studies", "label", "labels", "agreement", "adjudicator",
-                         "split", "runs", "cancel", "predictions", "evaluate"})
+                         "split", "runs", "cancel", "predictions", "evaluate", "account"})
 
 
 class CommandError(Exception):
@@ -178,10 +178,14 @@ def cmd_agreement(args: argparse.Namespace) -> int:
 
 
 def cmd_adjudicator(args: argparse.Namespace) -> int:
+    from bonescan_core import accounts
     from bonescan_core import db as dbm
     from bonescan_core.review import set_adjudicator
 
     with dbm.opened(args.db) as db:
+        if accounts.sign_in_required(db):
+            raise CommandError("sign-in is on, so adjudicators are the accounts with the adjudicator role: "
+                               f"use `bonescan account roles {args.name} --role adjudicator` (with their other roles)")
         set_adjudicator(db, args.name, not args.remove)
     print(f"{args.name} {'is no longer' if args.remove else 'is now'} an adjudicator")
     return EXIT_OK
@@ -384,6 +388,66 @@ def cmd_cancel(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _read_new_password(args: argparse.Namespace) -> str:
+    """The new password: one line of stdin with ``--password-stdin``, else typed twice at a prompt."""
+    import getpass
+
+    if args.password_stdin:
+        password = sys.stdin.readline().rstrip("\r\n")
+        if not password:
+            raise CommandError("--password-stdin read no password; pipe one line, e.g. `printf '%s\\n' \"$PW\" | ...`")
+        return password
+    if not sys.stdin.isatty():
+        raise CommandError("no terminal to type a password on; pass --password-stdin and pipe the password")
+    try:
+        password = getpass.getpass(f"New password for {args.name}: ")
+        again = getpass.getpass("Type it again: ")
+    except (EOFError, KeyboardInterrupt) as error:
+        raise CommandError("no password given; nothing changed") from error
+    if password != again:
+        raise CommandError("the two passwords differ; nothing changed, try again")
+    return password
+
+
+def cmd_account(args: argparse.Namespace) -> int:
+    from bonescan_core import accounts
+    from bonescan_core import db as dbm
+
+    try:
+        with dbm.opened(args.db) as db:
+            if args.action == "add":
+                account = accounts.add_account(db, args.name, _read_new_password(args), args.role)
+                print(f"account {account.name} added ({', '.join(account.roles)})")
+                if not accounts.sign_in_required(db):
+                    print("sign-in is off; turn it on with `bonescan account sign-in on`", file=sys.stderr)
+            elif args.action == "passwd":
+                if accounts.get_account(db, args.name) is None:  # before asking for a password
+                    raise accounts.AccountError(f"no account named {args.name!r}; list them with `bonescan account list`")
+                accounts.set_password(db, args.name, _read_new_password(args))
+                print(f"password of {args.name} changed")
+            elif args.action == "roles":
+                account = accounts.set_roles(db, args.name, args.role)
+                print(f"{account.name}: {', '.join(account.roles)}")
+            elif args.action in ("disable", "enable"):
+                accounts.set_disabled(db, args.name, args.action == "disable")
+                print(f"account {args.name} {args.action}d")
+            elif args.action == "list":
+                required = accounts.sign_in_required(db)
+                rows = [a.as_json() for a in accounts.list_accounts(db)]
+                if not args.json:
+                    rows = [{**row, "roles": ",".join(row["roles"])} for row in rows]
+                _print_rows(rows, args.json, ["name", "roles", "disabled", "created_at"])
+                print(f"sign-in is {'on' if required else 'off'}", file=sys.stderr)
+            elif args.state is None:  # sign-in, no argument: say where it stands
+                print("on" if accounts.sign_in_required(db) else "off")
+            else:
+                accounts.set_sign_in(db, args.state == "on")
+                print(f"sign-in is {args.state}" + (": the app now asks every visitor to sign in" if args.state == "on" else ""))
+    except accounts.AccountError as error:
+        raise CommandError(str(error)) from error
+    return EXIT_OK
+
+
 def _print_json(value: object) -> None:
     """One JSON document on stdout, newline-terminated (what ``--json`` prints)."""
     json.dump(value, sys.stdout)
@@ -518,6 +582,31 @@ def build_parser() -> argparse.ArgumentParser:
     verb.add_argument("name")
     verb.add_argument("--remove", action="store_true")
     verb.set_defaults(func=cmd_adjudicator)
+
+    verb = verbs.add_parser("account", help="reader accounts and the app's optional sign-in",
+                            description="Accounts for the app's optional sign-in. Roles: reader (labels), adjudicator "
+                                        "(labels and records the consensus), trainer (enqueues and cancels training).")
+    actions = verb.add_subparsers(dest="action", metavar="ACTION", required=True)
+    roles_help = "reader, adjudicator or trainer; repeat for several"
+    action = actions.add_parser("add", help="create an account (the password is asked twice)")
+    action.add_argument("name", metavar="NAME")
+    action.add_argument("--role", action="append", required=True, help=roles_help)
+    action.add_argument("--password-stdin", action="store_true", help="read the password from one line of stdin")
+    action = actions.add_parser("passwd", help="set a new password")
+    action.add_argument("name", metavar="NAME")
+    action.add_argument("--password-stdin", action="store_true", help="read the password from one line of stdin")
+    action = actions.add_parser("roles", help="replace an account's roles")
+    action.add_argument("name", metavar="NAME")
+    action.add_argument("--role", action="append", required=True, help=roles_help)
+    for name, words in (("disable", "refuse an account's sign-in (accounts are never deleted)"),
+                        ("enable", "allow a disabled account to sign in again")):
+        action = actions.add_parser(name, help=words)
+        action.add_argument("name", metavar="NAME")
+    action = actions.add_parser("list", help="list accounts: name, roles, disabled, created_at")
+    action.add_argument("--json", action="store_true")
+    action = actions.add_parser("sign-in", help="require sign-in in the app (on), or not (off); no argument: show it")
+    action.add_argument("state", nargs="?", choices=["on", "off"])
+    verb.set_defaults(func=cmd_account)
     return parser
 
 
