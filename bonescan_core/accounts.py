@@ -347,6 +347,15 @@ def require(account: Account | None, action: str, *, sign_in: bool) -> None:
         raise PermissionDenied(denial(action, account))
 
 
+def may(db: sqlite_utils.Database, name: str, action: str) -> bool:
+    """Whether the reader called ``name`` may do ``action`` now, by the roles stored now
+    (always True with sign-in off). Pages ask this before acting, so a role taken away
+    takes effect at once, even in an open session.
+    """
+    required = sign_in_required(db)
+    return permits(get_account(db, name) if required else None, action, sign_in=required)
+
+
 def has_role(db: sqlite_utils.Database, name: str, role: str) -> bool:
     """Whether an enabled account called ``name`` holds ``role``."""
     account = get_account(db, name)
