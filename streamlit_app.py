@@ -1,4 +1,4 @@
-"""bonescan: the router. Page config, the shared sidebar, and navigation; nothing else.
+"""bonescan: the router. Page config, the sign-in gate, the shared sidebar, and navigation; nothing else.
 
 The page scripts live in ``app_pages/``, not ``pages/``: Streamlit treats a ``pages/`` folder
 beside the main script as a legacy page list, and on a fresh server a deep link such as
@@ -8,7 +8,7 @@ beside the main script as a legacy page list, and on a fresh server a deep link 
 
 import streamlit as st
 
-from app_pages.common import sidebar
+from app_pages.common import gate, sidebar
 
 st.set_page_config(page_title="bonescan", page_icon=":material/radiology:", layout="wide")
 
@@ -21,5 +21,6 @@ PAGES = [
 ]
 
 navigation = st.navigation(PAGES)
-sidebar()
-navigation.run()
+if gate():  # with sign-in required, only the sign-in form until someone signs in
+    sidebar()
+    navigation.run()

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pandas as pd
 import streamlit as st
 
-from app_pages.common import open_db, reviewer
+from app_pages.common import open_db, reviewer, sign_in_on
 from bonescan_core import agreement
 from bonescan_core import review as rv
 
@@ -55,7 +55,7 @@ else:
         st.markdown(f"**Disagreements** ({len(chosen.disagreements)}) — open one in Review")
         if chosen.disagreements:
             name = reviewer()
-            suffix = f"&reviewer={name}" if name else ""
+            suffix = f"&reviewer={name}" if name and not sign_in_on() else ""  # with sign-in the account is the reader
             st.dataframe(
                 pd.DataFrame(
                     {
@@ -73,6 +73,10 @@ st.subheader("Adjudicators")
 st.caption("An adjudicator records the consensus of disagreeing readers (in Review, with 'Record as the consensus'). "
            "The training label is the consensus if there is one, else the readers' unanimous label.")
 st.write(", ".join(judges) if judges else "None yet.")
+if sign_in_on():
+    st.caption("Sign-in is on: the adjudicators are the accounts with the adjudicator role, set by an administrator "
+               "with `bonescan account roles NAME --role adjudicator` (listing the account's other roles too).")
+    st.stop()
 candidate = st.text_input("Reviewer name", key="ag_candidate", value=reviewer())
 cols = st.columns(2)
 if cols[0].button("Make adjudicator", disabled=not candidate.strip(), key="ag_make"):

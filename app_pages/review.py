@@ -11,7 +11,7 @@ import time
 import pandas as pd
 import streamlit as st
 
-from app_pages.common import cached_study_images, open_db, reviewer, scan_viewer
+from app_pages.common import allowed, cached_study_images, denial, open_db, reviewer, scan_viewer
 from bonescan_core import review as rv
 
 METASTATIC_CRITERIA = [c for c, (side, _) in rv.CRITERIA.items() if side == "metastatic"]
@@ -51,6 +51,9 @@ def save(study_id: int, decision: str, label: str | None, next_study: int | None
     if decision == "include" and st.session_state.get(form_key(study_id, "screening"), "yes") == "no":
         st.session_state["rv_error"] = "The indication is not metastasis screening: use Exclude (the paper excludes these)."
         return
+    if not allowed("label"):  # roles are re-read: one taken away in this session counts at once
+        st.session_state["rv_error"] = denial("label")
+        return
     started = time.perf_counter()
     try:
         with open_db() as db:
@@ -74,6 +77,9 @@ st.title("Review")
 name = reviewer()
 if not name:
     st.warning("Enter your name as Reviewer in the sidebar (or open this page as /review?reviewer=NAME) to start reading.")
+    st.stop()
+if not allowed("label"):
+    st.warning(denial("label"))
     st.stop()
 
 if "study" in st.query_params and st.query_params["study"].isdigit():

@@ -9,7 +9,7 @@ from __future__ import annotations
 import pandas as pd
 import streamlit as st
 
-from app_pages.common import db_path, open_db
+from app_pages.common import allowed, db_path, denial, open_db
 from bonescan_core import jobs, plots, splits, training
 from bonescan_core import review as rv
 from bonescan_core.models import BACKBONES, DEFAULT_SIZE, MODES
@@ -43,6 +43,10 @@ if split:
     st.caption(f"Current split {split['id']} (by patient, stratified): " + "; ".join(
         f"{name} {sum(counts.values())} studies ({counts.get('metastatic', 0)} metastatic)" for name, counts in by_subset.items()))
 
+can_train = allowed("train")
+if not can_train:
+    st.warning(denial("train"), icon=":material/lock:")
+
 with st.form("train_form"):
     chosen = st.multiselect("Backbones (trained one after another on the same split)", list(BACKBONES),
                             default=list(BACKBONES), key="tr_backbones")
@@ -66,7 +70,7 @@ with st.form("train_form"):
     for column, (name, default) in zip(switches, PAPER_AUGMENT.items(), strict=True):
         if column.toggle(name.replace("_", " "), value=True, key=f"tr_aug_{name}"):
             augment[name] = default
-    submitted = st.form_submit_button("Train", type="primary")
+    submitted = st.form_submit_button("Train", type="primary", disabled=not can_train)
 
 if weights == "none" and mode != "full":
     st.warning("Weights 'none' starts from random weights: only mode 'full' trains them, and from scratch on a few "
@@ -74,7 +78,7 @@ if weights == "none" and mode != "full":
 elif weights == "none":
     st.warning("Training from scratch on a few hundred scans rarely generalises; ImageNet weights usually do much better.")
 
-if submitted:
+if submitted:  # never True while disabled (no trainer role): Streamlit drops a disabled button's click
     if not chosen:
         st.error("Choose at least one backbone.")
     else:
@@ -107,10 +111,11 @@ def live_runs() -> None:
         worker = jobs.worker_alive(db)
         curves = {run["id"]: jobs.epochs(db, run["id"]) for run in runs if run["status"] in ("running", "done")}
     active = [run for run in runs if run["status"] in jobs.ACTIVE]
+    may_train = allowed("train")
     st.subheader("Runs")
     st.caption(("A worker is running." if worker else "No worker is running.")
                + (f" {len(active)} run(s) queued or running." if active else ""))
-    if active and not worker:
+    if active and not worker and may_train:
         if st.button("Start a worker", key="tr_start_worker"):
             jobs.ensure_worker(db_path())
     for run in runs:
@@ -128,7 +133,7 @@ def live_runs() -> None:
                             f"{batch}/{batches}" + (f", about {eta / 60:.1f} min left" if eta else ""))
                 if progress.get("loss") is not None:
                     st.caption(f"loss {progress['loss']:.4f}")
-            if run["status"] in jobs.ACTIVE:
+            if run["status"] in jobs.ACTIVE and may_train:
                 st.button("Cancel", key=f"tr_cancel_{run['id']}", on_click=cancel, args=(run["id"],))
             if run.get("error"):
                 st.error(run["error"])
@@ -139,6 +144,8 @@ def live_runs() -> None:
 
 
 def cancel(run_id: int) -> None:
+    if not allowed("train"):
+        return
     with open_db() as db:
         jobs.request_cancel(db, run_id)
 
