@@ -1,0 +1,425 @@
+"""Reader accounts and optional sign-in: hashing, roles, throttling, the migration, the
+``account`` verb, and the app with sign-in required (AppTest)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+from conftest import REPO, add_bare_studies, run_cli
+from streamlit.testing.v1 import AppTest
+
+from bonescan_core import accounts, jobs
+from bonescan_core import db as dbm
+from bonescan_core import review as rv
+from bonescan_core.ingest import add_demo_studies
+
+PASSWORD = "correct horse battery"
+
+
+class Clock:
+    """A settable clock for authenticate(now=...)."""
+
+    def __init__(self, t: float = 1_000_000.0) -> None:
+        self.t = t
+
+    def __call__(self) -> float:
+        return self.t
+
+
+# --- hashing ------------------------------------------------------------------------------
+
+def test_hashes_are_salted_record_their_parameters_and_verify():
+    first, second = accounts.hash_password(PASSWORD), accounts.hash_password(PASSWORD)
+    assert first != second, "a random salt per hash"
+    scheme, n, r, p, salt, digest = first.split("$")
+    assert (scheme, int(n), int(r), int(p)) == ("scrypt", 2**14, 8, 1)
+    assert len(bytes.fromhex(salt)) == 16 and len(bytes.fromhex(digest)) == 32
+    assert PASSWORD not in first
+    assert accounts.verify_password(PASSWORD, first) and accounts.verify_password(PASSWORD, second)
+    assert not accounts.verify_password(PASSWORD + "!", first)
+    assert not accounts.verify_password("", first)
+
+
+def test_verification_uses_the_parameters_stored_with_the_hash():
+    cheap = accounts.hash_password(PASSWORD, n=2**10, r=4, p=2)
+    assert cheap.startswith("scrypt$1024$4$2$")
+    assert accounts.verify_password(PASSWORD, cheap)
+    assert not accounts.verify_password("something else entirely", cheap)
+    for broken in ("", "plain", "md5$1$2$3$00$00", cheap.rsplit("$", 1)[0] + "$zz", cheap.rsplit("$", 1)[0] + "$"):
+        assert not accounts.verify_password(PASSWORD, broken)
+
+
+# --- validation ---------------------------------------------------------------------------
+
+def test_roles_are_validated_and_kept_in_catalogue_order():
+    assert accounts.validate_roles(["trainer", "reader", "READER "]) == ("reader", "trainer")
+    with pytest.raises(accounts.AccountError, match="unknown role admin"):
+        accounts.validate_roles(["reader", "admin"])
+    with pytest.raises(accounts.AccountError, match="at least one role"):
+        accounts.validate_roles([])
+
+
+def test_add_account_refuses_short_passwords_bad_names_and_taken_names(db):
+    with pytest.raises(accounts.AccountError, match="at least 10 characters"):
+        accounts.add_account(db, "ann", "short", ["reader"])
+    for bad in ("", " ", "ann smith", "-ann", "a" * 65, "ann;drop"):
+        with pytest.raises(accounts.AccountError, match="not allowed"):
+            accounts.add_account(db, bad, PASSWORD, ["reader"])
+    account = accounts.add_account(db, " ann ", PASSWORD, ["reader"])
+    assert (account.name, account.roles, account.disabled) == ("ann", ("reader",), False)
+    with pytest.raises(accounts.AccountError, match="exists already"):
+        accounts.add_account(db, "ANN", PASSWORD, ["trainer"])
+    stored = db.execute("SELECT password_hash FROM accounts").fetchall()
+    assert len(stored) == 1 and stored[0][0].startswith("scrypt$") and PASSWORD not in stored[0][0]
+
+
+def test_roles_and_passwords_can_be_changed(db):
+    accounts.add_account(db, "ann", PASSWORD, ["reader"])
+    assert accounts.set_roles(db, "Ann", ["reader", "trainer"]).roles == ("reader", "trainer")
+    accounts.set_password(db, "ann", "another long passphrase")
+    clock = Clock()
+    with pytest.raises(accounts.SignInFailed):
+        accounts.authenticate(db, "ann", PASSWORD, now=clock)
+    clock.t += 60
+    assert accounts.authenticate(db, "ann", "another long passphrase", now=clock).name == "ann"
+    with pytest.raises(accounts.AccountError, match="no account named"):
+        accounts.set_roles(db, "nobody", ["reader"])
+
+
+# --- authentication -----------------------------------------------------------------------
+
+def test_authenticate_accepts_the_right_password_in_any_name_case(db):
+    accounts.add_account(db, "ann", PASSWORD, ["reader", "trainer"])
+    account = accounts.authenticate(db, "ANN", PASSWORD, now=Clock())
+    assert (account.name, account.roles) == ("ann", ("reader", "trainer")), "the stored spelling is the identity"
+
+
+def test_wrong_password_and_unknown_name_fail_alike(db):
+    accounts.add_account(db, "ann", PASSWORD, ["reader"])
+    with pytest.raises(accounts.SignInFailed) as wrong_password:
+        accounts.authenticate(db, "ann", "not the password", now=Clock())
+    with pytest.raises(accounts.SignInFailed) as unknown_name:
+        accounts.authenticate(db, "zed", "not the password", now=Clock())
+    assert str(wrong_password.value) == str(unknown_name.value)
+    assert "Wrong account name or password" in str(unknown_name.value)
+    # ... and so does the delay that follows: it is kept per attempted name, account or not.
+    with pytest.raises(accounts.SignInFailed) as ann_locked:
+        accounts.authenticate(db, "ann", PASSWORD, now=Clock())
+    with pytest.raises(accounts.SignInFailed) as zed_locked:
+        accounts.authenticate(db, "zed", PASSWORD, now=Clock())
+    assert str(ann_locked.value) == str(zed_locked.value)
+
+
+def test_failures_delay_the_next_attempt_doubling_up_to_a_cap(db):
+    accounts.add_account(db, "ann", PASSWORD, ["reader"])
+    clock = Clock()
+    for failures, delay in ((1, 1), (2, 2), (3, 4)):
+        with pytest.raises(accounts.SignInFailed, match=f"Wait {delay} s"):
+            accounts.authenticate(db, "ann", "guess number one", now=clock)
+        # Inside the delay even the right password is refused, unchecked.
+        clock.t += delay - 0.01
+        with pytest.raises(accounts.SignInFailed, match="Too many failed sign-ins"):
+            accounts.authenticate(db, "ann", PASSWORD, now=clock)
+        assert db.execute("SELECT failures FROM sign_in_failures").fetchone()[0] == failures, "a refusal is no new failure"
+        clock.t += 0.01
+    assert accounts.authenticate(db, "ann", PASSWORD, now=clock).name == "ann"
+    assert db["sign_in_failures"].count == 0, "success clears the record"
+    assert [accounts.delay_after(k) for k in (0, 1, 2, 5, 6, 50)] == [0, 1, 2, 16, 30, 30]
+
+
+def test_other_names_are_not_delayed(db):
+    accounts.add_account(db, "ann", PASSWORD, ["reader"])
+    accounts.add_account(db, "bob", PASSWORD, ["reader"])
+    clock = Clock()
+    with pytest.raises(accounts.SignInFailed):
+        accounts.authenticate(db, "ann", "guess number one", now=clock)
+    assert accounts.authenticate(db, "bob", PASSWORD, now=clock).name == "bob"
+
+
+def test_disabled_account_is_refused_until_enabled(db):
+    accounts.add_account(db, "ann", PASSWORD, ["reader"])
+    accounts.set_disabled(db, "ann")
+    with pytest.raises(accounts.SignInFailed, match="disabled"):
+        accounts.authenticate(db, "ann", PASSWORD, now=Clock())
+    with pytest.raises(accounts.SignInFailed, match="Wrong account name or password"):
+        accounts.authenticate(db, "ann", "not the password", now=Clock(2_000_000.0))  # says nothing without the password
+    accounts.set_disabled(db, "ann", False)
+    assert accounts.authenticate(db, "ann", PASSWORD, now=Clock(3_000_000.0)).name == "ann"
+
+
+# --- the setting and permissions ----------------------------------------------------------
+
+def test_sign_in_is_off_by_default_and_needs_an_enabled_account(db):
+    assert not accounts.sign_in_required(db)
+    with pytest.raises(accounts.AccountError, match="no enabled account"):
+        accounts.set_sign_in(db, True)
+    accounts.add_account(db, "ann", PASSWORD, ["reader"])
+    accounts.set_sign_in(db, True)
+    assert accounts.sign_in_required(db)
+    with pytest.raises(accounts.AccountError, match="last enabled account"):
+        accounts.set_disabled(db, "ann")
+    accounts.set_sign_in(db, False)
+    assert not accounts.sign_in_required(db)
+    accounts.set_disabled(db, "ann")  # allowed with sign-in off
+
+
+def test_permissions_follow_roles_only_with_sign_in_on():
+    reader = accounts.Account("ann", ("reader",), False, "")
+    trainer = accounts.Account("tom", ("trainer",), False, "")
+    judge = accounts.Account("jo", ("adjudicator",), False, "")
+    for action in accounts.ACTIONS:
+        assert accounts.permits(None, action, sign_in=False)
+        assert not accounts.permits(None, action, sign_in=True)
+    assert accounts.permits(reader, "label", sign_in=True) and not accounts.permits(reader, "train", sign_in=True)
+    assert not accounts.permits(reader, "adjudicate", sign_in=True)
+    assert accounts.permits(trainer, "train", sign_in=True) and not accounts.permits(trainer, "label", sign_in=True)
+    assert accounts.permits(judge, "label", sign_in=True) and accounts.permits(judge, "adjudicate", sign_in=True)
+    assert accounts.denial("train", reader) == ("Training needs the trainer role; ask an administrator: "
+                                                "bonescan account roles ann --role reader --role trainer")
+    with pytest.raises(accounts.PermissionDenied, match="trainer role"):
+        accounts.require(reader, "train", sign_in=True)
+
+
+def test_with_sign_in_on_adjudicators_are_the_accounts_with_the_role(db, studies):
+    rv.set_adjudicator(db, "ann")  # the sign-in-off list, which anyone may edit in the app
+    accounts.add_account(db, "ann", PASSWORD, ["reader"])
+    accounts.add_account(db, "jo", PASSWORD, ["adjudicator"])
+    assert rv.is_adjudicator(db, "ann") and rv.adjudicators(db) == ["ann"]
+    accounts.set_sign_in(db, True)
+    assert not rv.is_adjudicator(db, "ann") and rv.is_adjudicator(db, "jo") and rv.adjudicators(db) == ["jo"]
+    consensus = rv.Review(studies[0], "ann", "include", "metastatic", ("flare",), adjudication=True)
+    with pytest.raises(rv.ReviewError, match="adjudicator role"):
+        rv.add_review(db, consensus)
+    rv.add_review(db, rv.Review(studies[0], "jo", "include", "metastatic", ("flare",), adjudication=True))
+    assert rv.study_statuses(db, [studies[0]])[studies[0]].adjudicated == "metastatic"
+
+
+# --- migration ----------------------------------------------------------------------------
+
+def test_migration_upgrades_an_existing_database_keeping_its_rows(tmp_path, monkeypatch):
+    path = tmp_path / "old.db"
+    with monkeypatch.context() as patch:
+        patch.setattr(dbm, "MIGRATIONS", [m for m in dbm.MIGRATIONS if m[0] < "003"])
+        with dbm.opened(path) as old:
+            assert "accounts" not in old.table_names()
+            ids = add_bare_studies(old, 3)
+            rv.add_review(old, rv.Review(ids[0], "ann", "include", "metastatic", ("flare",)))
+            salt = dbm.salt(old)
+    with dbm.opened(path) as db:
+        assert "003_accounts" in {row[0] for row in db.execute("SELECT name FROM _migrations")}
+        assert {"accounts", "sign_in_failures"} <= set(db.table_names())
+        assert db["studies"].count == 3 and db["reviews"].count == 1 and dbm.salt(db) == salt
+        assert not accounts.sign_in_required(db)
+        assert dbm.apply_migrations(db) == []
+
+
+# --- the command line ---------------------------------------------------------------------
+
+def run_cli_with_input(stdin: str, *args: str, db_path) -> subprocess.CompletedProcess[str]:
+    """Like conftest.run_cli, with ``stdin`` piped in (for --password-stdin)."""
+    return subprocess.run([sys.executable, "-m", "bonescan_core", "--db", str(db_path), *args], input=stdin,
+                          capture_output=True, text=True, cwd=REPO, timeout=120,
+                          env={**os.environ, "PYTHONPATH": str(REPO)})
+
+
+def add_by_cli(db_path, name, *roles, password=PASSWORD):
+    return run_cli_with_input(password + "\n", "account", "add", name, *[f"--role={role}" for role in roles],
+                              "--password-stdin", db_path=db_path)
+
+
+def test_cli_add_list_and_sign_in_on_off(db_path):
+    refused = run_cli("account", "sign-in", "on", db_path=db_path)
+    assert refused.returncode == 2 and "bonescan account add" in refused.stderr
+    assert add_by_cli(db_path, "ann", "reader", "trainer").returncode == 0
+    short = add_by_cli(db_path, "bob", "reader", password="short")
+    assert short.returncode == 2 and "at least 10 characters" in short.stderr
+    assert add_by_cli(db_path, "bob", "boss").returncode == 2
+    listed = run_cli("account", "list", "--json", db_path=db_path)
+    assert listed.returncode == 0
+    assert json.loads(listed.stdout) == [{"name": "ann", "roles": ["reader", "trainer"], "disabled": False,
+                                          "created_at": json.loads(listed.stdout)[0]["created_at"]}]
+    assert run_cli("account", "sign-in", db_path=db_path).stdout.strip() == "off"
+    assert run_cli("account", "sign-in", "on", db_path=db_path).returncode == 0
+    assert run_cli("account", "sign-in", db_path=db_path).stdout.strip() == "on"
+    with dbm.opened(db_path) as db:
+        assert accounts.sign_in_required(db)
+        assert accounts.authenticate(db, "ann", PASSWORD, now=Clock()).roles == ("reader", "trainer")
+    assert run_cli("account", "roles", "ann", "--role", "adjudicator", db_path=db_path).returncode == 0
+    assert run_cli("account", "sign-in", "off", db_path=db_path).returncode == 0
+    with dbm.opened(db_path) as db:
+        assert not accounts.sign_in_required(db)
+        assert accounts.get_account(db, "ann").roles == ("adjudicator",)
+
+
+def test_cli_passwd_and_disable(db_path):
+    assert add_by_cli(db_path, "ann", "reader").returncode == 0
+    changed = run_cli_with_input("a brand new passphrase\n", "account", "passwd", "ann", "--password-stdin",
+                                 db_path=db_path)
+    assert changed.returncode == 0, changed.stderr
+    assert run_cli("account", "disable", "ann", db_path=db_path).returncode == 0
+    with dbm.opened(db_path) as db:
+        with pytest.raises(accounts.SignInFailed, match="disabled"):
+            accounts.authenticate(db, "ann", "a brand new passphrase", now=Clock())
+    no_terminal = run_cli("account", "passwd", "ann", db_path=db_path)  # stdin is not a terminal here
+    assert no_terminal.returncode == 2 and "--password-stdin" in no_terminal.stderr
+
+
+def test_account_verb_imports_no_heavy_library(db_path):
+    code = (
+        "import sys, io, contextlib\n"
+        "from bonescan_core.cli import main\n"
+        "with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):\n"
+        f"    assert main(['--db', {str(db_path)!r}, 'account', 'list', '--json']) == 0\n"
+        "print([m for m in ('tensorflow', 'keras', 'streamlit', 'torch', 'jax', 'pandas') if sys.modules.get(m)])\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, check=True)
+    assert result.stdout.strip() == "[]"
+
+
+# --- the app with sign-in required --------------------------------------------------------
+
+TIMEOUT = 60
+
+
+def signed_in_db(db_path, **roles_by_name):
+    with dbm.opened(db_path) as db:
+        for name, roles in roles_by_name.items():
+            accounts.add_account(db, name, PASSWORD, roles)
+        accounts.set_sign_in(db, True)
+
+
+def open_app(page: str | None = None, reviewer: str | None = None) -> AppTest:
+    app = AppTest.from_file(str(REPO / "streamlit_app.py"), default_timeout=TIMEOUT)
+    if reviewer:
+        app.query_params["reviewer"] = reviewer
+    app.run()
+    if page:
+        app.switch_page(page).run()
+    return app
+
+
+def sign_in(app: AppTest, name: str, password: str = PASSWORD) -> AppTest:
+    app.text_input(key="si_name").input(name)
+    app.text_input(key="si_password").input(password)
+    next(b for b in app.get("form_submit_button") if b.label == "Sign in").click()
+    return app.run()
+
+
+def test_review_page_shows_only_the_sign_in_form_until_signed_in(db_path):
+    with dbm.opened(db_path) as db:
+        add_demo_studies(db, 2, seed=5)
+    signed_in_db(db_path, ann=["reader"])
+    app = open_app("app_pages/review.py", reviewer="mallory")
+    assert not app.exception, [e.value for e in app.exception]
+    assert [t.value for t in app.title] == ["Sign in"]
+    assert "rv_study" not in app.session_state and not [b for b in app.button if b.key == "rv_metastatic"]
+    assert not [t for t in app.text_input if t.key == "reviewer_input"], "no free name box"
+    sign_in(app, "ann", "not the password")
+    assert any("Wrong account name or password" in e.value for e in app.error)
+    assert "rv_study" not in app.session_state
+    assert app.text_input(key="si_password").value == "", "the password is not kept in the session"
+
+
+def test_signed_in_reader_labels_under_the_account_name(db_path):
+    with dbm.opened(db_path) as db:
+        add_demo_studies(db, 3, seed=6)
+    signed_in_db(db_path, ann=["reader"])
+    app = open_app(reviewer="mallory")  # ?reviewer= is ignored with sign-in on
+    sign_in(app, "ann")
+    assert not app.exception, [e.value for e in app.exception]
+    assert any("Signed in as **ann** (reader)" in m.value for m in app.sidebar.markdown)
+    app.switch_page("app_pages/review.py").run()
+    first = app.session_state["rv_study"]
+    app.checkbox(key=f"rv_{first}_typical_pattern").check()
+    app.button(key="rv_metastatic").click().run()
+    assert not app.exception, [e.value for e in app.exception]
+    with dbm.opened(db_path) as db:
+        readers = [row["reviewer"] for row in rv.history(db, first) if row["reviewer"] != "reference"]
+    assert readers == ["ann"]
+    app.button(key="sign_out").click().run()
+    assert [t.value for t in app.title] == ["Sign in"]
+
+
+def test_a_disabled_account_is_signed_out_at_the_next_rerun(db_path):
+    signed_in_db(db_path, ann=["reader"], bob=["reader"])
+    app = open_app()
+    sign_in(app, "ann")
+    assert [t.value for t in app.title] != ["Sign in"]
+    with dbm.opened(db_path) as db:
+        accounts.set_disabled(db, "ann")
+    app.run()
+    assert [t.value for t in app.title] == ["Sign in"]
+
+
+def fill_train_form(app: AppTest):
+    app.multiselect(key="tr_backbones").set_value(["vgg19"])
+    app.radio(key="tr_weights").set_value("none")
+    app.selectbox(key="tr_mode").set_value("full")
+    return next(b for b in app.get("form_submit_button") if b.label == "Train")
+
+
+def test_reader_without_trainer_role_cannot_enqueue(db_path, monkeypatch):
+    monkeypatch.setenv("BONESCAN_AUTOSTART_WORKER", "0")
+    with dbm.opened(db_path) as db:
+        add_demo_studies(db, 12, seed=4)
+    signed_in_db(db_path, ann=["reader"])
+    app = open_app()
+    sign_in(app, "ann")
+    app.switch_page("app_pages/train.py").run()
+    assert not app.exception, [e.value for e in app.exception]
+    assert any("Training needs the trainer role; ask an administrator: bonescan account roles ann "
+               "--role reader --role trainer" in w.value for w in app.warning)
+    assert fill_train_form(app).disabled
+    with dbm.opened(db_path) as db:
+        assert jobs.list_runs(db) == []
+
+
+def test_a_trainer_role_taken_away_counts_at_once(db_path, monkeypatch):
+    monkeypatch.setenv("BONESCAN_AUTOSTART_WORKER", "0")
+    with dbm.opened(db_path) as db:
+        add_demo_studies(db, 12, seed=4)
+    signed_in_db(db_path, tom=["reader", "trainer"])
+    app = open_app()
+    sign_in(app, "tom")
+    app.switch_page("app_pages/train.py").run()
+    assert not any("trainer role" in w.value for w in app.warning)
+    submit = fill_train_form(app)
+    assert not submit.disabled
+    with dbm.opened(db_path) as db:  # an administrator takes the role away while the page is open
+        accounts.set_roles(db, "tom", ["reader"])
+    submit.click()
+    app.run()
+    # The rerun re-reads the roles: the button is disabled, and Streamlit drops its click.
+    assert any("Training needs the trainer role" in w.value for w in app.warning)
+    assert fill_train_form(app).disabled
+    with dbm.opened(db_path) as db:
+        assert jobs.list_runs(db) == []
+        accounts.set_roles(db, "tom", ["reader", "trainer"])
+    app.run()
+    fill_train_form(app).click()
+    app.run()
+    assert not app.exception, [e.value for e in app.exception]
+    with dbm.opened(db_path) as db:
+        assert [run["backbone"] for run in jobs.list_runs(db)] == ["vgg19"]
+
+
+def test_a_reader_role_taken_away_stops_the_next_save(db_path):
+    with dbm.opened(db_path) as db:
+        add_demo_studies(db, 2, seed=7)
+    signed_in_db(db_path, ann=["reader"])
+    app = open_app()
+    sign_in(app, "ann")
+    app.switch_page("app_pages/review.py").run()
+    first = app.session_state["rv_study"]
+    app.checkbox(key=f"rv_{first}_typical_pattern").check()
+    with dbm.opened(db_path) as db:
+        accounts.set_roles(db, "ann", ["trainer"])
+    app.button(key="rv_metastatic").click().run()
+    assert not app.exception, [e.value for e in app.exception]
+    assert any("Labelling needs the reader role" in w.value for w in app.warning)
+    with dbm.opened(db_path) as db:
+        assert [row["reviewer"] for row in rv.history(db, first) if row["reviewer"] == "ann"] == []
