@@ -423,3 +423,31 @@ def test_a_reader_role_taken_away_stops_the_next_save(db_path):
     assert any("Labelling needs the reader role" in w.value for w in app.warning)
     with dbm.opened(db_path) as db:
         assert [row["reviewer"] for row in rv.history(db, first) if row["reviewer"] == "ann"] == []
+
+
+def test_adjudicator_role_shows_the_consensus_box_and_agreement_hides_the_name_editor(db_path):
+    with dbm.opened(db_path) as db:
+        add_demo_studies(db, 2, seed=8)
+        rv.set_adjudicator(db, "ann")  # from before sign-in: no longer counts
+    signed_in_db(db_path, ann=["reader"], jo=["adjudicator"])
+    app = open_app()
+    sign_in(app, "ann")
+    app.switch_page("app_pages/review.py").run()
+    first = app.session_state["rv_study"]
+    assert not [c for c in app.checkbox if c.key == f"rv_{first}_adjudication"]
+    app.switch_page("app_pages/agreement.py").run()
+    assert not app.exception, [e.value for e in app.exception]
+    assert not [b for b in app.button if b.key in ("ag_make", "ag_remove")], "roles are set with the CLI only"
+    assert any("jo" == m.value for m in app.markdown)
+
+    app = open_app()
+    sign_in(app, "jo")
+    app.switch_page("app_pages/review.py").run()
+    first = app.session_state["rv_study"]
+    app.checkbox(key=f"rv_{first}_adjudication").check()
+    app.checkbox(key=f"rv_{first}_flare").check()
+    app.button(key="rv_metastatic").click().run()
+    assert not app.exception, [e.value for e in app.exception]
+    with dbm.opened(db_path) as db:
+        consensus = [row for row in rv.history(db, first) if row["adjudication"]]
+    assert [(row["reviewer"], row["label"]) for row in consensus] == [("jo", "metastatic")]
