@@ -281,6 +281,10 @@ def authenticate(db: sqlite_utils.Database, name: str, password: str, *,
     name = (name or "").strip()
     if not name or not password:
         raise SignInFailed("Enter your account name and password.")
+    if not _NAME.fullmatch(name) or len(password) > MAX_PASSWORD_LENGTH:
+        # No account can match: refuse without storing the attempt (junk names would pile up).
+        verify_password(password[:MAX_PASSWORD_LENGTH], _dummy())
+        raise SignInFailed("Wrong account name or password.")
     # One write transaction: concurrent attempts on one name queue up, so none slips
     # past the delay. A check takes ~50 ms; the lock is held that long.
     with dbm.write(db):

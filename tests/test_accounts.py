@@ -114,6 +114,15 @@ def test_wrong_password_and_unknown_name_fail_alike(db):
     assert str(ann_locked.value) == str(zed_locked.value)
 
 
+def test_impossible_names_are_refused_without_being_stored(db):
+    for name in ("x" * 5000, "ann smith", "<script>"):
+        with pytest.raises(accounts.SignInFailed, match="Wrong account name or password"):
+            accounts.authenticate(db, name, PASSWORD, now=Clock())
+    with pytest.raises(accounts.SignInFailed, match="Enter your account name and password"):
+        accounts.authenticate(db, "ann", "", now=Clock())
+    assert db["sign_in_failures"].count == 0
+
+
 def test_failures_delay_the_next_attempt_doubling_up_to_a_cap(db):
     accounts.add_account(db, "ann", PASSWORD, ["reader"])
     clock = Clock()
