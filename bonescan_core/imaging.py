@@ -125,7 +125,8 @@ class DicomFacts:
         patient_id: PatientID, or None.
         identifiers: Every identifying string value in the header (names and their
             components, IDs, instance UIDs, accession, institution, physicians, dates
-            and times, address...), so the caller can make sure none of them reaches
+            and times, address...) and every free-text value (LO, SH, LT, ST, UT, UC, AE)
+            of four or more characters, so the caller can make sure none of them reaches
             storage. Well-known DICOM UIDs (1.2.840.10008.*) are left out.
         sex: "F", "M", "O" or None.
         age_years: From PatientAge ("045Y" -> 45, "006M" -> 0), else from
@@ -705,6 +706,12 @@ _IDENTIFYING_KEYWORDS = frozenset(
     }
 )
 _IDENTIFYING_VRS = frozenset({"PN", "UI", "DA", "DT", "TM"})
+# Free text (descriptions, comments, labels, codes, AE titles) can hold anything, names
+# included; PS3.15 Annex E removes nearly all of it. Its values of _MIN_FREE_TEXT or more
+# characters count as identifiers too, so that a file named after, say, its StudyDescription
+# is stored under a neutral name.
+_FREE_TEXT_VRS = frozenset({"LO", "SH", "LT", "ST", "UT", "UC", "AE"})
+_MIN_FREE_TEXT = 4
 _STANDARD_UID_ROOT = "1.2.840.10008."  # the DICOM standard's own UIDs identify nobody
 
 
@@ -890,7 +897,8 @@ def _collect_identifiers(ds: Dataset) -> tuple[str, ...]:
             found.setdefault(text, None)
 
     def visit(_: Dataset, elem: DataElement) -> None:
-        if elem.VR not in _IDENTIFYING_VRS and elem.keyword not in _IDENTIFYING_KEYWORDS:
+        named = elem.VR in _IDENTIFYING_VRS or elem.keyword in _IDENTIFYING_KEYWORDS
+        if not named and elem.VR not in _FREE_TEXT_VRS:
             return
         if elem.VR in ("SQ", "OB", "OW", "UN") or elem.value is None:
             return
@@ -899,6 +907,8 @@ def _collect_identifiers(ds: Dataset) -> tuple[str, ...]:
             if isinstance(value, bytes):
                 continue
             text = str(value)
+            if not named and len(text.strip()) < _MIN_FREE_TEXT:
+                continue  # short codes ("NM", "DCM") identify nobody, and redacting them would garble messages
             add(text)
             if elem.VR == "PN":
                 # Names reach file names in any order and separator: keep the parts too.
