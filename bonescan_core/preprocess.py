@@ -9,13 +9,15 @@ The steps, in order (the paper's min-max normalisation first):
    paper) or ``composite`` (anterior and posterior side by side, one sample per study,
    each view fitted into its half, :func:`compose_views`);
 4. cached in memory as float16 (N, H, W) in [0, 1] (570 images at 646 x 220: 160 MB);
-5. per batch: x 255 (the 0..255 range ``preprocess_input`` expects), geometric
-   augmentation on training batches only (Keras layers, :func:`make_augmenter`), grey to
-   3 channels, then the backbone's own ``preprocess_input`` (:func:`to_model_input`).
+5. inside the model's compiled step (:func:`with_input_pipeline`): geometric augmentation
+   on training batches only (Keras layers, :func:`make_augmenter`), x 255 (the 0..255
+   range ``preprocess_input`` expects), grey to 3 channels, then the backbone's own
+   ``preprocess_input`` (:func:`model_input`; :func:`to_model_input` is the NumPy twin for
+   single images, Grad-CAM and feature extraction).
 
 Importing this module does not import Keras; the augmentation layers and the
-``keras.utils.PyDataset`` are created on first use. Everything per batch uses Keras layers
-and NumPy only (no ``tf.*``), so it runs under ``KERAS_BACKEND=jax`` too.
+``keras.utils.PyDataset`` are created on first use. Everything in the graph uses Keras layers
+and ``keras.ops`` only (no ``tf.*``), so it runs under ``KERAS_BACKEND=jax`` too.
 """
 
 from __future__ import annotations
@@ -139,10 +141,13 @@ def compose_views(anterior: np.ndarray | None, posterior: np.ndarray | None, siz
 
 
 def to_model_input(batch: np.ndarray, backbone: str | Backbone) -> np.ndarray:
-    """Grey [0, 1] images → the backbone's preprocessed 3-channel input.
+    """Grey [0, 1] images → the backbone's preprocessed 3-channel input, as NumPy (eager).
+
+    The same computation as :func:`model_input` (one definition serves both), for single
+    images: Grad-CAM, feature extraction.
 
     Args:
-        batch: (N, H, W) or (N, H, W, 1) floats in [0, 1] (possibly augmented).
+        batch: (N, H, W) or (N, H, W, 1) floats in [0, 1].
         backbone: whose ``preprocess_input`` to apply.
 
     Returns:
@@ -151,8 +156,7 @@ def to_model_input(batch: np.ndarray, backbone: str | Backbone) -> np.ndarray:
     data = np.asarray(batch, dtype=np.float32)
     if data.ndim == 3:
         data = data[..., None]
-    rgb = np.repeat(data * np.float32(255.0), 3, axis=-1)
-    return np.asarray(get_backbone(backbone).preprocess_input(rgb), dtype=np.float32)
+    return np.asarray(keras_module().ops.convert_to_numpy(model_input(data, backbone)), dtype=np.float32)
 
 
 # --- samples and loading from the database ---------------------------------------------------------
@@ -311,27 +315,67 @@ def make_augmenter(augment: Mapping[str, Any] | None, seed: int = 0) -> Any:
     return keras.Sequential(layers, name="augment")
 
 
+def model_input(grey: Any, backbone: str | Backbone) -> Any:
+    """Grey [0, 1] → the backbone's input, in Keras ops (runs inside a compiled step).
+
+    Args:
+        grey: (N, H, W, 1) float tensor (or KerasTensor) in [0, 1], possibly augmented.
+        backbone: whose ``preprocess_input`` to apply.
+
+    Returns:
+        (N, H, W, 3) float32: ``preprocess_input(255 * clip(grey) repeated on R, G, B)``,
+        the same values :func:`to_model_input` computes with NumPy.
+    """
+    ops = keras_module().ops
+    rgb = ops.repeat(ops.clip(ops.cast(grey, "float32"), 0.0, 1.0) * 255.0, 3, axis=-1)
+    return get_backbone(backbone).preprocess_input(rgb)
+
+
+def with_input_pipeline(model: Any, backbone: str | Backbone, augmenter: Any = None) -> Any:
+    """Wrap a model so that augmentation and input scaling run inside its compiled step.
+
+    The returned model shares every weight with ``model`` (training it trains ``model``):
+    (N, H, W, 1) grey in [0, 1] → ``augmenter`` (only when called with ``training=True``)
+    → :func:`model_input` → ``model``. Doing this in the graph rather than per batch in
+    Python keeps the backbone fed (``bench/pipeline.py``). The wrapper is for fitting and
+    predicting only; save ``model`` itself.
+
+    Args:
+        model: a built model taking (N, H, W, 3) backbone input.
+        backbone: whose ``preprocess_input`` applies.
+        augmenter: from :func:`make_augmenter`, or None.
+
+    Returns:
+        A ``keras.Model`` taking (N, H, W, 1) float and returning ``model``'s output.
+    """
+    keras = keras_module()
+    height, width = model.input_shape[1:3]
+    grey = keras.Input((height, width, 1), name="grey")
+    x = augmenter(grey) if augmenter is not None else grey
+    x = keras.layers.Lambda(model_input, arguments={"backbone": get_backbone(backbone).name}, name="model_input")(x)
+    return keras.Model(grey, model(x), name=f"{model.name}_with_input")
+
+
 @functools.cache
 def _batches_class() -> type:
     """``ImageBatches``, a ``keras.utils.PyDataset``, defined on first use (keeps imports light)."""
     keras = keras_module()
 
     class ImageBatches(keras.utils.PyDataset):
-        """Batches of model input from in-memory images.
+        """Batches of grey images from memory, for a model from :func:`with_input_pipeline`.
 
-        Yields ``(x, y)`` or ``(x, y, sample_weight)``: x (n, H, W, 3) float32 after
-        ``to_model_input``; y (n, 1) float32 0/1; weights (n,) float32.
+        Yields ``(x, y)`` or ``(x, y, sample_weight)``: x (n, H, W, 1) float32 in [0, 1];
+        y (n, 1) float32 0/1; weights (n,) float32. Nothing is computed per batch beyond a
+        gather: augmentation and scaling happen in the model's compiled step.
         """
 
         def __init__(
             self,
             images: np.ndarray,
             labels: np.ndarray,
-            backbone: str | Backbone,
             batch_size: int,
             *,
             rng: np.random.Generator | None = None,
-            augmenter: Any = None,
             class_weights: Mapping[int, float] | None = None,
             workers: int = 1,
         ) -> None:
@@ -340,10 +384,8 @@ def _batches_class() -> type:
                 raise ValueError(f"{len(images)} images but {len(labels)} labels")
             self.images = images
             self.labels = np.asarray(labels, dtype=np.float32).reshape(-1, 1)
-            self.backbone = get_backbone(backbone)
             self.batch_size = int(batch_size)
             self.rng = rng
-            self.augmenter = augmenter
             self.class_weights = dict(class_weights) if class_weights else None
             self.order = np.arange(len(images))
             self._shuffle()
@@ -361,12 +403,7 @@ def _batches_class() -> type:
 
         def __getitem__(self, index: int) -> tuple[np.ndarray, ...]:
             picked = np.sort(self.batch_indices(index))  # sorted: contiguous-ish reads, same set
-            grey = self.images[picked].astype(np.float32)[..., None]
-            if self.augmenter is not None:
-                ops = keras_module().ops
-                grey = np.asarray(ops.convert_to_numpy(self.augmenter(grey, training=True)), dtype=np.float32)
-                grey = np.clip(grey, 0.0, 1.0)
-            x = to_model_input(grey, self.backbone)
+            x = self.images[picked].astype(np.float32)[..., None]
             y = self.labels[picked]
             if self.class_weights is None:
                 return x, y
@@ -382,28 +419,21 @@ def _batches_class() -> type:
 def image_batches(
     images: np.ndarray,
     labels: np.ndarray,
-    backbone: str | Backbone,
     batch_size: int,
     *,
     rng: np.random.Generator | None = None,
-    augmenter: Any = None,
     class_weights: Mapping[int, float] | None = None,
     workers: int = 1,
 ) -> Any:
-    """A ``keras.utils.PyDataset`` over in-memory images (see ``ImageBatches``).
+    """A ``keras.utils.PyDataset`` of grey batches over in-memory images (see ``ImageBatches``).
 
     Args:
         images: (N, H, W) float16/float32 in [0, 1] from :func:`load_images`.
         labels: (N,) 0/1.
-        backbone: whose ``preprocess_input`` applies.
         batch_size: samples per batch (the last batch may be smaller).
         rng: shuffles the order at start and after every epoch; None keeps file order
             (validation, test, prediction).
-        augmenter: from :func:`make_augmenter`, applied (training=True) to every batch; pass
-            it for training batches only.
         class_weights: {0: w0, 1: w1}; when given, batches carry per-sample weights.
         workers: PyDataset threads (1: batches are made in the training thread).
     """
-    return _batches_class()(
-        images, labels, backbone, batch_size, rng=rng, augmenter=augmenter, class_weights=class_weights, workers=workers
-    )
+    return _batches_class()(images, labels, batch_size, rng=rng, class_weights=class_weights, workers=workers)

@@ -529,10 +529,11 @@ def _fit_phases(keras: Any, model: Any, config: TrainConfig, data: _Data, tracke
 
     bb = models.get_backbone(config.backbone)
     weights = class_weights_for(data.labels["train"]) if config.class_weights else None
-    augmenter = preprocess.make_augmenter(config.augment, seed=config.seed)
-    train_ds = preprocess.image_batches(data.images["train"], data.labels["train"], bb, config.batch_size, rng=rng,
-                                        augmenter=augmenter, class_weights=weights, workers=workers)
-    val_ds = preprocess.image_batches(data.images["val"], data.labels["val"], bb, config.batch_size, workers=workers)
+    # Augmentation and input scaling run inside the compiled train step (the batches are plain grey arrays).
+    trainer = preprocess.with_input_pipeline(model, bb, preprocess.make_augmenter(config.augment, seed=config.seed))
+    train_ds = preprocess.image_batches(data.images["train"], data.labels["train"], config.batch_size, rng=rng,
+                                        class_weights=weights, workers=workers)
+    val_ds = preprocess.image_batches(data.images["val"], data.labels["val"], config.batch_size, workers=workers)
     sizes = _batch_sizes(len(data.labels["train"]), config.batch_size)
     done, ran = 0, {}
     for phase, budget in config.phase_epochs().items():
@@ -541,11 +542,11 @@ def _fit_phases(keras: Any, model: Any, config: TrainConfig, data: _Data, tracke
         if budget <= 0:
             continue
         models.freeze_for(model, config.mode, bb, phase="finetune" if phase == "finetune" else "head")
-        _compile(keras, model, config.finetune_learning_rate if phase == "finetune" else config.learning_rate)
+        _compile(keras, trainer, config.finetune_learning_rate if phase == "finetune" else config.learning_rate)
         stopper = keras.callbacks.EarlyStopping(monitor="val_loss", patience=config.patience, restore_best_weights=True)
         tracker.send({"phase": phase, "epoch": done + 1, "batch": 0, "batches": len(sizes), "eta_s": None}, force=True)
         # shuffle=False: the dataset reshuffles itself every epoch with the run's own Generator.
-        history = model.fit(train_ds, validation_data=val_ds, epochs=done + budget, initial_epoch=done, verbose=0, shuffle=False,
+        history = trainer.fit(train_ds, validation_data=val_ds, epochs=done + budget, initial_epoch=done, verbose=0, shuffle=False,
                             callbacks=[_callback(keras, tracker, phase, sizes, done + budget), stopper])
         ran[phase] = len(history.epoch)
         done += ran[phase]
@@ -555,9 +556,10 @@ def _fit_phases(keras: Any, model: Any, config: TrainConfig, data: _Data, tracke
 def _predict_images(keras: Any, model: Any, config: TrainConfig, data: _Data, subset: str, tracker: _Progress, workers: int) -> np.ndarray:
     from bonescan_core import preprocess
 
-    dataset = preprocess.image_batches(data.images[subset], data.labels[subset], config.backbone, config.batch_size, workers=workers)
+    dataset = preprocess.image_batches(data.images[subset], data.labels[subset], config.batch_size, workers=workers)
     callback = _cancel_callback(keras, tracker, "predicting", len(dataset))
-    return np.asarray(model.predict(dataset, verbose=0, callbacks=[callback]), dtype=np.float64).reshape(-1)
+    predictor = preprocess.with_input_pipeline(model, config.backbone)
+    return np.asarray(predictor.predict(dataset, verbose=0, callbacks=[callback]), dtype=np.float64).reshape(-1)
 
 
 def _feature_key(config: TrainConfig) -> str:

@@ -97,16 +97,30 @@ def test_augmentation_changes_training_batches_only():
     assert changed.min() >= 0.0 and changed[:, :2, :2].max() == 0.0  # fill is 0 (no counts), not reflected
 
     labels = np.array([0, 1, 0, 1])
-    plain = preprocess.image_batches(images, labels, "vgg19", 4)  # validation/test: no rng, no augmenter
-    np.testing.assert_array_equal(plain[0][0], preprocess.to_model_input(images, "vgg19"))
-    np.testing.assert_array_equal(plain[0][0], plain[0][0])
-    training = preprocess.image_batches(images, labels, "vgg19", 4, rng=np.random.default_rng(0), augmenter=augmenter)
-    assert not np.allclose(training[0][0], plain[0][0])
+    plain = preprocess.image_batches(images, labels, 4)  # grey batches: augmentation happens in the model's step
+    np.testing.assert_array_equal(plain[0][0], images[..., None])
 
     assert preprocess.make_augmenter({}) is None and preprocess.make_augmenter(None) is None
     assert preprocess.make_augmenter({"zoom": 0, "flip_horizontal": False}) is None
     with pytest.raises(ValueError, match="unknown augmentation"):
         preprocess.make_augmenter({"elastic": 1.0})
+
+
+def test_input_pipeline_runs_augmentation_and_scaling_inside_the_model():
+    from bonescan_core import models
+
+    images = np.zeros((4, *SIZE), dtype=np.float32)
+    images[:, 10:50, 4:12] = 1.0
+    model = models.build_model("vgg19", "none", SIZE, seed=0)
+    wrapped = preprocess.with_input_pipeline(model, "vgg19", preprocess.make_augmenter(preprocess.PAPER_AUGMENT, seed=0))
+    assert wrapped.input_shape == (None, *SIZE, 1)
+    assert {id(w) for w in model.weights} <= {id(w) for w in wrapped.weights}, "the wrapper shares the model's weights"
+    direct = np.asarray(model(preprocess.to_model_input(images, "vgg19"), training=False))
+    np.testing.assert_allclose(np.asarray(wrapped(images[..., None], training=False)), direct, rtol=1e-5, atol=1e-6)
+    plain = preprocess.with_input_pipeline(model, "vgg19")
+    assert "augment" not in [layer.name for layer in plain.layers]
+    augmented = wrapped.get_layer("augment")(images[..., None], training=True)
+    assert not np.allclose(np.asarray(augmented), images[..., None]), "training=True augments inside the graph"
 
 
 def test_batches_shuffle_by_seed_cover_every_sample_and_carry_class_weights():
@@ -115,11 +129,11 @@ def test_batches_shuffle_by_seed_cover_every_sample_and_carry_class_weights():
     weights = {0: 10 / 12, 1: 10 / 8}
 
     def epoch_order(seed):
-        batches = preprocess.image_batches(images, labels, "vgg19", 4, rng=np.random.default_rng(seed), class_weights=weights)
+        batches = preprocess.image_batches(images, labels, 4, rng=np.random.default_rng(seed), class_weights=weights)
         assert len(batches) == 3
         seen = [batches.batch_indices(i) for i in range(len(batches))]
         x, y, w = batches[2]
-        assert x.shape == (2, *SIZE, 3) and y.shape == (2, 1) and w.shape == (2,)
+        assert x.shape == (2, *SIZE, 1) and y.shape == (2, 1) and w.shape == (2,)
         np.testing.assert_allclose(w, [weights[int(v)] for v in y[:, 0]])
         return np.concatenate(seen), batches
 
