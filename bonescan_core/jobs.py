@@ -326,7 +326,8 @@ def _float(value: object) -> float | None:
 
 
 def execute_run(db_path: Path, run: dict, echo: Callable[[dict], None] | None = None) -> str:
-    """Train one claimed run, precompute its Grad-CAM maps, record the outcome; returns the
+    """Train one claimed run and record the outcome; then, for a done run, precompute its
+    Grad-CAM maps (the run is already ``done`` meanwhile: maps are only a cache). Returns the
     final status."""
     from bonescan_core import training  # TensorFlow/Keras load here, in the worker only
 
@@ -337,7 +338,6 @@ def execute_run(db_path: Path, run: dict, echo: Callable[[dict], None] | None = 
         with dbm.opened(db_path) as db:
             result = training.train_run(db, run["id"], config, reporter, runs_dir(db_path))
         _record_result(db_path, run, result)
-        precompute_explanations(db_path, run["id"], reporter)
     except training.TrainingCancelled:
         status = "cancelled"
     except KeyboardInterrupt:
@@ -345,11 +345,16 @@ def execute_run(db_path: Path, run: dict, echo: Callable[[dict], None] | None = 
     except Exception as exc:  # noqa: BLE001 - recorded on the run, with the traceback in the worker log
         traceback.print_exc()
         status, error = "failed", f"{type(exc).__name__}: {exc}".splitlines()[0][:500]
-    finally:
-        reporter.close()
     with dbm.opened(db_path) as db, dbm.write(db):
         db["runs"].update(run["id"], {"status": status, "finished_at": dbm.utc_now(), "error": error,
                                       "heartbeat_at": dbm.utc_now()})
+    try:
+        if status == "done":
+            precompute_explanations(db_path, run["id"], reporter)
+    except Exception:  # noqa: BLE001 - a map that fails here is computed (and its error shown) on first view
+        traceback.print_exc()
+    finally:
+        reporter.close()
     return status
 
 
@@ -366,8 +371,9 @@ def _record_result(db_path: Path, run: dict, result) -> None:
 
 def precompute_explanations(db_path: Path, run_id: int, reporter: DatabaseReporter) -> int:
     """Grad-CAM maps of every predicted (validation and test) image, cached, so the
-    Evaluate page's explorer never waits for one. Stops early on cancel (the run is
-    still done: maps are only a cache). Returns how many were computed."""
+    Evaluate page's explorer never waits for one. Stops early on cancel, and as soon as
+    another run is queued (training comes first; a missing map is computed on first view).
+    Returns how many were computed."""
     from bonescan_core import explain
 
     with dbm.opened(db_path) as db:
@@ -375,7 +381,7 @@ def precompute_explanations(db_path: Path, run_id: int, reporter: DatabaseReport
             "SELECT image_id FROM predictions WHERE run_id = ? AND image_id NOT IN "
             "(SELECT image_id FROM explanations WHERE run_id = ?) ORDER BY subset DESC, image_id", [run_id, run_id])]
         for done, image_id in enumerate(image_ids, start=1):
-            if reporter.cancelled():
+            if reporter.cancelled() or db.execute("SELECT 1 FROM runs WHERE status = 'queued' LIMIT 1").fetchone():
                 return done - 1
             explain.explain_image(db, db_path, run_id, image_id)
             reporter.progress({"phase": "explaining", "batch": done, "batches": len(image_ids)})

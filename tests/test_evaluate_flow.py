@@ -82,3 +82,25 @@ def test_cli_evaluate_explain_export_round_trip(finished_run, tmp_path):
 
     missing = run_cli("explain", "999", image_id, "--out", str(png), db_path=db_path)
     assert missing.returncode == 2 and "run 999 does not exist" in missing.stderr
+
+
+def test_map_precomputation_yields_to_a_queued_run(tmp_path):
+    """A run is done before its maps are made, and the worker leaves the maps for later when
+    another run waits: the queued run trains first, then gets all of its own maps."""
+    db_path = tmp_path / "labels.db"
+    with dbm.opened(db_path) as db:
+        add_demo_studies(db, 16, seed=21)
+        run_ids = []
+        for seed in (0, 1):
+            config = TrainConfig(backbone="resnet50", weights="none", mode="full", epochs=1, batch_size=8,
+                                 image_size=(64, 32), seed=seed)
+            run_ids.append(jobs.enqueue(db, config.backbone, config.to_dict(), config.identity_hash()))
+    assert jobs.run_worker(db_path, once=True, echo=lambda line: None) == 2
+    with dbm.opened(db_path) as db:
+        assert [jobs.get_run(db, run_id)["status"] for run_id in run_ids] == ["done", "done"]
+        counts = [db.execute("SELECT (SELECT COUNT(*) FROM predictions WHERE run_id = ?), "
+                             "(SELECT COUNT(*) FROM explanations WHERE run_id = ?)", [run_id, run_id]).fetchone()
+                  for run_id in run_ids]
+    (first_predicted, first_maps), (second_predicted, second_maps) = counts
+    assert first_predicted > 0 and first_maps == 0, "the first run's maps waited for the queued run"
+    assert second_maps == second_predicted > 0
