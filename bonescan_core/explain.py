@@ -15,7 +15,10 @@ easy to write per backend (:class:`GradCam`): TensorFlow (``tf.GradientTape`` in
 ``tf.function``) and JAX (``jax.grad`` through ``stateless_call`` under ``jax.jit``). A
 layer that is not a cut point (a skip connection bypasses it) is still handled on
 TensorFlow, by taping the whole model. PyTorch is not implemented (NotImplementedError).
-The compiled step is built once per (model, layer) and cached while the model lives.
+The compiled step is built once per (model, layer) and cached while the model lives. It
+returns the score too: the forward pass it runs is the model's own, so the prediction comes
+with the map at no extra cost (:func:`gradcam_with_probabilities`; the probability is the
+sigmoid of the logit).
 
 Geometry. A stored image (H0, W0) is min-max normalised and fitted into the model's
 (H, W) frame keeping its aspect ratio, with zero padding (:func:`preprocess.fit_to`). The
@@ -25,8 +28,10 @@ cuts the padding away with :func:`preprocess.content_box` and resizes the rest t
 and posterior side by side in one input) are supported: :func:`to_view_geometries` splits
 the frame into its two halves first.
 
-Caching. :func:`explain_image` stores each map in the ``explanations`` table (float16,
-encoded like pixels) and computes it once per run and image. Loaded models are kept in a
+Caching. :func:`explain_images` (and :func:`explain_image`, one image) stores each map in
+the ``explanations`` table (float16, encoded like pixels) and computes it once per run and
+image; the images it computes go through the model together, in batches, with their
+probabilities (one study's two views: one pass). Loaded models are kept in a
 small in-process cache (:func:`load_run_model`), keyed by file, size and modification
 time, so an explorer page that explains image after image loads the model once.
 
@@ -41,7 +46,8 @@ import json
 import os
 import threading
 import weakref
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -59,7 +65,7 @@ if TYPE_CHECKING:  # pragma: no cover - typing only; keras is imported lazily
     import keras
 
 DEFAULT_OPACITY = 0.4
-BATCH_SIZE = 8  # images per forward pass in gradcam(): bounds memory for large N
+BATCH_SIZE = 8  # images per forward pass in gradcam() and explain_images(): bounds memory for large N
 MODEL_CACHE_SIZE = 2  # loaded run models kept in memory (a DenseNet121 ~30 MB, a ResNet50 ~100 MB)
 
 
@@ -74,7 +80,7 @@ class ImageNotFound(LookupError):
 # --- the gradient step, per backend ---------------------------------------------------------------
 
 class GradCam:
-    """The compiled Grad-CAM step for one (model, layer): image batch → (feature map, gradient).
+    """The compiled Grad-CAM step for one (model, layer): image batch → (feature map, gradient, score).
 
     Built by :func:`grad_cam_for` and cached per model; call it with preprocessed input.
 
@@ -165,23 +171,23 @@ class GradCam:
             features, head = self._features, self._head
 
             @tf.function(input_signature=[spec])
-            def step(x: Any) -> tuple[Any, Any]:
+            def step(x: Any) -> tuple[Any, Any, Any]:
                 a = features(x, training=False)
                 with tf.GradientTape() as tape:
                     tape.watch(a)
                     score = self._score(head(a, training=False), *kernel_bias())
                 grad = tape.gradient(score, a)
-                return a, grad if grad is not None else tf.zeros_like(a)
+                return a, grad if grad is not None else tf.zeros_like(a), score
         else:
             joint = self._joint
 
             @tf.function(input_signature=[spec])
-            def step(x: Any) -> tuple[Any, Any]:
+            def step(x: Any) -> tuple[Any, Any, Any]:
                 with tf.GradientTape() as tape:
                     a, h = joint(x, training=False)
                     score = self._score(h, *kernel_bias())
                 grad = tape.gradient(score, a)
-                return a, grad if grad is not None else tf.zeros_like(a)
+                return a, grad if grad is not None else tf.zeros_like(a), score
 
         return step
 
@@ -191,20 +197,22 @@ class GradCam:
 
         features, head = self._features, self._head
 
-        def score_sum(a: Any, head_state: tuple[Any, ...]) -> Any:
+        def score_sum(a: Any, head_state: tuple[Any, ...]) -> tuple[Any, Any]:
             trainable, non_trainable, kernel, bias = head_state
             h, _ = head.stateless_call(trainable, non_trainable, a, training=False)
+            score = self._score(h, kernel, bias)
             # Samples are independent in inference mode, so the gradient of the sum is each
-            # sample's own gradient.
-            return jnp.sum(self._score(h, kernel, bias))
+            # sample's own gradient; the per-sample scores ride along as auxiliary output.
+            return jnp.sum(score), score
 
-        def step(feature_state: tuple[Any, Any], head_state: tuple[Any, ...], x: Any) -> tuple[Any, Any]:
+        def step(feature_state: tuple[Any, Any], head_state: tuple[Any, ...], x: Any) -> tuple[Any, Any, Any]:
             a, _ = features.stateless_call(*feature_state, x, training=False)
-            return a, jax.grad(score_sum)(a, head_state)
+            grad, score = jax.grad(score_sum, has_aux=True)(a, head_state)
+            return a, grad, score
 
         jitted = jax.jit(step)
 
-        def call(x: Any) -> tuple[Any, Any]:
+        def call(x: Any) -> tuple[Any, Any, Any]:
             # Variable values are passed in, not closed over, so the step sees current weights.
             feature_state = ([v.value for v in features.trainable_variables], [v.value for v in features.non_trainable_variables])
             dense = self._dense
@@ -218,17 +226,28 @@ class GradCam:
 
         return call
 
-    def __call__(self, inputs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Feature map and gradient of the score with respect to it.
+    def __call__(self, inputs: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Feature map, gradient of the score with respect to it, and the score itself.
 
         Args:
             inputs: (N, H, W, 3) float32, already preprocessed for the model.
 
         Returns:
-            (A, dS/dA): two (N, h, w, C) float32 arrays.
+            (A, dS/dA, S): two (N, h, w, C) float32 arrays and the (N,) float32 scores (the
+            logits when :attr:`uses_logit`, else the model's first output unit); one forward
+            pass gives all three (:meth:`probabilities` turns S into the model's prediction).
         """
-        a, grad = self._step(np.asarray(inputs, dtype=np.float32))
-        return _numpy(a), _numpy(grad)
+        a, grad, score = self._step(np.asarray(inputs, dtype=np.float32))
+        return _numpy(a), _numpy(grad), _numpy(score).reshape(-1)
+
+    def probabilities(self, scores: np.ndarray) -> np.ndarray:
+        """(N,) float32 probabilities from the step's scores: sigmoid of the logits when
+        :attr:`uses_logit` (as the model's own Dense(sigmoid) computes them), else the scores,
+        which are then the model's output already."""
+        z = np.asarray(scores, dtype=np.float64)
+        if not self.uses_logit:
+            return z.astype(np.float32)
+        return (0.5 * (1.0 + np.tanh(0.5 * z))).astype(np.float32)  # the sigmoid, without overflow in exp
 
 
 def _numpy(tensor: Any) -> np.ndarray:
@@ -277,6 +296,41 @@ def cams_from(features: np.ndarray, grads: np.ndarray) -> np.ndarray:
     return np.clip(np.nan_to_num(cam, nan=0.0), 0.0, 1.0).astype(np.float32)
 
 
+def gradcam_with_probabilities(
+    model: keras.Model, inputs: np.ndarray, layer_name: str, batch_size: int = BATCH_SIZE
+) -> tuple[np.ndarray, np.ndarray]:
+    """Grad-CAM heatmaps of the metastasis score, and the model's probabilities, from one pass.
+
+    The Grad-CAM step runs the whole forward pass to reach the score it differentiates, so
+    the prediction costs nothing more: the probability is the sigmoid of that logit (or the
+    output itself, see :attr:`GradCam.uses_logit`).
+
+    Args:
+        model: a Keras functional model with one sigmoid output (e.g. from ``build_model``).
+        inputs: (N, H, W, 3) float32, already preprocessed (``preprocess.to_model_input``).
+        layer_name: the target layer, e.g. ``BACKBONES[name].last_conv_layer``.
+        batch_size: images per forward pass.
+
+    Returns:
+        (maps, probabilities): (N, h, w) float32 in [0, 1] at the layer's spatial resolution
+        (all zeros where the layer has no positive evidence), and (N,) float32, the model's
+        prediction (output unit 0) for each input.
+    """
+    data = np.asarray(inputs, dtype=np.float32)
+    if data.ndim != 4 or data.shape[-1] != 3:
+        raise ValueError(f"inputs must be (N, H, W, 3), got shape {data.shape}")
+    cam = grad_cam_for(model, layer_name)
+    maps, probabilities = [], []
+    for start in range(0, len(data), max(1, int(batch_size))):
+        features, grads, scores = cam(data[start : start + max(1, int(batch_size))])
+        maps.append(cams_from(features, grads))
+        probabilities.append(cam.probabilities(scores))
+    if not maps:
+        h, w = (int(v or 0) for v in model.get_layer(layer_name).output.shape[1:3])
+        return np.zeros((0, h, w), dtype=np.float32), np.zeros((0,), dtype=np.float32)
+    return np.concatenate(maps, axis=0), np.concatenate(probabilities, axis=0)
+
+
 def gradcam(model: keras.Model, inputs: np.ndarray, layer_name: str, batch_size: int = BATCH_SIZE) -> np.ndarray:
     """Grad-CAM heatmaps of the metastasis score at one convolutional layer.
 
@@ -288,17 +342,10 @@ def gradcam(model: keras.Model, inputs: np.ndarray, layer_name: str, batch_size:
 
     Returns:
         (N, h, w) float32 in [0, 1] at the layer's spatial resolution; all zeros where the
-        layer has no positive evidence.
+        layer has no positive evidence. (:func:`gradcam_with_probabilities` also gives the
+        predictions of the same pass.)
     """
-    data = np.asarray(inputs, dtype=np.float32)
-    if data.ndim != 4 or data.shape[-1] != 3:
-        raise ValueError(f"inputs must be (N, H, W, 3), got shape {data.shape}")
-    cam = grad_cam_for(model, layer_name)
-    maps = [cams_from(*cam(data[start : start + batch_size])) for start in range(0, len(data), max(1, int(batch_size)))]
-    if not maps:
-        h, w = (int(v or 0) for v in model.get_layer(layer_name).output.shape[1:3])
-        return np.zeros((0, h, w), dtype=np.float32)
-    return np.concatenate(maps, axis=0)
+    return gradcam_with_probabilities(model, inputs, layer_name, batch_size)[0]
 
 
 # --- geometry: from the model's frame back onto the image -------------------------------------
@@ -386,11 +433,7 @@ def heatmap_for_image(
         (H0, W0) float32 in [0, 1]. Values are relative to the maximum over the whole model
         frame, so a map whose evidence lies in the padding stays faint here.
     """
-    bb = get_backbone(backbone)
-    size = _check_size(model, image_size)
-    x = to_model_input(prepare_image(pixels, size)[None], bb)
-    cam = gradcam(model, x, layer_name or bb.last_conv_layer)[0]
-    return to_image_geometry(cam, size, pixels.shape)
+    return _explain_per_image(model, backbone, [pixels], image_size, layer_name)[0][0]
 
 
 def heatmaps_for_composite(
@@ -412,13 +455,57 @@ def heatmaps_for_composite(
         (anterior map, posterior map): float32 in [0, 1] on each view's geometry, None for
         a missing view.
     """
+    front, back, _ = _explain_composites(model, backbone, [(anterior, posterior)], image_size, layer_name)[0]
+    return front, back
+
+
+def _frames_gradcam(
+    model: keras.Model, bb: Backbone, frames: list[np.ndarray], layer_name: str
+) -> tuple[np.ndarray, np.ndarray]:
+    """Maps (N, h, w) and probabilities (N,) of grey (H, W) frames in [0, 1], ``BATCH_SIZE``
+    frames per forward pass (and per ``to_model_input``, which bounds the 3-channel copy)."""
+    step = max(1, BATCH_SIZE)
+    parts = [
+        gradcam_with_probabilities(model, to_model_input(np.stack(frames[start : start + step]), bb), layer_name, step)
+        for start in range(0, len(frames), step)
+    ]
+    return np.concatenate([m for m, _ in parts], axis=0), np.concatenate([p for _, p in parts], axis=0)
+
+
+def _explain_per_image(
+    model: keras.Model,
+    backbone: str | Backbone,
+    images: list[np.ndarray],
+    image_size: tuple[int, int],
+    layer_name: str | None = None,
+) -> list[tuple[np.ndarray, float]]:
+    """(heatmap on the image's geometry, probability) of each (H0, W0) raw image, batched."""
     bb = get_backbone(backbone)
     size = _check_size(model, image_size)
-    x = to_model_input(compose_views(anterior, posterior, size)[None], bb)
-    cam = gradcam(model, x, layer_name or bb.last_conv_layer)[0]
-    return to_view_geometries(
-        cam, size, None if anterior is None else anterior.shape, None if posterior is None else posterior.shape
-    )
+    maps, probabilities = _frames_gradcam(model, bb, [prepare_image(p, size) for p in images], layer_name or bb.last_conv_layer)
+    return [(to_image_geometry(cam, size, p.shape), float(prob)) for cam, prob, p in zip(maps, probabilities, images, strict=True)]
+
+
+def _explain_composites(
+    model: keras.Model,
+    backbone: str | Backbone,
+    pairs: list[tuple[np.ndarray | None, np.ndarray | None]],
+    image_size: tuple[int, int],
+    layer_name: str | None = None,
+) -> list[tuple[np.ndarray | None, np.ndarray | None, float]]:
+    """(anterior map, posterior map, probability) of each composite sample (anterior,
+    posterior raw images, either may be None), batched; one probability per sample."""
+    bb = get_backbone(backbone)
+    size = _check_size(model, image_size)
+    frames = [compose_views(front, back, size) for front, back in pairs]
+    maps, probabilities = _frames_gradcam(model, bb, frames, layer_name or bb.last_conv_layer)
+    out = []
+    for cam, prob, (front, back) in zip(maps, probabilities, pairs, strict=True):
+        front_map, back_map = to_view_geometries(
+            cam, size, None if front is None else front.shape, None if back is None else back.shape
+        )
+        out.append((front_map, back_map, float(prob)))
+    return out
 
 
 # --- display ---------------------------------------------------------------------------------------
@@ -608,6 +695,94 @@ def _composite_members(db: sqlite_utils.Database, run_id: int, image_id: int) ->
     )
 
 
+@dataclass(frozen=True)
+class Explained:
+    """One image explained under one run (:func:`explain_images`).
+
+    Attributes:
+        heatmap: (H0, W0) float32 in [0, 1] on the image's own geometry, at the float16
+            precision it is stored with (the same values whether computed now or cached).
+        probability: the run model's probability of metastasis for the image, from the same
+            forward pass as the map (for a composite run: the probability of the study's
+            composite sample, the same for both views); None when the map came from the
+            ``explanations`` cache, which stores maps only (the run's ``predictions`` hold
+            what training predicted).
+    """
+
+    heatmap: np.ndarray
+    probability: float | None
+
+
+def explain_images(
+    db: sqlite_utils.Database, db_path: str | os.PathLike[str], run_id: int, image_ids: Iterable[int]
+) -> dict[int, Explained]:
+    """Grad-CAM maps and probabilities of several stored images under one run, in batched passes.
+
+    Maps already in ``explanations`` are read from there (no model is loaded if all are).
+    The others are computed together: each image prepared as training prepares it, then
+    ``BATCH_SIZE`` images per Grad-CAM pass, whose forward pass also gives the probability
+    (:func:`gradcam_with_probabilities`), each map put back on its image's geometry; all of
+    them are stored in ``explanations`` (float16) in one write. For a composite run each
+    sample (a study's two views side by side) is one input: both of its maps are stored,
+    also for a view not asked for, and both views get the sample's probability.
+
+    Args:
+        db: an open database.
+        db_path: its file (the run's model is in ``runs/`` beside it).
+        run_id: a finished run.
+        image_ids: images of the database (a repeated id is explained once).
+
+    Returns:
+        {image id: :class:`Explained`} for every id asked for, in the order given.
+
+    Raises:
+        jobs.RunNotFound: no such run.
+        ImageNotFound: no such image.
+        ModelUnavailable: the run's model cannot be loaded (see :func:`load_run_model`).
+        ValueError: a composite run does not use one of the images.
+    """
+    wanted = list(dict.fromkeys(int(image_id) for image_id in image_ids))
+    found: dict[int, Explained] = {}
+    for image_id in wanted:
+        cached = cached_heatmap(db, run_id, image_id)
+        if cached is not None:
+            found[image_id] = Explained(cached, None)
+    missing = [image_id for image_id in wanted if image_id not in found]
+    if missing:
+        run = jobs.get_run(db, run_id)
+        pixels = {image_id: _pixels(db, image_id) for image_id in missing}
+        if run["config"].get("view_mode", "per_image") == "composite":
+            samples = list(dict.fromkeys(
+                tuple(sorted(_composite_members(db, run_id, image_id).items())) for image_id in missing
+            ))
+            model, bb, size = load_run_model(db_path, run)
+            views = [{slot: pixels[member] if member in pixels else _pixels(db, member) for slot, member in sample}
+                     for sample in samples]
+            computed: dict[int, tuple[np.ndarray, float]] = {}
+            for sample, (front, back, probability) in zip(
+                samples, _explain_composites(model, bb, [(v.get("anterior"), v.get("posterior")) for v in views], size),
+                strict=True,
+            ):
+                members = dict(sample)
+                for slot, heat in (("anterior", front), ("posterior", back)):
+                    if heat is not None:
+                        computed[members[slot]] = (heat, probability)
+        else:
+            model, bb, size = load_run_model(db_path, run)
+            computed = dict(zip(missing, _explain_per_image(model, bb, [pixels[i] for i in missing], size), strict=True))
+        rows = [
+            {"run_id": run_id, "image_id": member, "heatmap": pixelstore.encode_pixels(heat.astype(np.float16))}
+            for member, (heat, _) in computed.items()
+        ]
+        with dbm.write(db):
+            # Another process may have stored the same map meanwhile: same inputs, same map.
+            db["explanations"].insert_all(rows, replace=True)
+        for member, (heat, probability) in computed.items():
+            if member in wanted:
+                found[member] = Explained(heat.astype(np.float16).astype(np.float32), probability)
+    return {image_id: found[image_id] for image_id in wanted}
+
+
 def explain_image(
     db: sqlite_utils.Database, db_path: str | os.PathLike[str], run_id: int, image_id: int
 ) -> np.ndarray:
@@ -616,6 +791,7 @@ def explain_image(
     The first call loads the run's model (:func:`load_run_model`), computes the map and
     stores it in ``explanations`` (float16); later calls read it from there. For a composite
     run, both views of the sample are explained by one forward pass and both maps stored.
+    The heatmap of :func:`explain_images` for this one image.
 
     Args:
         db: an open database.
@@ -633,28 +809,7 @@ def explain_image(
         ModelUnavailable: the run's model cannot be loaded (see :func:`load_run_model`).
         ValueError: a composite run does not use this image.
     """
-    cached = cached_heatmap(db, run_id, image_id)
-    if cached is not None:
-        return cached
-    run = jobs.get_run(db, run_id)
-    pixels = _pixels(db, image_id)
-    view_mode = run["config"].get("view_mode", "per_image")
-    members = _composite_members(db, run_id, image_id) if view_mode == "composite" else {}
-    model, bb, size = load_run_model(db_path, run)
-    if view_mode == "composite":
-        views = {slot: (pixels if member == image_id else _pixels(db, member)) for slot, member in members.items()}
-        front, back = heatmaps_for_composite(model, bb, views.get("anterior"), views.get("posterior"), size)
-        maps = {members[slot]: heat for slot, heat in (("anterior", front), ("posterior", back)) if heat is not None}
-    else:
-        maps = {image_id: heatmap_for_image(model, bb, pixels, size)}
-    rows = [
-        {"run_id": run_id, "image_id": member, "heatmap": pixelstore.encode_pixels(heat.astype(np.float16))}
-        for member, heat in maps.items()
-    ]
-    with dbm.write(db):
-        # Another process may have stored the same map meanwhile: same inputs, same map.
-        db["explanations"].insert_all(rows, replace=True)
-    return maps[image_id].astype(np.float16).astype(np.float32)
+    return explain_images(db, db_path, run_id, [image_id])[int(image_id)].heatmap
 
 
 def explain_png(
@@ -684,6 +839,7 @@ def explain_png(
 
 __all__ = [
     "DEFAULT_OPACITY",
+    "Explained",
     "GradCam",
     "ImageNotFound",
     "ModelUnavailable",
@@ -693,9 +849,11 @@ __all__ = [
     "clear_model_cache",
     "colorize",
     "explain_image",
+    "explain_images",
     "explain_png",
     "grad_cam_for",
     "gradcam",
+    "gradcam_with_probabilities",
     "heatmap_for_image",
     "heatmaps_for_composite",
     "load_run_model",
