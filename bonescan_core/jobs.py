@@ -371,21 +371,28 @@ def _record_result(db_path: Path, run: dict, result) -> None:
 
 def precompute_explanations(db_path: Path, run_id: int, reporter: DatabaseReporter) -> int:
     """Grad-CAM maps of every predicted (validation and test) image, cached, so the
-    Evaluate page's explorer never waits for one. Stops early on cancel, and as soon as
-    another run is queued (training comes first; a missing map is computed on first view).
-    Returns how many were computed."""
+    Evaluate page's explorer never waits for one. One study at a time: its images go through
+    the model together (``explain.explain_images``: one batched pass, one write). Stops
+    early, between studies, on cancel and as soon as another run is queued (training comes
+    first; a missing map is computed on first view). Returns how many predicted images were
+    explained."""
     from bonescan_core import explain
 
     with dbm.opened(db_path) as db:
-        image_ids = [row[0] for row in db.execute(
-            "SELECT image_id FROM predictions WHERE run_id = ? AND image_id NOT IN "
-            "(SELECT image_id FROM explanations WHERE run_id = ?) ORDER BY subset DESC, image_id", [run_id, run_id])]
-        for done, image_id in enumerate(image_ids, start=1):
+        studies: dict[int, list[int]] = {}
+        for image_id, study_id in db.execute(
+            "SELECT p.image_id, i.study_id FROM predictions p JOIN images i ON i.id = p.image_id "
+            "WHERE p.run_id = ? AND p.image_id NOT IN (SELECT image_id FROM explanations WHERE run_id = ?) "
+            "ORDER BY p.subset DESC, p.image_id", [run_id, run_id]):
+            studies.setdefault(study_id, []).append(image_id)
+        computed = 0
+        for done, image_ids in enumerate(studies.values(), start=1):
             if reporter.cancelled() or db.execute("SELECT 1 FROM runs WHERE status = 'queued' LIMIT 1").fetchone():
-                return done - 1
-            explain.explain_image(db, db_path, run_id, image_id)
-            reporter.progress({"phase": "explaining", "batch": done, "batches": len(image_ids)})
-    return len(image_ids)
+                return computed
+            explain.explain_images(db, db_path, run_id, image_ids)
+            computed += len(image_ids)
+            reporter.progress({"phase": "explaining", "batch": done, "batches": len(studies)})
+    return computed
 
 
 def run_worker(db_path: Path, once: bool = False, idle_exit_s: float | None = None, poll_s: float = 2.0,
