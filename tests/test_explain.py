@@ -22,10 +22,10 @@ import pytest
 from PIL import Image
 
 from bonescan_core import db as dbm
-from bonescan_core import explain, ingest, pixelstore
+from bonescan_core import explain, ingest, jobs, pixelstore
 from bonescan_core.models import BACKBONES, build_model, keras_module
 from bonescan_core.phantom import make_study
-from bonescan_core.preprocess import content_box
+from bonescan_core.preprocess import compose_views, content_box, prepare_image, to_model_input
 
 keras = keras_module()
 
@@ -144,6 +144,33 @@ def test_layer_bypassed_by_a_skip_connection():
             explain.gradcam(model, x, "cam_conv")
 
 
+def sigmoid_after_dense(image_size: tuple[int, int]) -> keras.Model:
+    """The known model with the sigmoid as a layer of its own: no logit to score, the output itself is."""
+    base = known_model(image_size, weight=1.0)
+    dense = base.get_layer("head_dense")
+    logits = keras.layers.Dense(1, name="logit")(base.get_layer("head_pool").output)
+    model = keras.Model(base.inputs[0], keras.layers.Activation("sigmoid")(logits))
+    model.get_layer("logit").set_weights(dense.get_weights())
+    return model
+
+
+@pytest.mark.parametrize("kind", ["logit", "output", "densenet121"])
+def test_probabilities_are_the_models_own_prediction(kind):
+    size = (64, 32)
+    if kind == "densenet121":  # batch normalisation and dropout: inference mode in both
+        model, layer = build_model("densenet121", weights="none", image_size=size), BACKBONES["densenet121"].last_conv_layer
+    else:
+        model, layer = (known_model(size, weight=1.0) if kind == "logit" else sigmoid_after_dense(size)), "cam_conv"
+    x = np.random.default_rng(4).uniform(-120.0, 120.0, size=(5, *size, 3)).astype(np.float32)
+    maps, probabilities = explain.gradcam_with_probabilities(model, x, layer, batch_size=2)  # three passes
+    expected = np.asarray(model(x, training=False), dtype=np.float32)[:, 0]
+    assert explain.grad_cam_for(model, layer).uses_logit == (kind != "output")
+    assert probabilities.shape == (5,) and probabilities.dtype == np.float32
+    assert np.ptp(expected) > 1e-4  # distinct predictions: a swapped or repeated one would show
+    assert np.allclose(probabilities, expected, atol=1e-5, rtol=0)
+    assert np.array_equal(maps, explain.gradcam(model, x, layer, batch_size=2))  # gradcam(): the same step, maps only
+
+
 def test_map_without_positive_evidence_is_zero_not_nan():
     # A negative Dense weight: the hot spots count AGAINST metastasis, so no region supports it.
     model = known_model((64, 32), weight=-50.0)
@@ -247,9 +274,9 @@ def save_run(db, db_path: Path, model: keras.Model | None, *, view_mode: str = "
         }).last_pk
 
 
-def resnet_like(image_size: tuple[int, int] = (128, 64)) -> keras.Model:
+def resnet_like(image_size: tuple[int, int] = (128, 64), weight: float = 50.0) -> keras.Model:
     """The known model with its conv layer named as resnet50's last conv layer (a tiny stand-in classifier)."""
-    return known_model(image_size, conv_name=BACKBONES["resnet50"].last_conv_layer)
+    return known_model(image_size, conv_name=BACKBONES["resnet50"].last_conv_layer, weight=weight)
 
 
 def test_load_run_model_returns_model_backbone_and_size(db, db_path):
@@ -326,3 +353,140 @@ def test_explain_image_unknown_image(db, db_path):
     run_id = save_run(db, db_path, resnet_like())
     with pytest.raises(explain.ImageNotFound, match="bonescan images"):
         explain.explain_image(db, db_path, run_id, 999)
+
+
+def stored_map(db, run_id: int, image_id: int) -> np.ndarray:
+    row = db.execute("SELECT heatmap FROM explanations WHERE run_id = ? AND image_id = ?", [run_id, image_id]).fetchone()
+    assert row is not None, f"no stored map for image {image_id}"
+    return pixelstore.decode_pixels(row[0]).astype(np.float32)
+
+
+def image_pixels(db, image_id: int) -> np.ndarray:
+    return pixelstore.decode_pixels(db.execute("SELECT pixels FROM images WHERE id = ?", [image_id]).fetchone()[0])
+
+
+def test_explain_images_batches_a_study_with_its_probabilities(db, db_path, demo_images, monkeypatch):
+    size = (64, 32)
+    run_id = save_run(db, db_path, resnet_like(size, weight=1.0), image_size=size)
+    model, backbone, _ = explain.load_run_model(db_path, run_id)
+    ids = [demo_images["posterior"], demo_images["anterior"]]
+    passes = []
+    real_pass = explain.gradcam_with_probabilities
+
+    def counting_pass(model, inputs, *args, **kwargs):
+        passes.append(len(inputs))
+        return real_pass(model, inputs, *args, **kwargs)
+
+    monkeypatch.setattr(explain, "gradcam_with_probabilities", counting_pass)
+    found = explain.explain_images(db, db_path, run_id, ids)
+    assert passes == [2]  # both views in one forward pass
+    assert list(found) == ids
+
+    layer = backbone.last_conv_layer
+    for image_id in ids:
+        pixels = image_pixels(db, image_id)
+        own = float(np.asarray(model(to_model_input(prepare_image(pixels, size)[None], backbone)))[0, 0])
+        assert found[image_id].probability == pytest.approx(own, abs=1e-5)
+        separate = explain.heatmap_for_image(model, backbone, pixels, size, layer_name=layer)  # one image, one pass
+        heat = found[image_id].heatmap
+        assert heat.shape == pixels.shape and heat.dtype == np.float32 and heat.max() > 0.5
+        assert np.allclose(heat, separate, atol=2e-3)
+        assert np.array_equal(heat, stored_map(db, run_id, image_id))  # returned as stored (float16 values)
+    assert found[ids[0]].probability != pytest.approx(found[ids[1]].probability, abs=1e-3)  # no mix-up of the two
+    assert not np.allclose(found[ids[0]].heatmap, found[ids[1]].heatmap, atol=0.05)
+    assert db.execute("SELECT COUNT(*) FROM explanations WHERE run_id = ?", [run_id]).fetchone()[0] == 2
+    passes.clear()
+    assert np.array_equal(explain.explain_image(db, db_path, run_id, ids[1]), found[ids[1]].heatmap)
+    assert passes == []  # now from the cache
+
+
+def test_explain_images_computes_only_what_is_not_cached(db, db_path, demo_images, monkeypatch):
+    size = (64, 32)
+    run_id = save_run(db, db_path, resnet_like(size, weight=1.0), image_size=size)
+    front, back = demo_images["anterior"], demo_images["posterior"]
+    first = explain.explain_image(db, db_path, run_id, front)
+    computed = []
+    real = explain._explain_per_image
+
+    def recording(model, backbone, images, *args, **kwargs):
+        computed.append([image.shape for image in images])
+        return real(model, backbone, images, *args, **kwargs)
+
+    monkeypatch.setattr(explain, "_explain_per_image", recording)
+    found = explain.explain_images(db, db_path, run_id, [front, back, front])
+    assert computed == [[image_pixels(db, back).shape]]  # the cached anterior view was not recomputed
+    assert list(found) == [front, back]
+    assert np.array_equal(found[front].heatmap, first) and found[front].probability is None
+    assert found[back].probability is not None and 0.0 < found[back].probability < 1.0
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("every map is cached: no model should be loaded")
+
+    monkeypatch.setattr(explain, "load_run_model", no_model)
+    again = explain.explain_images(db, db_path, run_id, [back, front])
+    assert np.array_equal(again[back].heatmap, found[back].heatmap) and computed == [[image_pixels(db, back).shape]]
+
+
+def test_explain_images_of_a_composite_run_gives_one_probability_per_study(db, db_path, demo_images):
+    size = (64, 64)
+    run_id = save_run(db, db_path, resnet_like(size, weight=1.0), view_mode="composite", image_size=size)
+    model, backbone, _ = explain.load_run_model(db_path, run_id)
+    front, back = demo_images["anterior"], demo_images["posterior"]
+    found = explain.explain_images(db, db_path, run_id, [front, back])
+    composite = compose_views(image_pixels(db, front), image_pixels(db, back), size)
+    own = float(np.asarray(model(to_model_input(composite[None], backbone)))[0, 0])
+    assert found[front].probability == found[back].probability == pytest.approx(own, abs=1e-5)
+    expected = explain.heatmaps_for_composite(model, backbone, image_pixels(db, front), image_pixels(db, back), size)
+    for image_id, heat in zip((front, back), expected, strict=True):
+        assert np.allclose(found[image_id].heatmap, heat, atol=2e-3)
+        assert np.array_equal(found[image_id].heatmap, stored_map(db, run_id, image_id))
+
+
+class QuietReporter:
+    def __init__(self, cancel_after: int | None = None):
+        self.updates, self.cancel_after = [], cancel_after
+
+    def cancelled(self) -> bool:
+        return self.cancel_after is not None and len(self.updates) >= self.cancel_after
+
+    def progress(self, fields: dict) -> None:
+        self.updates.append(fields)
+
+
+def predicted_run(db, db_path, n_studies: int) -> tuple[int, dict[int, list[int]]]:
+    """A finished per-image run whose predictions cover every image of n demo studies; {study: image ids}."""
+    ingest.add_demo_studies(db, n_studies, seed=5)
+    size = (64, 32)
+    run_id = save_run(db, db_path, resnet_like(size, weight=1.0), image_size=size)
+    studies: dict[int, list[int]] = {}
+    with dbm.write(db):
+        for image_id, study_id in db.execute("SELECT id, study_id FROM images ORDER BY id").fetchall():
+            studies.setdefault(study_id, []).append(image_id)
+            db["predictions"].insert({"run_id": run_id, "image_id": image_id, "subset": "test", "label": 0, "probability": 0.5})
+    return run_id, studies
+
+
+def test_precomputation_explains_one_study_per_pass(db, db_path, monkeypatch):
+    run_id, studies = predicted_run(db, db_path, 3)
+    calls = []
+    real = explain.explain_images
+
+    def recording(db, db_path, run_id, image_ids):
+        calls.append(list(image_ids))
+        return real(db, db_path, run_id, image_ids)
+
+    monkeypatch.setattr(explain, "explain_images", recording)
+    reporter = QuietReporter()
+    assert jobs.precompute_explanations(db_path, run_id, reporter) == 6
+    assert calls == list(studies.values()) and all(len(ids) == 2 for ids in calls)
+    assert [u["batch"] for u in reporter.updates] == [1, 2, 3] and reporter.updates[-1]["batches"] == 3
+    assert db.execute("SELECT COUNT(*) FROM explanations WHERE run_id = ?", [run_id]).fetchone()[0] == 6
+    assert jobs.precompute_explanations(db_path, run_id, QuietReporter()) == 0 and len(calls) == 3  # nothing left
+
+
+def test_precomputation_stops_between_studies(db, db_path):
+    run_id, _ = predicted_run(db, db_path, 3)
+    assert jobs.precompute_explanations(db_path, run_id, QuietReporter(cancel_after=1)) == 2  # cancelled after one study
+    jobs.enqueue(db, "resnet50", {"backbone": "resnet50"}, "another run")
+    assert jobs.precompute_explanations(db_path, run_id, QuietReporter()) == 0  # a queued run comes first
+    assert db.execute("SELECT COUNT(*) FROM explanations WHERE run_id = ?", [run_id]).fetchone()[0] == 2
