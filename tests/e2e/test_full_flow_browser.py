@@ -1,0 +1,135 @@
+"""The whole workflow in a real browser, as a newcomer would click it: load the demo dataset,
+label three studies with the keyboard, start a tiny training run on the Train page, wait for
+the background worker to finish it, then see the confusion matrix and a Grad-CAM overlay on
+the Evaluate page."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import time
+
+import pytest
+from playwright.sync_api import expect
+
+from bonescan_core import db as dbm
+from bonescan_core import jobs
+from bonescan_core import review as rv
+
+from .conftest import AppServer, open_app, wait_for_streamlit_idle
+
+pytestmark = pytest.mark.e2e
+
+RUN_TIMEOUT_S = 600  # ResNet50 from scratch at 64x32 on 100 demo studies: about a minute on 2 cores
+
+
+@pytest.fixture
+def stop_worker(app_server: AppServer):
+    """The app starts a background worker of its own; end it with the test."""
+    yield
+    with dbm.opened(app_server.db_path) as db:
+        row = db.execute("SELECT value FROM settings WHERE key = ?", [jobs.WORKER_KEY]).fetchone()
+    if row:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.kill(json.loads(row[0])["pid"], signal.SIGTERM)
+
+
+def label_with_keyboard(page, criterion: str, key: str) -> None:
+    page.get_by_role("checkbox", name=criterion).check(force=True)
+    wait_for_streamlit_idle(page)
+    page.get_by_role("heading", name="Review").click()  # focus the page, not a widget, so keys are shortcuts
+    page.keyboard.press(key)
+    wait_for_streamlit_idle(page)
+
+
+def set_number(page, label: str, value: int) -> None:
+    field = page.get_by_role("spinbutton", name=label, exact=True)
+    field.fill(str(value))
+    field.press("Tab")  # commits the value to the form
+
+
+def test_demo_label_train_evaluate(app_server: AppServer, browser_page, stop_worker) -> None:
+    page = browser_page
+
+    # 1. Demo dataset, one click (100 studies with reference labels).
+    open_app(page, app_server, "/")
+    page.get_by_role("tab", name="Demo dataset").click()
+    page.get_by_role("button", name="Load demo dataset").click()
+    expect(page.get_by_test_id("stAlertContentSuccess")).to_contain_text("Added", timeout=120_000)
+    wait_for_streamlit_idle(page)
+
+    # 2. Three studies labelled with the keyboard (m: metastatic, n: no metastasis).
+    open_app(page, app_server, "/review?reviewer=e2e")
+    expect(page.get_by_text("Study 1 ·")).to_be_visible()
+    label_with_keyboard(page, rv.CRITERIA["typical_pattern"][1], "m")
+    expect(page.get_by_text("Study 2 ·")).to_be_visible()
+    label_with_keyboard(page, rv.CRITERIA["no_abnormal_uptake"][1], "n")
+    expect(page.get_by_text("Study 3 ·")).to_be_visible()
+    label_with_keyboard(page, rv.CRITERIA["flare"][1], "m")
+    expect(page.get_by_text("3 of 100 read by you")).to_be_visible()
+    with dbm.opened(app_server.db_path) as db:
+        mine = db.execute("SELECT study_id, label FROM reviews WHERE reviewer = 'e2e' ORDER BY study_id").fetchall()
+    assert [tuple(row) for row in mine] == [(1, "metastatic"), (2, "non_metastatic"), (3, "metastatic")]
+
+    # 3. A tiny run from the Train page: ResNet50 only, from scratch, 64x32, one epoch.
+    open_app(page, app_server, "/train")
+    backbones = page.get_by_role("combobox").first
+    backbones.click()
+    backbones.press("Backspace")  # the default picks all three; drop densenet121 and vgg19
+    backbones.press("Backspace")
+    page.keyboard.press("Escape")
+    page.get_by_test_id("stRadio").get_by_text("none", exact=True).click()
+    page.get_by_test_id("stSelectbox").filter(has_text="Mode").click()
+    page.get_by_role("option", name="full: every layer trains").click()
+    set_number(page, "Epochs", 1)
+    set_number(page, "Batch size", 8)
+    set_number(page, "Input height", 64)
+    set_number(page, "Input width", 32)
+    page.get_by_role("button", name="Train").click()
+    wait_for_streamlit_idle(page)
+    expect(page.get_by_test_id("stAlertContentSuccess")).to_contain_text("(resnet50) queued")
+
+    with dbm.opened(app_server.db_path) as db:
+        runs = jobs.list_runs(db)
+    assert [(run["backbone"], run["config"]["mode"], run["config"]["weights"], run["config"]["image_size"])
+            for run in runs] == [("resnet50", "full", "none", [64, 32])]
+    run_id = runs[0]["id"]
+    deadline = time.monotonic() + RUN_TIMEOUT_S
+    while True:
+        with dbm.opened(app_server.db_path) as db:
+            run = jobs.get_run(db, run_id)
+        if run["status"] not in jobs.ACTIVE or time.monotonic() > deadline:
+            break
+        time.sleep(2)
+    worker_log = jobs.runs_dir(app_server.db_path) / "worker.log"
+    assert run["status"] == "done", f"run {run_id}: {run['status']} {run['error']}\n{worker_log.read_text()[-3000:]}"
+    expect(page.get_by_text(f"Run {run_id} · resnet50 · full · done")).to_be_visible(timeout=30_000)  # the live panel
+
+    # 4. Evaluate: the confusion matrix, then a Grad-CAM overlay in the per-image explorer.
+    open_app(page, app_server, "/evaluate")
+    confusion = page.get_by_test_id("stPlotlyChart").first
+    expect(confusion).to_contain_text("Confusion matrix", timeout=30_000)
+    expect(confusion).to_contain_text("Predicted")
+    page.get_by_role("tab", name="Per-image explorer").click()
+    wait_for_streamlit_idle(page, timeout_s=120)
+    expect(page.get_by_test_id("stAlertContentError")).to_have_count(0)
+    expect(page.get_by_text("Grad-CAM opacity")).to_be_visible()
+    overlay = page.get_by_test_id("stImage").locator("img").first
+    overlay.scroll_into_view_if_needed()
+    page.wait_for_function("img => img.complete && img.naturalWidth > 0", arg=overlay.element_handle(), timeout=30_000)
+    # The scan itself is grey (R = G = B); the heatmap colours it. Count coloured pixels.
+    coloured = overlay.evaluate("""img => {
+        const canvas = document.createElement('canvas');
+        canvas.width = img.naturalWidth; canvas.height = img.naturalHeight;
+        const context = canvas.getContext('2d');
+        context.drawImage(img, 0, 0);
+        const data = context.getImageData(0, 0, canvas.width, canvas.height).data;
+        let count = 0;
+        for (let i = 0; i < data.length; i += 4) {
+            if (Math.abs(data[i] - data[i + 1]) > 30 || Math.abs(data[i + 1] - data[i + 2]) > 30) count++;
+        }
+        return count / (canvas.width * canvas.height);
+    }""")
+    assert coloured > 0.01, f"only {coloured:.2%} of the explorer image is coloured: no Grad-CAM overlay"
