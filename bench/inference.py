@@ -1,23 +1,19 @@
 """Inference benchmark: seconds per study (anterior + posterior demo phantom) for a loaded run model.
 
-What one study costs once a run's model is in memory, through the app's own code:
-
-* probabilities of both views: ``preprocess.load_images`` (decode, normalise, fit) →
-  ``preprocess.image_batches`` → ``predict`` of the model wrapped by
-  ``preprocess.with_input_pipeline``, as training predicts its subsets (the wrapper is built
-  once per loaded model, not per study: a new wrapper would trace a new predict function);
-* a Grad-CAM map of each view: ``explain.explain_image``, as the worker precomputes them and
-  the Evaluate page / ``bonescan explain`` asks for them (model from ``load_run_model``'s cache,
-  Grad-CAM, map onto the image, store in ``explanations``). Every study is new, so no map
-  comes from the cache.
+What one study costs once a run's model is in memory, through the app's own path:
+``explain.explain_images(db, db_path, run_id, [anterior, posterior])``, as the worker
+precomputes a study's maps and the Evaluate page / ``bonescan explain`` asks for them. One
+batched Grad-CAM pass gives both views' probabilities (the forward pass the map needs; the
+probability is the sigmoid of the logit it differentiates) and both maps, each mapped onto
+its image and stored in ``explanations``; the model comes from ``load_run_model``'s cache.
+Every study is new, so no map comes from the cache.
 
 The model is built with ``models.build_model(..., weights="none")`` (offline; the weights'
 values do not change the cost), saved as a finished run's ``runs/*.keras`` in a temp database
 with demo studies and loaded by ``explain.load_run_model``, as the app loads it. One study warms
 it up (traced functions, caches); N further studies are timed. One JSON line per backbone:
-study p50/p95/mean (and min/max), p50 of the predict part and of the Grad-CAM part, the
-model's load time and the warm-up study. Goal: DenseNet121 study p50 < 1 s (``goal_s``,
-``goal_met``).
+study p50/p95/mean (and min/max), the model's load time and the warm-up study. Goal:
+DenseNet121 study p50 < 1 s (``goal_s``, ``goal_met``).
 
     python bench/inference.py                         # 646x220, three backbones, N = 20
     python bench/inference.py --quick                 # N = 5
@@ -37,7 +33,6 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 from common import environment, summary
 
 REPO = Path(__file__).resolve().parents[1]
@@ -79,55 +74,47 @@ def save_run(db_path: Path, backbone: str, size: tuple[int, int]) -> tuple[int, 
     return run_id, build_s
 
 
-def study_samples(db, study_id: int) -> list:
-    from bonescan_core.preprocess import list_samples
+def study_views(db, study_id: int) -> list[int]:
+    """The study's [anterior, posterior] image ids."""
+    views = dict(db.execute("SELECT view, id FROM images WHERE study_id = ? ORDER BY id", [study_id]).fetchall())
+    assert sorted(views) == ["anterior", "posterior"], views
+    return [views["anterior"], views["posterior"]]
 
-    samples = list_samples(db, {study_id: 0}, "per_image")
-    assert sorted(s.views[0] for s in samples) == ["anterior", "posterior"], samples
-    return samples
 
-
-def one_study(db, db_path: Path, run_id: int, predictor, size: tuple[int, int], samples: list) -> tuple[float, float]:
-    """(predict seconds, Grad-CAM seconds) for one study's two views."""
-    from bonescan_core import explain, preprocess
+def one_study(db, db_path: Path, run_id: int, image_ids: list[int]) -> float:
+    """Seconds for one study: both views' probabilities and Grad-CAM maps, stored."""
+    from bonescan_core import explain
 
     started = time.perf_counter()
-    images = preprocess.load_images(db, samples, size)
-    batches = preprocess.image_batches(images, np.zeros(len(samples)), len(samples))
-    probabilities = predictor.predict(batches, verbose=0)
-    predicted = time.perf_counter()
-    assert probabilities.shape == (len(samples), 1), probabilities.shape
-    for sample in samples:
-        heatmap = explain.explain_image(db, db_path, run_id, sample.key)
-        assert heatmap.ndim == 2
-    return predicted - started, time.perf_counter() - predicted
+    explained = explain.explain_images(db, db_path, run_id, image_ids)
+    seconds = time.perf_counter() - started
+    assert list(explained) == image_ids, explained
+    for found in explained.values():
+        assert found.heatmap.ndim == 2 and found.probability is not None, found  # computed, not cached
+    return seconds
 
 
 def measure(db_path: Path, study_ids: list[int], backbone: str, size: tuple[int, int]) -> dict:
     from bonescan_core import db as dbm
-    from bonescan_core import explain, preprocess
+    from bonescan_core import explain
 
     run_id, build_s = save_run(db_path, backbone, size)
     started = time.perf_counter()
-    model, bb, model_size = explain.load_run_model(db_path, run_id)
+    model, _, model_size = explain.load_run_model(db_path, run_id)
     load_s = time.perf_counter() - started
     assert model_size == size, (model_size, size)
-    predictor = preprocess.with_input_pipeline(model, bb)
     with dbm.opened(db_path) as db:
-        samples = {study_id: study_samples(db, study_id) for study_id in study_ids}
-        warmup = one_study(db, db_path, run_id, predictor, size, samples[study_ids[0]])
-        timed = [one_study(db, db_path, run_id, predictor, size, samples[study_id]) for study_id in study_ids[1:]]
+        views = {study_id: study_views(db, study_id) for study_id in study_ids}
+        warmup = one_study(db, db_path, run_id, views[study_ids[0]])
+        timed = [one_study(db, db_path, run_id, views[study_id]) for study_id in study_ids[1:]]
     explain.clear_model_cache()
-    del model, predictor
+    del model
     explain.keras_module().backend.clear_session()
     gc.collect()
-    predict = [p for p, _ in timed]
-    gradcam = [g for _, g in timed]
-    study = summary([p + g for p, g in timed])
+    study = summary(timed)
     goal = GOALS_S.get(backbone)
     return {"backbone": backbone, "size": f"{size[0]}x{size[1]}", "weights": "none", "studies": len(timed),
-            "views_per_study": 2, "study_s": study, "predict_p50_s": summary(predict)["p50"],
-            "gradcam_p50_s": summary(gradcam)["p50"], "warmup_study_s": round(sum(warmup), 3),
+            "views_per_study": 2, "study_s": study, "warmup_study_s": round(warmup, 3),
             "load_model_s": round(load_s, 3), "build_model_s": round(build_s, 3),
             "goal_s": goal, "goal_met": None if goal is None else study["p50"] < goal}
 
