@@ -11,7 +11,6 @@ from app_pages.common import cached_study_images, data_url, open_db, scan_viewer
 from bonescan_core import catalog, ingest
 
 PAGE_SIZE = 50
-UPLOAD_TYPES = ["tif", "tiff", "png", "jpg", "jpeg", "dcm", "dicom", "ima"]
 
 
 def show_outcomes(outcomes: list[ingest.FileOutcome]) -> None:
@@ -39,7 +38,9 @@ upload_tab, folder_tab, demo_tab = st.tabs(["Upload files", "Import a folder on 
 with upload_tab:
     st.caption("TIFF, PNG, JPEG or DICOM. Upload both views of a study together so they are grouped "
                "(file names with A/ANT/anterior and P/POST/posterior, or DICOM study UIDs).")
-    uploads = st.file_uploader("Scan files", type=UPLOAD_TYPES, accept_multiple_files=True, key="uploads")
+    # Any file type: scanners often export DICOM without an extension, and a file the importer
+    # cannot read gets its reason below (a type filter would refuse it with no explanation).
+    uploads = st.file_uploader("Scan files", accept_multiple_files=True, key="uploads")
     if st.button("Import uploaded files", disabled=not uploads, key="import_uploads"):
         bar = st.progress(0.0, text="importing")
         with open_db() as db:

@@ -100,3 +100,30 @@ def test_upload_good_and_bad_files(app_server: AppServer, browser_page, tmp_path
     expect(page.get_by_text("3 file(s): 2 imported, 1 rejected.")).to_be_visible(timeout=30_000)
     expect(page.get_by_test_id("stAlertContentError").get_by_text("notes.png: rejected: not an image")).to_be_visible()
     expect(page.get_by_test_id("stException")).to_have_count(0)
+
+
+def test_every_malformed_file_is_rejected_on_the_page_with_its_reason(app_server: AppServer, browser_page, tmp_path) -> None:
+    """The whole malformed-input corpus (tests/bad_corpus.py) through the upload widget at once:
+    each file is named with its reason, nothing is imported, no traceback."""
+    sys.path.insert(0, str(REPO / "tests"))
+    from bad_corpus import make_bad_corpus
+
+    from bonescan_core import db as dbm
+
+    expected = make_bad_corpus(tmp_path / "bad")
+    with dbm.opened(app_server.db_path) as db:
+        images_before = db.execute("SELECT COUNT(*) FROM images").fetchone()[0]
+    page = browser_page
+    open_app(page, app_server, SCANS)
+    page.get_by_test_id("stFileUploaderDropzoneInput").set_input_files([str(tmp_path / "bad" / name) for name in expected])
+    wait_for_streamlit_idle(page, timeout_s=60)
+    page.get_by_role("button", name="Import uploaded files").click()
+    wait_for_streamlit_idle(page, timeout_s=120)
+    expect(page.get_by_text(f"{len(expected)} file(s): {len(expected)} rejected.")).to_be_visible(timeout=60_000)
+    errors = page.get_by_test_id("stAlertContentError").all_inner_texts()
+    shown = "\n".join(errors)
+    missing = [name for name, reason in expected.items() if f"{name}: rejected" not in shown or reason not in shown]
+    assert not missing, f"{len(missing)} of {len(expected)} files lack their message on the page: {missing}"
+    expect(page.get_by_test_id("stException")).to_have_count(0)
+    with dbm.opened(app_server.db_path) as db:
+        assert db.execute("SELECT COUNT(*) FROM images").fetchone()[0] == images_before
