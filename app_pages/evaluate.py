@@ -191,12 +191,17 @@ with explorer_tab:
             st.success(f"Study {study_id} is in the Review queue's flagged list.")
 
 with export_tab:
-    with open_db() as db:
-        metrics_json = json.dumps(cached_evaluation(database, run_id, round(stored_threshold, 4)), indent=2)
-        predictions = report.predictions_csv(db, run_id)
+    def metrics_json(database: str = database, run_id: int = run_id, threshold: float = stored_threshold) -> str:
+        return json.dumps(cached_evaluation(database, run_id, round(threshold, 4)), indent=2)
+
+    def predictions_csv(database: str = database, run_id: int = run_id) -> str:
+        with dbm.opened(database) as db:
+            return report.predictions_csv(db, run_id)
+
+    # Files are made on click (Streamlit calls these then), not on every rerun of the page.
     columns = st.columns(4)
     columns[0].download_button("metrics.json", metrics_json, f"run-{run_id}-metrics.json", "application/json", key="dl_metrics")
-    columns[1].download_button("predictions.csv", predictions, f"run-{run_id}-predictions.csv", "text/csv", key="dl_predictions")
+    columns[1].download_button("predictions.csv", predictions_csv, f"run-{run_id}-predictions.csv", "text/csv", key="dl_predictions")
     if columns[2].button("Build report.html", key="build_report"):
         with open_db() as db:
             st.session_state[f"report_{run_id}"] = report.report_html(db, run_id)

@@ -1,5 +1,6 @@
 """UI benchmark: a database with many studies; Review page rerun, save of one review, Scans
-page load, database bytes per image. Prints one JSON object per measurement.
+page load, Evaluate page with a 3,000-image run, database bytes per image. Prints one JSON
+object per measurement.
 
     python bench/ui.py            # 10,000 studies (20,000 full-size images; ~3 GB, a few minutes)
     python bench/ui.py --quick    # 1,000 studies
@@ -15,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -27,14 +27,18 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from common import environment  # noqa: E402
+
 from bonescan_core import db as dbm  # noqa: E402
-from bonescan_core import pixelstore  # noqa: E402
+from bonescan_core import jobs, pixelstore  # noqa: E402
 from bonescan_core import review as rv  # noqa: E402
 from bonescan_core.phantom import make_studies  # noqa: E402
 
 
 def emit(**fields: object) -> None:
-    print(json.dumps({"bench": "ui", "machine": platform.machine(), "cpus": os.cpu_count(), **fields}), flush=True)
+    print(json.dumps({"bench": "ui", **fields, **environment()}), flush=True)
 
 
 def build_database(path: Path, n_studies: int, seed: int = 0) -> float:
@@ -70,6 +74,31 @@ def build_database(path: Path, n_studies: int, seed: int = 0) -> float:
                   "criteria": "typical_pattern" if templates[i % len(templates)][0] else "no_abnormal_uptake"}
                  for i in range(n_studies)), batch_size=1000)
     return time.perf_counter() - started
+
+
+def add_finished_run(path: Path, n_images: int, seed: int = 0) -> int:
+    """A done run with ``n_images`` predictions (a third validation, the rest test) and 20 epochs
+    of curves, as a finished training writes them; no model file (the explorer says so)."""
+    from bonescan_core.training import TrainConfig
+
+    rng = np.random.default_rng(seed)
+    config = TrainConfig(backbone="densenet121", weights="imagenet", mode="finetune", epochs=20)
+    with dbm.opened(path) as db:
+        run_id = jobs.enqueue(db, config.backbone, config.to_dict(), config.identity_hash())
+        images = db.execute("SELECT images.id, reviews.label FROM images JOIN reviews USING (study_id) "
+                            "WHERE reviews.reviewer = 'reference' ORDER BY images.id LIMIT ?", [n_images]).fetchall()
+        with dbm.write(db):
+            db["runs"].update(run_id, {"status": "done", "threshold": 0.5, "finished_at": dbm.utc_now()})
+            db["predictions"].insert_all(
+                {"run_id": run_id, "image_id": image_id, "subset": "val" if i % 3 == 0 else "test",
+                 "label": int(label == "metastatic"),
+                 "probability": float(np.clip(rng.normal(0.7 if label == "metastatic" else 0.3, 0.2), 0, 1))}
+                for i, (image_id, label) in enumerate(images))
+            db["epochs"].insert_all(
+                {"run_id": run_id, "epoch": e, "phase": "finetune", "loss": 1 / e, "val_loss": 1.2 / e,
+                 "metrics": json.dumps({"auc": 1 - 0.5 / e}), "seconds": 60.0, "train_images_per_second": 3.0}
+                for e in range(1, 21))
+    return run_id
 
 
 def time_saves(path: Path, n: int = 50) -> list[float]:
@@ -123,7 +152,8 @@ def main() -> None:
         saves = time_saves(path)
         emit(measure="review_save", studies=n_studies, n=len(saves), ms_median=round(statistics.median(saves), 2),
              ms_p95=round(float(np.percentile(saves, 95)), 2), goal_ms=20)
-        for page in ("app_pages/review.py", "app_pages/scans.py", "app_pages/agreement.py"):
+        add_finished_run(path, 3_000)
+        for page in ("app_pages/review.py", "app_pages/scans.py", "app_pages/agreement.py", "app_pages/evaluate.py"):
             emit(measure="page", page=page, studies=n_studies, **time_page(path, page),
                  goal_rerun_ms=200 if page.endswith("review.py") else None)
 
