@@ -451,13 +451,18 @@ def _callback(keras: Any, tracker: _Progress, phase: str, batch_sizes: list[int]
     return ReporterCallback()
 
 
-def _cancel_callback(keras: Any, tracker: _Progress, phase: str, n_batches: int) -> Any:
-    """A Keras callback for ``predict``: progress and cancel polling per batch."""
+def _cancel_callback(keras: Any, tracker: _Progress, phase: str, total: int, done_before: int = 0, per_batch: int = 1) -> Any:
+    """A Keras callback for ``predict``: cancel polling and progress per batch.
+
+    Progress reads ``done_before + per_batch * batches done`` of ``total`` (a prediction over
+    one chunk of a longer pass counts from where the pass stands).
+    """
 
     class PredictCallback(keras.callbacks.Callback):
         def on_predict_batch_end(self, batch: int, logs: Mapping[str, Any] | None = None) -> None:
             tracker.check()
-            tracker.send({"phase": phase, "batch": batch + 1, "batches": n_batches, "eta_s": None})
+            tracker.send({"phase": phase, "batch": min(total, done_before + (batch + 1) * per_batch), "batches": total,
+                          "eta_s": None})
 
     return PredictCallback()
 
@@ -601,19 +606,19 @@ def _features(keras: Any, db: sqlite_utils.Database, model: Any, config: TrainCo
                 images = preprocess.load_images(db, chunk, config.image_size, config.view_mode, cancelled=tracker.reporter.cancelled)
             except InterruptedError as error:
                 raise TrainingCancelled("training cancelled while loading images") from error
+            # predict(): the compiled inference step, exactly one inference pass (bench/fast_mode.py).
+            vectors = np.asarray(extractor.predict(preprocess.to_model_input(images, bb), batch_size=step, verbose=0,
+                                                   callbacks=[_cancel_callback(keras, tracker, "features", len(missing), done, step)]),
+                                 dtype=np.float16)
             rows = []
-            for offset in range(0, len(chunk), step):
-                tracker.check()
-                x = preprocess.to_model_input(images[offset : offset + step], bb)
-                vectors = np.asarray(keras.ops.convert_to_numpy(extractor(x, training=False)), dtype=np.float16)
-                for sample, vector in zip(chunk[offset : offset + step], vectors, strict=True):
-                    cached[sample.key] = vector
-                    rows.append({"backbone": bb.name, "weights": key, "height": height, "width": width,
-                                 "image_id": sample.key, "vector": vector.tobytes()})
-                done += len(vectors)
-                elapsed = time.monotonic() - started
-                tracker.send({"phase": "features", "batch": done, "batches": len(missing),
-                              "eta_s": round(elapsed / done * (len(missing) - done), 1)})
+            for sample, vector in zip(chunk, vectors, strict=True):
+                cached[sample.key] = vector
+                rows.append({"backbone": bb.name, "weights": key, "height": height, "width": width,
+                             "image_id": sample.key, "vector": vector.tobytes()})
+            done += len(vectors)
+            elapsed = time.monotonic() - started
+            tracker.send({"phase": "features", "batch": done, "batches": len(missing),
+                          "eta_s": round(elapsed / done * (len(missing) - done), 1)})
             with dbm.write(db):
                 db["features"].insert_all(rows, replace=True)
         facts["feature_images_per_second"] = round(done / max(time.monotonic() - started, 1e-9), 3)
