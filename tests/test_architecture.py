@@ -48,3 +48,53 @@ def test_light_verbs_import_no_heavy_library(db_path):
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, check=True)
     assert json.loads(result.stdout.strip().replace("'", '"')) == []
+
+
+def python_files():
+    for folder in ("bonescan_core", "app_pages"):
+        yield from sorted((REPO / folder).rglob("*.py"))
+    yield REPO / "streamlit_app.py"
+
+
+def test_sql_is_parameterised():
+    """No value is formatted into SQL: f-strings passed to execute/query may only splice in
+    placeholder lists (``marks``) or module constants (UPPER_CASE), never data."""
+    offenders = []
+    for path in python_files():
+        for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+            if not (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
+                    and node.func.attr in ("execute", "executemany", "executescript", "query") and node.args):
+                continue
+            sql = node.args[0]
+            if isinstance(sql, ast.BinOp):  # "..." + value or "..." % value
+                offenders.append(f"{path.name}:{node.lineno}: SQL built with an operator")
+            elif isinstance(sql, ast.JoinedStr):
+                for part in sql.values:
+                    if isinstance(part, ast.FormattedValue):
+                        names = {n.id for n in ast.walk(part.value) if isinstance(n, ast.Name)}
+                        if not names or not all(name in ("marks", "int", "len") or name.isupper() for name in names):
+                            offenders.append(f"{path.name}:{node.lineno}: {ast.unparse(part.value)} formatted into SQL")
+            elif isinstance(sql, ast.Call) and isinstance(sql.func, ast.Attribute) and sql.func.attr == "format":
+                offenders.append(f"{path.name}:{node.lineno}: SQL built with str.format")
+    assert offenders == []
+
+
+def test_models_are_loaded_in_safe_mode():
+    """Every load_model call passes safe_mode=True: a .keras file cannot run code (no Lambda layers)."""
+    calls = []
+    for path in python_files():
+        for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+            if isinstance(node, ast.Call) and getattr(node.func, "attr", getattr(node.func, "id", None)) == "load_model":
+                safe = {k.arg: k.value for k in node.keywords}.get("safe_mode")
+                calls.append((path.name, node.lineno, isinstance(safe, ast.Constant) and safe.value is True))
+    assert calls, "the run model is loaded somewhere"
+    assert [call for call in calls if not call[2]] == []
+
+
+def test_app_defaults_bind_loopback_and_limit_uploads():
+    import tomllib
+
+    config = tomllib.loads((REPO / ".streamlit" / "config.toml").read_text())
+    assert config["server"]["address"] == "127.0.0.1"
+    assert 0 < config["server"]["maxUploadSize"] <= 200
+    assert config["browser"]["gatherUsageStats"] is False
