@@ -42,7 +42,6 @@ import argparse
 import gc
 import importlib.abc
 import importlib.util
-import inspect
 import json
 import os
 import sys
@@ -111,8 +110,6 @@ def main() -> None:
     keras = keras_module()
     steps = args.steps or (3 if args.quick else 20)
     rounds = args.rounds or (1 if args.quick else 3)
-    # measure() times `rounds` alternating rounds where it has that parameter (the best round counts).
-    extra = {"rounds": rounds} if "rounds" in inspect.signature(pipeline.measure).parameters else {}
     size = tuple(int(v) for v in args.size.split("x"))
     found = devices(backend)
     with tempfile.TemporaryDirectory(prefix="bonescan-bench-") as folder:
@@ -123,7 +120,7 @@ def main() -> None:
                     # Set for every model: measure() builds under the global policy, and
                     # clear_session() below resets it to float32.
                     keras.mixed_precision.set_global_policy(precision)
-                    result = pipeline.measure(db_path, backbone, size, args.batch_size, steps, **extra)
+                    result = pipeline.measure(db_path, backbone, size, args.batch_size, steps, rounds)  # best of alternating rounds
                     used = keras.mixed_precision.global_policy().name
                     keras.backend.clear_session()
                     gc.collect()
