@@ -332,19 +332,8 @@ def gradcam_with_probabilities(
 
 
 def gradcam(model: keras.Model, inputs: np.ndarray, layer_name: str, batch_size: int = BATCH_SIZE) -> np.ndarray:
-    """Grad-CAM heatmaps of the metastasis score at one convolutional layer.
-
-    Args:
-        model: a Keras functional model with one sigmoid output (e.g. from ``build_model``).
-        inputs: (N, H, W, 3) float32, already preprocessed (``preprocess.to_model_input``).
-        layer_name: the target layer, e.g. ``BACKBONES[name].last_conv_layer``.
-        batch_size: images per forward pass.
-
-    Returns:
-        (N, h, w) float32 in [0, 1] at the layer's spatial resolution; all zeros where the
-        layer has no positive evidence. (:func:`gradcam_with_probabilities` also gives the
-        predictions of the same pass.)
-    """
+    """Grad-CAM heatmaps of the metastasis score at one convolutional layer: the maps of
+    :func:`gradcam_with_probabilities` (same arguments), (N, h, w) float32 in [0, 1]."""
     return gradcam_with_probabilities(model, inputs, layer_name, batch_size)[0]
 
 
