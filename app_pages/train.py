@@ -22,6 +22,7 @@ MODE_HELP = {
     "full": "every layer trains from the start (what weights 'none' needs)",
 }
 LIVE_EVERY_S = 2
+TRAINING_PHASES = ("head", "finetune", "full")  # phases counted in epochs
 
 st.title("Train")
 
@@ -125,12 +126,16 @@ def live_runs() -> None:
         with st.expander(title, expanded=run["status"] == "running"):
             progress = run["progress"] or {}
             if run["status"] == "running":
+                phase = progress.get("phase", "starting")
                 epoch, epochs_total = progress.get("epoch") or 0, progress.get("epochs") or config.get("epochs") or 1
                 batch, batches = progress.get("batch") or 0, progress.get("batches") or 1
-                done = min(1.0, ((max(epoch, 1) - 1) + batch / batches) / epochs_total)
                 eta = progress.get("eta_s")
-                st.progress(done, text=f"{progress.get('phase', 'starting')}: epoch {epoch}/{epochs_total}, batch "
-                            f"{batch}/{batches}" + (f", about {eta / 60:.1f} min left" if eta else ""))
+                if phase in TRAINING_PHASES:
+                    done = min(1.0, ((max(epoch, 1) - 1) + batch / batches) / epochs_total)
+                    text = f"{phase}: epoch {epoch}/{epochs_total}, batch {batch}/{batches}"
+                else:  # loading, features, predicting, saving: a pass of its own, not an epoch
+                    done, text = min(1.0, batch / batches), f"{phase}: {batch}/{batches}" if batch else phase
+                st.progress(done, text=text + (f", about {eta / 60:.1f} min left" if eta else ""))
                 if progress.get("loss") is not None:
                     st.caption(f"loss {progress['loss']:.4f}")
             if run["status"] in jobs.ACTIVE and may_train:
@@ -139,6 +144,9 @@ def live_runs() -> None:
                 st.error(run["error"])
             if run["status"] == "done":
                 st.caption(f"threshold {run['threshold']:.3f} · {run['images_per_second'] or 0:.1f} training images/s")
+                if progress.get("phase") == "explaining" and progress.get("batch", 0) < progress.get("batches", 0):
+                    st.caption(f"Grad-CAM maps ready for {progress['batch']} of {progress['batches']} studies; "
+                               "the others are computed when first viewed in the explorer.")
             if curves.get(run["id"]):
                 st.plotly_chart(plots.training_curves(curves[run["id"]]), key=f"tr_curves_{run['id']}_{len(curves[run['id']])}")
 

@@ -287,11 +287,12 @@ class DatabaseReporter:
         self._stop.set()
         self._thread.join(timeout=HEARTBEAT_EVERY_S + 1)
 
-    def progress(self, fields: dict) -> None:
+    def progress(self, fields: dict, force: bool = False) -> None:
+        """Write ``fields`` as the run's progress (at most every ``every_s`` unless ``force``)."""
         if self.echo:
             self.echo(fields)
         now = time.monotonic()
-        if now - self._last_write < self.every_s:
+        if now - self._last_write < self.every_s and not force:
             return
         self._last_write = now
         with dbm.opened(self.db_path) as db:
@@ -385,13 +386,15 @@ def precompute_explanations(db_path: Path, run_id: int, reporter: DatabaseReport
             "WHERE p.run_id = ? AND p.image_id NOT IN (SELECT image_id FROM explanations WHERE run_id = ?) "
             "ORDER BY p.subset DESC, p.image_id", [run_id, run_id]):
             studies.setdefault(study_id, []).append(image_id)
-        computed = 0
-        for done, image_ids in enumerate(studies.values(), start=1):
+        computed = done = 0
+        for image_ids in studies.values():
             if reporter.cancelled() or db.execute("SELECT 1 FROM runs WHERE status = 'queued' LIMIT 1").fetchone():
-                return computed
+                break
             explain.explain_images(db, db_path, run_id, image_ids)
-            computed += len(image_ids)
+            computed, done = computed + len(image_ids), done + 1
             reporter.progress({"phase": "explaining", "batch": done, "batches": len(studies)})
+    if studies:  # where it ended, unthrottled: the Train page shows it
+        reporter.progress({"phase": "explaining", "batch": done, "batches": len(studies)}, force=True)
     return computed
 
 

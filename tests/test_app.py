@@ -103,3 +103,20 @@ def test_train_page_enqueues_one_run_per_backbone_and_refuses_duplicates(db_path
     assert any("already queued" in s.value for s in app.success)
     with dbm.opened(db_path) as db:
         assert len(jobs.list_runs(db)) == 2
+
+
+def test_train_page_shows_passes_by_their_own_count_and_maps_still_to_come(db_path, monkeypatch):
+    monkeypatch.setenv("BONESCAN_AUTOSTART_WORKER", "0")
+    with dbm.opened(db_path) as db:
+        done = jobs.enqueue(db, "resnet50", {"backbone": "resnet50", "mode": "full", "epochs": 3}, "done run")
+        running = jobs.enqueue(db, "vgg19", {"backbone": "vgg19", "mode": "full", "epochs": 3}, "running run")
+        with dbm.write(db):
+            db["runs"].update(done, {"status": "done", "threshold": 0.4, "images_per_second": 2.0,
+                                     "progress": '{"phase": "explaining", "batch": 2, "batches": 5}'})
+            db["runs"].update(running, {"status": "running", "heartbeat_at": dbm.utc_now(),
+                                        "progress": '{"phase": "predicting", "epoch": 0, "batch": 3, "batches": 10}'})
+    app = run_page("app_pages/train.py", reviewer="ann")
+    assert not app.exception, [e.value for e in app.exception]
+    bars = [element.proto.text for element in app.get("progress")]
+    assert bars == ["predicting: 3/10"], "a prediction pass is not an epoch"
+    assert any("Grad-CAM maps ready for 2 of 5 studies" in caption.value for caption in app.caption)

@@ -449,8 +449,8 @@ class QuietReporter:
     def cancelled(self) -> bool:
         return self.cancel_after is not None and len(self.updates) >= self.cancel_after
 
-    def progress(self, fields: dict) -> None:
-        self.updates.append(fields)
+    def progress(self, fields: dict, force: bool = False) -> None:
+        self.updates.append({**fields, "forced": force})
 
 
 def predicted_run(db, db_path, n_studies: int) -> tuple[int, dict[int, list[int]]]:
@@ -479,14 +479,17 @@ def test_precomputation_explains_one_study_per_pass(db, db_path, monkeypatch):
     reporter = QuietReporter()
     assert jobs.precompute_explanations(db_path, run_id, reporter) == 6
     assert calls == list(studies.values()) and all(len(ids) == 2 for ids in calls)
-    assert [u["batch"] for u in reporter.updates] == [1, 2, 3] and reporter.updates[-1]["batches"] == 3
+    assert [(u["batch"], u["forced"]) for u in reporter.updates] == [(1, False), (2, False), (3, False), (3, True)]
+    assert reporter.updates[-1]["batches"] == 3  # where it ended, written past the throttle
     assert db.execute("SELECT COUNT(*) FROM explanations WHERE run_id = ?", [run_id]).fetchone()[0] == 6
     assert jobs.precompute_explanations(db_path, run_id, QuietReporter()) == 0 and len(calls) == 3  # nothing left
 
 
 def test_precomputation_stops_between_studies(db, db_path):
     run_id, _ = predicted_run(db, db_path, 3)
-    assert jobs.precompute_explanations(db_path, run_id, QuietReporter(cancel_after=1)) == 2  # cancelled after one study
+    stopped = QuietReporter(cancel_after=1)
+    assert jobs.precompute_explanations(db_path, run_id, stopped) == 2  # cancelled after one study
+    assert (stopped.updates[-1]["batch"], stopped.updates[-1]["batches"], stopped.updates[-1]["forced"]) == (1, 3, True)
     jobs.enqueue(db, "resnet50", {"backbone": "resnet50"}, "another run")
     assert jobs.precompute_explanations(db_path, run_id, QuietReporter()) == 0  # a queued run comes first
     assert db.execute("SELECT COUNT(*) FROM explanations WHERE run_id = ?", [run_id]).fetchone()[0] == 2
