@@ -315,18 +315,6 @@ def make_augmenter(augment: Mapping[str, Any] | None, seed: int = 0) -> Any:
     return keras.Sequential(layers, name="augment")
 
 
-@functools.cache
-def _grey_affine(backbone: str) -> tuple[np.ndarray, np.ndarray]:
-    """(scale, offset), each (3,) float32, with ``preprocess_input(255 * g on R, G, B) == g * scale + offset``.
-
-    Every ``keras.applications`` preprocessing mode (caffe, torch, tf) is an affine map per
-    channel, so on a grey image (equal channels) it is fixed by two probes: g = 0 and g = 1.
-    """
-    probes = np.repeat(np.array([0.0, 255.0], dtype=np.float32).reshape(2, 1, 1, 1), 3, axis=-1)
-    out = np.asarray(get_backbone(backbone).preprocess_input(probes.copy()), dtype=np.float32).reshape(2, 3)
-    return out[1] - out[0], out[0]
-
-
 def model_input(grey: Any, backbone: str | Backbone) -> Any:
     """Grey [0, 1] → the backbone's input, in Keras ops (runs inside a compiled step).
 
@@ -335,13 +323,12 @@ def model_input(grey: Any, backbone: str | Backbone) -> Any:
         backbone: whose ``preprocess_input`` to apply.
 
     Returns:
-        (N, H, W, 3) float32 equal to ``preprocess_input(255 * clip(grey) repeated on R, G,
-        B)`` (the backbone's own function, probed once: :func:`_grey_affine`), computed as
-        one multiply-add per channel instead of a repeat, a channel swap and a subtraction.
+        (N, H, W, 3) float32: ``preprocess_input(255 * clip(grey) repeated on R, G, B)``,
+        the same values :func:`to_model_input` computes with NumPy.
     """
     ops = keras_module().ops
-    scale, offset = _grey_affine(get_backbone(backbone).name)
-    return ops.clip(ops.cast(grey, "float32"), 0.0, 1.0) * scale + offset
+    rgb = ops.repeat(ops.clip(ops.cast(grey, "float32"), 0.0, 1.0) * 255.0, 3, axis=-1)
+    return get_backbone(backbone).preprocess_input(rgb)
 
 
 def with_input_pipeline(model: Any, backbone: str | Backbone, augmenter: Any = None) -> Any:
