@@ -174,3 +174,13 @@ def test_samples_and_images_from_the_database(db):
         preprocess.list_samples(db, labels, "stacked")
     with pytest.raises(InterruptedError):
         preprocess.load_images(db, per_image, SIZE, cancelled=lambda: True)
+
+
+@pytest.mark.parametrize("backbone", ["resnet50", "vgg19", "densenet121"])
+def test_model_input_equals_the_backbones_own_preprocess_input(backbone):
+    """The in-graph model_input (through to_model_input) is the backbone's preprocess_input on the grey image repeated on R, G, B."""
+    from bonescan_core.models import get_backbone
+
+    grey = np.random.default_rng(1).random((2, *SIZE, 1), dtype=np.float32)
+    expected = get_backbone(backbone).preprocess_input(np.repeat(grey * 255.0, 3, axis=-1))
+    np.testing.assert_allclose(preprocess.to_model_input(grey, backbone), expected, rtol=1e-5, atol=1e-4)
