@@ -559,13 +559,18 @@ def _fit_phases(keras: Any, model: Any, config: TrainConfig, data: _Data, tracke
     return ran, weights
 
 
-def _predict_images(keras: Any, model: Any, config: TrainConfig, data: _Data, subset: str, tracker: _Progress, workers: int) -> np.ndarray:
+def _predict_images(keras: Any, model: Any, config: TrainConfig, data: _Data, subsets: tuple[str, ...], tracker: _Progress,
+                    workers: int) -> dict[str, np.ndarray]:
+    """{subset: (N,) float64 probabilities}; one wrapped predictor, so its predict step is traced once."""
     from bonescan_core import preprocess
 
-    dataset = preprocess.image_batches(data.images[subset], data.labels[subset], config.batch_size, workers=workers)
-    callback = _cancel_callback(keras, tracker, "predicting", len(dataset))
     predictor = preprocess.with_input_pipeline(model, config.backbone)
-    return np.asarray(predictor.predict(dataset, verbose=0, callbacks=[callback]), dtype=np.float64).reshape(-1)
+    probabilities = {}
+    for subset in subsets:
+        dataset = preprocess.image_batches(data.images[subset], data.labels[subset], config.batch_size, workers=workers)
+        callback = _cancel_callback(keras, tracker, "predicting", len(dataset))
+        probabilities[subset] = np.asarray(predictor.predict(dataset, verbose=0, callbacks=[callback]), dtype=np.float64).reshape(-1)
+    return probabilities
 
 
 def _feature_key(config: TrainConfig) -> str:
@@ -719,7 +724,7 @@ def train_run(db: sqlite_utils.Database, run_id: int, config: TrainConfig, repor
             _load(db, data, config, tracker, ("train", "val", "test"))
             model = models.build_model(bb, config.weights, config.image_size, config.dropout, seed=config.seed)
             ran, weights = _fit_phases(keras, model, config, data, tracker, rng, workers)
-            probabilities = {subset: _predict_images(keras, model, config, data, subset, tracker, workers) for subset in ("val", "test")}
+            probabilities = _predict_images(keras, model, config, data, ("val", "test"), tracker, workers)
     tracker.check()
     threshold = choose_threshold(config.threshold_rule, data.labels["val"], probabilities["val"])
 
