@@ -103,7 +103,7 @@ def main() -> None:
         refuser = RefuseTensorFlow()
         sys.meta_path.insert(0, refuser)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    import pipeline  # bench/pipeline.py: measure, make_demo_db, environment
+    import pipeline  # bench/pipeline.py: measure, make_demo_db
 
     from bonescan_core.models import keras_module
 
@@ -129,7 +129,7 @@ def main() -> None:
                         "images_per_second": result["ceiling_ips"], **found,
                         "tensorflow_loaded": "tensorflow" in sys.modules,
                         "tensorflow_import_attempts": sorted(set(refuser.attempts)) if refuser else None,
-                        **pipeline.environment(), **common.environment(),
+                        **common.environment(backend=keras.backend.backend()),
                     }), flush=True)
         finally:
             keras.mixed_precision.set_global_policy("float32")

@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import sys
 import tempfile
 import time
@@ -18,6 +17,9 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from common import environment  # noqa: E402 - bench/ is on the path only after the line above
 
 
 def main() -> None:
@@ -54,7 +56,7 @@ def main() -> None:
         "config": config.to_dict(), "wall_s": round(seconds, 1), "images_per_second": run["images_per_second"],
         "test_images": result and result["n_images"], "test_auc": result and result["metrics"]["auc"],
         "test_accuracy": result and result["metrics"]["accuracy"], "threshold": run["threshold"],
-        "machine": platform.machine(), "cpus": os.cpu_count(),
+        **environment(),
     }), flush=True)
 
 

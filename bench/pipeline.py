@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import sys
 import tempfile
 import time
@@ -23,6 +21,9 @@ import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from common import environment  # noqa: E402 - bench/ is on the path only after the line above
 
 
 def _timed_fit(model, data, steps: int, images_per_batch: int, **fit_args) -> float:
@@ -118,13 +119,6 @@ def make_demo_db(folder: Path, n_studies: int) -> Path:
     return path
 
 
-def environment() -> dict:
-    import keras
-
-    return {"machine": platform.machine(), "cpus": os.cpu_count(), "backend": keras.backend.backend(),
-            "keras": keras.__version__, "python": platform.python_version()}
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer timed steps and rounds")
@@ -145,7 +139,7 @@ def main() -> None:
             for backbone in args.backbones.split(","):
                 result = measure(db_path, backbone, size, args.batch_size, steps, rounds)
                 print(json.dumps({"bench": "pipeline", **result, "precision": keras.mixed_precision.global_policy().name,
-                                  **environment()}), flush=True)
+                                  **environment(backend=keras.backend.backend())}), flush=True)
 
 
 if __name__ == "__main__":
