@@ -15,7 +15,7 @@ import streamlit as st
 
 from app_pages.common import cached_study_images, db_path, open_db, reviewer
 from bonescan_core import db as dbm
-from bonescan_core import evaluation, jobs, pixelstore, plots, report
+from bonescan_core import evaluation, pixelstore, plots, report, runs
 from bonescan_core import review as rv
 
 CARD_METRICS = ("accuracy", "recall", "precision", "f1", "specificity", "npv", "auc", "pr_auc", "brier")
@@ -30,7 +30,7 @@ def cached_evaluation(database: str, run_id: int, threshold: float) -> dict:
 @st.cache_data(max_entries=16, show_spinner=False)
 def cached_predictions(database: str, run_id: int, subset: str) -> dict:
     with dbm.opened(database) as db:
-        return evaluation.run_predictions(db, run_id, subset)
+        return runs.predictions(db, run_id, subset)
 
 
 def heatmap(run_id: int, image_id: int) -> np.ndarray:
@@ -42,24 +42,23 @@ def heatmap(run_id: int, image_id: int) -> np.ndarray:
         return explain.explain_image(db, db_path(), run_id, image_id)
 
 
-def label_of(run: dict) -> str:
-    config = run["config"]
-    return f"Run {run['id']} · {evaluation.run_label(run['backbone'], run['id'])} · {config.get('mode')} · " \
-           f"{config.get('weights')} · split {run.get('split_id')}"
+def label_of(run: runs.Run) -> str:
+    return f"Run {run.id} · {evaluation.run_label(run.backbone, run.id)} · {run.settings.mode} · " \
+           f"{run.settings.weights} · split {run.split_id}"
 
 
 st.title("Evaluate")
 with open_db() as db:
-    runs = [run for run in jobs.list_runs(db) if run["status"] == "done"]
-if not runs:
+    done_runs = runs.list_runs(db, status="done")
+if not done_runs:
     st.info("No finished runs yet: train one on the Train page.")
     st.stop()
 
-by_id = {run["id"]: run for run in runs}
+by_id = {run.id: run for run in done_runs}
 run_id = st.selectbox("Run", list(by_id), format_func=lambda i: label_of(by_id[i]), key="ev_run")
 run = by_id[run_id]
 database = str(db_path())
-stored_threshold = float(run["threshold"] if run["threshold"] is not None else evaluation.DEFAULT_THRESHOLD)
+stored_threshold = float(run.threshold if run.threshold is not None else evaluation.DEFAULT_THRESHOLD)
 
 metrics_tab, compare_tab, explorer_tab, export_tab = st.tabs(["Metrics", "Compare backbones", "Per-image explorer", "Export"])
 
@@ -82,7 +81,7 @@ with metrics_tab:
     level = st.radio("Level", ["image", "study (max over views)"], horizontal=True, key="ev_level")
     shown = result if level == "image" else result["study_level"]
     test = cached_predictions(database, run_id, "test")
-    name = evaluation.run_label(run["backbone"], run_id)
+    name = evaluation.run_label(run.backbone, run_id)
     left, right = st.columns(2)
     left.plotly_chart(plots.confusion_heatmap(shown["confusion"], threshold,
                                               unit="images" if level == "image" else "studies"), key="ev_confusion")
@@ -94,12 +93,12 @@ with metrics_tab:
     right.plotly_chart(plots.calibration_figure({name: evaluation.calibration_points(test["label"], test["probability"])}),
                        key="ev_calibration")
     with open_db() as db:
-        st.plotly_chart(plots.training_curves(jobs.epochs(db, run_id)), key="ev_training")
+        st.plotly_chart(plots.training_curves(runs.epochs(db, run_id)), key="ev_training")
     with st.expander("Configuration"):
-        st.json(run["config"])
+        st.json(run.config_record())
 
 with compare_tab:
-    same_split = [r["id"] for r in runs if r.get("split_id") == run.get("split_id")]
+    same_split = [r.id for r in done_runs if r.split_id == run.split_id]
     chosen = st.multiselect("Runs on the same split (the same test images)", same_split,
                             default=[i for i in same_split][:3], format_func=lambda i: label_of(by_id[i]), key="ev_compare")
     if len(chosen) < 2:
@@ -111,8 +110,8 @@ with compare_tab:
         except evaluation.IncomparableRunsError as error:
             st.error(str(error))
         else:
-            results = {evaluation.run_label(by_id[i]["backbone"], i, with_id=True): cached_evaluation(
-                database, i, round(float(by_id[i]["threshold"] or 0.5), 4)) for i in chosen}
+            results = {evaluation.run_label(by_id[i].backbone, i, with_id=True): cached_evaluation(
+                database, i, round(float(by_id[i].threshold or 0.5), 4)) for i in chosen}
             st.plotly_chart(plots.forest_plot(results), key="ev_forest")
             st.dataframe(pd.DataFrame([
                 {"run": label, **{plots.metric_name(m): value["metrics"][m]["value"] for m in ("accuracy", "recall", "precision", "f1", "auc")}}
@@ -164,12 +163,10 @@ with explorer_tab:
         predicted = set(rows.loc[rows["study_id"] == study_id, "image_id"])
         panels, captions = [], []
         try:
-            from bonescan_core import explain
-
             with st.spinner("Computing Grad-CAM..."):
                 for image in images:
                     if image["id"] in predicted:
-                        panels.append(explain.overlay(image["pixels"], heatmap(run_id, image["id"]), opacity=opacity,
+                        panels.append(plots.overlay(image["pixels"], heatmap(run_id, image["id"]), opacity=opacity,
                                                       upper=image["display_max"]))
                     else:
                         grey = pixelstore.to_display(image["pixels"], upper=image["display_max"])

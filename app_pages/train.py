@@ -10,7 +10,7 @@ import pandas as pd
 import streamlit as st
 
 from app_pages.common import allowed, db_path, denial, open_db
-from bonescan_core import jobs, plots, splits, training
+from bonescan_core import jobs, plots, runs, splits
 from bonescan_core import review as rv
 from bonescan_core.models import BACKBONES, DEFAULT_SIZE, MODES
 from bonescan_core.preprocess import PAPER_AUGMENT
@@ -88,7 +88,7 @@ if submitted:  # never True while disabled (no trainer role): Streamlit drops a 
                 split_id = splits.ensure_split(db, seed=int(seed))
                 messages = []
                 for backbone in chosen:
-                    config = training.TrainConfig(
+                    config = runs.TrainConfig(
                         backbone=backbone, weights=weights_file.strip() if weights == "file" else weights, mode=mode,
                         epochs=int(epochs), batch_size=int(batch_size), learning_rate=float(learning_rate),
                         image_size=(int(height), int(width)), seed=int(seed), split_id=split_id, augment=augment,
@@ -108,10 +108,10 @@ if submitted:  # never True while disabled (no trainer role): Streamlit drops a 
 def live_runs() -> None:
     """The runs, newest first: status, progress, ETA, curves, cancel. Polls the database."""
     with open_db() as db:
-        runs = jobs.list_runs(db)[:12]
+        shown = runs.list_runs(db)[:12]
         worker = jobs.worker_alive(db)
-        curves = {run["id"]: jobs.epochs(db, run["id"]) for run in runs if run["status"] in ("running", "done")}
-    active = [run for run in runs if run["status"] in jobs.ACTIVE]
+        curves = {run.id: runs.epochs(db, run.id) for run in shown if run.status in ("running", "done")}
+    active = [run for run in shown if run.status in jobs.ACTIVE]
     may_train = allowed("train")
     st.subheader("Runs")
     st.caption(("A worker is running." if worker else "No worker is running.")
@@ -119,15 +119,14 @@ def live_runs() -> None:
     if active and not worker and may_train:
         if st.button("Start a worker", key="tr_start_worker"):
             jobs.ensure_worker(db_path())
-    for run in runs:
-        config = run["config"]
-        title = (f"Run {run['id']} · {run['backbone']} · {config.get('mode')} · {run['status']}"
-                 + (f" · {run['device']}" if run.get("device") else ""))
-        with st.expander(title, expanded=run["status"] == "running"):
-            progress = run["progress"] or {}
-            if run["status"] == "running":
+    for run in shown:
+        title = (f"Run {run.id} · {run.backbone} · {run.settings.mode} · {run.status}"
+                 + (f" · {run.results.device}" if run.results.device else ""))
+        with st.expander(title, expanded=run.status == "running"):
+            progress = run.progress or {}
+            if run.status == "running":
                 phase = progress.get("phase", "starting")
-                epoch, epochs_total = progress.get("epoch") or 0, progress.get("epochs") or config.get("epochs") or 1
+                epoch, epochs_total = progress.get("epoch") or 0, progress.get("epochs") or run.settings.epochs or 1
                 batch, batches = progress.get("batch") or 0, progress.get("batches") or 1
                 eta = progress.get("eta_s")
                 if phase in TRAINING_PHASES:
@@ -138,17 +137,17 @@ def live_runs() -> None:
                 st.progress(done, text=text + (f", about {eta / 60:.1f} min left" if eta else ""))
                 if progress.get("loss") is not None:
                     st.caption(f"loss {progress['loss']:.4f}")
-            if run["status"] in jobs.ACTIVE and may_train:
-                st.button("Cancel", key=f"tr_cancel_{run['id']}", on_click=cancel, args=(run["id"],))
-            if run.get("error"):
-                st.error(run["error"])
-            if run["status"] == "done":
-                st.caption(f"threshold {run['threshold']:.3f} · {run['images_per_second'] or 0:.1f} training images/s")
+            if run.status in jobs.ACTIVE and may_train:
+                st.button("Cancel", key=f"tr_cancel_{run.id}", on_click=cancel, args=(run.id,))
+            if run.error:
+                st.error(run.error)
+            if run.status == "done":
+                st.caption(f"threshold {run.threshold:.3f} · {run.results.images_per_second or 0:.1f} training images/s")
                 if progress.get("phase") == "explaining" and progress.get("batch", 0) < progress.get("batches", 0):
                     st.caption(f"Grad-CAM maps ready for {progress['batch']} of {progress['batches']} studies; "
                                "the others are computed when first viewed in the explorer.")
-            if curves.get(run["id"]):
-                st.plotly_chart(plots.training_curves(curves[run["id"]]), key=f"tr_curves_{run['id']}_{len(curves[run['id']])}")
+            if curves.get(run.id):
+                st.plotly_chart(plots.training_curves(curves[run.id]), key=f"tr_curves_{run.id}_{len(curves[run.id])}")
 
 
 def cancel(run_id: int) -> None:

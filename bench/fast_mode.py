@@ -49,15 +49,15 @@ class PhaseClock:
 def timed_run(db_path: Path, config) -> tuple[float, dict]:
     """Enqueue and train one run in this process; (wall seconds, facts incl. when each phase began)."""
     from bonescan_core import db as dbm
-    from bonescan_core import jobs, training
+    from bonescan_core import jobs, runs, training
 
     with dbm.opened(db_path) as db:
         run_id = jobs.enqueue(db, config.backbone, config.to_dict(), config.identity_hash())
         jobs.claim_next(db, run_id)
         clock = PhaseClock()
-        result = training.train_run(db, run_id, config, clock, jobs.runs_dir(db_path))
+        result = training.train_run(db, config, clock, runs.model_file(db_path, run_id))
     seconds = time.perf_counter() - clock.started
-    return seconds, {**result.config_additions, "phase_starts_s": clock.phases}
+    return seconds, {**result.facts, "phase_starts_s": clock.phases}
 
 
 def inference_pass_s(db_path: Path, backbone: str, size: tuple[int, int], batch_size: int) -> tuple[float, int]:

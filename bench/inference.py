@@ -10,7 +10,7 @@ Every study is new, so no map comes from the cache.
 
 The model is built with ``models.build_model(..., weights="none")`` (offline; the weights'
 values do not change the cost), saved as a finished run's ``runs/*.keras`` in a temp database
-with demo studies and loaded by ``explain.load_run_model``, as the app loads it. One study warms
+with demo studies and loaded by ``runs.load_model``, as the app loads it. One study warms
 it up (traced functions, caches); N further studies are timed. One JSON line per backbone:
 study p50/p95/mean (and min/max), the model's load time and the warm-up study. Goal:
 DenseNet121 study p50 < 1 s (``goal_s``, ``goal_met``).
@@ -54,23 +54,24 @@ def make_db(folder: Path, n_studies: int) -> Path:
 def save_run(db_path: Path, backbone: str, size: tuple[int, int]) -> tuple[int, float]:
     """Build a classifier (weights none), save it as a finished run's model; returns (run id, build seconds)."""
     from bonescan_core import db as dbm
-    from bonescan_core import jobs, models
-    from bonescan_core.training import file_sha256
+    from bonescan_core import jobs, models, runs
 
     started = time.perf_counter()
     model = models.build_model(backbone, "none", size, seed=0)
     build_s = time.perf_counter() - started
-    folder = jobs.runs_dir(db_path)
-    folder.mkdir(exist_ok=True)
-    name = f"bench-{backbone}-{size[0]}x{size[1]}.keras"
-    model.save(folder / name)
+    folder = runs.run_folder(db_path)
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"bench-{backbone}-{size[0]}x{size[1]}.keras"
+    model.save(path)
     del model
-    models.keras_module().backend.clear_session()  # the app's model is the one load_run_model reads back
+    models.keras_module().backend.clear_session()  # the app's model is the one runs.load_model reads back
     config = {"backbone": backbone, "weights": "none", "image_size": list(size), "view_mode": "per_image"}
     with dbm.opened(db_path) as db:
-        run_id = jobs.enqueue(db, backbone, config, f"bench-inference-{name}")
-        with dbm.write(db):
-            db["runs"].update(run_id, {"status": "done", "weights_path": name, "weights_sha256": file_sha256(folder / name)})
+        run_id = jobs.enqueue(db, backbone, config, f"bench-inference-{path.name}")
+        runs.record_result(db, db_path, run_id, runs.RunResult(
+            threshold=0.5, images_per_second=0.0, model_file=path, weights_sha256=runs.file_sha256(path), device="",
+            predictions=(), facts={}))
+        runs.finish(db, run_id, "done")
     return run_id, build_s
 
 
@@ -96,20 +97,20 @@ def one_study(db, db_path: Path, run_id: int, image_ids: list[int]) -> float:
 
 def measure(db_path: Path, study_ids: list[int], backbone: str, size: tuple[int, int]) -> dict:
     from bonescan_core import db as dbm
-    from bonescan_core import explain
+    from bonescan_core import models, runs
 
     run_id, build_s = save_run(db_path, backbone, size)
     started = time.perf_counter()
-    model, _, model_size = explain.load_run_model(db_path, run_id)
+    model, _, model_size = runs.load_model(db_path, run_id)
     load_s = time.perf_counter() - started
     assert model_size == size, (model_size, size)
     with dbm.opened(db_path) as db:
         views = {study_id: study_views(db, study_id) for study_id in study_ids}
         warmup = one_study(db, db_path, run_id, views[study_ids[0]])
         timed = [one_study(db, db_path, run_id, views[study_id]) for study_id in study_ids[1:]]
-    explain.clear_model_cache()
+    runs.clear_model_cache()
     del model
-    explain.keras_module().backend.clear_session()
+    models.keras_module().backend.clear_session()
     gc.collect()
     study = summary(timed)
     goal = GOALS_S.get(backbone)

@@ -30,7 +30,7 @@ def main() -> None:
     args = parser.parse_args()
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     from bonescan_core import db as dbm
-    from bonescan_core import evaluation, jobs
+    from bonescan_core import evaluation, jobs, runs
     from bonescan_core.ingest import add_demo_studies
     from bonescan_core.training import TrainConfig
 
@@ -49,13 +49,13 @@ def main() -> None:
         jobs.run_worker(db_path, once=True, echo=lambda line: None)
         seconds = time.perf_counter() - started
         with dbm.opened(db_path) as db:
-            run = jobs.get_run(db, run_id)
-            result = evaluation.evaluate(db, run_id) if run["status"] == "done" else None
+            run = runs.get(db, run_id)
+            result = evaluation.evaluate(db, run_id) if run.status == "done" else None
     print(json.dumps({
-        "bench": "learning", "status": run["status"], "error": run["error"], "studies": n_studies,
-        "config": config.to_dict(), "wall_s": round(seconds, 1), "images_per_second": run["images_per_second"],
+        "bench": "learning", "status": run.status, "error": run.error, "studies": n_studies,
+        "config": config.to_dict(), "wall_s": round(seconds, 1), "images_per_second": run.results.images_per_second,
         "test_images": result and result["n_images"], "test_auc": result and result["metrics"]["auc"],
-        "test_accuracy": result and result["metrics"]["accuracy"], "threshold": run["threshold"],
+        "test_accuracy": result and result["metrics"]["accuracy"], "threshold": run.threshold,
         **environment(),
     }), flush=True)
 

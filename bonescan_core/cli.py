@@ -221,7 +221,7 @@ def parse_size(text: str) -> tuple[int, int]:
 
 def train_config(args: argparse.Namespace):
     """The TrainConfig the train options describe (no Keras import)."""
-    from bonescan_core.training import TrainConfig
+    from bonescan_core.runs import TrainConfig
 
     optional = {"augment": {}} if args.no_augment else {}  # default: the paper's augmentation
     return TrainConfig(
@@ -245,7 +245,7 @@ def _terminal_progress(fields: dict) -> None:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from bonescan_core import db as dbm
-    from bonescan_core import jobs, splits
+    from bonescan_core import jobs, runs, splits
 
     try:
         config = train_config(args)
@@ -269,12 +269,13 @@ def cmd_train(args: argparse.Namespace) -> int:
     if sys.stderr.isatty():
         sys.stderr.write("\n")
     with dbm.opened(db_path) as db:
-        run = jobs.get_run(db, run_id)
+        run = runs.get(db, run_id)
     summary = f"run {run_id}: {status}"
     if status == "done":
-        summary += f", threshold {run['threshold']:.3f}, {run['images_per_second']:.1f} training images/s on {run['device']}"
-    elif run["error"]:
-        summary += f": {run['error']}"
+        summary += (f", threshold {run.results.threshold:.3f}, {run.results.images_per_second:.1f} training images/s "
+                    f"on {run.results.device}")
+    elif run.error:
+        summary += f": {run.error}"
     print(summary, file=sys.stderr)
     print(run_id)
     return EXIT_OK if status == "done" else EXIT_SOME_FAILED
@@ -282,12 +283,12 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def cmd_predictions(args: argparse.Namespace) -> int:
     from bonescan_core import db as dbm
-    from bonescan_core import evaluation, report
+    from bonescan_core import errors, report
 
     try:
         with dbm.opened(args.db) as db:
             text = report.predictions_csv(db, args.run)
-    except evaluation.RunNotFoundError as error:
+    except errors.RunNotFound as error:
         raise CommandError(str(error)) from error
     Path(args.csv).write_text(text)
     print(f"wrote {text.count(chr(10)) - 1} predictions to {args.csv}")
@@ -296,12 +297,12 @@ def cmd_predictions(args: argparse.Namespace) -> int:
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from bonescan_core import db as dbm
-    from bonescan_core import evaluation
+    from bonescan_core import errors, evaluation
 
     try:
         with dbm.opened(args.db) as db:
             result = evaluation.evaluate(db, args.run, threshold=args.threshold)
-    except (evaluation.RunNotFoundError, evaluation.NoPredictionsError) as error:
+    except (errors.RunNotFound, evaluation.NoPredictionsError) as error:
         raise CommandError(str(error)) from error
     if args.json:
         _print_json(result)
@@ -318,13 +319,13 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 def cmd_explain(args: argparse.Namespace) -> int:
     from bonescan_core import db as dbm
-    from bonescan_core import explain, jobs
+    from bonescan_core import errors, explain
 
     db_path = dbm.resolve_path(args.db)
     try:
         with dbm.opened(db_path) as db:
             out = explain.explain_png(db, db_path, args.run, args.image, Path(args.out), opacity=args.opacity)
-    except (explain.ModelUnavailable, explain.ImageNotFound, jobs.RunNotFound, ValueError) as error:
+    except (errors.Unavailable, errors.NotFound, ValueError) as error:  # no model, no run, no image
         raise CommandError(str(error)) from error
     print(f"wrote {out}")
     return EXIT_OK
@@ -332,13 +333,13 @@ def cmd_explain(args: argparse.Namespace) -> int:
 
 def cmd_export(args: argparse.Namespace) -> int:
     from bonescan_core import db as dbm
-    from bonescan_core import evaluation, explain, jobs, report
+    from bonescan_core import errors, evaluation, report
 
     db_path = dbm.resolve_path(args.db)
     try:
         with dbm.opened(db_path) as db:
             files = report.export_bundle(db, db_path, args.run, Path(args.out))
-    except (explain.ModelUnavailable, jobs.RunNotFound, evaluation.NoPredictionsError, ValueError) as error:
+    except (errors.Unavailable, errors.RunNotFound, evaluation.NoPredictionsError, ValueError) as error:
         raise CommandError(str(error)) from error
     for path in files:
         print(path)
@@ -362,22 +363,22 @@ def cmd_worker(args: argparse.Namespace) -> int:
 
 def cmd_runs(args: argparse.Namespace) -> int:
     from bonescan_core import db as dbm
-    from bonescan_core import jobs
+    from bonescan_core import runs
 
     with dbm.opened(args.db) as db:
-        rows = jobs.runs_json(db)
+        rows = [run.to_json() for run in runs.list_runs(db)]
     _print_rows(rows, args.json, ["id", "backbone", "status", "device", "images_per_second", "threshold", "error"])
     return EXIT_OK
 
 
 def cmd_cancel(args: argparse.Namespace) -> int:
     from bonescan_core import db as dbm
-    from bonescan_core import jobs
+    from bonescan_core import errors, jobs
 
     try:
         with dbm.opened(args.db) as db:
             status = jobs.request_cancel(db, args.run)
-    except jobs.RunNotFound as error:
+    except errors.RunNotFound as error:
         raise CommandError(str(error)) from error
     if status == "cancelled":
         print(f"run {args.run}: cancelled")

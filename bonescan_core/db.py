@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import json
 import os
 import secrets
 import sqlite3
@@ -285,10 +286,41 @@ _ACCOUNTS_SQL = [
 ]
 
 
+# The settings a run's ``config`` held when this migration was written (``runs.TrainConfig``'s
+# fields then); a migration keeps its own copy so that later changes to the class cannot change
+# what it does to an old database.
+_SETTING_NAMES_004 = frozenset({
+    "backbone", "weights", "mode", "epochs", "batch_size", "learning_rate", "finetune_learning_rate", "image_size",
+    "seed", "split_id", "augment", "view_mode", "threshold_rule", "patience", "dropout", "class_weights",
+    "max_train_images",
+})
+
+
+def _m004_run_results(db: sqlite_utils.Database) -> None:
+    """Runs keep their results apart from their settings: ``runs.results`` (JSON) takes the
+    facts training learned (split, labels hash, sample counts, versions, device, notes, ...)
+    that used to be mixed into ``runs.config``, which keeps the settings only."""
+    db.execute("ALTER TABLE runs ADD COLUMN results TEXT NOT NULL DEFAULT '{}'")  # JSON: what training learned
+    for run_id, config, split_id in db.execute("SELECT id, config, split_id FROM runs").fetchall():
+        try:
+            data = json.loads(config or "{}")
+        except ValueError:
+            continue  # not JSON: left as it is (the run cannot be read as settings either way)
+        if not isinstance(data, dict):
+            continue
+        settings = {key: value for key, value in data.items() if key in _SETTING_NAMES_004}
+        results = {key: value for key, value in data.items() if key not in _SETTING_NAMES_004}
+        if results and split_id is not None:
+            results["split_id"] = split_id  # the split it trained on, a result as in runs written since
+        db.execute("UPDATE runs SET config = ?, results = ? WHERE id = ?",
+                   [json.dumps(settings, sort_keys=True), json.dumps(results, sort_keys=True), run_id])
+
+
 MIGRATIONS: list[tuple[str, Callable[[sqlite_utils.Database], None]]] = [
     ("001_foundation", _m001_foundation),
     ("002_training", _m002_training),
     ("003_accounts", _m003_accounts),
+    ("004_run_results", _m004_run_results),
 ]
 
 

@@ -22,7 +22,7 @@ scores, with exactly scikit-learn's definitions (``accuracy_score``, ``recall_sc
 random and tied vectors (and the p-values against statsmodels/scipy). The reason is start-up
 time: importing ``sklearn.metrics`` (and ``scipy.stats``, which it pulls in) takes over a
 second, and ``bonescan evaluate`` on stored predictions must start in well under one
-(``cli.md``); this module imports only numpy and sqlite-utils. The same code, fed integer weights
+(``cli.md``); this module imports only numpy, sqlite-utils and the run store (no Keras). The same code, fed integer weights
 (how many times each sample was drawn), computes all 1000 bootstrap resamples at once.
 """
 
@@ -36,6 +36,8 @@ from typing import Any
 
 import numpy as np
 import sqlite_utils
+
+from bonescan_core import runs
 
 METRICS = ("accuracy", "recall", "precision", "f1", "specificity", "npv", "auc", "pr_auc", "brier")
 """Every metric :func:`point_metrics` returns, in display order (the paper's four first)."""
@@ -54,10 +56,6 @@ ROUND_DIGITS = 4
 
 ALPHA = 0.05
 """Significance level of the sentences :func:`compare_runs` writes."""
-
-
-class RunNotFoundError(LookupError):
-    """The run id does not exist in the database."""
 
 
 class NoPredictionsError(LookupError):
@@ -650,42 +648,6 @@ def holm(p_values: Sequence[float]) -> list[float]:
 
 # --- database ---------------------------------------------------------------------------
 
-def _run_row(db: sqlite_utils.Database, run_id: int) -> dict[str, Any]:
-    row = db.execute("SELECT id, backbone, status, threshold, split_id FROM runs WHERE id = ?", [run_id]).fetchone()
-    if row is None:
-        raise RunNotFoundError(f"run {run_id} does not exist; list runs with `bonescan runs --json`")
-    return dict(zip(("id", "backbone", "status", "threshold", "split_id"), row, strict=True))
-
-
-def run_predictions(db: sqlite_utils.Database, run_id: int, subset: str = "test") -> dict[str, np.ndarray]:
-    """A run's stored predictions on one subset, with each image's study, patient and view.
-
-    Returns:
-        ``{"image_id", "study_id", "patient_id"}``: (n,) int64; ``"view"``: (n,) object
-        (str or None); ``"label"``: (n,) int64 0/1; ``"probability"``: (n,) float64;
-        ordered by image id. Empty arrays when there are none.
-
-    Raises:
-        RunNotFoundError: no such run.
-    """
-    _run_row(db, run_id)
-    rows = db.execute(
-        """SELECT p.image_id, i.study_id, s.patient_id, i.view, p.label, p.probability
-           FROM predictions p JOIN images i ON i.id = p.image_id JOIN studies s ON s.id = i.study_id
-           WHERE p.run_id = ? AND p.subset = ? ORDER BY p.image_id""",
-        [run_id, subset],
-    ).fetchall()
-    columns = list(zip(*rows, strict=True)) if rows else [()] * 6
-    return {
-        "image_id": np.asarray(columns[0], dtype=np.int64),
-        "study_id": np.asarray(columns[1], dtype=np.int64),
-        "patient_id": np.asarray(columns[2], dtype=np.int64),
-        "view": np.asarray(columns[3], dtype=object),
-        "label": np.asarray(columns[4], dtype=np.int64),
-        "probability": np.asarray(columns[5], dtype=np.float64),
-    }
-
-
 def _clean(value: float, digits: int = ROUND_DIGITS) -> float | None:
     """Round for JSON; nan (undefined) becomes None."""
     value = float(value)
@@ -733,26 +695,26 @@ def evaluate(
         study, probability = max over its views (see :func:`study_level`), same threshold.
 
     Raises:
-        RunNotFoundError: no such run.
+        errors.RunNotFound: no such run.
         NoPredictionsError: the run has no predictions on ``subset``.
     """
-    run = _run_row(db, run_id)
-    data = run_predictions(db, run_id, subset)
+    run = runs.get(db, run_id)
+    data = runs.predictions(db, run_id, subset)
     if data["label"].size == 0:
         raise NoPredictionsError(
-            f"run {run_id} ({run['status']}) has no {subset} predictions; evaluate a run that finished training "
+            f"run {run_id} ({run.status}) has no {subset} predictions; evaluate a run that finished training "
             "(`bonescan runs --json`, status done) or train one with `bonescan train`"
         )
     if threshold is not None:
         used, source = float(threshold), "argument"
-    elif run["threshold"] is not None:
-        used, source = float(run["threshold"]), "run"
+    elif run.threshold is not None:
+        used, source = float(run.threshold), "run"
     else:
         used, source = DEFAULT_THRESHOLD, "default"
     studies = study_level(data["study_id"], data["patient_id"], data["label"], data["probability"])
     return {
-        "run": int(run["id"]),
-        "backbone": run["backbone"],
+        "run": run.id,
+        "backbone": run.backbone,
         "threshold": _clean(used),
         "threshold_source": source,
         "subset": subset,
@@ -833,22 +795,22 @@ def compare_runs(db: sqlite_utils.Database, run_ids: Sequence[int], threshold: f
 
     Raises:
         ValueError: fewer than two distinct runs.
-        RunNotFoundError, NoPredictionsError: as :func:`evaluate`.
+        errors.RunNotFound, NoPredictionsError: as :func:`evaluate`.
         IncomparableRunsError: runs from different splits, or on different images.
     """
     ids = list(dict.fromkeys(int(r) for r in run_ids))
     if len(ids) < 2:
         raise ValueError("compare needs at least two different runs")
-    runs = [_run_row(db, r) for r in ids]
-    splits = {run["id"]: run["split_id"] for run in runs}
+    chosen = [runs.get(db, r) for r in ids]
+    splits = {run.id: run.split_id for run in chosen}
     if len(set(splits.values())) != 1:
         detail = ", ".join(f"run {r}: split {s}" for r, s in splits.items())
         raise IncomparableRunsError(f"runs were trained on different splits ({detail}); compare runs of one split")
     data = {}
-    for run in runs:
-        data[run["id"]] = run_predictions(db, run["id"], subset)
-        if data[run["id"]]["label"].size == 0:
-            raise NoPredictionsError(f"run {run['id']} ({run['status']}) has no {subset} predictions; compare finished runs")
+    for run in chosen:
+        data[run.id] = runs.predictions(db, run.id, subset)
+        if data[run.id]["label"].size == 0:
+            raise NoPredictionsError(f"run {run.id} ({run.status}) has no {subset} predictions; compare finished runs")
     reference = data[ids[0]]
     for r in ids[1:]:
         if not np.array_equal(data[r]["image_id"], reference["image_id"]):
@@ -857,11 +819,11 @@ def compare_runs(db: sqlite_utils.Database, run_ids: Sequence[int], threshold: f
             )
         if not np.array_equal(data[r]["label"], reference["label"]):
             raise IncomparableRunsError(f"runs {ids[0]} and {r} disagree on the labels of the same images; the labels changed between runs")
-    backbones = [run["backbone"] for run in runs]
-    labels = {run["id"]: run_label(run["backbone"], run["id"], with_id=backbones.count(run["backbone"]) > 1) for run in runs}
+    backbones = [run.backbone for run in chosen]
+    labels = {run.id: run_label(run.backbone, run.id, with_id=backbones.count(run.backbone) > 1) for run in chosen}
     thresholds = {
-        run["id"]: float(threshold) if threshold is not None else (float(run["threshold"]) if run["threshold"] is not None else DEFAULT_THRESHOLD)
-        for run in runs
+        run.id: float(threshold) if threshold is not None else (float(run.threshold) if run.threshold is not None else DEFAULT_THRESHOLD)
+        for run in chosen
     }
     y = reference["label"]
     predicted = {r: data[r]["probability"] >= thresholds[r] for r in ids}
@@ -886,9 +848,9 @@ def compare_runs(db: sqlite_utils.Database, run_ids: Sequence[int], threshold: f
         "subset": subset,
         "n_images": int(y.size),
         "runs": [
-            {"run": r, "backbone": run["backbone"], "label": labels[r], "threshold": thresholds[r],
+            {"run": r, "backbone": run.backbone, "label": labels[r], "threshold": thresholds[r],
              "auc": summaries[r]["auc"], "accuracy": summaries[r]["accuracy"]}
-            for r, run in zip(ids, runs, strict=True)
+            for r, run in zip(ids, chosen, strict=True)
         ],
         "pairs": pairs,
     }
@@ -915,7 +877,7 @@ def explorer_rows(db: sqlite_utils.Database, run_id: int, threshold: float) -> l
 
     rows = []
     for subset in ("val", "test"):
-        data = run_predictions(db, run_id, subset)
+        data = runs.predictions(db, run_id, subset)
         for i in range(len(data["image_id"])):
             label, probability = int(data["label"][i]), float(data["probability"][i])
             clipped = min(max(probability, 1e-7), 1 - 1e-7)

@@ -1,39 +1,24 @@
-"""Grad-CAM: where in a bone scan a trained model found its evidence of metastasis.
+"""Grad-CAM of stored images under a run: where a trained model found its evidence of metastasis.
 
-Grad-CAM (Selvaraju et al., 2017) weights each channel of a convolutional feature map by
-the spatial mean of the gradient of the class score with respect to it, sums the channels,
-keeps the positive part and scales it to [0, 1]. Here the score is the metastasis LOGIT
-(the input of the final sigmoid), not the probability: a confident model saturates the
-sigmoid, whose gradient then underflows to zero in float32 and would blank the map.
-
-How it is computed. The models from :func:`bonescan_core.models.build_model` are one flat
-graph, so the graph is cut at the target layer into two sub-models sharing the model's
-weights: ``features`` (image → feature map A) and ``head`` (A → logit). The forward pass
-through the backbone needs no gradient tape; only the head (pooling, dropout, one Dense) is
-differentiated, with respect to A. That keeps it fast and makes the gradient step tiny and
-easy to write per backend (:class:`GradCam`): TensorFlow (``tf.GradientTape`` inside a
-``tf.function``) and JAX (``jax.grad`` through ``stateless_call`` under ``jax.jit``). A
-layer that is not a cut point (a skip connection bypasses it) is still handled on
-TensorFlow, by taping the whole model. PyTorch is not implemented (NotImplementedError).
-The compiled step is built once per (model, layer) and cached while the model lives. It
-returns the score too: the forward pass it runs is the model's own, so the prediction comes
-with the map at no extra cost (:func:`gradcam_with_probabilities`; the probability is the
-sigmoid of the logit).
+The pieces live where they belong: the gradient step in :mod:`bonescan_core.gradcam`
+(model + batch → maps and probabilities, pure), the geometry that puts a map back on its
+image beside ``fit_to`` in :mod:`bonescan_core.preprocess`, the run's model
+(``runs.load_model``, checksum and cache) and the stored maps (``runs.cached_heatmap`` /
+``runs.store_heatmaps``) in the run store, the colours in ``plots.overlay``. This module
+joins them for a stored image.
 
 Geometry. A stored image (H0, W0) is min-max normalised and fitted into the model's
-(H, W) frame keeping its aspect ratio, with zero padding (:func:`preprocess.fit_to`). The
-feature map (h, w) covers that frame; :func:`to_image_geometry` resizes it onto the frame,
-cuts the padding away with :func:`preprocess.content_box` and resizes the rest to
-(H0, W0), so a heatmap lies exactly over the image it explains. Composite runs (anterior
-and posterior side by side in one input) are supported: :func:`to_view_geometries` splits
-the frame into its two halves first.
+(H, W) frame keeping its aspect ratio, with zero padding (``preprocess.fit_to``). The
+feature map (h, w) covers that frame; ``preprocess.to_image_geometry`` resizes it onto
+the frame, cuts the padding away and resizes the rest to (H0, W0), so a heatmap lies
+exactly over the image it explains. Composite runs (anterior and posterior side by side in
+one input) are supported: ``preprocess.to_view_geometries`` splits the frame first.
 
 Caching. :func:`explain_images` (and :func:`explain_image`, one image) stores each map in
-the ``explanations`` table (float16, encoded like pixels) and computes it once per run and
-image; the images it computes go through the model together, in batches, with their
-probabilities (one study's two views: one pass). Loaded models are kept in a
-small in-process cache (:func:`load_run_model`), keyed by file, size and modification
-time, so an explorer page that explains image after image loads the model once.
+the run store (float16) and computes it once per run and image; the images it computes go
+through the model together, in batches, with their probabilities (one study's two views:
+one pass). The worker calls it for every predicted image after a run (``jobs``'s post-run
+step), so the explorer rarely waits.
 
 Keras (and TensorFlow or JAX) is imported only when a model is used; this module never
 imports streamlit.
@@ -41,358 +26,33 @@ imports streamlit.
 
 from __future__ import annotations
 
-import collections
-import json
 import os
-import threading
-import weakref
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import numpy as np
 import sqlite_utils
 from PIL import Image
 
-from bonescan_core import db as dbm
-from bonescan_core import jobs, pixelstore
-from bonescan_core.models import DEFAULT_SIZE, Backbone, get_backbone, keras_module
-from bonescan_core.preprocess import compose_views, content_box, list_samples, prepare_image, to_model_input
-from bonescan_core.training import file_sha256
+from bonescan_core import errors, pixelstore, plots, runs
+from bonescan_core.gradcam import BATCH_SIZE, gradcam_with_probabilities
+from bonescan_core.models import DEFAULT_SIZE, Backbone, get_backbone
+from bonescan_core.preprocess import (
+    compose_views,
+    list_samples,
+    prepare_image,
+    to_image_geometry,
+    to_model_input,
+    to_view_geometries,
+)
 
 if TYPE_CHECKING:  # pragma: no cover - typing only; keras is imported lazily
     import keras
 
-DEFAULT_OPACITY = 0.4
-BATCH_SIZE = 8  # images per forward pass in gradcam() and explain_images(): bounds memory for large N
-MODEL_CACHE_SIZE = 2  # loaded run models kept in memory (a DenseNet121 ~30 MB, a ResNet50 ~100 MB)
 
-
-class ModelUnavailable(RuntimeError):
-    """A run's saved model cannot be used (none saved, file missing, changed or unreadable); the message says what to do."""
-
-
-class ImageNotFound(LookupError):
-    """No image with that id; list them with `bonescan images --json`."""
-
-
-# --- the gradient step, per backend ---------------------------------------------------------------
-
-class GradCam:
-    """The compiled Grad-CAM step for one (model, layer): image batch → (feature map, gradient, score).
-
-    Built by :func:`grad_cam_for` and cached per model; call it with preprocessed input.
-
-    Attributes:
-        layer_name: the target layer.
-        backend: ``"tensorflow"`` or ``"jax"``.
-        split: True when the graph was cut at the layer (only the head is differentiated);
-            False when the whole model is taped (TensorFlow only, for a layer that is not a
-            cut point).
-        uses_logit: True when the score is the pre-sigmoid logit of the final Dense layer;
-            False when it is the model's first output unit itself.
-    """
-
-    def __init__(self, model: keras.Model, layer_name: str) -> None:
-        keras = keras_module()
-        self.layer_name = layer_name
-        self.backend = keras.backend.backend()
-        try:
-            layer = model.get_layer(layer_name)
-        except ValueError:
-            convs = [lay.name for lay in model.layers if isinstance(lay, keras.layers.Conv2D)][-3:]
-            raise ValueError(
-                f"model {model.name!r} has no layer {layer_name!r}; Grad-CAM needs a convolutional "
-                f"layer's name (e.g. the backbone's last_conv_layer; this model's last Conv2D layers: {', '.join(convs)})"
-            ) from None
-        target = layer.output
-        if len(target.shape) != 4:
-            raise ValueError(f"layer {layer_name!r} outputs shape {tuple(target.shape)}; Grad-CAM needs a (N, h, w, C) feature map")
-
-        # Score the logit when the model ends in Dense(sigmoid) (the bonescan head): the head
-        # sub-model stops at the Dense layer's input and the logit is computed from its kernel.
-        last = model.layers[-1]
-        self._dense = None
-        if (
-            len(model.outputs) == 1
-            and isinstance(last, keras.layers.Dense)
-            and last.activation is keras.activations.sigmoid
-            and last.output is model.outputs[0]
-        ):
-            self._dense = last
-        self.uses_logit = self._dense is not None
-        score_input = self._dense.input if self._dense is not None else model.outputs[0]
-
-        self.split = True
-        try:
-            self._features = keras.Model(model.inputs, target, name=f"{model.name}_gradcam_features")
-            self._head = keras.Model(target, score_input, name=f"{model.name}_gradcam_head")
-        except ValueError:
-            # Graph disconnected: something after the layer also reads an earlier tensor.
-            self.split = False
-            self._joint = keras.Model(model.inputs, [target, score_input], name=f"{model.name}_gradcam")
-
-        if self.backend == "tensorflow":
-            self._step = self._tensorflow_step(model)
-        elif self.backend == "jax":
-            if not self.split:
-                raise ValueError(
-                    f"layer {layer_name!r} is not a cut point of {model.name!r} (a skip connection bypasses it); "
-                    "under the JAX backend Grad-CAM needs a layer whose output alone determines the prediction, "
-                    "such as the backbone's last_conv_layer"
-                )
-            self._step = self._jax_step()
-        else:
-            raise NotImplementedError(
-                f"Grad-CAM is implemented for the tensorflow and jax Keras backends, not {self.backend!r}; "
-                "set KERAS_BACKEND=tensorflow or KERAS_BACKEND=jax"
-            )
-
-    def _score(self, h: Any, kernel: Any = None, bias: Any = None) -> Any:
-        """(N,) float32 score: the logit of output unit 0, or that output itself."""
-        ops = keras_module().ops
-        h = ops.cast(h, "float32")
-        if self._dense is None:
-            return ops.reshape(h, (ops.shape(h)[0], -1))[:, 0]
-        z = ops.matmul(h, ops.cast(kernel[:, :1], "float32"))[:, 0]
-        return z + ops.cast(bias[0], "float32") if bias is not None else z
-
-    def _tensorflow_step(self, model: keras.Model) -> Any:
-        import tensorflow as tf
-
-        dense = self._dense
-        spec = tf.TensorSpec((None, *model.inputs[0].shape[1:]), tf.float32)
-
-        def kernel_bias() -> tuple[Any, Any]:
-            return (dense.kernel, dense.bias) if dense is not None else (None, None)
-
-        if self.split:
-            features, head = self._features, self._head
-
-            @tf.function(input_signature=[spec])
-            def step(x: Any) -> tuple[Any, Any, Any]:
-                a = features(x, training=False)
-                with tf.GradientTape() as tape:
-                    tape.watch(a)
-                    score = self._score(head(a, training=False), *kernel_bias())
-                grad = tape.gradient(score, a)
-                return a, grad if grad is not None else tf.zeros_like(a), score
-        else:
-            joint = self._joint
-
-            @tf.function(input_signature=[spec])
-            def step(x: Any) -> tuple[Any, Any, Any]:
-                with tf.GradientTape() as tape:
-                    a, h = joint(x, training=False)
-                    score = self._score(h, *kernel_bias())
-                grad = tape.gradient(score, a)
-                return a, grad if grad is not None else tf.zeros_like(a), score
-
-        return step
-
-    def _jax_step(self) -> Any:
-        import jax
-        import jax.numpy as jnp
-
-        features, head = self._features, self._head
-
-        def score_sum(a: Any, head_state: tuple[Any, ...]) -> tuple[Any, Any]:
-            trainable, non_trainable, kernel, bias = head_state
-            h, _ = head.stateless_call(trainable, non_trainable, a, training=False)
-            score = self._score(h, kernel, bias)
-            # Samples are independent in inference mode, so the gradient of the sum is each
-            # sample's own gradient; the per-sample scores ride along as auxiliary output.
-            return jnp.sum(score), score
-
-        def step(feature_state: tuple[Any, Any], head_state: tuple[Any, ...], x: Any) -> tuple[Any, Any, Any]:
-            a, _ = features.stateless_call(*feature_state, x, training=False)
-            grad, score = jax.grad(score_sum, has_aux=True)(a, head_state)
-            return a, grad, score
-
-        jitted = jax.jit(step)
-
-        def call(x: Any) -> tuple[Any, Any, Any]:
-            # Variable values are passed in, not closed over, so the step sees current weights.
-            feature_state = ([v.value for v in features.trainable_variables], [v.value for v in features.non_trainable_variables])
-            dense = self._dense
-            head_state = (
-                [v.value for v in head.trainable_variables],
-                [v.value for v in head.non_trainable_variables],
-                dense.kernel.value if dense is not None else None,
-                dense.bias.value if dense is not None and dense.bias is not None else None,
-            )
-            return jitted(feature_state, head_state, jnp.asarray(x))
-
-        return call
-
-    def __call__(self, inputs: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Feature map, gradient of the score with respect to it, and the score itself.
-
-        Args:
-            inputs: (N, H, W, 3) float32, already preprocessed for the model.
-
-        Returns:
-            (A, dS/dA, S): two (N, h, w, C) float32 arrays and the (N,) float32 scores (the
-            logits when :attr:`uses_logit`, else the model's first output unit); one forward
-            pass gives all three (:meth:`probabilities` turns S into the model's prediction).
-        """
-        a, grad, score = self._step(np.asarray(inputs, dtype=np.float32))
-        return _numpy(a), _numpy(grad), _numpy(score).reshape(-1)
-
-    def probabilities(self, scores: np.ndarray) -> np.ndarray:
-        """(N,) float32 probabilities from the step's scores: sigmoid of the logits when
-        :attr:`uses_logit` (as the model's own Dense(sigmoid) computes them), else the scores,
-        which are then the model's output already."""
-        z = np.asarray(scores, dtype=np.float64)
-        if not self.uses_logit:
-            return z.astype(np.float32)
-        return (0.5 * (1.0 + np.tanh(0.5 * z))).astype(np.float32)  # the sigmoid, without overflow in exp
-
-
-def _numpy(tensor: Any) -> np.ndarray:
-    """A backend tensor as a float32 NumPy array (``.numpy()`` for TensorFlow: no copy-keyword deprecation warning)."""
-    value = tensor.numpy() if hasattr(tensor, "numpy") else tensor
-    return np.asarray(value, dtype=np.float32)
-
-
-_GRAD_CAMS: weakref.WeakKeyDictionary[Any, dict[str, GradCam]] = weakref.WeakKeyDictionary()
-_GRAD_CAMS_LOCK = threading.Lock()
-
-
-def grad_cam_for(model: keras.Model, layer_name: str) -> GradCam:
-    """The cached :class:`GradCam` of (model, layer), built on first use.
-
-    The cache holds the model weakly: a model that is no longer used elsewhere is freed
-    together with its Grad-CAM sub-models.
-    """
-    with _GRAD_CAMS_LOCK:
-        per_model = _GRAD_CAMS.setdefault(model, {})
-        cam = per_model.get(layer_name)
-        if cam is None:
-            cam = per_model[layer_name] = GradCam(model, layer_name)
-        return cam
-
-
-def cams_from(features: np.ndarray, grads: np.ndarray) -> np.ndarray:
-    """Combine feature maps and gradients into normalised Grad-CAM maps.
-
-    Args:
-        features: (N, h, w, C) float feature maps A.
-        grads: (N, h, w, C) float gradients dS/dA.
-
-    Returns:
-        (N, h, w) float32 in [0, 1]: ReLU(sum_c mean_hw(dS/dA_c) * A_c), divided by its
-        per-image maximum. A map with no positive value (or only non-finite ones) is all
-        zeros, never NaN.
-    """
-    a = np.nan_to_num(np.asarray(features, dtype=np.float32), nan=0.0, posinf=0.0, neginf=0.0)
-    g = np.nan_to_num(np.asarray(grads, dtype=np.float32), nan=0.0, posinf=0.0, neginf=0.0)
-    weights = g.mean(axis=(1, 2))  # (N, C): each channel's importance
-    cam = np.maximum(np.einsum("nhwc,nc->nhw", a, weights), 0.0)
-    peak = cam.max(axis=(1, 2), keepdims=True)
-    usable = np.isfinite(peak) & (peak > 0.0)
-    cam = np.where(usable, cam / np.where(usable, peak, 1.0), 0.0)
-    return np.clip(np.nan_to_num(cam, nan=0.0), 0.0, 1.0).astype(np.float32)
-
-
-def gradcam_with_probabilities(
-    model: keras.Model, inputs: np.ndarray, layer_name: str, batch_size: int = BATCH_SIZE
-) -> tuple[np.ndarray, np.ndarray]:
-    """Grad-CAM heatmaps of the metastasis score, and the model's probabilities, from one pass.
-
-    The Grad-CAM step runs the whole forward pass to reach the score it differentiates, so
-    the prediction costs nothing more: the probability is the sigmoid of that logit (or the
-    output itself, see :attr:`GradCam.uses_logit`).
-
-    Args:
-        model: a Keras functional model with one sigmoid output (e.g. from ``build_model``).
-        inputs: (N, H, W, 3) float32, already preprocessed (``preprocess.to_model_input``).
-        layer_name: the target layer, e.g. ``BACKBONES[name].last_conv_layer``.
-        batch_size: images per forward pass.
-
-    Returns:
-        (maps, probabilities): (N, h, w) float32 in [0, 1] at the layer's spatial resolution
-        (all zeros where the layer has no positive evidence), and (N,) float32, the model's
-        prediction (output unit 0) for each input.
-    """
-    data = np.asarray(inputs, dtype=np.float32)
-    if data.ndim != 4 or data.shape[-1] != 3:
-        raise ValueError(f"inputs must be (N, H, W, 3), got shape {data.shape}")
-    cam = grad_cam_for(model, layer_name)
-    maps, probabilities = [], []
-    for start in range(0, len(data), max(1, int(batch_size))):
-        features, grads, scores = cam(data[start : start + max(1, int(batch_size))])
-        maps.append(cams_from(features, grads))
-        probabilities.append(cam.probabilities(scores))
-    if not maps:
-        h, w = (int(v or 0) for v in model.get_layer(layer_name).output.shape[1:3])
-        return np.zeros((0, h, w), dtype=np.float32), np.zeros((0,), dtype=np.float32)
-    return np.concatenate(maps, axis=0), np.concatenate(probabilities, axis=0)
-
-
-def gradcam(model: keras.Model, inputs: np.ndarray, layer_name: str, batch_size: int = BATCH_SIZE) -> np.ndarray:
-    """Grad-CAM heatmaps of the metastasis score at one convolutional layer: the maps of
-    :func:`gradcam_with_probabilities` (same arguments), (N, h, w) float32 in [0, 1]."""
-    return gradcam_with_probabilities(model, inputs, layer_name, batch_size)[0]
-
-
-# --- geometry: from the model's frame back onto the image -------------------------------------
-
-def _resize(values: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
-    """Bilinear resize of a 2-D float map to (rows, cols)."""
-    rows, cols = int(shape[0]), int(shape[1])
-    data = np.asarray(values, dtype=np.float32)
-    if data.shape == (rows, cols):
-        return data.copy()
-    return np.asarray(Image.fromarray(data, mode="F").resize((cols, rows), Image.Resampling.BILINEAR), dtype=np.float32)
-
-
-def to_image_geometry(heatmap: np.ndarray, size: tuple[int, int], shape: tuple[int, int]) -> np.ndarray:
-    """Map a heatmap over the model's (H, W) frame back onto the original image.
-
-    Args:
-        heatmap: (h, w) float map covering the whole (H, W) frame, padding included (a
-            Grad-CAM map at the conv layer's resolution, or one already at (H, W)).
-        size: (H, W) of the frame the image was fitted into (``preprocess.fit_to``).
-        shape: (H0, W0) of the original image.
-
-    Returns:
-        (H0, W0) float32 in [0, 1]: the frame map resized to (H, W), the padding cut away
-        (``content_box``), the content resized to (H0, W0), bilinear throughout.
-    """
-    frame = _resize(heatmap, size)
-    top, left, height, width = content_box((int(shape[0]), int(shape[1])), (int(size[0]), int(size[1])))
-    content = frame[top : top + height, left : left + width]
-    return np.clip(_resize(content, shape), 0.0, 1.0).astype(np.float32)
-
-
-def to_view_geometries(
-    heatmap: np.ndarray,
-    size: tuple[int, int],
-    anterior_shape: tuple[int, int] | None,
-    posterior_shape: tuple[int, int] | None,
-) -> tuple[np.ndarray | None, np.ndarray | None]:
-    """Map a heatmap over a composite frame (``compose_views``) back onto each view.
-
-    Args:
-        heatmap: (h, w) float map covering the whole (H, W) composite frame.
-        size: (H, W) of the composite: anterior in the left W // 2 columns, posterior in
-            the other W - W // 2.
-        anterior_shape: (H0, W0) of the anterior image, or None if it was missing.
-        posterior_shape: likewise for the posterior image.
-
-    Returns:
-        (anterior map, posterior map): each (H0, W0) float32 in [0, 1] on its own view's
-        geometry, or None for a missing view.
-    """
-    height, width = int(size[0]), int(size[1])
-    frame = _resize(heatmap, (height, width))
-    half = width // 2
-    halves = ((frame[:, :half], anterior_shape), (frame[:, half:], posterior_shape))
-    out = [None if shape is None else to_image_geometry(part, part.shape, shape) for part, shape in halves]
-    return out[0], out[1]
-
+# --- maps of raw images ------------------------------------------------------------------------
 
 def _check_size(model: keras.Model, image_size: tuple[int, int]) -> tuple[int, int]:
     size = (int(image_size[0]), int(image_size[1]))
@@ -497,178 +157,12 @@ def _explain_composites(
     return out
 
 
-# --- display ---------------------------------------------------------------------------------------
-
-def _turbo_lut() -> np.ndarray:
-    """(256, 3) uint8 "turbo"-like rainbow: dark blue → cyan → green → yellow → red.
-
-    Polynomial fit of Google's Turbo colour map (A. Mikhailov, 2019), evaluated once;
-    perceptually smoother than jet and readable for colour-blind viewers at its ends.
-    """
-    x = np.linspace(0.0, 1.0, 256)
-    r = 0.13572138 + x * (4.61539260 + x * (-42.66032258 + x * (132.13108234 + x * (-152.94239396 + x * 59.28637943))))
-    g = 0.09140261 + x * (2.19418839 + x * (4.84296658 + x * (-14.18503333 + x * (4.27729857 + x * 2.82956604))))
-    b = 0.10667330 + x * (12.64194608 + x * (-60.58204836 + x * (110.36276771 + x * (-89.90310912 + x * 27.34824973))))
-    return (np.clip(np.stack([r, g, b], axis=1), 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
-
-
-TURBO = _turbo_lut()
-
-
-def colorize(heatmap: np.ndarray) -> np.ndarray:
-    """(H, W) float heatmap in [0, 1] → (H, W, 3) uint8 RGB through :data:`TURBO`."""
-    index = np.clip(np.nan_to_num(np.asarray(heatmap, dtype=np.float32)), 0.0, 1.0) * 255.0 + 0.5
-    return TURBO[index.astype(np.intp)]
-
-
-def overlay(
-    pixels: np.ndarray,
-    heatmap: np.ndarray,
-    opacity: float = DEFAULT_OPACITY,
-    upper: float | None = None,
-    gamma: float = 1.0,
-) -> np.ndarray:
-    """The scan as a reader sees it, with the heatmap blended in where it is high.
-
-    Args:
-        pixels: (H, W) raw counts, any numeric dtype.
-        heatmap: (H, W) float in [0, 1] on the same geometry (``heatmap_for_image``).
-        opacity: colour weight where the heatmap is 1, in [0, 1]; 0 gives the plain display.
-        upper: display window top in counts (``pixelstore.to_display``); default its 99.5th
-            percentile.
-        gamma: display gamma (``pixelstore.to_display``).
-
-    Returns:
-        (H, W, 3) uint8 RGB: the inverted grey NM display (hot = black), mixed per pixel with
-        the turbo colour of the heatmap by alpha = opacity * heatmap, so regions the model
-        ignored stay untouched and readable.
-    """
-    heat = np.clip(np.nan_to_num(np.asarray(heatmap, dtype=np.float32)), 0.0, 1.0)
-    if heat.shape != pixels.shape:
-        raise ValueError(
-            f"heatmap shape {heat.shape} differs from the image's {pixels.shape}; map it onto the image first "
-            "(heatmap_for_image / to_image_geometry)"
-        )
-    if not 0.0 <= opacity <= 1.0:
-        raise ValueError(f"opacity must be in [0, 1], got {opacity}")
-    grey = pixelstore.to_display(pixels, upper=upper, gamma=gamma).astype(np.float32)[..., None]
-    alpha = (np.float32(opacity) * heat)[..., None]
-    mixed = (1.0 - alpha) * grey + alpha * colorize(heat).astype(np.float32)
-    return np.clip(mixed + 0.5, 0.0, 255.0).astype(np.uint8)
-
-
-# --- run models ------------------------------------------------------------------------------------
-
-_MODELS: collections.OrderedDict[tuple[Any, ...], Any] = collections.OrderedDict()
-_MODELS_LOCK = threading.Lock()
-
-
-def clear_model_cache() -> None:
-    """Forget every loaded run model (e.g. after replacing a file by hand)."""
-    with _MODELS_LOCK:
-        _MODELS.clear()
-
-
-def _run_record(db_path: str | os.PathLike[str], run: int | Mapping[str, Any]) -> dict[str, Any]:
-    if isinstance(run, Mapping):
-        record = dict(run)
-    else:
-        with dbm.opened(db_path) as database:
-            record = jobs.get_run(database, int(run))
-    config = record.get("config") or {}
-    record["config"] = json.loads(config) if isinstance(config, str) else dict(config)
-    return record
-
-
-def load_run_model(db_path: str | os.PathLike[str], run: int | Mapping[str, Any]) -> tuple[keras.Model, Backbone, tuple[int, int]]:
-    """Load a finished run's saved model (``runs/<weights_path>`` beside the database).
-
-    The file is checked against ``runs.weights_sha256`` when recorded, and loaded with
-    ``keras.saving.load_model(path, compile=False, safe_mode=True)`` (no code from the file
-    runs). Loaded models are cached in this process (at most ``MODEL_CACHE_SIZE``), keyed by
-    path, size and modification time: a replaced file is loaded (and checked) again.
-
-    Args:
-        db_path: the database file; models live in ``runs/`` beside it.
-        run: a run id, or a run row as a dict (``jobs.get_run``; ``config`` decoded or JSON).
-
-    Returns:
-        (model, backbone, image_size): the Keras model, its :class:`Backbone` and the (H, W)
-        it takes.
-
-    Raises:
-        jobs.RunNotFound: no such run (when given an id).
-        ModelUnavailable: the run saved no model, or its file is missing, does not match its
-            checksum, cannot be loaded, or is not a classifier of the run's backbone.
-    """
-    record = _run_record(db_path, run)
-    run_id = record.get("id")
-    config = record["config"]
-    bb = get_backbone(config.get("backbone") or record.get("backbone"))
-    image_size = tuple(int(v) for v in config.get("image_size") or DEFAULT_SIZE)
-    weights_path = record.get("weights_path")
-    if not weights_path:
-        raise ModelUnavailable(
-            f"run {run_id} has no saved model (status {record.get('status')}): only finished runs can be explained; "
-            "wait for it to finish, or train it again"
-        )
-    folder = jobs.runs_dir(Path(db_path))
-    path = (folder / weights_path).resolve()
-    if not path.is_relative_to(folder):
-        raise ModelUnavailable(f"run {run_id}'s model path {weights_path!r} points outside {folder}; train the run again")
-    try:
-        stat = path.stat()
-    except OSError:
-        raise ModelUnavailable(
-            f"the model file of run {run_id} is missing ({path}); restore runs/{weights_path} from a backup, or train the run again"
-        ) from None
-    expected = record.get("weights_sha256")
-    key = (str(path), stat.st_size, stat.st_mtime_ns, expected)
-    with _MODELS_LOCK:
-        if key in _MODELS:
-            _MODELS.move_to_end(key)
-            return _MODELS[key], bb, image_size
-        if expected:
-            actual = file_sha256(path)
-            if actual != expected:
-                raise ModelUnavailable(
-                    f"the model file of run {run_id} ({path}) does not match its recorded checksum "
-                    f"(sha256 {actual[:12]}..., expected {expected[:12]}...): it was changed or corrupted; "
-                    "restore the original file, or train the run again"
-                )
-        keras = keras_module()
-        try:
-            model = keras.saving.load_model(str(path), compile=False, safe_mode=True)
-        except Exception as error:  # Keras raises many types (ValueError, OSError, zipfile.BadZipFile, ...)
-            raise ModelUnavailable(
-                f"the model file of run {run_id} ({path}) cannot be loaded ({type(error).__name__}: {error}); "
-                "it may be corrupted or written by an incompatible version: restore the file, or train the run again"
-            ) from None
-        try:
-            model.get_layer(bb.last_conv_layer)
-        except ValueError:
-            raise ModelUnavailable(
-                f"the model file of run {run_id} ({path}) is not a {bb.name} classifier (no layer {bb.last_conv_layer!r}); "
-                "restore the run's own file, or train the run again"
-            ) from None
-        _MODELS[key] = model
-        while len(_MODELS) > MODEL_CACHE_SIZE:
-            _MODELS.popitem(last=False)
-        return model, bb, image_size
-
-
 # --- explanations of stored images -----------------------------------------------------------------
-
-def cached_heatmap(db: sqlite_utils.Database, run_id: int, image_id: int) -> np.ndarray | None:
-    """The stored heatmap of (run, image) as (H0, W0) float32 in [0, 1], or None if not computed yet."""
-    row = db.execute("SELECT heatmap FROM explanations WHERE run_id = ? AND image_id = ?", [run_id, image_id]).fetchone()
-    return None if row is None else pixelstore.decode_pixels(row[0]).astype(np.float32)
-
 
 def _pixels(db: sqlite_utils.Database, image_id: int) -> np.ndarray:
     row = db.execute("SELECT pixels FROM images WHERE id = ?", [image_id]).fetchone()
     if row is None:
-        raise ImageNotFound(f"image {image_id} does not exist; list them with `bonescan images --json`")
+        raise errors.ImageNotFound(f"image {image_id} does not exist; list them with `bonescan images --json`")
     return pixelstore.decode_pixels(row[0])
 
 
@@ -725,26 +219,26 @@ def explain_images(
         {image id: :class:`Explained`} for every id asked for, in the order given.
 
     Raises:
-        jobs.RunNotFound: no such run.
-        ImageNotFound: no such image.
-        ModelUnavailable: the run's model cannot be loaded (see :func:`load_run_model`).
+        errors.RunNotFound: no such run.
+        errors.ImageNotFound: no such image.
+        runs.ModelUnavailable: the run's model cannot be loaded (see ``runs.load_model``).
         ValueError: a composite run does not use one of the images.
     """
     wanted = list(dict.fromkeys(int(image_id) for image_id in image_ids))
     found: dict[int, Explained] = {}
     for image_id in wanted:
-        cached = cached_heatmap(db, run_id, image_id)
+        cached = runs.cached_heatmap(db, run_id, image_id)
         if cached is not None:
             found[image_id] = Explained(cached, None)
     missing = [image_id for image_id in wanted if image_id not in found]
     if missing:
-        run = jobs.get_run(db, run_id)
+        run = runs.get(db, run_id)
         pixels = {image_id: _pixels(db, image_id) for image_id in missing}
-        if run["config"].get("view_mode", "per_image") == "composite":
+        if run.settings.view_mode == "composite":
             samples = list(dict.fromkeys(
                 tuple(sorted(_composite_members(db, run_id, image_id).items())) for image_id in missing
             ))
-            model, bb, size = load_run_model(db_path, run)
+            model, bb, size = runs.load_model(db_path, run)
             views = [{slot: pixels[member] if member in pixels else _pixels(db, member) for slot, member in sample}
                      for sample in samples]
             computed: dict[int, tuple[np.ndarray, float]] = {}
@@ -757,15 +251,9 @@ def explain_images(
                     if heat is not None:
                         computed[members[slot]] = (heat, probability)
         else:
-            model, bb, size = load_run_model(db_path, run)
+            model, bb, size = runs.load_model(db_path, run)
             computed = dict(zip(missing, _explain_per_image(model, bb, [pixels[i] for i in missing], size), strict=True))
-        rows = [
-            {"run_id": run_id, "image_id": member, "heatmap": pixelstore.encode_pixels(heat.astype(np.float16))}
-            for member, (heat, _) in computed.items()
-        ]
-        with dbm.write(db):
-            # Another process may have stored the same map meanwhile: same inputs, same map.
-            db["explanations"].insert_all(rows, replace=True)
+        runs.store_heatmaps(db, run_id, {member: heat for member, (heat, _) in computed.items()})
         for member, (heat, probability) in computed.items():
             if member in wanted:
                 found[member] = Explained(heat.astype(np.float16).astype(np.float32), probability)
@@ -777,7 +265,7 @@ def explain_image(
 ) -> np.ndarray:
     """The Grad-CAM heatmap of one stored image under one run, computed once and cached.
 
-    The first call loads the run's model (:func:`load_run_model`), computes the map and
+    The first call loads the run's model (``runs.load_model``), computes the map and
     stores it in ``explanations`` (float16); later calls read it from there. For a composite
     run, both views of the sample are explained by one forward pass and both maps stored.
     The heatmap of :func:`explain_images` for this one image.
@@ -793,9 +281,9 @@ def explain_image(
         same values on every call).
 
     Raises:
-        jobs.RunNotFound: no such run.
-        ImageNotFound: no such image.
-        ModelUnavailable: the run's model cannot be loaded (see :func:`load_run_model`).
+        errors.RunNotFound: no such run.
+        errors.ImageNotFound: no such image.
+        runs.ModelUnavailable: the run's model cannot be loaded (see ``runs.load_model``).
         ValueError: a composite run does not use this image.
     """
     return explain_images(db, db_path, run_id, [image_id])[int(image_id)].heatmap
@@ -807,7 +295,7 @@ def explain_png(
     run_id: int,
     image_id: int,
     out_path: str | os.PathLike[str],
-    opacity: float = DEFAULT_OPACITY,
+    opacity: float = plots.DEFAULT_OPACITY,
 ) -> Path:
     """Write the Grad-CAM overlay of one image as an RGB PNG (``bonescan explain RUN IMAGE --out FILE``).
 
@@ -822,31 +310,15 @@ def explain_png(
     heatmap = explain_image(db, db_path, run_id, image_id)
     pixels = _pixels(db, image_id)
     path = Path(out_path)
-    Image.fromarray(overlay(pixels, heatmap, opacity=opacity), mode="RGB").save(path, format="PNG")
+    Image.fromarray(plots.overlay(pixels, heatmap, opacity=opacity), mode="RGB").save(path, format="PNG")
     return path
 
 
 __all__ = [
-    "DEFAULT_OPACITY",
     "Explained",
-    "GradCam",
-    "ImageNotFound",
-    "ModelUnavailable",
-    "TURBO",
-    "cached_heatmap",
-    "cams_from",
-    "clear_model_cache",
-    "colorize",
     "explain_image",
     "explain_images",
     "explain_png",
-    "grad_cam_for",
-    "gradcam",
-    "gradcam_with_probabilities",
     "heatmap_for_image",
     "heatmaps_for_composite",
-    "load_run_model",
-    "overlay",
-    "to_image_geometry",
-    "to_view_geometries",
 ]

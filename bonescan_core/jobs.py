@@ -1,4 +1,4 @@
-"""The runs table as a job queue, and the worker that trains one run at a time.
+"""The job queue (runs waiting to train) and the worker that trains one run at a time.
 
 The Streamlit app never trains in its own process: it enqueues a run and, if no worker is
 alive, starts ``bonescan worker`` in the background. The worker claims the oldest queued
@@ -6,7 +6,12 @@ run, writes progress and a heartbeat to the database, honours cancel within a fe
 and records the outcome. A run whose worker died is marked ``interrupted`` once its
 heartbeat is older than ``STALE_AFTER_S`` or when a new worker starts.
 
-TensorFlow is imported only when a run actually trains (``_train``), never by the app.
+Runs are read and written through the run store (:mod:`bonescan_core.runs`); this module
+holds the queue's rules (duplicates, claiming, cancel, orphaned runs) and the worker: it
+trains a claimed run (``training.train_run``), stores what training returned, and then, as
+a post-run step, precomputes the run's Grad-CAM maps (:func:`precompute_explanations`).
+
+TensorFlow is imported only when a run actually trains (``execute_run``), never by the app.
 """
 
 from __future__ import annotations
@@ -18,13 +23,15 @@ import sys
 import threading
 import time
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import sqlite_utils
 
 from bonescan_core import db as dbm
+from bonescan_core import runs
 
 STATUSES = ("queued", "running", "done", "failed", "cancelled", "interrupted")
 ACTIVE = ("queued", "running")
@@ -41,15 +48,6 @@ class DuplicateRun(Exception):
         super().__init__(f"an identical run is already {status} (run {run_id}); wait for it or cancel it")
         self.run_id = run_id
         self.status = status
-
-
-class RunNotFound(LookupError):
-    """No run with that id; list them with `bonescan runs --json`."""
-
-
-def runs_dir(db_path: Path) -> Path:
-    """Trained models live in ``runs/`` beside the database."""
-    return Path(db_path).resolve().parent / "runs"
 
 
 def _seconds_since(timestamp: str | None) -> float:
@@ -76,84 +74,38 @@ def _pid_alive(pid: int | None) -> bool:
 
 # --- the queue ------------------------------------------------------------------------------
 
-def enqueue(db: sqlite_utils.Database, backbone: str, config: dict, config_hash: str) -> int:
+def enqueue(db: sqlite_utils.Database, backbone: str, config: Mapping[str, Any], config_hash: str) -> int:
     """Add a queued run; returns its id.
 
     Args:
-        config: the run's settings (JSON-serialisable); the worker adds what it learns.
+        backbone: the run's backbone (the same as ``config["backbone"]``).
+        config: the run's settings (``TrainConfig.to_dict()``, or a dict of some of them);
+            what training learns is stored apart from them.
         config_hash: identity of the settings; an identical queued/running run is a duplicate.
 
     Raises:
         DuplicateRun: an identical run is already queued or running.
+        ValueError: the settings are not a valid ``TrainConfig``.
     """
+    settings = runs.TrainConfig.from_json({"backbone": backbone, **config})
     with dbm.write(db):
-        row = db.execute(
-            "SELECT id, status FROM runs WHERE config_hash = ? AND status IN ('queued', 'running') ORDER BY id LIMIT 1",
-            [config_hash],
-        ).fetchone()
-        if row:
-            raise DuplicateRun(row[0], row[1])
-        return db["runs"].insert(
-            {
-                "backbone": backbone,
-                "status": "queued",
-                "config": json.dumps(config, sort_keys=True),
-                "config_hash": config_hash,
-                "split_id": config.get("split_id"),
-                "created_at": dbm.utc_now(),
-            }
-        ).last_pk
-
-
-def get_run(db: sqlite_utils.Database, run_id: int) -> dict:
-    """One run as a dict (``config`` and ``progress`` decoded)."""
-    row = db.execute("SELECT * FROM runs WHERE id = ?", [run_id]).fetchone()
-    if row is None:
-        raise RunNotFound(f"run {run_id} does not exist; list them with `bonescan runs --json`")
-    columns = [c[0] for c in db.execute("SELECT * FROM runs LIMIT 0").description]
-    return _decode(dict(zip(columns, row, strict=True)))
-
-
-def _decode(run: dict) -> dict:
-    run["config"] = json.loads(run["config"]) if run.get("config") else {}
-    run["progress"] = json.loads(run["progress"]) if run.get("progress") else None
-    return run
-
-
-def list_runs(db: sqlite_utils.Database) -> list[dict]:
-    """Every run, newest first, with config and progress decoded."""
-    return [_decode(dict(row)) for row in db.query("SELECT * FROM runs ORDER BY id DESC")]
-
-
-def runs_json(db: sqlite_utils.Database) -> list[dict]:
-    """``bonescan runs --json``: id, backbone, status, device, images_per_second, config, error
-    (plus threshold, split_id, created/started/finished times and progress)."""
-    keys = ("id", "backbone", "status", "device", "images_per_second", "config", "error", "threshold", "split_id",
-            "created_at", "started_at", "finished_at", "progress")
-    return [{key: run[key] for key in keys} for run in list_runs(db)]
-
-
-def epochs(db: sqlite_utils.Database, run_id: int) -> list[dict]:
-    """A run's epoch rows (metrics decoded), in order."""
-    rows = [dict(row) for row in db.query("SELECT * FROM epochs WHERE run_id = ? ORDER BY epoch", [run_id])]
-    for row in rows:
-        row["metrics"] = json.loads(row["metrics"] or "{}")
-    return rows
+        duplicate = runs.active_with_hash(db, config_hash)
+        if duplicate:
+            raise DuplicateRun(*duplicate)
+        return runs.insert_queued(db, settings, config_hash)
 
 
 def request_cancel(db: sqlite_utils.Database, run_id: int) -> str:
     """Ask a run to stop: a queued run is cancelled at once, a running one within a few
     batches. Returns the run's status afterwards."""
     with dbm.write(db):
-        row = db.execute("SELECT status FROM runs WHERE id = ?", [run_id]).fetchone()
-        if row is None:
-            raise RunNotFound(f"run {run_id} does not exist; list them with `bonescan runs --json`")
-        if row[0] == "queued":
-            db.execute("UPDATE runs SET status = 'cancelled', finished_at = ? WHERE id = ?", [dbm.utc_now(), run_id])
+        status = runs.status_of(db, run_id)  # errors.RunNotFound
+        if status == "queued":
+            runs.finish(db, run_id, "cancelled")
             return "cancelled"
-        if row[0] == "running":
-            db.execute("UPDATE runs SET cancel_requested = 1 WHERE id = ?", [run_id])
-        return row[0]
+        if status == "running":
+            runs.request_cancel(db, run_id)
+        return status
 
 
 def mark_interrupted(db: sqlite_utils.Database, worker_starting: bool = False) -> list[int]:
@@ -164,36 +116,24 @@ def mark_interrupted(db: sqlite_utils.Database, worker_starting: bool = False) -
     """
     orphaned = []
     with dbm.write(db):
-        for run_id, heartbeat_at, pid in db.execute(
-            "SELECT id, heartbeat_at, worker_pid FROM runs WHERE status = 'running'"
-        ).fetchall():
+        for run_id, heartbeat_at, pid in runs.running(db):
             stale = _seconds_since(heartbeat_at) > STALE_AFTER_S
             dead = worker_starting and not _pid_alive(pid)
             if stale or dead:
-                db.execute(
-                    "UPDATE runs SET status = 'interrupted', finished_at = ?, error = ? WHERE id = ?",
-                    [dbm.utc_now(), "the worker stopped while training (killed, crashed or the machine restarted); "
-                     "enqueue the run again", run_id],
-                )
+                runs.finish(db, run_id, "interrupted", "the worker stopped while training (killed, crashed or the machine "
+                            "restarted); enqueue the run again")
                 orphaned.append(run_id)
     return orphaned
 
 
-def claim_next(db: sqlite_utils.Database, run_id: int | None = None) -> dict | None:
+def claim_next(db: sqlite_utils.Database, run_id: int | None = None) -> runs.Run | None:
     """Take the oldest queued run (or the given one) and mark it running by this process."""
     with dbm.write(db):
-        if run_id is None:
-            row = db.execute("SELECT id FROM runs WHERE status = 'queued' ORDER BY id LIMIT 1").fetchone()
-        else:
-            row = db.execute("SELECT id FROM runs WHERE status = 'queued' AND id = ?", [run_id]).fetchone()
-        if row is None:
+        claimed = runs.next_queued(db, run_id)
+        if claimed is None:
             return None
-        now = dbm.utc_now()
-        db.execute(
-            "UPDATE runs SET status = 'running', started_at = ?, heartbeat_at = ?, worker_pid = ? WHERE id = ?",
-            [now, now, os.getpid(), row[0]],
-        )
-    return get_run(db, row[0])
+        runs.mark_running(db, claimed, os.getpid())
+    return runs.get(db, claimed)
 
 
 # --- the worker -----------------------------------------------------------------------------
@@ -201,7 +141,7 @@ def claim_next(db: sqlite_utils.Database, run_id: int | None = None) -> dict | N
 def worker_alive(db: sqlite_utils.Database) -> bool:
     """Whether a worker process is alive: one is training (a running run's heartbeat is
     fresh), or an idle worker's heartbeat is fresh and its pid exists."""
-    for heartbeat_at, in db.execute("SELECT heartbeat_at FROM runs WHERE status = 'running'").fetchall():
+    for _, heartbeat_at, _ in runs.running(db):
         if _seconds_since(heartbeat_at) < STALE_AFTER_S:
             return True
     row = db.execute("SELECT value FROM settings WHERE key = ?", [WORKER_KEY]).fetchone()
@@ -222,9 +162,10 @@ def _worker_heartbeat(db: sqlite_utils.Database, state: str) -> None:
 
 
 def start_worker(db_path: Path, idle_exit_s: float = 600.0) -> int:
-    """Start ``bonescan worker`` in the background (own session, log in runs/worker.log);
-    returns its pid. It exits after ``idle_exit_s`` with an empty queue."""
-    log_dir = runs_dir(db_path)
+    """Start ``bonescan worker`` in the background (own session, log in this database's runs
+    folder: ``runs.run_folder(db_path) / "worker.log"``); returns its pid. It exits after
+    ``idle_exit_s`` with an empty queue."""
+    log_dir = runs.run_folder(db_path)
     log_dir.mkdir(parents=True, exist_ok=True)
     with (log_dir / "worker.log").open("ab") as log:  # the child keeps its own handle
         process = subprocess.Popen(
@@ -255,7 +196,7 @@ def ensure_worker(db_path: Path, idle_exit_s: float = 600.0) -> bool:
 
 @dataclass
 class DatabaseReporter:
-    """Training progress into the runs/epochs tables (training.Reporter protocol).
+    """Training progress into the run store (``training.Reporter`` protocol).
 
     Progress is written at most every ``every_s`` seconds; cancel is read as often.
     A separate thread keeps the heartbeat fresh while a long step (model build, feature
@@ -278,8 +219,8 @@ class DatabaseReporter:
     def _beat(self) -> None:
         while not self._stop.wait(HEARTBEAT_EVERY_S):
             try:
-                with dbm.opened(self.db_path) as db, dbm.write(db):
-                    db.execute("UPDATE runs SET heartbeat_at = ? WHERE id = ?", [dbm.utc_now(), self.run_id])
+                with dbm.opened(self.db_path) as db:
+                    runs.heartbeat(db, self.run_id)
             except Exception:  # noqa: BLE001 - a missed beat must never kill training
                 continue
 
@@ -296,20 +237,12 @@ class DatabaseReporter:
             return
         self._last_write = now
         with dbm.opened(self.db_path) as db:
-            with dbm.write(db):
-                db.execute("UPDATE runs SET progress = ?, heartbeat_at = ? WHERE id = ?",
-                           [json.dumps(fields, default=float), dbm.utc_now(), self.run_id])
-            self._cancelled = bool(db.execute("SELECT cancel_requested FROM runs WHERE id = ?", [self.run_id]).fetchone()[0])
+            runs.set_progress(db, self.run_id, fields)
+            self._cancelled = runs.cancel_requested(db, self.run_id)
 
     def epoch_done(self, epoch: int, phase: str, logs: dict, seconds: float, train_images_per_second: float) -> None:
-        metrics = {k: float(v) for k, v in logs.items() if k not in ("loss", "val_loss")}
-        with dbm.opened(self.db_path) as db, dbm.write(db):
-            db["epochs"].upsert(
-                {"run_id": self.run_id, "epoch": epoch, "phase": phase, "loss": _float(logs.get("loss")),
-                 "val_loss": _float(logs.get("val_loss")), "metrics": json.dumps(metrics), "seconds": seconds,
-                 "train_images_per_second": train_images_per_second},
-                pk=("run_id", "epoch"),
-            )
+        with dbm.opened(self.db_path) as db:
+            runs.add_epoch(db, self.run_id, epoch, phase, logs, seconds, train_images_per_second)
 
     def cancelled(self) -> bool:
         if not self._cancelled:  # also read between progress writes, so cancel is seen within a few batches
@@ -317,28 +250,22 @@ class DatabaseReporter:
             if now - self._last_cancel_check >= self.every_s:
                 self._last_cancel_check = now
                 with dbm.opened(self.db_path) as db:
-                    self._cancelled = bool(
-                        db.execute("SELECT cancel_requested FROM runs WHERE id = ?", [self.run_id]).fetchone()[0])
+                    self._cancelled = runs.cancel_requested(db, self.run_id)
         return self._cancelled
 
 
-def _float(value: object) -> float | None:
-    return None if value is None else float(value)
-
-
-def execute_run(db_path: Path, run: dict, echo: Callable[[dict], None] | None = None) -> str:
-    """Train one claimed run and record the outcome; then, for a done run, precompute its
-    Grad-CAM maps (the run is already ``done`` meanwhile: maps are only a cache). Returns the
-    final status."""
+def execute_run(db_path: Path, run: runs.Run, echo: Callable[[dict], None] | None = None) -> str:
+    """Train one claimed run and store what training returned (``runs.record_result``); then,
+    for a done run, precompute its Grad-CAM maps (the run is already ``done`` meanwhile: maps
+    are only a cache). Returns the final status."""
     from bonescan_core import training  # TensorFlow/Keras load here, in the worker only
 
-    reporter = DatabaseReporter(Path(db_path), run["id"], echo=echo)
+    reporter = DatabaseReporter(Path(db_path), run.id, echo=echo)
     status, error = "done", None
     try:
-        config = training.TrainConfig.from_json(json.dumps(run["config"]))
         with dbm.opened(db_path) as db:
-            result = training.train_run(db, run["id"], config, reporter, runs_dir(db_path))
-        _record_result(db_path, run, result)
+            result = training.train_run(db, run.settings, reporter, runs.model_file(db_path, run.id))
+            runs.record_result(db, db_path, run.id, result)
     except training.TrainingCancelled:
         status = "cancelled"
     except KeyboardInterrupt:
@@ -346,28 +273,16 @@ def execute_run(db_path: Path, run: dict, echo: Callable[[dict], None] | None = 
     except Exception as exc:  # noqa: BLE001 - recorded on the run, with the traceback in the worker log
         traceback.print_exc()
         status, error = "failed", f"{type(exc).__name__}: {exc}".splitlines()[0][:500]
-    with dbm.opened(db_path) as db, dbm.write(db):
-        db["runs"].update(run["id"], {"status": status, "finished_at": dbm.utc_now(), "error": error,
-                                      "heartbeat_at": dbm.utc_now()})
+    with dbm.opened(db_path) as db:
+        runs.finish(db, run.id, status, error)
     try:
         if status == "done":
-            precompute_explanations(db_path, run["id"], reporter)
+            precompute_explanations(db_path, run.id, reporter)
     except Exception:  # noqa: BLE001 - a map that fails here is computed (and its error shown) on first view
         traceback.print_exc()
     finally:
         reporter.close()
     return status
-
-
-def _record_result(db_path: Path, run: dict, result) -> None:
-    """Store what training produced (threshold, model, device, config additions)."""
-    config = {**run["config"], **result.config_additions}
-    with dbm.opened(db_path) as db, dbm.write(db):
-        db["runs"].update(run["id"], {
-            "threshold": result.threshold, "images_per_second": result.images_per_second,
-            "weights_path": result.weights_path, "weights_sha256": result.weights_sha256, "device": result.device,
-            "config": json.dumps(config, sort_keys=True), "split_id": config.get("split_id"),
-        })
 
 
 def precompute_explanations(db_path: Path, run_id: int, reporter: DatabaseReporter) -> int:
@@ -380,15 +295,10 @@ def precompute_explanations(db_path: Path, run_id: int, reporter: DatabaseReport
     from bonescan_core import explain
 
     with dbm.opened(db_path) as db:
-        studies: dict[int, list[int]] = {}
-        for image_id, study_id in db.execute(
-            "SELECT p.image_id, i.study_id FROM predictions p JOIN images i ON i.id = p.image_id "
-            "WHERE p.run_id = ? AND p.image_id NOT IN (SELECT image_id FROM explanations WHERE run_id = ?) "
-            "ORDER BY p.subset DESC, p.image_id", [run_id, run_id]):
-            studies.setdefault(study_id, []).append(image_id)
+        studies = runs.unexplained_by_study(db, run_id)
         computed = done = 0
         for image_ids in studies.values():
-            if reporter.cancelled() or db.execute("SELECT 1 FROM runs WHERE status = 'queued' LIMIT 1").fetchone():
+            if reporter.cancelled() or runs.any_queued(db):
                 break
             explain.explain_images(db, db_path, run_id, image_ids)
             computed, done = computed + len(image_ids), done + 1
@@ -419,11 +329,11 @@ def run_worker(db_path: Path, once: bool = False, idle_exit_s: float | None = No
                     return done
                 time.sleep(poll_s)
                 continue
-            echo(f"run {run['id']}: {run['backbone']} started")
+            echo(f"run {run.id}: {run.backbone} started")
             with dbm.opened(db_path) as db:
-                _worker_heartbeat(db, f"running {run['id']}")
+                _worker_heartbeat(db, f"running {run.id}")
             status = execute_run(db_path, run)
-            echo(f"run {run['id']}: {status}")
+            echo(f"run {run.id}: {status}")
             done += 1
             idle_since = time.monotonic()
     finally:

@@ -15,6 +15,10 @@ The steps, in order (the paper's min-max normalisation first):
    ``preprocess_input`` (:func:`model_input`; :func:`to_model_input` is the NumPy twin for
    single images, Grad-CAM and feature extraction).
 
+The inverse of steps 2 and 3 lies beside them: :func:`to_image_geometry` maps a map over the
+(H, W) frame (a Grad-CAM heatmap) back onto the original image, cutting the padding away
+(:func:`content_box`), and :func:`to_view_geometries` does so for each half of a composite.
+
 Importing this module does not import Keras; the augmentation layers and the
 ``keras.utils.PyDataset`` are created on first use. Everything in the graph uses Keras layers
 and ``keras.ops`` only (no ``tf.*``), so it runs under ``KERAS_BACKEND=jax`` too.
@@ -138,6 +142,63 @@ def compose_views(anterior: np.ndarray | None, posterior: np.ndarray | None, siz
         for view, half in zip((anterior, posterior), halves, strict=True)
     ]
     return np.concatenate(parts, axis=1)
+
+
+# --- the inverse: from the model's frame back onto the image -------------------------------
+
+def _resize(values: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    """Bilinear resize of a 2-D float map to (rows, cols)."""
+    rows, cols = int(shape[0]), int(shape[1])
+    data = np.asarray(values, dtype=np.float32)
+    if data.shape == (rows, cols):
+        return data.copy()
+    return np.asarray(Image.fromarray(data, mode="F").resize((cols, rows), Image.Resampling.BILINEAR), dtype=np.float32)
+
+
+def to_image_geometry(heatmap: np.ndarray, size: tuple[int, int], shape: tuple[int, int]) -> np.ndarray:
+    """Map a heatmap over the model's (H, W) frame back onto the original image.
+
+    Args:
+        heatmap: (h, w) float map covering the whole (H, W) frame, padding included (a
+            Grad-CAM map at the conv layer's resolution, or one already at (H, W)).
+        size: (H, W) of the frame the image was fitted into (``preprocess.fit_to``).
+        shape: (H0, W0) of the original image.
+
+    Returns:
+        (H0, W0) float32 in [0, 1]: the frame map resized to (H, W), the padding cut away
+        (``content_box``), the content resized to (H0, W0), bilinear throughout.
+    """
+    frame = _resize(heatmap, size)
+    top, left, height, width = content_box((int(shape[0]), int(shape[1])), (int(size[0]), int(size[1])))
+    content = frame[top : top + height, left : left + width]
+    return np.clip(_resize(content, shape), 0.0, 1.0).astype(np.float32)
+
+
+def to_view_geometries(
+    heatmap: np.ndarray,
+    size: tuple[int, int],
+    anterior_shape: tuple[int, int] | None,
+    posterior_shape: tuple[int, int] | None,
+) -> tuple[np.ndarray | None, np.ndarray | None]:
+    """Map a heatmap over a composite frame (:func:`compose_views`) back onto each view.
+
+    Args:
+        heatmap: (h, w) float map covering the whole (H, W) composite frame.
+        size: (H, W) of the composite: anterior in the left W // 2 columns, posterior in
+            the other W - W // 2.
+        anterior_shape: (H0, W0) of the anterior image, or None if it was missing.
+        posterior_shape: likewise for the posterior image.
+
+    Returns:
+        (anterior map, posterior map): each (H0, W0) float32 in [0, 1] on its own view's
+        geometry, or None for a missing view.
+    """
+    height, width = int(size[0]), int(size[1])
+    frame = _resize(heatmap, (height, width))
+    half = width // 2
+    halves = ((frame[:, :half], anterior_shape), (frame[:, half:], posterior_shape))
+    out = [None if shape is None else to_image_geometry(part, part.shape, shape) for part, shape in halves]
+    return out[0], out[1]
 
 
 def to_model_input(batch: np.ndarray, backbone: str | Backbone) -> np.ndarray:

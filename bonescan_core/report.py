@@ -17,7 +17,7 @@ from typing import Any
 
 import sqlite_utils
 
-from bonescan_core import evaluation, jobs, plots
+from bonescan_core import evaluation, plots, runs
 
 PREDICTION_COLUMNS = ("image_id", "study_id", "patient_id", "view", "subset", "label", "probability")
 BUNDLE_FILES = ("model.keras", "config.json", "metrics.json", "predictions.csv", "report.html")
@@ -25,16 +25,13 @@ BUNDLE_FILES = ("model.keras", "config.json", "metrics.json", "predictions.csv",
 
 def predictions_rows(db: sqlite_utils.Database, run_id: int) -> list[dict[str, Any]]:
     """Every stored prediction of a run (validation and test), by subset then image id."""
-    rows = []
-    for subset in ("train", "val", "test"):
-        data = evaluation.run_predictions(db, run_id, subset)
-        for i in range(len(data["image_id"])):
-            rows.append({
-                "image_id": int(data["image_id"][i]), "study_id": int(data["study_id"][i]),
-                "patient_id": int(data["patient_id"][i]), "view": data["view"][i] or "", "subset": subset,
-                "label": int(data["label"][i]), "probability": round(float(data["probability"][i]), 6),
-            })
-    return rows
+    data = runs.predictions(db, run_id, subset=None)
+    return [
+        {"image_id": int(data["image_id"][i]), "study_id": int(data["study_id"][i]),
+         "patient_id": int(data["patient_id"][i]), "view": data["view"][i] or "", "subset": data["subset"][i],
+         "label": int(data["label"][i]), "probability": round(float(data["probability"][i]), 6)}
+        for i in range(len(data["image_id"]))
+    ]
 
 
 def predictions_csv(db: sqlite_utils.Database, run_id: int) -> str:
@@ -62,20 +59,20 @@ def report_html(db: sqlite_utils.Database, run_id: int, threshold: float | None 
     Contents: backbone and run, metrics with CIs at image and study level, confusion
     matrix, ROC/PR/calibration curves, training curves, the full configuration.
     """
-    run = jobs.get_run(db, run_id)
+    run = runs.get(db, run_id)
     result = evaluation.evaluate(db, run_id, threshold=threshold)
-    data = evaluation.run_predictions(db, run_id, "test")
-    name = evaluation.run_label(run["backbone"], run_id, with_id=True)
+    data = runs.predictions(db, run_id, "test")
+    name = evaluation.run_label(run.backbone, run_id, with_id=True)
     figures = [
         plots.confusion_heatmap(result["confusion"], result["threshold"]),
         plots.roc_figure({name: evaluation.roc_points(data["label"], data["probability"])}, {name: result["threshold"]}),
         plots.pr_figure({name: evaluation.pr_points(data["label"], data["probability"])}, {name: result["threshold"]}),
         plots.calibration_figure({name: evaluation.calibration_points(data["label"], data["probability"])}),
-        plots.training_curves(jobs.epochs(db, run_id)),
+        plots.training_curves(runs.epochs(db, run_id)),
     ]
     parts = [figure.to_html(full_html=False, include_plotlyjs=(index == 0)) for index, figure in enumerate(figures)]
     study = result.get("study_level") or {}
-    config = json.dumps(run["config"], indent=2, sort_keys=True)
+    config = json.dumps(run.config_record(), indent=2, sort_keys=True)
     return f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>bonescan run {run_id}: {html.escape(name)}</title>
 <style>
@@ -86,7 +83,7 @@ pre {{ background: #f6f6f6; padding: 1em; overflow-x: auto; }} .grid {{ display:
 <h1>{html.escape(name)} — bone metastasis, run {run_id}</h1>
 <p>Test subset: {result['n_images']} images, {result['n_studies']} studies. Decision threshold {result['threshold']:.3f}
 ({html.escape(str(result.get('threshold_source', 'run')))}; chosen on the validation subset unless stated).
-Device: {html.escape(str(run.get('device') or 'unknown'))}. Status: {html.escape(run['status'])}.</p>
+Device: {html.escape(str(run.results.device or 'unknown'))}. Status: {html.escape(run.status)}.</p>
 <h2>Image level</h2>{_metrics_table(result)}
 <h2>Study level (probability = max over views)</h2>{_metrics_table(study) if study.get('metrics') else '<p>n/a</p>'}
 <h2>Figures</h2><div class="grid">{''.join(f'<div>{part}</div>' for part in parts)}</div>
@@ -101,18 +98,16 @@ def export_bundle(db: sqlite_utils.Database, db_path: Path, run_id: int, out_dir
     """Write BUNDLE_FILES for a finished run into ``out_dir`` (created); returns the paths.
 
     The model is copied from ``runs/`` after checking that it loads with
-    ``safe_mode=True`` (see ``explain.load_run_model``), so a bundle never carries a
-    broken model.
+    ``safe_mode=True`` (``runs.load_model``: Keras loads here, export is a model verb), so
+    a bundle never carries a broken model.
     """
-    from bonescan_core import explain  # Keras loads here: export is a model verb
-
-    run = jobs.get_run(db, run_id)
-    if run["status"] != "done":
-        raise ValueError(f"run {run_id} is {run['status']}; only finished runs can be exported")
-    explain.load_run_model(db_path, run)  # raises ModelUnavailable with advice
+    run = runs.get(db, run_id)
+    if run.status != "done":
+        raise ValueError(f"run {run_id} is {run.status}; only finished runs can be exported")
+    runs.load_model(db_path, run)  # raises ModelUnavailable with advice
     out_dir.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(jobs.runs_dir(db_path) / run["weights_path"], out_dir / "model.keras")
-    (out_dir / "config.json").write_text(json.dumps(run["config"], indent=2, sort_keys=True))
+    shutil.copyfile(runs.weights_file(db_path, run), out_dir / "model.keras")
+    (out_dir / "config.json").write_text(json.dumps(run.config_record(), indent=2, sort_keys=True))
     (out_dir / "metrics.json").write_text(json.dumps(evaluation.evaluate(db, run_id), indent=2))
     (out_dir / "predictions.csv").write_text(predictions_csv(db, run_id))
     (out_dir / "report.html").write_text(report_html(db, run_id), encoding="utf-8")

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import sqlite_utils
 
-from bonescan_core import accounts
+from bonescan_core import accounts, runs
 from bonescan_core import db as dbm
 from bonescan_core.csvfile import read_rows
 
@@ -304,9 +304,8 @@ def review_queue(db: sqlite_utils.Database, reviewer: str, order: str = "unread"
 
 
 def newest_finished_run(db: sqlite_utils.Database) -> int | None:
-    """Id of the newest run with status ``done`` (None before any training)."""
-    row = db.execute("SELECT id FROM runs WHERE status = 'done' ORDER BY id DESC LIMIT 1").fetchone()
-    return row[0] if row else None
+    """Id of the run the ``uncertain`` order ranks by: the newest done run (None before any training)."""
+    return runs.newest_done(db)
 
 
 def _uncertain_first(db: sqlite_utils.Database) -> list[int]:
@@ -314,12 +313,7 @@ def _uncertain_first(db: sqlite_utils.Database) -> list[int]:
     ids = [row[0] for row in db.execute("SELECT id FROM studies ORDER BY id").fetchall()]
     if run_id is None:
         return ids
-    sql = """
-        SELECT i.study_id, MIN(ABS(p.probability - COALESCE(r.threshold, 0.5))) AS margin
-        FROM predictions p JOIN images i ON i.id = p.image_id JOIN runs r ON r.id = p.run_id
-        WHERE p.run_id = ? GROUP BY i.study_id ORDER BY margin, i.study_id
-    """
-    ranked = [row[0] for row in db.execute(sql, [run_id]).fetchall()]
+    ranked = runs.studies_by_margin(db, run_id)
     seen = set(ranked)
     return ranked + [i for i in ids if i not in seen]
 

@@ -1,11 +1,13 @@
 """Train one run: split, data, model, phases, threshold, predictions, saved model.
 
-``train_run(db, run_id, config, reporter, runs_dir)`` does one run from start to end in the
-calling process (the worker, or ``bonescan train`` in the foreground). The caller owns the
-``runs`` row (status, heartbeat, progress, the ``epochs`` table): it passes a
-:class:`Reporter` and gets progress, every finished epoch and a cancel check through it.
-``train_run`` writes the run's split id (``runs.split_id``) and its ``predictions``, caches
-fast-mode ``features``, and saves ``runs_dir/run-<id>/model.keras``.
+``train_run(db, config, reporter, model_file)`` does one run from start to end in the
+calling process (the worker, or ``bonescan train`` in the foreground), saves the model to
+``model_file`` and returns what it computed (:class:`runs.RunResult`: threshold,
+predictions, facts, the model's checksum). The caller owns the ``runs`` row and stores
+the result through the run store (``runs.record_result``); it passes a :class:`Reporter`
+and gets progress, every finished epoch and a cancel check through it. The only table
+``train_run`` writes is fast mode's feature cache (``runs.store_features``), chunk by
+chunk, so that features computed before a cancel are kept.
 
 Modes (``cli.md``):
 
@@ -22,17 +24,13 @@ Modes (``cli.md``):
 * ``full``: every layer trains from the start at ``learning_rate`` (what ``weights=none``
   needs).
 
-Importing this module does not import Keras: ``TrainConfig`` is usable by the pages and
-``bonescan train --queue`` without TensorFlow.
+Importing this module does not import Keras. The settings (``TrainConfig``) and the result
+(``RunResult``) are defined in :mod:`bonescan_core.runs` and importable from here too.
 """
 
 from __future__ import annotations
 
 import contextlib
-import dataclasses
-import hashlib
-import json
-import math
 import os
 import platform
 import tempfile
@@ -45,12 +43,15 @@ from typing import Any, Protocol
 import numpy as np
 import sqlite_utils
 
-from bonescan_core import db as dbm
+from bonescan_core import runs
 from bonescan_core import splits as splitting
-from bonescan_core.models import BACKBONES, DEFAULT_SIZE, MODES, weights_kind
-from bonescan_core.preprocess import AUGMENT_KEYS, PAPER_AUGMENT, VIEW_MODES, Sample
+from bonescan_core.models import weights_kind
+from bonescan_core.preprocess import Sample
+from bonescan_core.runs import THRESHOLD_RULES, Prediction, RunResult, TrainConfig, file_sha256
 
-THRESHOLD_RULES = ("youden", "fixed")
+__all__ = ["THRESHOLD_RULES", "NullReporter", "Reporter", "RunResult", "TrainConfig", "TrainingCancelled", "TrainingError",
+           "choose_threshold", "class_weights_for", "file_sha256", "train_run", "weights_id"]
+
 FEATURE_SEED = 0  # fast mode: random ("none") backbones are always initialised with this seed, so cached features stay valid
 PROGRESS_INTERVAL_S = 0.5
 FEATURE_CHUNK = 128  # fast mode decodes this many samples at a time (646 x 220: 73 MB as float32 grey)
@@ -62,117 +63,6 @@ class TrainingCancelled(Exception):
 
 class TrainingError(RuntimeError):
     """The run cannot train as configured (e.g. a subset without images); the message says what to do."""
-
-
-def _paper_augment() -> dict[str, float | bool]:
-    return dict(PAPER_AUGMENT)
-
-
-@dataclass(frozen=True)
-class TrainConfig:
-    """Every setting of a run (stored as JSON in ``runs.config``).
-
-    Attributes:
-        backbone: ``resnet50`` | ``vgg19`` | ``densenet121``.
-        weights: ``imagenet``, ``none`` or a path to a weights file.
-        mode: ``fast`` | ``head`` | ``finetune`` | ``full`` (module docstring).
-        epochs: the epoch budget (shared by the phases of ``finetune``).
-        batch_size: images per batch.
-        learning_rate: Adam learning rate of the head phase (and of ``full``/``fast``).
-        finetune_learning_rate: Adam learning rate after unfreezing (``finetune``).
-        image_size: (H, W) model input.
-        seed: seeds Keras, NumPy and the split (when ``split_id`` is None).
-        split_id: the split to use; None reuses the latest split of the current labels
-            with this seed and the default 30 % / 15 % fractions, or makes one.
-        augment: augmentation settings (``preprocess.PAPER_AUGMENT``); {} for none.
-            Ignored in ``fast`` mode.
-        view_mode: ``per_image`` (paper) or ``composite``.
-        threshold_rule: ``youden`` (on the validation subset) or ``fixed`` (0.5).
-        patience: early stopping patience in epochs, on val_loss (best weights restored).
-        dropout: rate before the last Dense layer.
-        class_weights: weight the loss by inverse class frequency of the training subset.
-        max_train_images: use at most this many training samples (seeded choice); None: all.
-    """
-
-    backbone: str
-    weights: str = "imagenet"
-    mode: str = "finetune"
-    epochs: int = 20
-    batch_size: int = 16
-    learning_rate: float = 1e-3
-    finetune_learning_rate: float = 1e-5
-    image_size: tuple[int, int] = DEFAULT_SIZE
-    seed: int = 0
-    split_id: int | None = None
-    augment: Mapping[str, Any] = field(default_factory=_paper_augment)
-    view_mode: str = "per_image"
-    threshold_rule: str = "youden"
-    patience: int = 5
-    dropout: float = 0.3
-    class_weights: bool = True
-    max_train_images: int | None = None
-
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "image_size", tuple(int(v) for v in self.image_size))
-        object.__setattr__(self, "augment", dict(self.augment or {}))
-        object.__setattr__(self, "weights", str(self.weights))
-        problems = []
-        if self.backbone not in BACKBONES:
-            problems.append(f"backbone must be one of {', '.join(BACKBONES)}")
-        if self.mode not in MODES:
-            problems.append(f"mode must be one of {', '.join(MODES)}")
-        if self.view_mode not in VIEW_MODES:
-            problems.append(f"view_mode must be one of {', '.join(VIEW_MODES)}")
-        if self.threshold_rule not in THRESHOLD_RULES:
-            problems.append(f"threshold_rule must be one of {', '.join(THRESHOLD_RULES)}")
-        if len(self.image_size) != 2 or min(self.image_size) < 32:
-            problems.append("image_size must be (height, width), each at least 32")
-        if self.epochs < 1 or self.batch_size < 1 or self.patience < 0:
-            problems.append("epochs and batch_size must be at least 1, patience at least 0")
-        if not (self.learning_rate > 0 and self.finetune_learning_rate > 0):
-            problems.append("learning rates must be positive")
-        if not 0.0 <= self.dropout < 1.0:
-            problems.append("dropout must be in [0, 1)")
-        if self.max_train_images is not None and self.max_train_images < 2:
-            problems.append("max_train_images must be at least 2 (or None for all)")
-        unknown = sorted(set(self.augment) - set(AUGMENT_KEYS))
-        if unknown:
-            problems.append(f"unknown augment settings {', '.join(unknown)} (known: {', '.join(AUGMENT_KEYS)})")
-        if problems:
-            raise ValueError("bad training config: " + "; ".join(problems))
-
-    def to_dict(self) -> dict[str, Any]:
-        """The settings as a JSON-ready dict (``image_size`` as a list)."""
-        data = dataclasses.asdict(self)
-        data["image_size"] = list(self.image_size)
-        data["augment"] = dict(self.augment)
-        return data
-
-    def to_json(self) -> str:
-        """JSON with sorted keys."""
-        return json.dumps(self.to_dict(), sort_keys=True)
-
-    @classmethod
-    def from_json(cls, text: str | Mapping[str, Any]) -> TrainConfig:
-        """Inverse of :meth:`to_json`. Unknown keys (e.g. the run additions stored beside
-        the settings in ``runs.config``: versions, device, labels hash) are ignored."""
-        data = json.loads(text) if isinstance(text, str) else dict(text)
-        names = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{key: value for key, value in data.items() if key in names})
-
-    def identity_hash(self) -> str:
-        """Hex sha256 of every defining setting (all fields, canonical JSON): equal hashes, same run.
-
-        A weights path counts by its text, not its content.
-        """
-        return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":")).encode()).hexdigest()
-
-    def phase_epochs(self) -> dict[str, int]:
-        """The epoch budget per phase before early stopping: e.g. finetune, 20 epochs → head 10, finetune 10."""
-        if self.mode == "finetune":
-            head = math.ceil(self.epochs / 2)
-            return {"head": head, "finetune": self.epochs - head}
-        return {"full" if self.mode == "full" else "head": self.epochs}
 
 
 class Reporter(Protocol):
@@ -206,37 +96,6 @@ class NullReporter:
         return False
 
 
-@dataclass(frozen=True)
-class RunResult:
-    """What a finished run produced (the caller stores it in its ``runs`` row).
-
-    Attributes:
-        threshold: decision threshold chosen on the validation subset, in [0, 1].
-        images_per_second: training throughput over the training epochs only (no
-            validation, no first batch of an epoch: no tracing or start-up). In fast mode,
-            feature vectors per second through the head.
-        weights_path: the saved model, relative to ``runs_dir`` (``run-<id>/model.keras``).
-        weights_sha256: hex sha256 of that file.
-        device: ``CPU`` or the GPU name(s) the backend reports.
-        config_additions: facts to store beside the settings in ``runs.config``:
-            ``split_id``, ``labels_hash``, ``n_train`` / ``n_val`` / ``n_test`` (samples:
-            images, or studies for composites), ``sample_unit`` (``image`` | ``study``),
-            ``phase_epochs`` (epochs run per phase, after early stopping),
-            ``class_weights`` ({"0": w0, "1": w1} or None), ``backend``, ``device``,
-            ``versions`` (python, keras, tensorflow or jax, numpy), ``precision``
-            (``float32`` | ``mixed_float16``), ``notes`` (list of strings), and in fast
-            mode ``features_cached`` / ``features_computed`` (samples) and, when some were
-            computed, ``feature_images_per_second``.
-    """
-
-    threshold: float
-    images_per_second: float
-    weights_path: str
-    weights_sha256: str
-    device: str
-    config_additions: dict[str, Any]
-
-
 # --- helpers ----------------------------------------------------------------------------------------
 
 def class_weights_for(labels: np.ndarray) -> dict[int, float]:
@@ -264,15 +123,6 @@ def weights_id(weights: str) -> str:
     """The feature-cache key of a weights setting: ``imagenet``, ``none`` or the file's sha256."""
     kind = weights_kind(weights)
     return kind if kind != "file" else file_sha256(Path(weights))
-
-
-def file_sha256(path: Path) -> str:
-    """Hex sha256 of a file's bytes."""
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _atomic_save(model: Any, target: Path) -> str:
@@ -489,10 +339,6 @@ class _Data:
     images: dict[str, np.ndarray] = field(default_factory=dict)
 
 
-def _run_exists(db: sqlite_utils.Database, run_id: int) -> bool:
-    return db.execute("SELECT 1 FROM runs WHERE id = ?", [run_id]).fetchone() is not None
-
-
 def _select_samples(db: sqlite_utils.Database, split_id: int, config: TrainConfig, rng: np.random.Generator) -> _Data:
     """The split's samples per subset (labels as stored with the split); training capped at ``max_train_images``."""
     from bonescan_core import preprocess
@@ -590,15 +436,7 @@ def _features(keras: Any, db: sqlite_utils.Database, model: Any, config: TrainCo
 
     bb = models.get_backbone(config.backbone)
     key = _feature_key(config)
-    height, width = config.image_size
-    wanted = {s.key for items in data.samples.values() for s in items}
-    cached: dict[int, np.ndarray] = {}
-    for image_id, blob in db.execute(
-        "SELECT image_id, vector FROM features WHERE backbone = ? AND weights = ? AND height = ? AND width = ?",
-        [bb.name, key, height, width],
-    ).fetchall():
-        if image_id in wanted:
-            cached[image_id] = np.frombuffer(blob, dtype=np.float16)
+    cached = runs.cached_features(db, bb.name, key, config.image_size, {s.key for items in data.samples.values() for s in items})
     missing = [s for items in data.samples.values() for s in items if s.key not in cached]
     facts: dict[str, Any] = {"features_cached": len(cached), "features_computed": len(missing)}
     if missing:
@@ -617,17 +455,13 @@ def _features(keras: Any, db: sqlite_utils.Database, model: Any, config: TrainCo
             vectors = np.asarray(extractor.predict(images[..., None].astype(np.float32), batch_size=step, verbose=0,
                                                    callbacks=[_cancel_callback(keras, tracker, "features", len(missing), done, step)]),
                                  dtype=np.float16)
-            rows = []
-            for sample, vector in zip(chunk, vectors, strict=True):
-                cached[sample.key] = vector
-                rows.append({"backbone": bb.name, "weights": key, "height": height, "width": width,
-                             "image_id": sample.key, "vector": vector.tobytes()})
+            computed = {sample.key: vector for sample, vector in zip(chunk, vectors, strict=True)}
+            cached.update(computed)
             done += len(vectors)
             elapsed = time.monotonic() - started
             tracker.send({"phase": "features", "batch": done, "batches": len(missing),
                           "eta_s": round(elapsed / done * (len(missing) - done), 1)})
-            with dbm.write(db):
-                db["features"].insert_all(rows, replace=True)
+            runs.store_features(db, bb.name, key, config.image_size, computed)
         facts["feature_images_per_second"] = round(done / max(time.monotonic() - started, 1e-9), 3)
     features = {subset: np.stack([cached[s.key] for s in items]).astype(np.float32) for subset, items in data.samples.items()}
     return features, facts
@@ -656,25 +490,23 @@ def _fit_fast(keras: Any, model: Any, config: TrainConfig, data: _Data, features
     return head, {"head": len(history.epoch)}, weights
 
 
-def train_run(db: sqlite_utils.Database, run_id: int, config: TrainConfig, reporter: Reporter, runs_dir: Path) -> RunResult:
+def train_run(db: sqlite_utils.Database, config: TrainConfig, reporter: Reporter, model_file: Path) -> RunResult:
     """Train, threshold, predict and save one run (see the module docstring for the modes).
 
     Args:
-        db: open database; the ``runs`` row ``run_id`` must exist (the caller made it).
-        run_id: the run; its ``split_id`` is set here and its ``predictions`` replaced.
+        db: open database (labels, split, images; fast mode's feature cache).
         config: the settings.
         reporter: progress, epochs and cancel (:class:`Reporter`).
-        runs_dir: the ``runs/`` folder beside the database; the model goes to
-            ``runs_dir / f"run-{run_id}" / "model.keras"`` (written atomically).
+        model_file: where to save the model (written atomically), e.g.
+            ``runs.model_file(db_path, run_id)``.
 
     Returns:
-        :class:`RunResult`.
+        :class:`runs.RunResult` (threshold, throughput, model checksum, device, the
+        validation and test predictions, and the facts); the caller stores it.
 
     Raises:
-        TrainingCancelled: ``reporter.cancelled()`` returned True (nothing saved; the split
-            id may already be set).
-        TrainingError: the run row is missing, or a subset has no images or the training
-            samples one class only.
+        TrainingCancelled: ``reporter.cancelled()`` returned True (nothing saved).
+        TrainingError: a subset has no images or the training samples one class only.
         splits.SplitError: no split can be made (too few labels) or ``split_id`` is unknown.
         models.WeightsUnavailable / models.WeightsIncompatible: weights cannot be loaded.
     """
@@ -682,11 +514,9 @@ def train_run(db: sqlite_utils.Database, run_id: int, config: TrainConfig, repor
     from bonescan_core.models import keras_module
 
     keras = keras_module()
-    runs_dir = Path(runs_dir)
+    model_file = Path(model_file)
     tracker = _Progress(reporter, config.epochs)
     tracker.send({"phase": "preparing", "epoch": 0, "batch": 0, "batches": 0, "eta_s": None}, force=True)
-    if not _run_exists(db, run_id):
-        raise TrainingError(f"run {run_id} does not exist; enqueue the run first, then train it")
     notes: list[str] = []
     bb = models.get_backbone(config.backbone)
     if weights_kind(config.weights) == "none" and config.mode != "full":
@@ -695,8 +525,6 @@ def train_run(db: sqlite_utils.Database, run_id: int, config: TrainConfig, repor
 
     split_id = config.split_id if config.split_id is not None else splitting.ensure_split(db, config.seed)
     info = splitting.split_info(db, split_id)
-    with dbm.write(db):
-        db.execute("UPDATE runs SET split_id = ? WHERE id = ?", [split_id, run_id])
 
     rng = np.random.default_rng(config.seed)  # shuffling and the training subsample: explicit, not global
     keras.utils.set_random_seed(config.seed)
@@ -704,7 +532,7 @@ def train_run(db: sqlite_utils.Database, run_id: int, config: TrainConfig, repor
     backend, device, n_gpus, versions = _backend_facts()
     # Threads keep an accelerator fed while batches are augmented; on a CPU they would only compete with it.
     workers = min(4, os.cpu_count() or 1) if n_gpus and config.mode != "fast" else 1
-    additions: dict[str, Any] = {
+    facts: dict[str, Any] = {
         "split_id": split_id, "labels_hash": info["labels_hash"],
         "n_train": len(data.samples["train"]), "n_val": len(data.samples["val"]), "n_test": len(data.samples["test"]),
         "sample_unit": "study" if config.view_mode == "composite" else "image",
@@ -713,8 +541,8 @@ def train_run(db: sqlite_utils.Database, run_id: int, config: TrainConfig, repor
     with _precision_and_strategy(backend, n_gpus) as (_, precision):
         if config.mode == "fast":
             model = models.build_model(bb, config.weights, config.image_size, config.dropout, seed=FEATURE_SEED)
-            features, facts = _features(keras, db, model, config, data, tracker)
-            additions.update(facts)
+            features, feature_facts = _features(keras, db, model, config, data, tracker)
+            facts.update(feature_facts)
             head, ran, weights = _fit_fast(keras, model, config, data, features, tracker)
             probabilities = {
                 subset: np.asarray(keras.ops.convert_to_numpy(head(features[subset], training=False)), dtype=np.float64).reshape(-1)
@@ -729,23 +557,19 @@ def train_run(db: sqlite_utils.Database, run_id: int, config: TrainConfig, repor
     threshold = choose_threshold(config.threshold_rule, data.labels["val"], probabilities["val"])
 
     tracker.send({"phase": "saving", "eta_s": None}, force=True)
-    relative = f"run-{run_id}/model.keras"
-    sha = _atomic_save(model, runs_dir / relative)
-    rows = [
-        {"run_id": run_id, "image_id": image_id, "subset": subset, "label": sample.label, "probability": float(probability)}
+    sha = _atomic_save(model, model_file)
+    predictions = tuple(
+        Prediction(image_id=image_id, subset=subset, label=int(sample.label), probability=float(probability))
         for subset in ("val", "test")
         for sample, probability in zip(data.samples[subset], probabilities[subset], strict=True)
         for image_id in sample.image_ids  # a composite's probability belongs to both of its images
-    ]
-    with dbm.write(db):
-        db.execute("DELETE FROM predictions WHERE run_id = ?", [run_id])
-        db["predictions"].insert_all(rows)
+    )
     ips = tracker.train_images / tracker.train_seconds if tracker.train_seconds > 0 else 0.0
-    additions.update({
+    facts.update({
         "phase_epochs": ran, "precision": precision, "notes": notes,
         "class_weights": {str(k): round(v, 6) for k, v in weights.items()} if weights else None,
     })
     return RunResult(
-        threshold=float(threshold), images_per_second=round(ips, 3), weights_path=relative, weights_sha256=sha,
-        device=device, config_additions=additions,
+        threshold=float(threshold), images_per_second=round(ips, 3), model_file=model_file, weights_sha256=sha,
+        device=device, predictions=predictions, facts=facts,
     )

@@ -12,7 +12,7 @@ import pytest
 from conftest import REPO, add_bare_studies, run_cli
 from streamlit.testing.v1 import AppTest
 
-from bonescan_core import accounts, jobs
+from bonescan_core import accounts, runs
 from bonescan_core import db as dbm
 from bonescan_core import review as rv
 from bonescan_core.ingest import add_demo_studies
@@ -384,7 +384,7 @@ def test_reader_without_trainer_role_cannot_enqueue(db_path, monkeypatch):
                "--role reader --role trainer" in w.value for w in app.warning)
     assert fill_train_form(app).disabled
     with dbm.opened(db_path) as db:
-        assert jobs.list_runs(db) == []
+        assert runs.list_runs(db) == []
 
 
 def test_a_trainer_role_taken_away_counts_at_once(db_path, monkeypatch):
@@ -406,14 +406,14 @@ def test_a_trainer_role_taken_away_counts_at_once(db_path, monkeypatch):
     assert any("Training needs the trainer role" in w.value for w in app.warning)
     assert fill_train_form(app).disabled
     with dbm.opened(db_path) as db:
-        assert jobs.list_runs(db) == []
+        assert runs.list_runs(db) == []
         accounts.set_roles(db, "tom", ["reader", "trainer"])
     app.run()
     fill_train_form(app).click()
     app.run()
     assert not app.exception, [e.value for e in app.exception]
     with dbm.opened(db_path) as db:
-        assert [run["backbone"] for run in jobs.list_runs(db)] == ["vgg19"]
+        assert [run.backbone for run in runs.list_runs(db)] == ["vgg19"]
 
 
 def test_a_reader_role_taken_away_stops_the_next_save(db_path):

@@ -6,7 +6,7 @@ from conftest import REPO
 from streamlit.testing.v1 import AppTest
 
 from bonescan_core import db as dbm
-from bonescan_core import jobs
+from bonescan_core import jobs, runs
 from bonescan_core import review as rv
 from bonescan_core.ingest import add_demo_studies
 
@@ -94,15 +94,15 @@ def test_train_page_enqueues_one_run_per_backbone_and_refuses_duplicates(db_path
     assert not app.exception, [e.value for e in app.exception]
     assert any("queued" in s.value for s in app.success)
     with dbm.opened(db_path) as db:
-        runs = jobs.list_runs(db)
-    assert [(r["backbone"], r["status"]) for r in runs] == [("vgg19", "queued"), ("resnet50", "queued")]
-    assert runs[0]["config"]["split_id"] == runs[1]["config"]["split_id"] is not None
-    assert (runs[0]["config"]["weights"], runs[0]["config"]["mode"], runs[0]["config"]["epochs"]) == ("none", "full", 2)
+        queued = runs.list_runs(db)
+    assert [(r.backbone, r.status) for r in queued] == [("vgg19", "queued"), ("resnet50", "queued")]
+    assert queued[0].settings.split_id == queued[1].settings.split_id is not None
+    assert (queued[0].settings.weights, queued[0].settings.mode, queued[0].settings.epochs) == ("none", "full", 2)
     app.get("form_submit_button")[0].click()
     app.run()
     assert any("already queued" in s.value for s in app.success)
     with dbm.opened(db_path) as db:
-        assert len(jobs.list_runs(db)) == 2
+        assert len(runs.list_runs(db)) == 2
 
 
 def test_train_page_shows_passes_by_their_own_count_and_maps_still_to_come(db_path, monkeypatch):

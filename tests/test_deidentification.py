@@ -32,7 +32,7 @@ from conftest import run_cli
 from deid_profile import ANNEX_E_BASIC_PROFILE, PhiFactory, PlantedStudy, write_phi_study
 
 from bonescan_core import db as dbm
-from bonescan_core import ingest, jobs
+from bonescan_core import ingest, jobs, runs
 
 pytestmark = pytest.mark.slow  # a real (tiny) training run, Grad-CAM maps and an export: about 3 minutes on 2 shared CPUs
 
@@ -179,8 +179,8 @@ def test_no_planted_phi_reaches_the_database_runs_exports_or_logs(db_path, tmp_p
                      "--batch-size", "8", "--image-size", "64x32", "--split", str(split["id"]), "--queue",
                      db_path=db_path).strip())
     wait_for_worker(jobs.start_worker(db_path, idle_exit_s=0.5), timeout_s=400)
-    runs = json.loads(cli(log, "runs", "--json", db_path=db_path))
-    assert runs[0]["status"] == "done", (runs[0], (jobs.runs_dir(db_path) / "worker.log").read_text())
+    listed = json.loads(cli(log, "runs", "--json", db_path=db_path))
+    assert listed[0]["status"] == "done", (listed[0], (runs.run_folder(db_path) / "worker.log").read_text())
     cli(log, "evaluate", str(run_id), "--json", db_path=db_path)
     out.mkdir()
     cli(log, "predictions", str(run_id), "--csv", str(out / "predictions.csv"), db_path=db_path)
@@ -222,7 +222,7 @@ def test_no_planted_phi_reaches_the_database_runs_exports_or_logs(db_path, tmp_p
         path = Path(f"{db_path}{suffix}")
         if path.exists():
             searcher.search(path.name, path.read_bytes())
-    searcher.search_tree(jobs.runs_dir(db_path))
+    searcher.search_tree(runs.runs_root(db_path))
     searcher.search_tree(out)
     inputs = sorted({str(p) for study in studies.values() for p in study.paths}, key=len, reverse=True)
     printed = "\n".join(log)
@@ -234,7 +234,7 @@ def test_no_planted_phi_reaches_the_database_runs_exports_or_logs(db_path, tmp_p
     for path in out.rglob("*"):
         if path.suffix in (".csv", ".json"):
             searcher.search_text_exactly(str(path.relative_to(tmp_path)), path.read_text())
-    worker_log = (jobs.runs_dir(db_path) / "worker.log").read_text()
+    worker_log = (runs.run_folder(db_path) / "worker.log").read_text()
     searcher.search_text_exactly("runs/worker.log", worker_log)
 
     figures = {"attributes_planted": len(attributes), "table_rows": len(ANNEX_E_BASIC_PROFILE),

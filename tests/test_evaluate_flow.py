@@ -8,7 +8,7 @@ from conftest import REPO, run_cli
 from streamlit.testing.v1 import AppTest
 
 from bonescan_core import db as dbm
-from bonescan_core import jobs
+from bonescan_core import jobs, runs
 from bonescan_core.ingest import add_demo_studies
 from bonescan_core.training import TrainConfig
 
@@ -25,8 +25,8 @@ def finished_run(tmp_path_factory):
         run_id = jobs.enqueue(db, config.backbone, config.to_dict(), config.identity_hash())
     assert jobs.run_worker(db_path, once=True, echo=lambda line: None) == 1
     with dbm.opened(db_path) as db:
-        run = jobs.get_run(db, run_id)
-    assert run["status"] == "done", run["error"]
+        run = runs.get(db, run_id)
+    assert run.status == "done", run.error
     with dbm.opened(db_path) as db:  # the worker precomputed every predicted image's Grad-CAM map
         predicted = {row[0] for row in db.execute("SELECT image_id FROM predictions WHERE run_id = ?", [run_id])}
         explained = {row[0] for row in db.execute("SELECT image_id FROM explanations WHERE run_id = ?", [run_id])}
@@ -97,7 +97,7 @@ def test_map_precomputation_yields_to_a_queued_run(tmp_path):
             run_ids.append(jobs.enqueue(db, config.backbone, config.to_dict(), config.identity_hash()))
     assert jobs.run_worker(db_path, once=True, echo=lambda line: None) == 2
     with dbm.opened(db_path) as db:
-        assert [jobs.get_run(db, run_id)["status"] for run_id in run_ids] == ["done", "done"]
+        assert [runs.get(db, run_id).status for run_id in run_ids] == ["done", "done"]
         counts = [db.execute("SELECT (SELECT COUNT(*) FROM predictions WHERE run_id = ?), "
                              "(SELECT COUNT(*) FROM explanations WHERE run_id = ?)", [run_id, run_id]).fetchone()
                   for run_id in run_ids]

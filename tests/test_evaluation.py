@@ -20,7 +20,9 @@ from statsmodels.stats.contingency_tables import mcnemar as sm_mcnemar
 from statsmodels.stats.multitest import multipletests
 
 from bonescan_core import db as dbm
+from bonescan_core import errors
 from bonescan_core import evaluation as ev
+from bonescan_core import runs as run_store
 from bonescan_core.ingest import insert_image
 
 
@@ -484,7 +486,7 @@ def test_evaluate_end_to_end(db):
     assert result["bootstrap"] == {"unit": "patient", "interval": "percentile", "level": 0.95, "n_resamples": 200, "seed": 0}
     assert list(result["metrics"]) == list(ev.METRICS)
 
-    data = ev.run_predictions(db, run)
+    data = run_store.predictions(db, run)
     expected = ev.point_metrics(data["label"], data["probability"], 0.45)
     for name in ev.METRICS:
         entry = result["metrics"][name]
@@ -512,7 +514,7 @@ def test_evaluate_end_to_end(db):
 
 def test_evaluate_says_what_is_missing(db):
     (run, _), _, _ = populate(db, n_patients=3)
-    with pytest.raises(ev.RunNotFoundError, match="run 999 does not exist"):
+    with pytest.raises(errors.RunNotFound, match="run 999 does not exist"):
         ev.evaluate(db, 999)
     with pytest.raises(ev.NoPredictionsError, match=f"run {run} \\(done\\) has no val predictions"):
         ev.evaluate(db, run, subset="val")
@@ -523,7 +525,7 @@ def test_compare_runs_pairs_runs_on_the_same_images(db):
     result = ev.compare_runs(db, [a, b])
     assert [r["run"] for r in result["runs"]] == [a, b]
     (pair,) = result["pairs"]
-    data_a, data_b = ev.run_predictions(db, a), ev.run_predictions(db, b)
+    data_a, data_b = run_store.predictions(db, a), run_store.predictions(db, b)
     y = data_a["label"]
     assert pair["delong"]["auc_a"] == pytest.approx(skm.roc_auc_score(y, data_a["probability"]))
     expected = ev.delong(y, data_a["probability"], data_b["probability"])

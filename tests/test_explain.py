@@ -1,5 +1,6 @@
-"""Grad-CAM: shapes and ranges per backbone, a model whose answer is known, geometry, overlay,
-loading run models safely, and the explanations cache.
+"""Grad-CAM (``gradcam``, ``explain``): shapes and ranges per backbone, a model whose answer is
+known, geometry (``preprocess``), overlay (``plots``), loading run models safely (``runs``), and
+the explanations cache.
 
 The "known answer" model is built by hand: one convolution ("cam_conv") whose kernel is a
 zero-sum difference of Gaussians (it responds to focal hot spots and ignores flat or broad
@@ -22,7 +23,7 @@ import pytest
 from PIL import Image
 
 from bonescan_core import db as dbm
-from bonescan_core import explain, ingest, jobs, pixelstore
+from bonescan_core import errors, explain, gradcam, ingest, jobs, pixelstore, plots, preprocess, runs
 from bonescan_core.models import BACKBONES, build_model, keras_module
 from bonescan_core.phantom import make_study
 from bonescan_core.preprocess import compose_views, content_box, prepare_image, to_model_input
@@ -90,32 +91,32 @@ def tolerance(finding) -> float:
 def test_gradcam_shape_range_and_cached_grad_model(name, monkeypatch):
     built = []
 
-    class CountingGradCam(explain.GradCam):
+    class CountingGradCam(gradcam.GradCam):
         def __init__(self, *args, **kwargs):
             built.append(args[1])
             super().__init__(*args, **kwargs)
 
-    monkeypatch.setattr(explain, "GradCam", CountingGradCam)
+    monkeypatch.setattr(gradcam, "GradCam", CountingGradCam)
     model = build_model(name, weights="none", image_size=(96, 64))
     layer = BACKBONES[name].last_conv_layer
     x = np.random.default_rng(0).normal(0.0, 50.0, size=(3, 96, 64, 3)).astype(np.float32)
 
-    maps = explain.gradcam(model, x, layer)
-    again = explain.gradcam(model, x, layer)
+    maps = gradcam.gradcam(model, x, layer)
+    again = gradcam.gradcam(model, x, layer)
 
     h, w = model.get_layer(layer).output.shape[1:3]
     assert maps.shape == (3, h, w) and maps.dtype == np.float32
     assert np.isfinite(maps).all() and maps.min() >= 0.0 and maps.max() <= 1.0
     assert np.allclose(maps, again)
     assert built == [layer]  # built once, reused by the second call
-    cam = explain.grad_cam_for(model, layer)
-    assert cam is explain.grad_cam_for(model, layer)
+    cam = gradcam.grad_cam_for(model, layer)
+    assert cam is gradcam.grad_cam_for(model, layer)
     assert cam.split and cam.uses_logit  # cut at the layer; scored on the logit, not the saturating sigmoid
 
 
 def test_cached_grad_model_is_freed_with_its_model():
     model = known_model((64, 32))
-    explain.gradcam(model, np.zeros((1, 64, 32, 3), np.float32), "cam_conv")
+    gradcam.gradcam(model, np.zeros((1, 64, 32, 3), np.float32), "cam_conv")
     ref = weakref.ref(model)
     del model
     gc.collect()
@@ -124,7 +125,7 @@ def test_cached_grad_model_is_freed_with_its_model():
 
 def test_unknown_layer_names_the_problem():
     with pytest.raises(ValueError, match="no layer 'nope'"):
-        explain.gradcam(known_model((64, 32)), np.zeros((1, 64, 32, 3), np.float32), "nope")
+        gradcam.gradcam(known_model((64, 32)), np.zeros((1, 64, 32, 3), np.float32), "nope")
 
 
 def test_layer_bypassed_by_a_skip_connection():
@@ -136,12 +137,12 @@ def test_layer_bypassed_by_a_skip_connection():
     model = keras.Model(inputs, outputs)
     x = np.random.default_rng(3).normal(size=(2, 32, 32, 3)).astype(np.float32)
     if keras.backend.backend() == "tensorflow":  # the whole model is taped
-        maps = explain.gradcam(model, x, "cam_conv")
+        maps = gradcam.gradcam(model, x, "cam_conv")
         assert maps.shape == (2, 32, 32) and np.isfinite(maps).all() and 0.0 <= maps.min() <= maps.max() <= 1.0
-        assert not explain.grad_cam_for(model, "cam_conv").split
+        assert not gradcam.grad_cam_for(model, "cam_conv").split
     else:
         with pytest.raises(ValueError, match="not a cut point"):
-            explain.gradcam(model, x, "cam_conv")
+            gradcam.gradcam(model, x, "cam_conv")
 
 
 def sigmoid_after_dense(image_size: tuple[int, int]) -> keras.Model:
@@ -162,22 +163,22 @@ def test_probabilities_are_the_models_own_prediction(kind):
     else:
         model, layer = (known_model(size, weight=1.0) if kind == "logit" else sigmoid_after_dense(size)), "cam_conv"
     x = np.random.default_rng(4).uniform(-120.0, 120.0, size=(5, *size, 3)).astype(np.float32)
-    maps, probabilities = explain.gradcam_with_probabilities(model, x, layer, batch_size=2)  # three passes
+    maps, probabilities = gradcam.gradcam_with_probabilities(model, x, layer, batch_size=2)  # three passes
     expected = np.asarray(model(x, training=False), dtype=np.float32)[:, 0]
-    assert explain.grad_cam_for(model, layer).uses_logit == (kind != "output")
+    assert gradcam.grad_cam_for(model, layer).uses_logit == (kind != "output")
     assert probabilities.shape == (5,) and probabilities.dtype == np.float32
     assert np.ptp(expected) > 1e-4  # distinct predictions: a swapped or repeated one would show
     assert np.allclose(probabilities, expected, atol=1e-5, rtol=0)
-    assert np.array_equal(maps, explain.gradcam(model, x, layer, batch_size=2))  # gradcam(): the same step, maps only
+    assert np.array_equal(maps, gradcam.gradcam(model, x, layer, batch_size=2))  # gradcam(): the same step, maps only
 
 
 def test_map_without_positive_evidence_is_zero_not_nan():
     # A negative Dense weight: the hot spots count AGAINST metastasis, so no region supports it.
     model = known_model((64, 32), weight=-50.0)
     x = np.random.default_rng(1).uniform(-100.0, 100.0, size=(2, 64, 32, 3)).astype(np.float32)
-    maps = explain.gradcam(model, x, "cam_conv")
+    maps = gradcam.gradcam(model, x, "cam_conv")
     assert maps.shape == (2, 32, 16) and not maps.any()
-    assert not explain.cams_from(np.full((1, 2, 2, 3), np.nan), np.zeros((1, 2, 2, 3))).any()
+    assert not gradcam.cams_from(np.full((1, 2, 2, 3), np.nan), np.zeros((1, 2, 2, 3))).any()
 
 
 # --- a model whose answer is known --------------------------------------------------------------
@@ -208,14 +209,14 @@ def test_content_box_heatmap_maps_to_the_whole_image():
     assert left > 0  # the test needs padding to undo
     frame = np.zeros(FRAME, np.float32)
     frame[top : top + height, left : left + width] = 1.0
-    assert np.allclose(explain.to_image_geometry(frame, FRAME, PHANTOM_SHAPE), 1.0, atol=1e-5)
+    assert np.allclose(preprocess.to_image_geometry(frame, FRAME, PHANTOM_SHAPE), 1.0, atol=1e-5)
 
 
 def test_a_point_in_the_frame_lands_on_the_same_anatomy():
     top, left, height, width = content_box(PHANTOM_SHAPE, FRAME)
     frame = np.zeros(FRAME, np.float32)
     frame[top + 40, left + 10] = 1.0  # image pixel (80, 20) at scale 0.5
-    back = explain.to_image_geometry(frame, FRAME, PHANTOM_SHAPE)
+    back = preprocess.to_image_geometry(frame, FRAME, PHANTOM_SHAPE)
     row, col = np.unravel_index(int(np.argmax(back)), back.shape)
     assert abs(row - 80) <= 2 and abs(col - 20) <= 2
 
@@ -225,7 +226,7 @@ def test_composite_halves_map_to_their_views():
     frame = np.zeros(size, np.float32)
     frame[:, : size[1] // 2] = 0.25
     frame[:, size[1] // 2 :] = 0.75
-    front, back = explain.to_view_geometries(frame, size, (512, 160), (400, 200))
+    front, back = preprocess.to_view_geometries(frame, size, (512, 160), (400, 200))
     assert front.shape == (512, 160) and back.shape == (400, 200)
     assert np.allclose(front, 0.25, atol=1e-5) and np.allclose(back, 0.75, atol=1e-5)
 
@@ -236,20 +237,20 @@ def test_overlay_shape_opacity_and_colour():
     pixels = np.random.default_rng(2).poisson(50.0, size=(64, 32)).astype(np.uint16)
     heat = np.zeros((64, 32), np.float32)
     heat[10:20, 5:15] = 1.0
-    image = explain.overlay(pixels, heat, opacity=0.6)
+    image = plots.overlay(pixels, heat, opacity=0.6)
     assert image.shape == (64, 32, 3) and image.dtype == np.uint8
     plain = pixelstore.to_display(pixels)
-    assert np.array_equal(explain.overlay(pixels, heat, opacity=0.0), np.repeat(plain[..., None], 3, axis=-1))
+    assert np.array_equal(plots.overlay(pixels, heat, opacity=0.0), np.repeat(plain[..., None], 3, axis=-1))
     assert np.array_equal(image[30:, :, 0], plain[30:, :])  # no heat: the plain display, untouched
     hot = image[10:20, 5:15].astype(int)
     assert (np.abs(hot[..., 0] - hot[..., 2]) > 40).all()  # coloured, not grey
     with pytest.raises(ValueError, match="shape"):
-        explain.overlay(pixels, np.zeros((8, 8), np.float32))
+        plots.overlay(pixels, np.zeros((8, 8), np.float32))
 
 
 def test_colour_map_runs_from_cool_to_hot():
-    assert explain.TURBO.shape == (256, 3) and explain.TURBO.dtype == np.uint8
-    low, high = explain.TURBO[25].astype(int), explain.TURBO[230].astype(int)
+    assert plots.TURBO.shape == (256, 3) and plots.TURBO.dtype == np.uint8
+    low, high = plots.TURBO[25].astype(int), plots.TURBO[230].astype(int)
     assert low[2] > low[0] + 100 and high[0] > high[2] + 100  # blue for little heat, red for much
 
 
@@ -258,14 +259,14 @@ def test_colour_map_runs_from_cool_to_hot():
 def save_run(db, db_path: Path, model: keras.Model | None, *, view_mode: str = "per_image", sha: str | None = "auto",
              image_size: tuple[int, int] = (128, 64)) -> int:
     """A finished resnet50 run whose model file is ``model`` (None: no file at all)."""
-    runs = db_path.parent / "runs"
-    runs.mkdir(exist_ok=True)
-    weights_path = f"run-test-{len(list(runs.iterdir()))}/model.keras"
+    folder = db_path.parent / "runs"  # as runs were stored before per-database folders: still found
+    folder.mkdir(exist_ok=True)
+    weights_path = f"run-test-{len(list(folder.iterdir()))}/model.keras"
     if model is not None:
-        (runs / weights_path).parent.mkdir()
-        model.save(runs / weights_path)
+        (folder / weights_path).parent.mkdir()
+        model.save(folder / weights_path)
     if sha == "auto":
-        sha = hashlib.sha256((runs / weights_path).read_bytes()).hexdigest() if model is not None else None
+        sha = hashlib.sha256((folder / weights_path).read_bytes()).hexdigest() if model is not None else None
     config = {"backbone": "resnet50", "image_size": list(image_size), "view_mode": view_mode, "weights": "none"}
     with dbm.write(db):
         return db["runs"].insert({
@@ -281,34 +282,34 @@ def resnet_like(image_size: tuple[int, int] = (128, 64), weight: float = 50.0) -
 
 def test_load_run_model_returns_model_backbone_and_size(db, db_path):
     run_id = save_run(db, db_path, resnet_like())
-    model, backbone, size = explain.load_run_model(db_path, run_id)
+    model, backbone, size = runs.load_model(db_path, run_id)
     assert backbone.name == "resnet50" and size == (128, 64)
     assert model.get_layer("conv5_block3_out") is not None
-    assert explain.load_run_model(db_path, run_id)[0] is model  # cached while the file is unchanged
+    assert runs.load_model(db_path, run_id)[0] is model  # cached while the file is unchanged
 
 
 def test_corrupted_model_file_raises_model_unavailable(db, db_path):
     run_id = save_run(db, db_path, resnet_like(), sha=None)
     path = db_path.parent / "runs" / db.execute("SELECT weights_path FROM runs WHERE id = ?", [run_id]).fetchone()[0]
     path.write_bytes(b"PK\x03\x04 this is not a Keras archive")
-    with pytest.raises(explain.ModelUnavailable, match="cannot be loaded.*train the run again"):
-        explain.load_run_model(db_path, run_id)
+    with pytest.raises(runs.ModelUnavailable, match="cannot be loaded.*train the run again"):
+        runs.load_model(db_path, run_id)
 
 
 def test_checksum_mismatch_raises_model_unavailable(db, db_path):
     run_id = save_run(db, db_path, resnet_like(), sha="0" * 64)
-    with pytest.raises(explain.ModelUnavailable, match="does not match its recorded checksum.*restore the original file"):
-        explain.load_run_model(db_path, run_id)
+    with pytest.raises(runs.ModelUnavailable, match="does not match its recorded checksum.*restore the original file"):
+        runs.load_model(db_path, run_id)
 
 
 def test_missing_model_file_raises_model_unavailable(db, db_path):
     run_id = save_run(db, db_path, None)
-    with pytest.raises(explain.ModelUnavailable, match="missing.*restore"):
-        explain.load_run_model(db_path, run_id)
+    with pytest.raises(runs.ModelUnavailable, match="missing.*restore"):
+        runs.load_model(db_path, run_id)
     with dbm.write(db):
         db.execute("UPDATE runs SET weights_path = NULL, status = 'failed' WHERE id = ?", [run_id])
-    with pytest.raises(explain.ModelUnavailable, match="no saved model"):
-        explain.load_run_model(db_path, run_id)
+    with pytest.raises(runs.ModelUnavailable, match="no saved model"):
+        runs.load_model(db_path, run_id)
 
 
 @pytest.fixture
@@ -329,7 +330,7 @@ def test_explain_image_is_computed_once_and_cached(db, db_path, demo_images, mon
     def no_model(*args, **kwargs):
         raise AssertionError("the cached heatmap should have been used")
 
-    monkeypatch.setattr(explain, "load_run_model", no_model)
+    monkeypatch.setattr(runs, "load_model", no_model)
     monkeypatch.setattr(explain, "heatmap_for_image", no_model)
     second = explain.explain_image(db, db_path, run_id, image_id)
     assert np.array_equal(first, second)
@@ -351,7 +352,7 @@ def test_explain_image_of_a_composite_run_stores_both_views(db, db_path, demo_im
 
 def test_explain_image_unknown_image(db, db_path):
     run_id = save_run(db, db_path, resnet_like())
-    with pytest.raises(explain.ImageNotFound, match="bonescan images"):
+    with pytest.raises(errors.ImageNotFound, match="bonescan images"):
         explain.explain_image(db, db_path, run_id, 999)
 
 
@@ -368,7 +369,7 @@ def image_pixels(db, image_id: int) -> np.ndarray:
 def test_explain_images_batches_a_study_with_its_probabilities(db, db_path, demo_images, monkeypatch):
     size = (64, 32)
     run_id = save_run(db, db_path, resnet_like(size, weight=1.0), image_size=size)
-    model, backbone, _ = explain.load_run_model(db_path, run_id)
+    model, backbone, _ = runs.load_model(db_path, run_id)
     ids = [demo_images["posterior"], demo_images["anterior"]]
     passes = []
     real_pass = explain.gradcam_with_probabilities
@@ -422,7 +423,7 @@ def test_explain_images_computes_only_what_is_not_cached(db, db_path, demo_image
     def no_model(*args, **kwargs):
         raise AssertionError("every map is cached: no model should be loaded")
 
-    monkeypatch.setattr(explain, "load_run_model", no_model)
+    monkeypatch.setattr(runs, "load_model", no_model)
     again = explain.explain_images(db, db_path, run_id, [back, front])
     assert np.array_equal(again[back].heatmap, found[back].heatmap) and computed == [[image_pixels(db, back).shape]]
 
@@ -430,7 +431,7 @@ def test_explain_images_computes_only_what_is_not_cached(db, db_path, demo_image
 def test_explain_images_of_a_composite_run_gives_one_probability_per_study(db, db_path, demo_images):
     size = (64, 64)
     run_id = save_run(db, db_path, resnet_like(size, weight=1.0), view_mode="composite", image_size=size)
-    model, backbone, _ = explain.load_run_model(db_path, run_id)
+    model, backbone, _ = runs.load_model(db_path, run_id)
     front, back = demo_images["anterior"], demo_images["posterior"]
     found = explain.explain_images(db, db_path, run_id, [front, back])
     composite = compose_views(image_pixels(db, front), image_pixels(db, back), size)

@@ -18,7 +18,7 @@ import pytest
 from conftest import REPO
 
 from bonescan_core import db as dbm
-from bonescan_core import jobs
+from bonescan_core import jobs, runs
 from bonescan_core import review as rv
 from bonescan_core.ingest import add_demo_studies
 from bonescan_core.training import TrainConfig
@@ -87,9 +87,9 @@ def test_a_corrupted_weights_file_fails_the_run_with_a_clear_reason(db_path, db,
     broken.write_bytes(b"\x89HDF\r\n\x1a\n" + os.urandom(4096))  # an HDF5 signature, then garbage
     run_id = enqueue(db, weights=str(broken), epochs=1)
     assert jobs.run_worker(db_path, once=True, echo=lambda line: None) == 1
-    run = jobs.get_run(db, run_id)
-    assert run["status"] == "failed"
-    assert str(broken) in run["error"] and "weights" in run["error"].lower(), run["error"]
+    run = runs.get(db, run_id)
+    assert run.status == "failed"
+    assert str(broken) in run.error and "weights" in run.error.lower(), run.error
     assert db.execute("SELECT COUNT(*) FROM predictions WHERE run_id = ?", [run_id]).fetchone()[0] == 0
     assert integrity(db_path) == "ok"
 
@@ -119,21 +119,21 @@ def full_disk(folder: Path, monkeypatch: pytest.MonkeyPatch):
 def test_disk_full_while_saving_the_model_fails_the_run_and_keeps_the_database(db_path, db, monkeypatch):
     add_demo_studies(db, 12, seed=3)
     run_id = enqueue(db, epochs=1)
-    runs = jobs.runs_dir(db_path)
-    with full_disk(runs, monkeypatch) as how:
+    folder = runs.run_folder(db_path)  # where this database's models are written
+    with full_disk(folder, monkeypatch) as how:
         assert jobs.run_worker(db_path, once=True, echo=lambda line: None) == 1
-        leftovers = sorted(p.name for p in runs.rglob("*") if p.is_file() and p.suffix == ".keras")
-    run = jobs.get_run(db, run_id)
-    assert run["status"] == "failed", (how, run)
-    assert "No space left on device" in run["error"], (how, run["error"])
+        leftovers = sorted(p.name for p in folder.rglob("*") if p.is_file() and p.suffix == ".keras")
+    run = runs.get(db, run_id)
+    assert run.status == "failed", (how, run)
+    assert "No space left on device" in run.error, (how, run.error)
     assert leftovers == [], f"half-written model files left behind ({how}): {leftovers}"
-    assert run["weights_path"] is None
+    assert run.results.weights_path is None
     assert db.execute("SELECT COUNT(*) FROM predictions WHERE run_id = ?", [run_id]).fetchone()[0] == 0
     assert integrity(db_path) == "ok"
     # With space again, the same settings train to the end.
     again = enqueue(db, epochs=1)
     assert jobs.run_worker(db_path, once=True, echo=lambda line: None) == 1
-    assert jobs.get_run(db, again)["status"] == "done"
+    assert runs.get(db, again).status == "done"
 
 
 @pytest.mark.slow
@@ -147,7 +147,7 @@ def test_a_worker_killed_mid_epoch_leaves_an_interrupted_run_and_the_next_run_co
         deadline = time.monotonic() + 240
         progress: dict = {}
         while time.monotonic() < deadline:  # wait until it is inside a training epoch, past its first batch
-            progress = jobs.get_run(db, run_id)["progress"] or {}
+            progress = runs.get(db, run_id).progress or {}
             if progress.get("phase") == "full" and (progress.get("batch") or 0) >= 2:
                 break
             time.sleep(0.2)
@@ -157,11 +157,11 @@ def test_a_worker_killed_mid_epoch_leaves_an_interrupted_run_and_the_next_run_co
     finally:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(worker.pid, signal.SIGKILL)
-    assert jobs.get_run(db, run_id)["status"] == "running", "nobody has noticed yet"
+    assert runs.get(db, run_id).status == "running", "nobody has noticed yet"
     assert integrity(db_path) == "ok"
     nxt = enqueue(db, epochs=1)
     assert jobs.run_worker(db_path, once=True, echo=lambda line: None) == 1  # a new worker: notices, then trains
-    assert jobs.get_run(db, run_id)["status"] == "interrupted"
-    assert "worker" in (jobs.get_run(db, run_id)["error"] or "")
-    assert jobs.get_run(db, nxt)["status"] == "done"
+    assert runs.get(db, run_id).status == "interrupted"
+    assert "worker" in (runs.get(db, run_id).error or "")
+    assert runs.get(db, nxt).status == "done"
     assert integrity(db_path) == "ok"

@@ -10,7 +10,7 @@ import pytest
 from conftest import REPO
 
 from bonescan_core import db as dbm
-from bonescan_core import jobs
+from bonescan_core import errors, jobs, runs
 
 
 def enqueue(db, name="resnet50", config_hash="h1"):
@@ -23,21 +23,21 @@ def test_enqueue_rejects_an_identical_active_run(db):
         enqueue(db)
     assert raised.value.run_id == first and "already queued" in str(raised.value)
     second = enqueue(db, config_hash="h2")
-    assert [r["id"] for r in jobs.list_runs(db)] == [second, first]
+    assert [r.id for r in runs.list_runs(db)] == [second, first]
     assert jobs.request_cancel(db, first) == "cancelled"
     third = enqueue(db)  # the cancelled one no longer blocks
-    assert jobs.get_run(db, third)["status"] == "queued"
+    assert runs.get(db, third).status == "queued"
 
 
 def test_claim_takes_the_oldest_and_cancel_flags_a_running_run(db):
     first, second = enqueue(db), enqueue(db, config_hash="h2")
     run = jobs.claim_next(db)
-    assert run["id"] == first and run["status"] == "running" and run["worker_pid"] == os.getpid()
+    assert run.id == first and run.status == "running" and run.worker_pid == os.getpid()
     assert jobs.request_cancel(db, first) == "running"
-    assert jobs.get_run(db, first)["cancel_requested"] == 1
-    assert jobs.claim_next(db)["id"] == second
+    assert runs.get(db, first).cancel_requested is True
+    assert jobs.claim_next(db).id == second
     assert jobs.claim_next(db) is None
-    with pytest.raises(jobs.RunNotFound):
+    with pytest.raises(errors.RunNotFound):
         jobs.request_cancel(db, 999)
 
 
@@ -47,8 +47,8 @@ def test_stale_heartbeat_becomes_interrupted(db):
     with dbm.write(db):
         db.execute("UPDATE runs SET heartbeat_at = '2000-01-01T00:00:00.000000Z' WHERE id = ?", [run_id])
     assert jobs.mark_interrupted(db) == [run_id]
-    run = jobs.get_run(db, run_id)
-    assert run["status"] == "interrupted" and "enqueue the run again" in run["error"]
+    run = runs.get(db, run_id)
+    assert run.status == "interrupted" and "enqueue the run again" in run.error
 
 
 CLAIM_AND_HANG = """
@@ -56,7 +56,7 @@ import sys, time
 from bonescan_core import db as dbm, jobs
 with dbm.opened(sys.argv[1]) as db:
     run = jobs.claim_next(db)
-print(run["id"], flush=True)
+print(run.id, flush=True)
 time.sleep(600)
 """
 
@@ -66,14 +66,14 @@ def test_a_killed_worker_leaves_its_run_interrupted_when_a_new_worker_starts(db_
     hung = subprocess.Popen([sys.executable, "-c", CLAIM_AND_HANG, str(db_path)], cwd=REPO, stdout=subprocess.PIPE, text=True,
                             env={**os.environ, "PYTHONPATH": str(REPO)})
     assert int(hung.stdout.readline()) == run_id
-    assert jobs.get_run(db, run_id)["status"] == "running"
+    assert runs.get(db, run_id).status == "running"
     os.kill(hung.pid, signal.SIGKILL)
     hung.wait(timeout=10)
     assert jobs.mark_interrupted(db) == [], "heartbeat still fresh: not yet stale"
     started = time.monotonic()
     assert jobs.run_worker(db_path, once=True, echo=lambda line: None) == 0
     assert time.monotonic() - started < 10
-    assert jobs.get_run(db, run_id)["status"] == "interrupted"
+    assert runs.get(db, run_id).status == "interrupted"
     assert db.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
 
 
@@ -103,7 +103,7 @@ def test_reporter_writes_progress_while_cancel_is_polled_every_batch(db_path, db
             if step % 5 == 0:
                 reporter.progress({"phase": "full", "batch": step})
             time.sleep(0.011)
-        assert jobs.get_run(db, run_id)["progress"]["batch"] >= 30
+        assert runs.get(db, run_id).progress["batch"] >= 30
         jobs.request_cancel(db, run_id)
         time.sleep(0.06)
         assert reporter.cancelled() is True

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from bonescan_core import db as dbm
-from bonescan_core import models, preprocess, splits, training
+from bonescan_core import errors, jobs, models, preprocess, runs, splits, training
 from bonescan_core.ingest import add_demo_studies
 
 SIZE = (64, 32)
@@ -68,6 +68,17 @@ def new_run(db, config: training.TrainConfig) -> int:
                                   "config_hash": config.identity_hash(), "created_at": dbm.utc_now()}).last_pk
 
 
+def db_file(db) -> Path:
+    return Path(db.execute("PRAGMA database_list").fetchone()[2])
+
+
+def train(db, run_id: int, config: training.TrainConfig, reporter) -> training.RunResult:
+    """Train as the worker does: the model into the run's file, the result stored through the run store."""
+    result = training.train_run(db, config, reporter, runs.model_file(db_file(db), run_id))
+    runs.record_result(db, db_file(db), run_id, result)
+    return result
+
+
 def predictions(db, run_id: int) -> dict[int, tuple[str, int, float]]:
     rows = db.execute("SELECT image_id, subset, label, probability FROM predictions WHERE run_id = ?", [run_id]).fetchall()
     return {image_id: (subset, label, probability) for image_id, subset, label, probability in rows}
@@ -86,10 +97,10 @@ def assert_predictions_cover_val_and_test(db, run_id: int, split_id: int) -> dic
     return stored
 
 
-def saved_model_probabilities(db, runs_dir: Path, result: training.RunResult, config: training.TrainConfig, image_ids):
+def saved_model_probabilities(db, result: training.RunResult, config: training.TrainConfig, image_ids):
     """Probabilities the saved model.keras gives the images (per-image view mode)."""
     keras = models.keras_module()
-    path = runs_dir / result.weights_path
+    path = result.model_file
     assert training.file_sha256(path) == result.weights_sha256
     model = keras.models.load_model(path)
     assert model.get_layer(models.BACKBONES[config.backbone].last_conv_layer) is not None
@@ -141,13 +152,13 @@ def test_finetune_run_stores_predictions_for_every_val_and_test_image(demo_db, t
     config = dataclasses.replace(TINY, mode="finetune", epochs=3)
     run_id = new_run(demo_db, config)
     reporter = Recorder()
-    result = training.train_run(demo_db, run_id, config, reporter, tmp_path / "runs")
+    result = train(demo_db, run_id, config, reporter)
 
-    split_id = result.config_additions["split_id"]
+    split_id = result.facts["split_id"]
     assert demo_db.execute("SELECT split_id FROM runs WHERE id = ?", [run_id]).fetchone()[0] == split_id
     assert split_id == splits.latest_split(demo_db, seed=0)
     stored = assert_predictions_cover_val_and_test(demo_db, run_id, split_id)
-    extra = result.config_additions
+    extra = result.facts
     assert (extra["n_val"], extra["n_test"]) == (sum(s == "val" for s, _, _ in stored.values()),
                                                  sum(s == "test" for s, _, _ in stored.values()))
     assert extra["n_train"] + extra["n_val"] + extra["n_test"] == 40
@@ -160,11 +171,12 @@ def test_finetune_run_stores_predictions_for_every_val_and_test_image(demo_db, t
     assert extra["notes"] and "weights none" in extra["notes"][0]
     assert extra["versions"]["keras"] and extra["backend"] in ("tensorflow", "jax", "torch")
     assert result.device and 0.0 <= result.threshold <= 1.0 and result.images_per_second > 0
-    assert result.weights_path == f"run-{run_id}/model.keras"
+    assert result.model_file == runs.model_file(db_file(demo_db), run_id)
+    assert runs.get(demo_db, run_id).results.weights_path == result.model_file.relative_to(runs.runs_root(db_file(demo_db))).as_posix()
     test_ids = sorted(i for i, (s, _, _) in stored.items() if s == "test")
-    again = saved_model_probabilities(demo_db, tmp_path / "runs", result, config, test_ids)
+    again = saved_model_probabilities(demo_db, result, config, test_ids)
     np.testing.assert_allclose(again, [stored[i][2] for i in test_ids], atol=1e-4)
-    assert not list((tmp_path / "runs" / f"run-{run_id}").glob(".model-*")), "no temporary file left behind"
+    assert not list(result.model_file.parent.glob(".model-*")), "no temporary file left behind"
 
 
 @pytest.mark.slow
@@ -174,22 +186,21 @@ def test_cancel_stops_within_a_few_batches(demo_db, tmp_path):
     reporter = Recorder(cancel_after=6)  # a few loading polls, then training batches
     started = time.monotonic()
     with pytest.raises(training.TrainingCancelled):
-        training.train_run(demo_db, run_id, config, reporter, tmp_path / "runs")
+        train(demo_db, run_id, config, reporter)
     assert reporter.polls_after_cancel <= 2, "it must stop at the first poll that says cancel"
     assert len(reporter.epochs) <= 1 and time.monotonic() - started < 60
     assert predictions(demo_db, run_id) == {}
-    assert not (tmp_path / "runs" / f"run-{run_id}" / "model.keras").exists()
+    assert not runs.model_file(db_file(demo_db), run_id).exists()
 
 
 @pytest.mark.slow
 def test_fast_mode_caches_features_and_a_rerun_reuses_them(demo_db, tmp_path, monkeypatch):
     config = dataclasses.replace(TINY, mode="fast", epochs=4)
-    runs = tmp_path / "runs"
     started = time.monotonic()
-    first = training.train_run(demo_db, new_run(demo_db, config), config, Recorder(), runs)
+    first = train(demo_db, new_run(demo_db, config), config, Recorder())
     first_s = time.monotonic() - started
     rows = demo_db.execute("SELECT COUNT(*) FROM features WHERE backbone = 'vgg19' AND weights = 'none'").fetchone()[0]
-    assert rows == 40 and first.config_additions["features_computed"] == 40
+    assert rows == 40 and first.facts["features_computed"] == 40
     vector = demo_db.execute("SELECT vector FROM features LIMIT 1").fetchone()[0]
     assert len(vector) == 512 * 2  # float16
 
@@ -197,23 +208,23 @@ def test_fast_mode_caches_features_and_a_rerun_reuses_them(demo_db, tmp_path, mo
         raise AssertionError("a cached re-run must not decode pixels")
 
     monkeypatch.setattr(preprocess, "load_images", no_pixels)
-    rerun = dataclasses.replace(config, seed=1, dropout=0.5, threshold_rule="fixed", split_id=first.config_additions["split_id"])
+    rerun = dataclasses.replace(config, seed=1, dropout=0.5, threshold_rule="fixed", split_id=first.facts["split_id"])
     run_id = new_run(demo_db, rerun)
     reporter = Recorder()
     started = time.monotonic()
-    second = training.train_run(demo_db, run_id, rerun, reporter, runs)
+    second = train(demo_db, run_id, rerun, reporter)
     second_s = time.monotonic() - started
-    assert second.config_additions["features_cached"] == 40 and second.config_additions["features_computed"] == 0
+    assert second.facts["features_cached"] == 40 and second.facts["features_computed"] == 0
     assert "features" not in {f["phase"] for f in reporter.fields}
     assert demo_db.execute("SELECT COUNT(*) FROM features").fetchone()[0] == 40
     assert second_s < first_s, f"re-run {second_s:.1f} s vs first {first_s:.1f} s"
-    assert second.threshold == 0.5 and second.config_additions["split_id"] == first.config_additions["split_id"]
+    assert second.threshold == 0.5 and second.facts["split_id"] == first.facts["split_id"]
     monkeypatch.undo()
 
     # The trained head was copied into a full model: the saved model gives the stored probabilities.
-    stored = assert_predictions_cover_val_and_test(demo_db, run_id, second.config_additions["split_id"])
+    stored = assert_predictions_cover_val_and_test(demo_db, run_id, second.facts["split_id"])
     ids = sorted(stored)
-    np.testing.assert_allclose(saved_model_probabilities(demo_db, runs, second, rerun, ids), [stored[i][2] for i in ids],
+    np.testing.assert_allclose(saved_model_probabilities(demo_db, second, rerun, ids), [stored[i][2] for i in ids],
                                atol=2e-3)  # the features were cached as float16
 
 
@@ -221,10 +232,10 @@ def test_fast_mode_caches_features_and_a_rerun_reuses_them(demo_db, tmp_path, mo
 def test_composite_fast_run_predicts_each_study_once_for_both_images(demo_db, tmp_path):
     config = dataclasses.replace(TINY, mode="fast", epochs=2, view_mode="composite")
     run_id = new_run(demo_db, config)
-    result = training.train_run(demo_db, run_id, config, Recorder(), tmp_path / "runs")
-    assert result.config_additions["sample_unit"] == "study"
-    assert result.config_additions["n_train"] + result.config_additions["n_val"] + result.config_additions["n_test"] == 20
-    stored = assert_predictions_cover_val_and_test(demo_db, run_id, result.config_additions["split_id"])
+    result = train(demo_db, run_id, config, Recorder())
+    assert result.facts["sample_unit"] == "study"
+    assert result.facts["n_train"] + result.facts["n_val"] + result.facts["n_test"] == 20
+    stored = assert_predictions_cover_val_and_test(demo_db, run_id, result.facts["split_id"])
     by_study: dict[int, set[float]] = {}
     for image_id, study_id in demo_db.execute("SELECT id, study_id FROM images").fetchall():
         if image_id in stored:
@@ -233,9 +244,29 @@ def test_composite_fast_run_predicts_each_study_once_for_both_images(demo_db, tm
     assert demo_db.execute("SELECT COUNT(*) FROM features WHERE weights = 'none#composite'").fetchone()[0] == 20
 
 
-def test_run_errors_say_what_to_do(demo_db, db, tmp_path):
-    with pytest.raises(training.TrainingError, match="run 99 does not exist"):
-        training.train_run(demo_db, 99, TINY, training.NullReporter(), tmp_path)
-    run_id = new_run(db, TINY)  # the empty database: nothing labelled
-    with pytest.raises(splits.SplitError, match="0 metastatic and 0 non-metastatic"):
-        training.train_run(db, run_id, TINY, training.NullReporter(), tmp_path)
+def test_run_errors_say_what_to_do(db, tmp_path):
+    with pytest.raises(splits.SplitError, match="0 metastatic and 0 non-metastatic"):  # the empty database: nothing labelled
+        training.train_run(db, TINY, training.NullReporter(), tmp_path / "model.keras")
+    with pytest.raises(errors.RunNotFound, match="run 99 does not exist"):
+        runs.record_result(db, db_file(db), 99, runs.RunResult(0.5, 1.0, tmp_path / "runs" / "m.keras", "", "CPU", (), {}))
+
+
+def test_runs_of_two_databases_in_one_folder_keep_their_own_models(demo_file, tmp_path):
+    """Each database numbers its runs from 1; their models must not share ``runs/run-1``."""
+    config = dataclasses.replace(TINY, mode="fast", epochs=1)
+    paths = [tmp_path / "first.db", tmp_path / "second.db"]
+    for path in paths:
+        shutil.copy(demo_file, path)
+        with dbm.opened(path) as db:
+            assert jobs.enqueue(db, config.backbone, config.to_dict(), config.identity_hash()) == 1
+    for path in paths:
+        assert jobs.run_worker(path, once=True, echo=lambda line: None) == 1
+    files = []
+    for path in paths:
+        with dbm.opened(path) as db:
+            run = runs.get(db, 1)
+        assert run.status == "done", run.error
+        files.append(runs.weights_file(path, run))
+        assert training.file_sha256(files[-1]) == run.results.weights_sha256, f"{path.name}'s model was overwritten"
+        runs.load_model(path, run)  # loads: the checksum matches
+    assert files[0] != files[1] and all(file.is_relative_to(tmp_path / "runs") for file in files)

@@ -15,7 +15,7 @@ import pytest
 from playwright.sync_api import expect
 
 from bonescan_core import db as dbm
-from bonescan_core import jobs
+from bonescan_core import jobs, runs
 from bonescan_core import review as rv
 
 from .conftest import AppServer, open_app, wait_for_streamlit_idle
@@ -92,19 +92,19 @@ def test_demo_label_train_evaluate(app_server: AppServer, browser_page, stop_wor
     expect(page.get_by_test_id("stAlertContentSuccess")).to_contain_text("(resnet50) queued")
 
     with dbm.opened(app_server.db_path) as db:
-        runs = jobs.list_runs(db)
-    assert [(run["backbone"], run["config"]["mode"], run["config"]["weights"], run["config"]["image_size"])
-            for run in runs] == [("resnet50", "full", "none", [64, 32])]
-    run_id = runs[0]["id"]
+        listed = runs.list_runs(db)
+    assert [(run.backbone, run.settings.mode, run.settings.weights, list(run.settings.image_size))
+            for run in listed] == [("resnet50", "full", "none", [64, 32])]
+    run_id = listed[0].id
     deadline = time.monotonic() + RUN_TIMEOUT_S
     while True:
         with dbm.opened(app_server.db_path) as db:
-            run = jobs.get_run(db, run_id)
-        if run["status"] not in jobs.ACTIVE or time.monotonic() > deadline:
+            run = runs.get(db, run_id)
+        if run.status not in jobs.ACTIVE or time.monotonic() > deadline:
             break
         time.sleep(2)
-    worker_log = jobs.runs_dir(app_server.db_path) / "worker.log"
-    assert run["status"] == "done", f"run {run_id}: {run['status']} {run['error']}\n{worker_log.read_text()[-3000:]}"
+    worker_log = runs.run_folder(app_server.db_path) / "worker.log"
+    assert run.status == "done", f"run {run_id}: {run.status} {run.error}\n{worker_log.read_text()[-3000:]}"
     expect(page.get_by_text(f"Run {run_id} · resnet50 · full · done")).to_be_visible(timeout=30_000)  # the live panel
 
     # 4. Evaluate: the confusion matrix, then a Grad-CAM overlay in the per-image explorer.

@@ -1,0 +1,716 @@
+"""The run store: the one owner of the ``runs``, ``epochs``, ``predictions``, ``explanations``
+and ``features`` tables and of the runs folder.
+
+Every other module reads and writes runs through here: the job queue and its worker
+(``jobs``), training's feature cache (``training``), Grad-CAM's map cache (``explain``),
+evaluation, review and the pages. A run comes out as a typed :class:`Run`: its settings
+as a :class:`TrainConfig` (what was asked for, ``runs.config``) and its results apart
+(:class:`RunResults`: threshold, throughput, device, model file and the facts training
+learned, ``runs.results``), so neither can be mistaken for the other.
+
+Runs folder. Trained models live in ``runs/`` beside the database, in a folder of their
+own per database (:func:`run_folder`: ``runs/<database stem>-<8 hex of its path's
+sha256>/run-<id>/model.keras``), so that two databases in one folder never overwrite each
+other's ``run-<id>``. A run's model path is stored relative to ``runs/`` (``weights_path``),
+so runs saved before the per-database folders (``run-<id>/model.keras``) are still found.
+
+Models. :func:`load_model` loads a finished run's model with Keras's safe mode after
+checking its sha256, and keeps the last ``MODEL_CACHE_SIZE`` in memory. Keras is imported
+only there; importing this module does not import Keras (``TrainConfig`` is usable by the
+pages and ``bonescan train --queue`` without TensorFlow).
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import hashlib
+import json
+import os
+import threading
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import sqlite_utils
+
+from bonescan_core import db as dbm
+from bonescan_core import errors, pixelstore
+from bonescan_core.models import BACKBONES, DEFAULT_SIZE, MODES, Backbone, get_backbone, keras_module
+from bonescan_core.preprocess import AUGMENT_KEYS, PAPER_AUGMENT, VIEW_MODES
+
+THRESHOLD_RULES = ("youden", "fixed")
+RUNS_FOLDER = "runs"
+MODEL_CACHE_SIZE = 2  # loaded run models kept in memory (a DenseNet121 ~30 MB, a ResNet50 ~100 MB)
+SUBSETS = ("train", "val", "test")
+
+
+class ModelUnavailable(errors.Unavailable):
+    """A run's saved model cannot be used (none saved, file missing, changed or unreadable); the message says what to do."""
+
+
+# --- settings -----------------------------------------------------------------------------------
+
+def _paper_augment() -> dict[str, float | bool]:
+    return dict(PAPER_AUGMENT)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Every setting of a run (stored as JSON in ``runs.config``; results go to ``runs.results``).
+
+    Attributes:
+        backbone: ``resnet50`` | ``vgg19`` | ``densenet121``.
+        weights: ``imagenet``, ``none`` or a path to a weights file.
+        mode: ``fast`` | ``head`` | ``finetune`` | ``full`` (``training`` module docstring).
+        epochs: the epoch budget (shared by the phases of ``finetune``).
+        batch_size: images per batch.
+        learning_rate: Adam learning rate of the head phase (and of ``full``/``fast``).
+        finetune_learning_rate: Adam learning rate after unfreezing (``finetune``).
+        image_size: (H, W) model input.
+        seed: seeds Keras, NumPy and the split (when ``split_id`` is None).
+        split_id: the split to use; None reuses the latest split of the current labels
+            with this seed and the default 30 % / 15 % fractions, or makes one.
+        augment: augmentation settings (``preprocess.PAPER_AUGMENT``); {} for none.
+            Ignored in ``fast`` mode.
+        view_mode: ``per_image`` (paper) or ``composite``.
+        threshold_rule: ``youden`` (on the validation subset) or ``fixed`` (0.5).
+        patience: early stopping patience in epochs, on val_loss (best weights restored).
+        dropout: rate before the last Dense layer.
+        class_weights: weight the loss by inverse class frequency of the training subset.
+        max_train_images: use at most this many training samples (seeded choice); None: all.
+    """
+
+    backbone: str
+    weights: str = "imagenet"
+    mode: str = "finetune"
+    epochs: int = 20
+    batch_size: int = 16
+    learning_rate: float = 1e-3
+    finetune_learning_rate: float = 1e-5
+    image_size: tuple[int, int] = DEFAULT_SIZE
+    seed: int = 0
+    split_id: int | None = None
+    augment: Mapping[str, Any] = field(default_factory=_paper_augment)
+    view_mode: str = "per_image"
+    threshold_rule: str = "youden"
+    patience: int = 5
+    dropout: float = 0.3
+    class_weights: bool = True
+    max_train_images: int | None = None
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "image_size", tuple(int(v) for v in self.image_size))
+        object.__setattr__(self, "augment", dict(self.augment or {}))
+        object.__setattr__(self, "weights", str(self.weights))
+        problems = []
+        if self.backbone not in BACKBONES:
+            problems.append(f"backbone must be one of {', '.join(BACKBONES)}")
+        if self.mode not in MODES:
+            problems.append(f"mode must be one of {', '.join(MODES)}")
+        if self.view_mode not in VIEW_MODES:
+            problems.append(f"view_mode must be one of {', '.join(VIEW_MODES)}")
+        if self.threshold_rule not in THRESHOLD_RULES:
+            problems.append(f"threshold_rule must be one of {', '.join(THRESHOLD_RULES)}")
+        if len(self.image_size) != 2 or min(self.image_size) < 32:
+            problems.append("image_size must be (height, width), each at least 32")
+        if self.epochs < 1 or self.batch_size < 1 or self.patience < 0:
+            problems.append("epochs and batch_size must be at least 1, patience at least 0")
+        if not (self.learning_rate > 0 and self.finetune_learning_rate > 0):
+            problems.append("learning rates must be positive")
+        if not 0.0 <= self.dropout < 1.0:
+            problems.append("dropout must be in [0, 1)")
+        if self.max_train_images is not None and self.max_train_images < 2:
+            problems.append("max_train_images must be at least 2 (or None for all)")
+        unknown = sorted(set(self.augment) - set(AUGMENT_KEYS))
+        if unknown:
+            problems.append(f"unknown augment settings {', '.join(unknown)} (known: {', '.join(AUGMENT_KEYS)})")
+        if problems:
+            raise ValueError("bad training config: " + "; ".join(problems))
+
+    def to_dict(self) -> dict[str, Any]:
+        """The settings as a JSON-ready dict (``image_size`` as a list)."""
+        data = dataclasses.asdict(self)
+        data["image_size"] = list(self.image_size)
+        data["augment"] = dict(self.augment)
+        return data
+
+    def to_json(self) -> str:
+        """JSON with sorted keys."""
+        return json.dumps(self.to_dict(), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str | Mapping[str, Any]) -> TrainConfig:
+        """Inverse of :meth:`to_json`. Unknown keys are ignored (a settings dict that carries
+        more, e.g. the merged record of :meth:`Run.config_record`, reads back as its settings)."""
+        data = json.loads(text) if isinstance(text, str) else dict(text)
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{key: value for key, value in data.items() if key in names})
+
+    def identity_hash(self) -> str:
+        """Hex sha256 of every defining setting (all fields, canonical JSON): equal hashes, same run.
+
+        A weights path counts by its text, not its content.
+        """
+        return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+    def phase_epochs(self) -> dict[str, int]:
+        """The epoch budget per phase before early stopping: e.g. finetune, 20 epochs → head 10, finetune 10."""
+        if self.mode == "finetune":
+            head = -(-self.epochs // 2)
+            return {"head": head, "finetune": self.epochs - head}
+        return {"full" if self.mode == "full" else "head": self.epochs}
+
+
+SETTING_NAMES = frozenset(f.name for f in dataclasses.fields(TrainConfig))
+
+
+def file_sha256(path: Path) -> str:
+    """Hex sha256 of a file's bytes."""
+    digest = hashlib.sha256()
+    with Path(path).open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+# --- what training produces, and a stored run ---------------------------------------------------
+
+@dataclass(frozen=True)
+class Prediction:
+    """One stored prediction: the image, its subset, its 0/1 label (1 = metastatic) and the
+    model's probability of metastasis in [0, 1]. A composite sample's probability belongs to
+    both of its images."""
+
+    image_id: int
+    subset: str
+    label: int
+    probability: float
+
+
+@dataclass(frozen=True)
+class RunResult:
+    """What ``training.train_run`` computed; the caller stores it (:func:`record_result`).
+
+    Attributes:
+        threshold: decision threshold chosen on the validation subset, in [0, 1].
+        images_per_second: training throughput over the training epochs only (no
+            validation, no first batch of an epoch: no tracing or start-up). In fast mode,
+            feature vectors per second through the head.
+        model_file: where the model was saved (absolute; the store keeps it relative to
+            ``runs/``).
+        weights_sha256: hex sha256 of that file.
+        device: ``CPU`` or the GPU name(s) the backend reports.
+        predictions: every validation and test image's :class:`Prediction`.
+        facts: what training learned, stored in ``runs.results``: ``split_id``,
+            ``labels_hash``, ``n_train`` / ``n_val`` / ``n_test`` (samples: images, or
+            studies for composites), ``sample_unit`` (``image`` | ``study``),
+            ``phase_epochs`` (epochs run per phase, after early stopping),
+            ``class_weights`` ({"0": w0, "1": w1} or None), ``backend``, ``device``,
+            ``versions`` (python, keras, tensorflow or jax, numpy), ``precision``
+            (``float32`` | ``mixed_float16``), ``notes`` (list of strings), and in fast
+            mode ``features_cached`` / ``features_computed`` (samples) and, when some were
+            computed, ``feature_images_per_second``.
+    """
+
+    threshold: float
+    images_per_second: float
+    model_file: Path
+    weights_sha256: str
+    device: str
+    predictions: tuple[Prediction, ...]
+    facts: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class RunResults:
+    """A run's results (None until it finished training).
+
+    Attributes:
+        threshold: decision threshold chosen on validation, in [0, 1].
+        images_per_second: training throughput (:class:`RunResult`).
+        device: where it trained.
+        weights_path: its model file relative to ``runs/`` beside the database.
+        weights_sha256: hex sha256 of that file.
+        facts: what training learned (:attr:`RunResult.facts`); {} before that.
+    """
+
+    threshold: float | None = None
+    images_per_second: float | None = None
+    device: str | None = None
+    weights_path: str | None = None
+    weights_sha256: str | None = None
+    facts: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Run:
+    """One row of ``runs``, typed.
+
+    Attributes:
+        id, backbone, status: ``status`` is one of ``jobs.STATUSES``.
+        settings: what was asked for.
+        results: what came out (:class:`RunResults`).
+        split_id: the split it trained on (None until known).
+        config_hash: identity of the settings (duplicate detection).
+        progress: the last progress record (``training.Reporter.progress`` fields), or None.
+        cancel_requested: a cancel was asked for while it ran.
+        error: why it failed or was interrupted (one line), or None.
+        created_at, started_at, finished_at, heartbeat_at: ISO 8601 UTC times (or None).
+        worker_pid: the worker process that claimed it.
+    """
+
+    id: int
+    backbone: str
+    status: str
+    settings: TrainConfig
+    results: RunResults
+    split_id: int | None = None
+    config_hash: str = ""
+    progress: dict[str, Any] | None = None
+    cancel_requested: bool = False
+    error: str | None = None
+    created_at: str | None = None
+    started_at: str | None = None
+    finished_at: str | None = None
+    heartbeat_at: str | None = None
+    worker_pid: int | None = None
+
+    @property
+    def threshold(self) -> float | None:
+        """The validation-chosen threshold (None before the run finished)."""
+        return self.results.threshold
+
+    def config_record(self) -> dict[str, Any]:
+        """Settings and facts in one dict: what ``runs --json``, the report and a bundle's
+        ``config.json`` show as a run's configuration."""
+        return {**self.settings.to_dict(), **self.results.facts}
+
+    def to_json(self) -> dict[str, Any]:
+        """``bonescan runs --json``: id, backbone, status, device, images_per_second, config,
+        error, threshold, split_id, created/started/finished times and progress."""
+        return {
+            "id": self.id, "backbone": self.backbone, "status": self.status, "device": self.results.device,
+            "images_per_second": self.results.images_per_second, "config": self.config_record(), "error": self.error,
+            "threshold": self.results.threshold, "split_id": self.split_id, "created_at": self.created_at,
+            "started_at": self.started_at, "finished_at": self.finished_at, "progress": self.progress,
+        }
+
+
+def _run(row: Mapping[str, Any]) -> Run:
+    # The backbone column is the run's backbone; a settings record without it still reads.
+    settings = TrainConfig.from_json({"backbone": row["backbone"], **json.loads(row["config"] or "{}")})
+    return Run(
+        id=int(row["id"]), backbone=row["backbone"], status=row["status"], settings=settings,
+        results=RunResults(
+            threshold=row["threshold"], images_per_second=row["images_per_second"], device=row["device"],
+            weights_path=row["weights_path"], weights_sha256=row["weights_sha256"],
+            facts=json.loads(row["results"]) if row.get("results") else {},
+        ),
+        split_id=row["split_id"], config_hash=row["config_hash"],
+        progress=json.loads(row["progress"]) if row["progress"] else None,
+        cancel_requested=bool(row["cancel_requested"]), error=row["error"], created_at=row["created_at"],
+        started_at=row["started_at"], finished_at=row["finished_at"], heartbeat_at=row["heartbeat_at"],
+        worker_pid=row["worker_pid"],
+    )
+
+
+def _not_found(run_id: int) -> errors.RunNotFound:
+    return errors.RunNotFound(f"run {run_id} does not exist; list them with `bonescan runs --json`")
+
+
+# --- reading runs -----------------------------------------------------------------------------
+
+def get(db: sqlite_utils.Database, run_id: int) -> Run:
+    """One run.
+
+    Raises:
+        errors.RunNotFound: no run with this id.
+    """
+    rows = list(db.query("SELECT * FROM runs WHERE id = ?", [int(run_id)]))
+    if not rows:
+        raise _not_found(run_id)
+    return _run(rows[0])
+
+
+def list_runs(db: sqlite_utils.Database, status: str | None = None) -> list[Run]:
+    """Every run (or those with ``status``), newest first."""
+    if status is None:
+        return [_run(row) for row in db.query("SELECT * FROM runs ORDER BY id DESC")]
+    return [_run(row) for row in db.query("SELECT * FROM runs WHERE status = ? ORDER BY id DESC", [status])]
+
+
+def newest_done(db: sqlite_utils.Database) -> int | None:
+    """Id of the newest run with status ``done`` (None before any training)."""
+    row = db.execute("SELECT id FROM runs WHERE status = 'done' ORDER BY id DESC LIMIT 1").fetchone()
+    return row[0] if row else None
+
+
+def any_queued(db: sqlite_utils.Database) -> bool:
+    """Whether a run waits in the queue."""
+    return db.execute("SELECT 1 FROM runs WHERE status = 'queued' LIMIT 1").fetchone() is not None
+
+
+def epochs(db: sqlite_utils.Database, run_id: int) -> list[dict]:
+    """A run's epoch rows (``run_id, epoch, phase, loss, val_loss, metrics`` (dict),
+    ``seconds, train_images_per_second``), in order."""
+    rows = [dict(row) for row in db.query("SELECT * FROM epochs WHERE run_id = ? ORDER BY epoch", [run_id])]
+    for row in rows:
+        row["metrics"] = json.loads(row["metrics"] or "{}")
+    return rows
+
+
+def predictions(db: sqlite_utils.Database, run_id: int, subset: str | None = "test") -> dict[str, np.ndarray]:
+    """A run's stored predictions with each image's study, patient and view.
+
+    Args:
+        subset: ``"test"``, ``"val"`` or ``"train"``; None for every subset.
+
+    Returns:
+        ``{"image_id", "study_id", "patient_id"}``: (n,) int64; ``"view"``: (n,) object
+        (str or None); ``"subset"``: (n,) object; ``"label"``: (n,) int64 0/1;
+        ``"probability"``: (n,) float64; ordered by subset (train, val, test) then image id.
+        Empty arrays when there are none.
+
+    Raises:
+        errors.RunNotFound: no such run.
+    """
+    if db.execute("SELECT 1 FROM runs WHERE id = ?", [run_id]).fetchone() is None:
+        raise _not_found(run_id)
+    rows = db.execute(
+        """SELECT p.image_id, i.study_id, s.patient_id, i.view, p.subset, p.label, p.probability
+           FROM predictions p JOIN images i ON i.id = p.image_id JOIN studies s ON s.id = i.study_id
+           WHERE p.run_id = ? AND (? IS NULL OR p.subset = ?)
+           ORDER BY CASE p.subset WHEN 'train' THEN 0 WHEN 'val' THEN 1 ELSE 2 END, p.image_id""",
+        [run_id, subset, subset],
+    ).fetchall()
+    columns = list(zip(*rows, strict=True)) if rows else [()] * 7
+    return {
+        "image_id": np.asarray(columns[0], dtype=np.int64),
+        "study_id": np.asarray(columns[1], dtype=np.int64),
+        "patient_id": np.asarray(columns[2], dtype=np.int64),
+        "view": np.asarray(columns[3], dtype=object),
+        "subset": np.asarray(columns[4], dtype=object),
+        "label": np.asarray(columns[5], dtype=np.int64),
+        "probability": np.asarray(columns[6], dtype=np.float64),
+    }
+
+
+def studies_by_margin(db: sqlite_utils.Database, run_id: int) -> list[int]:
+    """Study ids with a prediction of the run, closest to its decision first: ordered by the
+    smallest |probability - threshold| over the study's images (threshold 0.5 when the run
+    has none), then by id."""
+    sql = """
+        SELECT i.study_id, MIN(ABS(p.probability - COALESCE(r.threshold, 0.5))) AS margin
+        FROM predictions p JOIN images i ON i.id = p.image_id JOIN runs r ON r.id = p.run_id
+        WHERE p.run_id = ? GROUP BY i.study_id ORDER BY margin, i.study_id
+    """
+    return [row[0] for row in db.execute(sql, [run_id]).fetchall()]
+
+
+# --- the queue's rows -------------------------------------------------------------------------
+
+def active_with_hash(db: sqlite_utils.Database, config_hash: str) -> tuple[int, str] | None:
+    """(id, status) of the oldest queued or running run with these settings, or None."""
+    row = db.execute(
+        "SELECT id, status FROM runs WHERE config_hash = ? AND status IN ('queued', 'running') ORDER BY id LIMIT 1",
+        [config_hash],
+    ).fetchone()
+    return None if row is None else (row[0], row[1])
+
+
+def insert_queued(db: sqlite_utils.Database, settings: TrainConfig | Mapping[str, Any], config_hash: str) -> int:
+    """Add a queued run with these settings (call inside ``dbm.write``); returns its id."""
+    config = settings if isinstance(settings, TrainConfig) else TrainConfig.from_json(settings)
+    return db["runs"].insert({
+        "backbone": config.backbone, "status": "queued", "config": config.to_json(), "config_hash": config_hash,
+        "split_id": config.split_id, "created_at": dbm.utc_now(), "results": "{}",
+    }).last_pk
+
+
+def status_of(db: sqlite_utils.Database, run_id: int) -> str:
+    """The run's status.
+
+    Raises:
+        errors.RunNotFound: no such run.
+    """
+    row = db.execute("SELECT status FROM runs WHERE id = ?", [run_id]).fetchone()
+    if row is None:
+        raise _not_found(run_id)
+    return row[0]
+
+
+def next_queued(db: sqlite_utils.Database, run_id: int | None = None) -> int | None:
+    """Id of the oldest queued run (or ``run_id`` if it is queued), or None."""
+    if run_id is None:
+        row = db.execute("SELECT id FROM runs WHERE status = 'queued' ORDER BY id LIMIT 1").fetchone()
+    else:
+        row = db.execute("SELECT id FROM runs WHERE status = 'queued' AND id = ?", [run_id]).fetchone()
+    return None if row is None else row[0]
+
+
+def mark_running(db: sqlite_utils.Database, run_id: int, pid: int) -> None:
+    """The run is taken by worker ``pid`` now (call inside ``dbm.write``)."""
+    now = dbm.utc_now()
+    db.execute("UPDATE runs SET status = 'running', started_at = ?, heartbeat_at = ?, worker_pid = ? WHERE id = ?",
+               [now, now, pid, run_id])
+
+
+def running(db: sqlite_utils.Database) -> list[tuple[int, str | None, int | None]]:
+    """(id, heartbeat_at, worker_pid) of every running run."""
+    return [tuple(row) for row in db.execute("SELECT id, heartbeat_at, worker_pid FROM runs WHERE status = 'running'").fetchall()]
+
+
+def finish(db: sqlite_utils.Database, run_id: int, status: str, error: str | None = None) -> None:
+    """Record a run's final status (and why, for failed or interrupted runs); opens its own
+    transaction unless one is open."""
+    now = dbm.utc_now()
+    sql = "UPDATE runs SET status = ?, finished_at = ?, error = ?, heartbeat_at = ? WHERE id = ?"
+    if db.conn.in_transaction:
+        db.execute(sql, [status, now, error, now, run_id])
+    else:
+        with dbm.write(db):
+            db.execute(sql, [status, now, error, now, run_id])
+
+
+def request_cancel(db: sqlite_utils.Database, run_id: int) -> None:
+    """Flag a running run to stop (call inside ``dbm.write``)."""
+    db.execute("UPDATE runs SET cancel_requested = 1 WHERE id = ?", [run_id])
+
+
+def cancel_requested(db: sqlite_utils.Database, run_id: int) -> bool:
+    """Whether the run was asked to stop."""
+    row = db.execute("SELECT cancel_requested FROM runs WHERE id = ?", [run_id]).fetchone()
+    return bool(row and row[0])
+
+
+def heartbeat(db: sqlite_utils.Database, run_id: int) -> None:
+    """The run's worker is alive now."""
+    with dbm.write(db):
+        db.execute("UPDATE runs SET heartbeat_at = ? WHERE id = ?", [dbm.utc_now(), run_id])
+
+
+def set_progress(db: sqlite_utils.Database, run_id: int, fields: Mapping[str, Any]) -> None:
+    """Store the run's progress record (and a heartbeat)."""
+    with dbm.write(db):
+        db.execute("UPDATE runs SET progress = ?, heartbeat_at = ? WHERE id = ?",
+                   [json.dumps(dict(fields), default=float), dbm.utc_now(), run_id])
+
+
+def add_epoch(db: sqlite_utils.Database, run_id: int, epoch: int, phase: str, logs: Mapping[str, float], seconds: float,
+              train_images_per_second: float) -> None:
+    """Store one finished epoch (``training.Reporter.epoch_done``'s arguments)."""
+    metrics = {k: float(v) for k, v in logs.items() if k not in ("loss", "val_loss")}
+    with dbm.write(db):
+        db["epochs"].upsert(
+            {"run_id": run_id, "epoch": epoch, "phase": phase, "loss": _float(logs.get("loss")),
+             "val_loss": _float(logs.get("val_loss")), "metrics": json.dumps(metrics), "seconds": seconds,
+             "train_images_per_second": train_images_per_second},
+            pk=("run_id", "epoch"),
+        )
+
+
+def _float(value: object) -> float | None:
+    return None if value is None else float(value)
+
+
+def record_result(db: sqlite_utils.Database, db_path: str | os.PathLike[str], run_id: int, result: RunResult) -> None:
+    """Store what a run computed, in one transaction: its results (threshold, throughput,
+    device, model path relative to ``runs/``, checksum, facts), the split it used and its
+    predictions (replacing any)."""
+    weights_path = stored_path(db_path, result.model_file)
+    rows = [{"run_id": run_id, "image_id": p.image_id, "subset": p.subset, "label": int(p.label),
+             "probability": float(p.probability)} for p in result.predictions]
+    with dbm.write(db):
+        if db.execute("SELECT 1 FROM runs WHERE id = ?", [run_id]).fetchone() is None:
+            raise _not_found(run_id)
+        db["runs"].update(run_id, {
+            "threshold": result.threshold, "images_per_second": result.images_per_second, "device": result.device,
+            "weights_path": weights_path, "weights_sha256": result.weights_sha256,
+            "results": json.dumps(result.facts, sort_keys=True), "split_id": result.facts.get("split_id"),
+        })
+        db.execute("DELETE FROM predictions WHERE run_id = ?", [run_id])
+        db["predictions"].insert_all(rows)
+
+
+# --- the runs folder --------------------------------------------------------------------------
+
+def runs_root(db_path: str | os.PathLike[str]) -> Path:
+    """``runs/`` beside the database: stored model paths are relative to it."""
+    return Path(db_path).resolve().parent / RUNS_FOLDER
+
+
+def run_folder(db_path: str | os.PathLike[str]) -> Path:
+    """This database's own folder under ``runs/``: ``<stem>-<first 8 hex of sha256(resolved
+    path)>``, e.g. ``runs/labels-3f2a9c1e``. Models of new runs and the worker's log go here,
+    so databases that share a folder never overwrite each other's files."""
+    path = Path(db_path).resolve()
+    return runs_root(path) / f"{path.stem}-{hashlib.sha256(str(path).encode()).hexdigest()[:8]}"
+
+
+def model_file(db_path: str | os.PathLike[str], run_id: int) -> Path:
+    """Where a run's model is saved: ``run_folder(db_path) / f"run-{run_id}" / "model.keras"``."""
+    return run_folder(db_path) / f"run-{int(run_id)}" / "model.keras"
+
+
+def stored_path(db_path: str | os.PathLike[str], path: str | os.PathLike[str]) -> str:
+    """``path`` as stored in ``runs.weights_path``: relative to ``runs/``, with ``/``."""
+    return Path(path).resolve().relative_to(runs_root(db_path)).as_posix()
+
+
+def weights_file(db_path: str | os.PathLike[str], run: Run) -> Path:
+    """The absolute path of a run's model file (it may not exist).
+
+    Raises:
+        ModelUnavailable: the run saved no model, or its stored path leads outside ``runs/``.
+    """
+    weights_path = run.results.weights_path
+    if not weights_path:
+        raise ModelUnavailable(
+            f"run {run.id} has no saved model (status {run.status}): only finished runs can be explained or exported; "
+            "wait for it to finish, or train it again"
+        )
+    root = runs_root(db_path)
+    path = (root / weights_path).resolve()
+    if not path.is_relative_to(root):
+        raise ModelUnavailable(f"run {run.id}'s model path {weights_path!r} points outside {root}; train the run again")
+    return path
+
+
+# --- loading a run's model ----------------------------------------------------------------------
+
+_MODELS: collections.OrderedDict[tuple[Any, ...], Any] = collections.OrderedDict()
+_MODELS_LOCK = threading.Lock()
+
+
+def clear_model_cache() -> None:
+    """Forget every loaded run model (e.g. after replacing a file by hand)."""
+    with _MODELS_LOCK:
+        _MODELS.clear()
+
+
+def load_model(db_path: str | os.PathLike[str], run: Run | int) -> tuple[Any, Backbone, tuple[int, int]]:
+    """Load a finished run's saved model.
+
+    The file is checked against the run's recorded sha256, and loaded with
+    ``keras.saving.load_model(path, compile=False, safe_mode=True)`` (no code from the file
+    runs). Loaded models are cached in this process (at most ``MODEL_CACHE_SIZE``), keyed by
+    path, size, modification time and checksum: a replaced file is loaded (and checked) again.
+
+    Args:
+        db_path: the database file; models live in ``runs/`` beside it.
+        run: a :class:`Run`, or a run id.
+
+    Returns:
+        (model, backbone, image_size): the Keras model, its :class:`Backbone` and the (H, W)
+        it takes.
+
+    Raises:
+        errors.RunNotFound: no such run (when given an id).
+        ModelUnavailable: the run saved no model, or its file is missing, does not match its
+            checksum, cannot be loaded, or is not a classifier of the run's backbone.
+    """
+    if not isinstance(run, Run):
+        with dbm.opened(db_path) as database:
+            run = get(database, int(run))
+    bb = get_backbone(run.settings.backbone or run.backbone)
+    image_size = tuple(int(v) for v in run.settings.image_size)
+    path = weights_file(db_path, run)
+    try:
+        stat = path.stat()
+    except OSError:
+        raise ModelUnavailable(
+            f"the model file of run {run.id} is missing ({path}); restore runs/{run.results.weights_path} from a backup, "
+            "or train the run again"
+        ) from None
+    expected = run.results.weights_sha256
+    key = (str(path), stat.st_size, stat.st_mtime_ns, expected)
+    with _MODELS_LOCK:
+        if key in _MODELS:
+            _MODELS.move_to_end(key)
+            return _MODELS[key], bb, image_size
+        if expected:
+            actual = file_sha256(path)
+            if actual != expected:
+                raise ModelUnavailable(
+                    f"the model file of run {run.id} ({path}) does not match its recorded checksum "
+                    f"(sha256 {actual[:12]}..., expected {expected[:12]}...): it was changed or corrupted; "
+                    "restore the original file, or train the run again"
+                )
+        keras = keras_module()
+        try:
+            model = keras.saving.load_model(str(path), compile=False, safe_mode=True)
+        except Exception as error:  # Keras raises many types (ValueError, OSError, zipfile.BadZipFile, ...)
+            raise ModelUnavailable(
+                f"the model file of run {run.id} ({path}) cannot be loaded ({type(error).__name__}: {error}); "
+                "it may be corrupted or written by an incompatible version: restore the file, or train the run again"
+            ) from None
+        try:
+            model.get_layer(bb.last_conv_layer)
+        except ValueError:
+            raise ModelUnavailable(
+                f"the model file of run {run.id} ({path}) is not a {bb.name} classifier (no layer {bb.last_conv_layer!r}); "
+                "restore the run's own file, or train the run again"
+            ) from None
+        _MODELS[key] = model
+        while len(_MODELS) > MODEL_CACHE_SIZE:
+            _MODELS.popitem(last=False)
+        return model, bb, image_size
+
+
+# --- Grad-CAM maps (explanations) ----------------------------------------------------------------
+
+def cached_heatmap(db: sqlite_utils.Database, run_id: int, image_id: int) -> np.ndarray | None:
+    """The stored heatmap of (run, image) as (H0, W0) float32 in [0, 1], or None if not computed yet."""
+    row = db.execute("SELECT heatmap FROM explanations WHERE run_id = ? AND image_id = ?", [run_id, image_id]).fetchone()
+    return None if row is None else pixelstore.decode_pixels(row[0]).astype(np.float32)
+
+
+def store_heatmaps(db: sqlite_utils.Database, run_id: int, heatmaps: Mapping[int, np.ndarray]) -> None:
+    """Store {image id: (H0, W0) map in [0, 1]} of a run as float16, in one write. Another
+    process may have stored the same map meanwhile: same inputs, same map, so it is replaced."""
+    rows = [{"run_id": run_id, "image_id": int(image_id), "heatmap": pixelstore.encode_pixels(np.asarray(heat).astype(np.float16))}
+            for image_id, heat in heatmaps.items()]
+    with dbm.write(db):
+        db["explanations"].insert_all(rows, replace=True)
+
+
+def unexplained_by_study(db: sqlite_utils.Database, run_id: int) -> dict[int, list[int]]:
+    """{study id: [image ids]} of the run's predicted images without a stored map; test
+    images' studies first (``subset`` descending: test, val), then by image id."""
+    studies: dict[int, list[int]] = {}
+    for image_id, study_id in db.execute(
+        "SELECT p.image_id, i.study_id FROM predictions p JOIN images i ON i.id = p.image_id "
+        "WHERE p.run_id = ? AND p.image_id NOT IN (SELECT image_id FROM explanations WHERE run_id = ?) "
+        "ORDER BY p.subset DESC, p.image_id", [run_id, run_id]):
+        studies.setdefault(study_id, []).append(image_id)
+    return studies
+
+
+# --- fast mode's feature cache --------------------------------------------------------------------
+
+def cached_features(db: sqlite_utils.Database, backbone: str, weights: str, size: tuple[int, int],
+                    image_ids: Iterable[int]) -> dict[int, np.ndarray]:
+    """{image id: (n_features,) float16} of the cached pooled features of these images under
+    (backbone, weights key, (H, W)); images without a cached vector are left out."""
+    wanted = set(image_ids)
+    found = {}
+    for image_id, blob in db.execute(
+        "SELECT image_id, vector FROM features WHERE backbone = ? AND weights = ? AND height = ? AND width = ?",
+        [backbone, weights, int(size[0]), int(size[1])],
+    ).fetchall():
+        if image_id in wanted:
+            found[image_id] = np.frombuffer(blob, dtype=np.float16)
+    return found
+
+
+def store_features(db: sqlite_utils.Database, backbone: str, weights: str, size: tuple[int, int],
+                   vectors: Mapping[int, np.ndarray]) -> None:
+    """Cache {image id: pooled feature vector} (stored as float16) in one write."""
+    rows = [{"backbone": backbone, "weights": weights, "height": int(size[0]), "width": int(size[1]),
+             "image_id": int(image_id), "vector": np.asarray(vector, dtype=np.float16).tobytes()}
+            for image_id, vector in vectors.items()]
+    with dbm.write(db):
+        db["features"].insert_all(rows, replace=True)
