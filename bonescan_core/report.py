@@ -25,7 +25,7 @@ BUNDLE_FILES = ("model.keras", "config.json", "metrics.json", "predictions.csv",
 
 def predictions_rows(db: sqlite_utils.Database, run_id: int) -> list[dict[str, Any]]:
     """Every stored prediction of a run (validation and test), by subset then image id."""
-    data = runs.predictions(db, run_id, subset=None)
+    data = runs.predictions(db, run_id)
     return [
         {"image_id": int(data["image_id"][i]), "study_id": int(data["study_id"][i]),
          "patient_id": int(data["patient_id"][i]), "view": data["view"][i] or "", "subset": data["subset"][i],

@@ -362,11 +362,11 @@ def epochs(db: sqlite_utils.Database, run_id: int) -> list[dict]:
     return rows
 
 
-def predictions(db: sqlite_utils.Database, run_id: int, subset: str | None = "test") -> dict[str, np.ndarray]:
+def predictions(db: sqlite_utils.Database, run_id: int, subset: str | None = None) -> dict[str, np.ndarray]:
     """A run's stored predictions with each image's study, patient and view.
 
     Args:
-        subset: ``"test"``, ``"val"`` or ``"train"``; None for every subset.
+        subset: ``"test"``, ``"val"`` or ``"train"``; None (default) for every subset.
 
     Returns:
         ``{"image_id", "study_id", "patient_id"}``: (n,) int64; ``"view"``: (n,) object

@@ -486,7 +486,7 @@ def test_evaluate_end_to_end(db):
     assert result["bootstrap"] == {"unit": "patient", "interval": "percentile", "level": 0.95, "n_resamples": 200, "seed": 0}
     assert list(result["metrics"]) == list(ev.METRICS)
 
-    data = run_store.predictions(db, run)
+    data = run_store.predictions(db, run, "test")
     expected = ev.point_metrics(data["label"], data["probability"], 0.45)
     for name in ev.METRICS:
         entry = result["metrics"][name]
@@ -525,7 +525,7 @@ def test_compare_runs_pairs_runs_on_the_same_images(db):
     result = ev.compare_runs(db, [a, b])
     assert [r["run"] for r in result["runs"]] == [a, b]
     (pair,) = result["pairs"]
-    data_a, data_b = run_store.predictions(db, a), run_store.predictions(db, b)
+    data_a, data_b = run_store.predictions(db, a, "test"), run_store.predictions(db, b, "test")
     y = data_a["label"]
     assert pair["delong"]["auc_a"] == pytest.approx(skm.roc_auc_score(y, data_a["probability"]))
     expected = ev.delong(y, data_a["probability"], data_b["probability"])

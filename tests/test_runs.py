@@ -69,9 +69,9 @@ def test_a_finished_runs_result_and_predictions_are_stored_and_read_typed(db_pat
     assert (run.status, run.threshold, run.results.images_per_second, run.split_id) == ("done", 0.3, 12.5, 1)
     assert run.settings == SETTINGS and run.results.facts == FACTS
     assert runs.weights_file(db_path, run) == runs.model_file(db_path, run_id)
-    test = runs.predictions(db, run_id)
+    test = runs.predictions(db, run_id, "test")
     assert test["image_id"].tolist() == [images[1], images[2]] and test["probability"].tolist() == [0.6, 0.9]
-    every = runs.predictions(db, run_id, subset=None)
+    every = runs.predictions(db, run_id)
     assert list(zip(every["subset"].tolist(), every["image_id"].tolist(), strict=True)) == [
         ("val", images[0]), ("test", images[1]), ("test", images[2])]
     assert runs.studies_by_margin(db, run_id) == [study_a, study_b]  # |0.2 - 0.3| < |0.6 - 0.3|
