@@ -16,7 +16,7 @@ from bonescan_core.review import training_labels
 
 
 def list_images(db: sqlite_utils.Database) -> list[dict]:
-    """Every image: ``id, study_id, view, source, height, width`` (``cli.md``), by id."""
+    """Every image: ``id, study_id, view, source, height, width`` (``docs/cli.md``), by id."""
     sql = "SELECT id, study_id, view, source, height, width FROM images ORDER BY id"
     return [dict(row) for row in db.query(sql)]
 

@@ -1,4 +1,4 @@
-"""The ``bonescan`` command: headless versions of what the pages do (contract: ``cli.md``).
+"""The ``bonescan`` command: headless versions of what the pages do (contract: ``docs/cli.md``).
 
 Exit status: 0 success; 1 the verb ran but some items failed (each reported); 2 usage
 error or nothing could be done. Errors go to stderr, one line each, saying what to do.
@@ -501,7 +501,7 @@ def build_parser() -> argparse.ArgumentParser:
     decision = verb.add_mutually_exclusive_group(required=True)
     decision.add_argument("--metastatic", action="store_true")
     decision.add_argument("--no-metastasis", action="store_true")
-    decision.add_argument("--exclude", metavar="REASON", help="an exclusion reason id (see cli.md)")
+    decision.add_argument("--exclude", metavar="REASON", help="an exclusion reason id (see docs/cli.md)")
     verb.add_argument("--criteria", metavar="C,...", help="criterion ids, comma-separated")
     verb.add_argument("--artifacts", metavar="A,...", help="injection_site, urine_contamination, other_artifact")
     verb.add_argument("--confidence", type=int, choices=range(1, 6), metavar="1-5")

@@ -22,7 +22,7 @@ scores, with exactly scikit-learn's definitions (``accuracy_score``, ``recall_sc
 random and tied vectors (and the p-values against statsmodels/scipy). The reason is start-up
 time: importing ``sklearn.metrics`` (and ``scipy.stats``, which it pulls in) takes over a
 second, and ``bonescan evaluate`` on stored predictions must start in well under one
-(``cli.md``); this module imports only numpy and sqlite-utils. The same code, fed integer weights
+(``docs/cli.md``); this module imports only numpy and sqlite-utils. The same code, fed integer weights
 (how many times each sample was drawn), computes all 1000 bootstrap resamples at once.
 """
 
@@ -693,7 +693,7 @@ def _clean(value: float, digits: int = ROUND_DIGITS) -> float | None:
 
 
 def _summary(labels: np.ndarray, probabilities: np.ndarray, groups: np.ndarray, threshold: float, n_resamples: int, seed: int) -> dict[str, Any]:
-    """metrics {name: {value, ci95}} and confusion at one threshold (the cli.md shape)."""
+    """metrics {name: {value, ci95}} and confusion at one threshold (the docs/cli.md shape)."""
     values = point_metrics(labels, probabilities, threshold)
     intervals = bootstrap_ci(labels, probabilities, groups, threshold, n_resamples=n_resamples, seed=seed)
     return {
@@ -713,7 +713,7 @@ def evaluate(
     n_resamples: int = 1000,
     seed: int = 0,
 ) -> dict[str, Any]:
-    """The ``evaluate --json`` object of ``cli.md`` for one run, plus study-level metrics.
+    """The ``evaluate --json`` object of ``docs/cli.md`` for one run, plus study-level metrics.
 
     Args:
         db: open database.

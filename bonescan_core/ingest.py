@@ -2,7 +2,7 @@
 from folders or a manifest, de-identification and de-duplication.
 
 Every file is imported in a transaction of its own: a rejected file leaves no rows, and one
-failure never aborts the batch. Rules (``cli.md``):
+failure never aborts the batch. Rules (``docs/cli.md``):
 
 * class of a file: nearest parent folder named metastatic/mets/positive/1 or
   non_metastatic/no_metastasis/negative/normal/0 (any case); also the ``<0|1>`` of

@@ -1,7 +1,7 @@
 """Reviews: the criteria catalogue, append-only reviews, and each study's training label.
 
-Criteria and exclusion reasons are those of Magboo & Magboo (``paper-protocol.md``), with
-the ids of ``cli.md``. A review is one reader's decision on one study at one time; a
+Criteria and exclusion reasons are those of Magboo & Magboo (``docs/paper-protocol.md``), with
+the ids of ``docs/cli.md``. A review is one reader's decision on one study at one time; a
 correction is a new review, and a reader's current opinion is their latest review.
 """
 

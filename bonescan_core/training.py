@@ -7,7 +7,7 @@ calling process (the worker, or ``bonescan train`` in the foreground). The calle
 ``train_run`` writes the run's split id (``runs.split_id``) and its ``predictions``, caches
 fast-mode ``features``, and saves ``runs_dir/run-<id>/model.keras``.
 
-Modes (``cli.md``):
+Modes (``docs/cli.md``):
 
 * ``fast``: frozen backbone, no augmentation; pooled features are computed once per
   (backbone, weights, input size, image) and cached in the ``features`` table, so a re-run

@@ -1,4 +1,4 @@
-"""The `bonescan` command as scripts use it: verbs, JSON fields and exit codes of cli.md."""
+"""The `bonescan` command as scripts use it: verbs, JSON fields and exit codes of docs/cli.md."""
 
 import csv
 import json
