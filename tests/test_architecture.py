@@ -1,4 +1,4 @@
-"""The shape DESIGN.md promises: core never imports streamlit, pages never run SQL, light
+"""The shape docs/architecture.md describes: core never imports streamlit, pages never run SQL, light
 CLI verbs never import TensorFlow."""
 
 import ast

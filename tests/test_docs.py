@@ -168,3 +168,13 @@ def test_nothing_points_outside_the_repository() -> None:
                     problems.append(f"{relative}:{number}: names {name}, which is not in the repository "
                                     "(write its path from the repository root, e.g. docs/cli.md)")
     assert not problems, "\n".join(problems)
+
+
+def test_architecture_md_lists_every_module() -> None:
+    """Each module and subpackage of bonescan_core has its line in docs/architecture.md's module list."""
+    sections = _sections((ROOT / "docs" / "architecture.md").read_text(encoding="utf-8"))
+    listed = set(re.findall(r"^\s*(\w+)(?:\.py|/)", _code(sections.get("Modules", "")), flags=re.M))
+    package = ROOT / "bonescan_core"
+    names = {p.stem for p in package.rglob("*.py") if not p.name.startswith("__")}
+    names |= {p.name for p in package.iterdir() if p.is_dir() and (p / "__init__.py").exists()}
+    assert names <= listed, f"docs/architecture.md does not list {sorted(names - listed)}"
