@@ -36,12 +36,14 @@ def two_models(seed, n=120, prevalence=0.4, sep_a=1.2, sep_b=0.7, ties=False):
 
 
 def clustered_models(seed, n_patients=50, spread=1.5):
-    """Studies nested in patients (1-4 each, one label per patient) with a strong patient effect
-    in each model's scores, so studies of one patient are correlated."""
+    """Studies nested in patients (1-4 each) with a strong patient effect in each model's scores,
+    so studies of one patient are correlated; labels mostly shared within a patient, some mixed
+    (a follow-up study that turned metastatic), so clusters hold positives and negatives."""
     rng = np.random.default_rng(seed)
     per_patient = rng.integers(1, 5, n_patients)
     patient = np.repeat(np.arange(n_patients), per_patient)
-    y = (rng.random(n_patients) < 0.4).astype(int)[patient]
+    patient_positive = (rng.random(n_patients) < 0.4)[patient]
+    y = (rng.random(patient.size) < np.where(patient_positive, 0.85, 0.1)).astype(int)
     effect_a, effect_b = (spread * rng.normal(size=n_patients))[patient], (spread * rng.normal(size=n_patients))[patient]
     pa = sigmoid(effect_a + 0.5 * rng.normal(size=patient.size) + 1.2 * (2 * y - 1))
     pb = sigmoid(effect_b + 0.5 * rng.normal(size=patient.size) + 0.8 * (2 * y - 1))
@@ -110,6 +112,14 @@ def test_npv_rule_is_the_highest_threshold_reaching_the_target(target):
         if np.any(p < t) and np.mean(y[p < t] == 0) >= target  # NPV: negatives among the studies called negative
     ]
     assert chosen == ss.Threshold(max(reaching), f"npv>={target:g}")
+
+
+def test_sensitivity_rule_by_hand():
+    # 100 positives at 0.01 ... 1.00: 0.55 * 100 is 55.00000000000001 in floating point, yet 55
+    # of them suffice, so the threshold is the 55th highest positive, 0.46.
+    y = np.r_[np.ones(100, int), np.zeros(3, int)]
+    p = np.r_[np.arange(1, 101) / 100, 0.05, 0.15, 0.95]
+    assert ss.choose_threshold(y, p, rule="sensitivity", target=0.55) == ss.Threshold(0.46, "sensitivity>=0.55")
 
 
 def test_threshold_rules_refuse_what_they_cannot_do():
@@ -257,8 +267,8 @@ def test_clustered_delong_variance_matches_a_clustered_bootstrap(seed):
     Tolerance 10%: the Monte Carlo error of a variance from B = 10,000 resamples is about
     sqrt(2 / B) = 1.4% (times a kurtosis factor near 1); the plug-in bootstrap variance is
     smaller than the (I - 1)-corrected estimator by O(1 / I), about 2% at I = 50 patients; the
-    rest is the O(1 / I^2) difference of the two estimators. Observed ratios: 0.97 to 1.02.
-    The ordinary DeLong variance on the same data is about 0.4 of it, which the last assert
+    rest is the O(1 / I^2) difference of the two estimators. Observed ratios: 0.98 to 1.05.
+    The ordinary DeLong variance on the same data is 0.44 to 0.56 of it, which the last assert
     shows fails this check.
     """
     y, pa, pb, patient = clustered_models(seed)
@@ -270,7 +280,7 @@ def test_clustered_delong_variance_matches_a_clustered_bootstrap(seed):
     assert 0.9 < clustered["se"] ** 2 / bootstrap_variance < 1.1
     ordinary = ev.delong(y, pa, pb)
     ordinary_variance = ((ordinary["ci95"][1] - ordinary["difference"]) / 1.959963984540054) ** 2
-    assert ordinary_variance / bootstrap_variance < 0.6
+    assert ordinary_variance / bootstrap_variance < 0.7
 
 
 def test_clustered_delong_undefined_cases():
