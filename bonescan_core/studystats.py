@@ -445,6 +445,45 @@ def fit_temperature(labels: Any, logits: Any, bounds: tuple[float, float] = TEMP
     return float(math.exp((low + high) / 2.0))
 
 
+class Platt(NamedTuple):
+    """Platt scaling on the logit: calibrated probability = sigmoid(intercept + slope * logit)."""
+
+    intercept: float
+    slope: float
+
+
+def fit_platt(labels: Any, logits: Any) -> Platt:
+    """Platt scaling (Platt 1999) on validation logits: logistic regression y ~ a + b z.
+
+    Unlike temperature scaling it also removes a constant shift of the log-odds, which a
+    class-weighted loss introduces (weights w1/w0 shift the logit by about log(w1/w0)); it keeps
+    the ranking when b > 0. The fitted (a, b) are the calibration intercept and slope of the
+    one-step logistic recalibration in :func:`calibration_intercept_slope`'s slope model.
+
+    Args:
+        labels: (n,) 0/1 validation labels, both classes present.
+        logits: (n,) finite float64 logits.
+
+    Returns:
+        :class:`Platt` (intercept a, slope b), floats; nan when the data are perfectly
+        separated (the maximum-likelihood fit does not exist).
+    """
+    y = np.asarray(labels, dtype=np.float64)
+    z = np.asarray(logits, dtype=np.float64)
+    if y.ndim != 1 or y.shape != z.shape or y.size == 0 or not np.isfinite(z).all():
+        raise InputError("labels and logits must be non-empty, 1-D, equally long and finite")
+    if not np.isin(y, (0.0, 1.0)).all() or y.min() == y.max():
+        raise InputError("Platt scaling needs 0/1 validation labels of both classes")
+    beta, _ = _logistic_fit(y, np.column_stack([np.ones_like(z), z]), np.zeros_like(z))
+    return Platt(float(beta[0]), float(beta[1]))
+
+
+def apply_platt(logits: Any, platt: Platt) -> np.ndarray:
+    """Calibrated probabilities sigmoid(a + b z); (n,) float64 in (0, 1)."""
+    z = platt.intercept + platt.slope * np.asarray(logits, dtype=np.float64)
+    return 0.5 * (1.0 + np.tanh(0.5 * z))
+
+
 def ece_equal_mass(labels: Any, probabilities: Any, n_bins: int = 10) -> dict[str, Any]:
     """Expected calibration error over equal-mass bins (each holds n / n_bins samples, +-1).
 

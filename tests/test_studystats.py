@@ -350,6 +350,22 @@ def test_fit_temperature_stops_at_its_bounds_and_refuses_one_class():
         ss.fit_temperature(np.ones(4), np.arange(4.0))
 
 
+def test_platt_scaling_against_statsmodels_and_removes_a_class_weight_shift():
+    y, z = miscalibrated(15, n=2000, intercept=0.0, slope=1.0)
+    shifted = z + math.log(1.5)  # what class weights 1.5 : 1 do to the log-odds
+    platt = ss.fit_platt(y, shifted)
+    glm = sm.GLM(y, sm.add_constant(shifted), family=sm.families.Binomial()).fit()
+    assert (platt.intercept, platt.slope) == pytest.approx(tuple(glm.params), abs=1e-8)
+    recalibrated = ss.calibration_intercept_slope(y, ss.apply_platt(shifted, platt))
+    assert recalibrated["intercept"]["value"] == pytest.approx(0.0, abs=1e-6)  # in the large: exact on the fitting data
+    assert recalibrated["slope"]["value"] == pytest.approx(1.0, abs=1e-6)
+    # Temperature scaling cannot remove the shift: calibration-in-the-large stays off.
+    tempered = ss.apply_temperature(shifted, ss.fit_temperature(y, shifted))
+    assert ss.calibration_intercept_slope(y, tempered)["intercept"]["value"] < -0.2
+    with pytest.raises(InputError, match="both classes"):
+        ss.fit_platt(np.zeros(3), np.arange(3.0))
+
+
 def test_logit_round_trips_and_clips():
     p = np.array([0.0, 0.2, 0.5, 0.9, 1.0])
     z = ss.logit(p)
