@@ -63,6 +63,15 @@ def _z(level: float) -> float:
     return statistics.NormalDist().inv_cdf(0.5 + level / 2.0)
 
 
+def _inputs(labels: Any, scores: Any) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`evaluation._check` (labels (n,) int64 0/1, scores (n,) float64 in [0, 1]), its
+    ValueError raised as this family's InputError so that the CLI reports it as a user error."""
+    try:
+        return _check(labels, scores)
+    except ValueError as error:
+        raise InputError(str(error)) from error
+
+
 def _ids(values: Any, n: int, name: str) -> np.ndarray:
     """A (n,) id array (any hashable dtype) checked against the sample count."""
     ids = np.asarray(values)
@@ -145,7 +154,7 @@ def choose_threshold(labels: Any, scores: Any, rule: str = "youden", target: flo
         InputError: unknown rule, missing/extra/out-of-range target, one class only, or no
             threshold reaching the NPV target.
     """
-    y, p = _check(labels, scores)
+    y, p = _inputs(labels, scores)
     if rule not in THRESHOLD_RULES:
         raise InputError(f"threshold rule must be one of {', '.join(THRESHOLD_RULES)}; got {rule!r}")
     if y.size == 0 or y.min() == y.max():
@@ -242,8 +251,8 @@ def paired_bootstrap(
         "ci95": (low, high), "p", "a", "b", "n_valid" (resamples where defined)}``; plus
         ``"n_studies", "n_patients", "n_resamples", "seed", "method"``. Floats; nan where undefined.
     """
-    y, pa = _check(labels, scores_a)
-    _, pb = _check(labels, scores_b)
+    y, pa = _inputs(labels, scores_a)
+    _, pb = _inputs(labels, scores_b)
     if pa.shape != pb.shape:
         raise InputError("scores_a and scores_b must score the same studies")
     patients = _ids(patient_ids, y.size, "patient_ids")
@@ -315,8 +324,8 @@ def clustered_delong(labels: Any, scores_a: Any, scores_b: Any, cluster_ids: Any
         clusters with a positive or with a negative). Identical rankings (variance 0, delta
         0): z 0, p 1.
     """
-    y, pa = _check(labels, scores_a)
-    _, pb = _check(labels, scores_b)
+    y, pa = _inputs(labels, scores_a)
+    _, pb = _inputs(labels, scores_b)
     clusters = _ids(cluster_ids, y.size, "cluster_ids")
     z_level = _z(level)
     _, cluster = np.unique(clusters, return_inverse=True)
@@ -370,8 +379,8 @@ def mcnemar_studies(labels: Any, scores_a: Any, scores_b: Any, threshold_a: floa
     Returns:
         ``{"b" (only a right), "c" (only b right), "p", "statistic", "method"}``.
     """
-    y, pa = _check(labels, scores_a)
-    _, pb = _check(labels, scores_b)
+    y, pa = _inputs(labels, scores_a)
+    _, pb = _inputs(labels, scores_b)
     result = mcnemar(y, pa >= threshold_a, pb >= threshold_b)
     return {"b": result["b"], "c": result["c"], "p": result["p_value"], "statistic": result["statistic"], "method": result["method"]}
 
@@ -501,7 +510,7 @@ def ece_equal_mass(labels: Any, probabilities: Any, n_bins: int = 10) -> dict[st
         "count": (b,) int64}`` per non-empty bin, in increasing probability (the
         reliability diagram's points).
     """
-    y, p = _check(labels, probabilities)
+    y, p = _inputs(labels, probabilities)
     if n_bins < 1:
         raise InputError(f"n_bins must be at least 1; got {n_bins}")
     order = np.lexsort((y, p))
@@ -563,7 +572,7 @@ def calibration_intercept_slope(labels: Any, probabilities: Any, level: float = 
         ``{"intercept": {"value", "se", "ci95"}, "slope": {"value", "se", "ci95"}, "n"}``;
         nan when a fit does not exist (one class, or perfect separation).
     """
-    y, p = _check(labels, probabilities)
+    y, p = _inputs(labels, probabilities)
     z_level = _z(level)
     nan_part = {"value": math.nan, "se": math.nan, "ci95": (math.nan, math.nan)}
     if y.size == 0 or y.min() == y.max():
@@ -600,7 +609,7 @@ def decision_curve(labels: Any, probabilities: Any, thresholds: Any) -> dict[str
     Returns:
         ``{"threshold", "net_benefit", "treat_all", "treat_none"}``: (t,) float64 each.
     """
-    y, p = _check(labels, probabilities)
+    y, p = _inputs(labels, probabilities)
     t = np.atleast_1d(np.asarray(thresholds, dtype=np.float64))
     if y.size == 0:
         raise InputError("a decision curve needs at least one study")

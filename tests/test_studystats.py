@@ -188,6 +188,15 @@ def test_paired_bootstrap_against_brute_force_resamples():
     assert result["n_studies"] == y.size and result["n_patients"] == 30 and result["n_resamples"] == n_resamples
 
 
+def test_bad_input_is_an_input_error():
+    with pytest.raises(InputError, match="equally long"):
+        ss.paired_bootstrap([0, 1, 1], [0.1, 0.2], [0.3, 0.4], [1, 2], 0.5, 0.5)
+    with pytest.raises(InputError, match="one id per row"):
+        ss.clustered_delong([0, 1], [0.1, 0.9], [0.3, 0.4], [1, 2, 3])
+    with pytest.raises(InputError, match="within"):
+        ss.calibration_intercept_slope([0, 1], [0.1, 1.5])
+
+
 def test_paired_bootstrap_same_model_gives_no_difference_and_p_one():
     y, pa, _, patient = clustered_models(5)
     result = ss.paired_bootstrap(y, pa, pa, patient, 0.5, 0.5, n_resamples=300, seed=0)
