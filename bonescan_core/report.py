@@ -7,7 +7,6 @@ pseudonymous ids of this database), and the config holds settings, not file path
 
 from __future__ import annotations
 
-import csv
 import html
 import io
 import json
@@ -18,6 +17,7 @@ from typing import Any
 import sqlite_utils
 
 from bonescan_core import evaluation, jobs, plots
+from bonescan_core.csvfile import write_rows
 
 PREDICTION_COLUMNS = ("image_id", "study_id", "patient_id", "view", "subset", "label", "probability")
 BUNDLE_FILES = ("model.keras", "config.json", "metrics.json", "predictions.csv", "report.html")
@@ -40,9 +40,7 @@ def predictions_rows(db: sqlite_utils.Database, run_id: int) -> list[dict[str, A
 def predictions_csv(db: sqlite_utils.Database, run_id: int) -> str:
     """``predictions --csv`` text: columns PREDICTION_COLUMNS (label 1 = metastatic)."""
     buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=PREDICTION_COLUMNS, lineterminator="\n")
-    writer.writeheader()
-    writer.writerows(predictions_rows(db, run_id))
+    write_rows(buffer, PREDICTION_COLUMNS, predictions_rows(db, run_id))
     return buffer.getvalue()
 
 

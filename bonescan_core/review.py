@@ -8,7 +8,6 @@ correction is a new review, and a reader's current opinion is their latest revie
 from __future__ import annotations
 
 import contextlib
-import csv
 import datetime as dt
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -18,7 +17,7 @@ import sqlite_utils
 
 from bonescan_core import accounts
 from bonescan_core import db as dbm
-from bonescan_core.csvfile import read_rows
+from bonescan_core.csvfile import read_rows, unescape_cell, write_rows
 
 LABELS = ("metastatic", "non_metastatic")
 
@@ -367,16 +366,14 @@ REQUIRED_CSV_COLUMNS = ("study_id", "reviewer", "decision", "label", "criteria")
 
 
 def export_reviews_csv(db: sqlite_utils.Database, path: Path) -> int:
-    """Write every review, oldest first, with ``CSV_COLUMNS``; returns the row count."""
+    """Write every review, oldest first, with ``CSV_COLUMNS``; returns the row count.
+
+    Text that a spreadsheet would run as a formula is quoted (see :mod:`bonescan_core.csvfile`);
+    :func:`import_reviews_csv` undoes it.
+    """
     rows = db.query(f"SELECT {', '.join(CSV_COLUMNS)} FROM reviews ORDER BY id")
-    count = 0
     with path.open("w", newline="", encoding="utf-8") as handle:
-        writer = csv.DictWriter(handle, fieldnames=CSV_COLUMNS)
-        writer.writeheader()
-        for row in rows:
-            writer.writerow({key: "" if value is None else value for key, value in row.items()})
-            count += 1
-    return count
+        return write_rows(handle, CSV_COLUMNS, rows)
 
 
 @dataclass(frozen=True)
@@ -428,7 +425,9 @@ def import_reviews_csv(db: sqlite_utils.Database, path: Path) -> CsvImportResult
     rows = read_rows(path, REQUIRED_CSV_COLUMNS, ReviewError)
     added = duplicates = 0
     errors = []
-    for line, row in rows:
+    for line, raw in rows:
+        # Undo the export's formula quoting; DictReader gives None for short rows, a list for long ones.
+        row = {key: unescape_cell(value) if isinstance(value, str) else value for key, value in raw.items()}
         try:
             review, created_at = _review_from_csv(row)
             if created_at and db.execute(

