@@ -98,3 +98,22 @@ def test_app_defaults_bind_loopback_and_limit_uploads():
     assert config["server"]["address"] == "127.0.0.1"
     assert 0 < config["server"]["maxUploadSize"] <= 200
     assert config["browser"]["gatherUsageStats"] is False
+
+
+def _version(text):
+    """'3.14.0' -> (3, 14, 0); enough for the release numbers compared here."""
+    return tuple(int(part) for part in text.split("+")[0].split(".")[:3] if part.isdigit())
+
+
+def test_keras_is_new_enough_to_keep_safe_mode_safe():
+    """Keras before 3.14 lets a .keras file escape safe_mode (CVE-2025-1550, CVE-2025-8747,
+    CVE-2025-9905, CVE-2026-1462): the requirement and the installed copy must both be 3.14 or later."""
+    import importlib.metadata
+    import re
+
+    lines = [line.split("#")[0].strip() for line in (REPO / "requirements.txt").read_text().splitlines()]
+    keras = [line for line in lines if re.match(r"keras\s*[<>=!~]", line)]
+    assert len(keras) == 1, keras
+    lower = re.search(r">=\s*([\d.]+)", keras[0])
+    assert lower and _version(lower.group(1)) >= (3, 14), keras[0]
+    assert _version(importlib.metadata.version("keras")) >= (3, 14)
