@@ -285,10 +285,41 @@ _ACCOUNTS_SQL = [
 ]
 
 
+def _m004_append_only(db: sqlite_utils.Database) -> None:
+    """Close the audit trail's gaps: no insert may reuse a review's or flag's id (``INSERT OR
+    REPLACE`` deletes the old row without firing a delete trigger), flags become append-only
+    like reviews, and a flag records the newest review id when it was raised, so that "answered
+    by a later review" means stored later, whatever time an imported review carries."""
+    for statement in _APPEND_ONLY_SQL:
+        db.execute(statement)
+
+
+_APPEND_ONLY_SQL = [
+    # The newest review id when the flag was raised; a review with a larger id answers the flag.
+    "ALTER TABLE flags ADD COLUMN after_review_id INTEGER NOT NULL DEFAULT 0",
+    # Flags raised before this migration: the newest review stored by then, by the clock (the
+    # only record there is). The triggers below forbid any later update.
+    """UPDATE flags SET after_review_id = COALESCE(
+            (SELECT MAX(r.id) FROM reviews r WHERE r.created_at <= flags.created_at), 0)""",
+    # BEFORE INSERT fires before the conflict resolution, so OR REPLACE never gets to delete.
+    """CREATE TRIGGER reviews_no_replace BEFORE INSERT ON reviews
+        WHEN EXISTS (SELECT 1 FROM reviews WHERE id = NEW.id)
+        BEGIN SELECT RAISE(ABORT, 'reviews are append-only: add a new review instead'); END""",
+    """CREATE TRIGGER flags_no_replace BEFORE INSERT ON flags
+        WHEN EXISTS (SELECT 1 FROM flags WHERE id = NEW.id)
+        BEGIN SELECT RAISE(ABORT, 'flags are append-only: add a new flag instead'); END""",
+    """CREATE TRIGGER flags_no_update BEFORE UPDATE ON flags
+        BEGIN SELECT RAISE(ABORT, 'flags are append-only: add a new flag instead'); END""",
+    """CREATE TRIGGER flags_no_delete BEFORE DELETE ON flags
+        BEGIN SELECT RAISE(ABORT, 'flags are append-only: add a new flag instead'); END""",
+]
+
+
 MIGRATIONS: list[tuple[str, Callable[[sqlite_utils.Database], None]]] = [
     ("001_foundation", _m001_foundation),
     ("002_training", _m002_training),
     ("003_accounts", _m003_accounts),
+    ("004_append_only", _m004_append_only),
 ]
 
 

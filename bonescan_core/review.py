@@ -337,17 +337,23 @@ def add_flag(db: sqlite_utils.Database, study_id: int, reason: str, flagged_by: 
     with dbm.write(db):
         if not db.execute("SELECT 1 FROM studies WHERE id = ?", [study_id]).fetchone():
             raise ReviewError(f"study {study_id} does not exist")
+        newest_review = db.execute("SELECT COALESCE(MAX(id), 0) FROM reviews").fetchone()[0]
         return db["flags"].insert(
-            {"study_id": study_id, "reason": reason.strip(), "flagged_by": flagged_by.strip() or "unknown", "created_at": dbm.utc_now()}
+            {"study_id": study_id, "reason": reason.strip(), "flagged_by": flagged_by.strip() or "unknown", "created_at": dbm.utc_now(),
+             "after_review_id": newest_review}
         ).last_pk
 
 
 def open_flags(db: sqlite_utils.Database) -> dict[int, list[str]]:
-    """{study_id: [reasons]} for flags that no reader has answered with a later review."""
+    """{study_id: [reasons]} for flags that no reader has answered with a later review.
+
+    Later means stored later (a larger review id), not a later ``created_at``: imported reviews
+    keep the time their sheet gives, which may be anything.
+    """
     sql = """
         SELECT f.study_id, f.reason FROM flags f
         WHERE NOT EXISTS (
-            SELECT 1 FROM reviews r WHERE r.study_id = f.study_id AND r.created_at > f.created_at
+            SELECT 1 FROM reviews r WHERE r.study_id = f.study_id AND r.id > f.after_review_id
               AND r.reviewer NOT IN ({})
         )
         ORDER BY f.id

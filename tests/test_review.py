@@ -170,3 +170,16 @@ def test_csv_export_escapes_formulas_and_import_restores_them(db, studies, tmp_p
         imported = [{k: row[k] for k in fields} for s in studies for row in rv.history(other, s)]
     original = [{k: row[k] for k in fields} for s in studies for row in rv.history(db, s)]
     assert imported == original
+
+
+def test_order_is_insertion_order_not_the_stored_time(db, studies):
+    """Imported created_at values are data, not order: a sheet cannot date a review into the
+    future to hide a later flag, nor into the past to lose to an older reading."""
+    rv.add_review(db, reading(studies[0], "ann", "metastatic"), created_at="2099-01-01T00:00:00Z")
+    rv.add_flag(db, studies[0], "recheck the spine", "evaluate")
+    assert rv.open_flags(db) == {studies[0]: ["recheck the spine"]}, "a review stored before the flag does not answer it"
+    rv.add_review(db, reading(studies[0], "ann", "non_metastatic"), created_at="2001-01-01T00:00:00Z")
+    assert rv.open_flags(db) == {}, "a review stored after the flag answers it, whatever its time"
+    assert rv.study_statuses(db)[studies[0]].readers == {"ann": "non_metastatic"}
+    assert [r["label"] for r in rv.history(db, studies[0])] == ["metastatic", "non_metastatic"]
+    assert rv.history(db, studies[0])[1]["created_at"] == "2001-01-01T00:00:00Z"  # kept as data
