@@ -2,8 +2,10 @@
 
 Connections are short-lived: open one per operation with :func:`connect` (Streamlit runs
 sessions on several threads; a connection must not cross threads). Every connection turns
-on WAL (readers never block the writer), foreign keys and a busy timeout (a writer waits
-for another writer instead of failing). Writes go through :func:`write`, which takes the
+on WAL (readers never block the writer), ``synchronous=FULL`` (a commit is on disk when it
+returns), foreign keys and a busy timeout (a writer waits for another writer instead of
+failing). WAL needs shared memory between the processes, so one database belongs to one
+host: never on a network file system. Writes go through :func:`write`, which takes the
 write lock up front (``BEGIN IMMEDIATE``) so two writers queue instead of deadlocking.
 
 The schema is versioned by an ordered list of migrations; applied ones are recorded in the
@@ -54,7 +56,9 @@ def connect(path: str | os.PathLike[str] | None = None, *, migrate: bool = True)
     conn = sqlite3.connect(str(db_path), timeout=BUSY_TIMEOUT_S)
     conn.execute(f"PRAGMA busy_timeout = {int(BUSY_TIMEOUT_S * 1000)}")
     conn.execute("PRAGMA journal_mode = WAL")
-    conn.execute("PRAGMA synchronous = NORMAL")  # safe with WAL; a power cut loses at most the last commit
+    # FULL: a commit returns only after the WAL is on disk, so a saved review survives a power cut
+    # (NORMAL could lose the last commits; it is never corrupt). About 0.5-1.5 ms per commit on an SSD.
+    conn.execute("PRAGMA synchronous = FULL")
     conn.execute("PRAGMA foreign_keys = ON")
     db = sqlite_utils.Database(conn)
     if migrate:

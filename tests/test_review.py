@@ -183,3 +183,20 @@ def test_order_is_insertion_order_not_the_stored_time(db, studies):
     assert rv.study_statuses(db)[studies[0]].readers == {"ann": "non_metastatic"}
     assert [r["label"] for r in rv.history(db, studies[0])] == ["metastatic", "non_metastatic"]
     assert rv.history(db, studies[0])[1]["created_at"] == "2001-01-01T00:00:00Z"  # kept as data
+
+
+def test_a_review_is_written_with_synchronous_full(db, studies, monkeypatch):
+    """A saved review survives a power cut: its commit waits for the disk (synchronous=FULL, 2)."""
+    from bonescan_core import db as dbm
+
+    seen = []
+    real_write = dbm.write
+
+    def watching_write(database):
+        seen.append(database.execute("PRAGMA synchronous").fetchone()[0])
+        return real_write(database)
+
+    monkeypatch.setattr(dbm, "write", watching_write)
+    rv.add_review(db, reading(studies[0], "ann", "metastatic"))
+    rv.add_flag(db, studies[0], "look again", "ann")
+    assert seen == [2, 2]
