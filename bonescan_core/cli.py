@@ -17,6 +17,8 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from bonescan_core.errors import BonescanError
+
 EXIT_OK, EXIT_SOME_FAILED, EXIT_USAGE = 0, 1, 2
 # Verbs that need no model or table library: they must start in well under a second.
 LIGHT_VERBS = frozenset({"init", "demo", "import", "images", "studies", "label", "labels", "agreement", "adjudicator",
@@ -624,7 +626,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         sys.modules["pandas"] = None  # type: ignore[assignment]
     try:
         return args.func(args)
-    except CommandError as error:
+    except (CommandError, BonescanError) as error:
         print(f"bonescan {args.verb}: {error}", file=sys.stderr)
         return EXIT_USAGE
     except FileNotFoundError as error:

@@ -117,3 +117,11 @@ def test_keras_is_new_enough_to_keep_safe_mode_safe():
     lower = re.search(r">=\s*([\d.]+)", keras[0])
     assert lower and _version(lower.group(1)) >= (3, 14), keras[0]
     assert _version(importlib.metadata.version("keras")) >= (3, 14)
+
+
+def test_the_browser_gets_no_error_details():
+    """Server paths and tracebacks stay in the server log: the browser shows only the error's type."""
+    import tomllib
+
+    config = tomllib.loads((REPO / ".streamlit" / "config.toml").read_text())
+    assert config["client"]["showErrorDetails"] == "type"
