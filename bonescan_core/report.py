@@ -16,7 +16,7 @@ from typing import Any
 
 import sqlite_utils
 
-from bonescan_core import evaluation, jobs, plots
+from bonescan_core import errors, evaluation, jobs, plots
 from bonescan_core.csvfile import write_rows
 
 PREDICTION_COLUMNS = ("image_id", "study_id", "patient_id", "view", "subset", "label", "probability")
@@ -106,7 +106,7 @@ def export_bundle(db: sqlite_utils.Database, db_path: Path, run_id: int, out_dir
 
     run = jobs.get_run(db, run_id)
     if run["status"] != "done":
-        raise ValueError(f"run {run_id} is {run['status']}; only finished runs can be exported")
+        raise errors.InputError(f"run {run_id} is {run['status']}; only finished runs can be exported")
     explain.load_run_model(db_path, run)  # raises ModelUnavailable with advice
     out_dir.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(jobs.runs_dir(db_path) / run["weights_path"], out_dir / "model.keras")

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import sqlite_utils
 
-from bonescan_core import accounts
+from bonescan_core import accounts, errors
 from bonescan_core import db as dbm
 from bonescan_core.csvfile import read_rows, unescape_cell, write_rows
 
@@ -59,7 +59,7 @@ ARTIFACTS: dict[str, str] = {
 SYSTEM_REVIEWERS = frozenset({"import"})
 
 
-class ReviewError(ValueError):
+class ReviewError(errors.InputError):
     """A review that cannot be stored as given; the message says what to fix."""
 
 
