@@ -415,7 +415,7 @@ def _review_from_csv(row: dict[str, str]) -> tuple[Review, str | None]:
         exclusion_reason=(row.get("exclusion_reason") or "").strip() or None,
         artifacts=split(row.get("artifacts") or ""),
         confidence=int(confidence) if confidence else None,
-        note=(row.get("note") or "").strip(),
+        note=row.get("note") or "",  # as written: a round trip of an export keeps every character
         adjudication=(row.get("adjudication") or "").strip().lower() in ("1", "true", "yes"),
     )
     return review, created_at

