@@ -90,7 +90,7 @@ def connect(path: str | os.PathLike[str] | None = None, *, migrate: bool = True)
         conn.execute(f"PRAGMA busy_timeout = {int(BUSY_TIMEOUT_S * 1000)}")
         conn.execute("PRAGMA journal_mode = WAL")
         # FULL: a commit returns only after the WAL is on disk, so a saved review survives a power cut
-        # (NORMAL could lose the last commits; it is never corrupt). About 0.5-1.5 ms per commit on an SSD.
+        # (NORMAL could lose the last commits; it is never corrupt). Costs an fsync per commit: docs/security.md.
         conn.execute("PRAGMA synchronous = FULL")
         conn.execute("PRAGMA foreign_keys = ON")
         db = sqlite_utils.Database(conn)
