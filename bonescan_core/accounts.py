@@ -34,6 +34,7 @@ from dataclasses import dataclass
 import sqlite_utils
 
 from bonescan_core import db as dbm
+from bonescan_core import errors
 
 ROLES: dict[str, str] = {
     "reader": "labels studies",
@@ -55,16 +56,12 @@ SETTING = "sign_in"  # key in the settings table: "required" or "off" (absent: o
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._@-]{0,63}")
 
 
-class AccountError(ValueError):
+class AccountError(errors.InputError):
     """An account operation that cannot be done as asked; the message says what to do."""
 
 
-class SignInFailed(Exception):
+class SignInFailed(errors.BonescanError):
     """Sign-in refused: wrong name or password, a throttled name, or a disabled account."""
-
-
-class PermissionDenied(Exception):
-    """The signed-in account lacks the role an action needs; the message names the fix."""
 
 
 @dataclass(frozen=True)
@@ -348,7 +345,7 @@ def denial(action: str, account: Account | None = None) -> str:
 def require(account: Account | None, action: str, *, sign_in: bool) -> None:
     """PermissionDenied (with :func:`denial`'s message) unless :func:`permits`."""
     if not permits(account, action, sign_in=sign_in):
-        raise PermissionDenied(denial(action, account))
+        raise errors.PermissionDenied(denial(action, account))
 
 
 def may(db: sqlite_utils.Database, name: str, action: str) -> bool:

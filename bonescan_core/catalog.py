@@ -11,7 +11,7 @@ from collections import Counter
 import numpy as np
 import sqlite_utils
 
-from bonescan_core import pixelstore
+from bonescan_core import errors, pixelstore
 from bonescan_core.review import training_labels
 
 
@@ -105,5 +105,5 @@ def image_pixels(db: sqlite_utils.Database, image_id: int) -> np.ndarray:
     """Decoded pixels of one image, (H, W), original dtype."""
     row = db.execute("SELECT pixels FROM images WHERE id = ?", [image_id]).fetchone()
     if row is None:
-        raise KeyError(f"image {image_id} does not exist; list images with `bonescan images --json`")
+        raise errors.ImageNotFound(f"image {image_id} does not exist; list images with `bonescan images --json`")
     return pixelstore.decode_pixels(row[0])

@@ -1,7 +1,9 @@
 """The ``bonescan`` command: headless versions of what the pages do (contract: ``docs/cli.md``).
 
 Exit status: 0 success; 1 the verb ran but some items failed (each reported); 2 usage
-error or nothing could be done. Errors go to stderr, one line each, saying what to do.
+error or nothing could be done. Errors go to stderr, one line each, saying what to do:
+:func:`main` maps the whole error family (:class:`errors.BonescanError`) to exit 2 in one
+place, so verbs raise and never catch.
 Modules are imported inside each verb so that light verbs start fast (no TensorFlow, no
 pydicom for ``studies``).
 """
@@ -17,14 +19,16 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from bonescan_core.errors import BonescanError, InputError
+
 EXIT_OK, EXIT_SOME_FAILED, EXIT_USAGE = 0, 1, 2
 # Verbs that need no model or table library: they must start in well under a second.
 LIGHT_VERBS = frozenset({"init", "demo", "import", "images", "studies", "label", "labels", "agreement", "adjudicator",
                          "split", "runs", "cancel", "predictions", "evaluate", "account"})
 
 
-class CommandError(Exception):
-    """Nothing could be done; the message says what to do (exit 2)."""
+class CommandError(InputError):
+    """A command line that cannot be carried out (a missing argument, an option out of range); exit 2."""
 
 
 def _progress_printer(label: str):
@@ -66,23 +70,20 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 def cmd_import(args: argparse.Namespace) -> int:
     from bonescan_core import db as dbm
-    from bonescan_core.ingest import ManifestError, import_files
+    from bonescan_core.ingest import import_files
 
     paths = [Path(p) for p in args.paths]
     if not paths and not args.manifest:
         raise CommandError("name files or folders to import, or a --manifest CSV")
-    try:
-        with dbm.opened(args.db) as db:
-            outcomes = import_files(
-                db,
-                paths,
-                label_from_folder=args.label_from_folder,
-                manifest=Path(args.manifest) if args.manifest else None,
-                reviewer=args.reviewer,
-                progress=_progress_printer("import"),
-            )
-    except (FileNotFoundError, ManifestError) as error:
-        raise CommandError(str(error)) from error
+    with dbm.opened(args.db) as db:
+        outcomes = import_files(
+            db,
+            paths,
+            label_from_folder=args.label_from_folder,
+            manifest=Path(args.manifest) if args.manifest else None,
+            reviewer=args.reviewer,
+            progress=_progress_printer("import"),
+        )
     if not outcomes:
         raise CommandError("no files found under the given paths")
     for outcome in outcomes:
@@ -116,7 +117,7 @@ def _split_ids(text: str | None) -> tuple[str, ...]:
 
 def cmd_label(args: argparse.Namespace) -> int:
     from bonescan_core import db as dbm
-    from bonescan_core.review import Review, ReviewError, add_review
+    from bonescan_core.review import Review, add_review
 
     if args.exclude:
         decision, label = "exclude", None
@@ -127,28 +128,22 @@ def cmd_label(args: argparse.Namespace) -> int:
         criteria=_split_ids(args.criteria), exclusion_reason=args.exclude, artifacts=_split_ids(args.artifacts),
         confidence=args.confidence, note=args.note or "", adjudication=args.adjudication,
     )
-    try:
-        with dbm.opened(args.db) as db:
-            review_id = add_review(db, review)
-    except ReviewError as error:
-        raise CommandError(str(error)) from error
+    with dbm.opened(args.db) as db:
+        review_id = add_review(db, review)
     print(f"review {review_id}: study {args.study} {label or 'excluded (' + args.exclude + ')'} by {args.reviewer}")
     return EXIT_OK
 
 
 def cmd_labels(args: argparse.Namespace) -> int:
     from bonescan_core import db as dbm
-    from bonescan_core.review import ReviewError, export_reviews_csv, import_reviews_csv
+    from bonescan_core.review import export_reviews_csv, import_reviews_csv
 
     with dbm.opened(args.db) as db:
         if args.action == "export":
             count = export_reviews_csv(db, Path(args.csv))
             print(f"exported {count} reviews to {args.csv}")
             return EXIT_OK
-        try:
-            result = import_reviews_csv(db, Path(args.csv))
-        except ReviewError as error:
-            raise CommandError(str(error)) from error
+        result = import_reviews_csv(db, Path(args.csv))
     for error in result.errors:
         print(f"{args.csv} {error}", file=sys.stderr)
     print(f"added {result.added} reviews, {result.duplicates} duplicates skipped, {len(result.errors)} rows rejected")
@@ -195,12 +190,9 @@ def cmd_split(args: argparse.Namespace) -> int:
     from bonescan_core import db as dbm
     from bonescan_core import splits
 
-    try:
-        with dbm.opened(args.db) as db:
-            split_id = splits.make_split(db, seed=args.seed, test=args.test, val=args.val)
-            result = splits.get_split(db, split_id)
-    except splits.SplitError as error:
-        raise CommandError(str(error)) from error
+    with dbm.opened(args.db) as db:
+        split_id = splits.make_split(db, seed=args.seed, test=args.test, val=args.val)
+        result = splits.get_split(db, split_id)
     if args.json:
         _print_json(result)
     else:
@@ -247,18 +239,12 @@ def cmd_train(args: argparse.Namespace) -> int:
     from bonescan_core import db as dbm
     from bonescan_core import jobs, splits
 
-    try:
-        config = train_config(args)
-    except ValueError as error:
-        raise CommandError(str(error)) from error
+    config = train_config(args)
     db_path = dbm.resolve_path(args.db)
-    try:
-        with dbm.opened(db_path) as db:
-            if config.split_id is None:  # fix the split now, so queued backbones share it
-                config = dataclasses.replace(config, split_id=splits.ensure_split(db, seed=config.seed))
-            run_id = jobs.enqueue(db, config.backbone, config.to_dict(), config.identity_hash())
-    except (jobs.DuplicateRun, splits.SplitError) as error:
-        raise CommandError(str(error)) from error
+    with dbm.opened(db_path) as db:
+        if config.split_id is None:  # fix the split now, so queued backbones share it
+            config = dataclasses.replace(config, split_id=splits.ensure_split(db, seed=config.seed))
+        run_id = jobs.enqueue(db, config.backbone, config.to_dict(), config.identity_hash())
     if args.queue:
         print(f"queued run {run_id}; `bonescan worker` trains it", file=sys.stderr)
         print(run_id)
@@ -282,13 +268,10 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def cmd_predictions(args: argparse.Namespace) -> int:
     from bonescan_core import db as dbm
-    from bonescan_core import evaluation, report
+    from bonescan_core import report
 
-    try:
-        with dbm.opened(args.db) as db:
-            text = report.predictions_csv(db, args.run)
-    except evaluation.RunNotFoundError as error:
-        raise CommandError(str(error)) from error
+    with dbm.opened(args.db) as db:
+        text = report.predictions_csv(db, args.run)
     Path(args.csv).write_text(text)
     print(f"wrote {text.count(chr(10)) - 1} predictions to {args.csv}")
     return EXIT_OK
@@ -298,11 +281,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from bonescan_core import db as dbm
     from bonescan_core import evaluation
 
-    try:
-        with dbm.opened(args.db) as db:
-            result = evaluation.evaluate(db, args.run, threshold=args.threshold)
-    except (evaluation.RunNotFoundError, evaluation.NoPredictionsError) as error:
-        raise CommandError(str(error)) from error
+    with dbm.opened(args.db) as db:
+        result = evaluation.evaluate(db, args.run, threshold=args.threshold)
     if args.json:
         _print_json(result)
         return EXIT_OK
@@ -318,28 +298,22 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 def cmd_explain(args: argparse.Namespace) -> int:
     from bonescan_core import db as dbm
-    from bonescan_core import explain, jobs
+    from bonescan_core import explain
 
     db_path = dbm.resolve_path(args.db)
-    try:
-        with dbm.opened(db_path) as db:
-            out = explain.explain_png(db, db_path, args.run, args.image, Path(args.out), opacity=args.opacity)
-    except (explain.ModelUnavailable, explain.ImageNotFound, jobs.RunNotFound, ValueError) as error:
-        raise CommandError(str(error)) from error
+    with dbm.opened(db_path) as db:
+        out = explain.explain_png(db, db_path, args.run, args.image, Path(args.out), opacity=args.opacity)
     print(f"wrote {out}")
     return EXIT_OK
 
 
 def cmd_export(args: argparse.Namespace) -> int:
     from bonescan_core import db as dbm
-    from bonescan_core import evaluation, explain, jobs, report
+    from bonescan_core import report
 
     db_path = dbm.resolve_path(args.db)
-    try:
-        with dbm.opened(db_path) as db:
-            files = report.export_bundle(db, db_path, args.run, Path(args.out))
-    except (explain.ModelUnavailable, jobs.RunNotFound, evaluation.NoPredictionsError, ValueError) as error:
-        raise CommandError(str(error)) from error
+    with dbm.opened(db_path) as db:
+        files = report.export_bundle(db, db_path, args.run, Path(args.out))
     for path in files:
         print(path)
     return EXIT_OK
@@ -374,11 +348,8 @@ def cmd_cancel(args: argparse.Namespace) -> int:
     from bonescan_core import db as dbm
     from bonescan_core import jobs
 
-    try:
-        with dbm.opened(args.db) as db:
-            status = jobs.request_cancel(db, args.run)
-    except jobs.RunNotFound as error:
-        raise CommandError(str(error)) from error
+    with dbm.opened(args.db) as db:
+        status = jobs.request_cancel(db, args.run)
     if status == "cancelled":
         print(f"run {args.run}: cancelled")
     elif status == "running":
@@ -413,38 +384,35 @@ def cmd_account(args: argparse.Namespace) -> int:
     from bonescan_core import accounts
     from bonescan_core import db as dbm
 
-    try:
-        with dbm.opened(args.db) as db:
-            if args.action == "add":
-                account = accounts.add_account(db, args.name, _read_new_password(args), args.role)
-                print(f"account {account.name} added ({', '.join(account.roles)})")
-                if not accounts.sign_in_required(db):
-                    print("sign-in is off; turn it on with `bonescan account sign-in on`", file=sys.stderr)
-            elif args.action == "passwd":
-                if accounts.get_account(db, args.name) is None:  # before asking for a password
-                    raise accounts.AccountError(f"no account named {args.name!r}; list them with `bonescan account list`")
-                accounts.set_password(db, args.name, _read_new_password(args))
-                print(f"password of {args.name} changed")
-            elif args.action == "roles":
-                account = accounts.set_roles(db, args.name, args.role)
-                print(f"{account.name}: {', '.join(account.roles)}")
-            elif args.action in ("disable", "enable"):
-                accounts.set_disabled(db, args.name, args.action == "disable")
-                print(f"account {args.name} {args.action}d")
-            elif args.action == "list":
-                required = accounts.sign_in_required(db)
-                rows = [a.as_json() for a in accounts.list_accounts(db)]
-                if not args.json:
-                    rows = [{**row, "roles": ",".join(row["roles"])} for row in rows]
-                _print_rows(rows, args.json, ["name", "roles", "disabled", "created_at"])
-                print(f"sign-in is {'on' if required else 'off'}", file=sys.stderr)
-            elif args.state is None:  # sign-in, no argument: say where it stands
-                print("on" if accounts.sign_in_required(db) else "off")
-            else:
-                accounts.set_sign_in(db, args.state == "on")
-                print(f"sign-in is {args.state}" + (": the app now asks every visitor to sign in" if args.state == "on" else ""))
-    except accounts.AccountError as error:
-        raise CommandError(str(error)) from error
+    with dbm.opened(args.db) as db:
+        if args.action == "add":
+            account = accounts.add_account(db, args.name, _read_new_password(args), args.role)
+            print(f"account {account.name} added ({', '.join(account.roles)})")
+            if not accounts.sign_in_required(db):
+                print("sign-in is off; turn it on with `bonescan account sign-in on`", file=sys.stderr)
+        elif args.action == "passwd":
+            if accounts.get_account(db, args.name) is None:  # before asking for a password
+                raise accounts.AccountError(f"no account named {args.name!r}; list them with `bonescan account list`")
+            accounts.set_password(db, args.name, _read_new_password(args))
+            print(f"password of {args.name} changed")
+        elif args.action == "roles":
+            account = accounts.set_roles(db, args.name, args.role)
+            print(f"{account.name}: {', '.join(account.roles)}")
+        elif args.action in ("disable", "enable"):
+            accounts.set_disabled(db, args.name, args.action == "disable")
+            print(f"account {args.name} {args.action}d")
+        elif args.action == "list":
+            required = accounts.sign_in_required(db)
+            rows = [a.as_json() for a in accounts.list_accounts(db)]
+            if not args.json:
+                rows = [{**row, "roles": ",".join(row["roles"])} for row in rows]
+            _print_rows(rows, args.json, ["name", "roles", "disabled", "created_at"])
+            print(f"sign-in is {'on' if required else 'off'}", file=sys.stderr)
+        elif args.state is None:  # sign-in, no argument: say where it stands
+            print("on" if accounts.sign_in_required(db) else "off")
+        else:
+            accounts.set_sign_in(db, args.state == "on")
+            print(f"sign-in is {args.state}" + (": the app now asks every visitor to sign in" if args.state == "on" else ""))
     return EXIT_OK
 
 
@@ -624,10 +592,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         sys.modules["pandas"] = None  # type: ignore[assignment]
     try:
         return args.func(args)
-    except CommandError as error:
-        print(f"bonescan {args.verb}: {error}", file=sys.stderr)
-        return EXIT_USAGE
-    except FileNotFoundError as error:
+    except (BonescanError, FileNotFoundError) as error:  # FileNotFoundError: a path given on the command line
         print(f"bonescan {args.verb}: {error}", file=sys.stderr)
         return EXIT_USAGE
     except BrokenPipeError:  # output piped into `head` and the like: not an error

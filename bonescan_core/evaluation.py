@@ -37,6 +37,8 @@ from typing import Any
 import numpy as np
 import sqlite_utils
 
+from bonescan_core import errors
+
 METRICS = ("accuracy", "recall", "precision", "f1", "specificity", "npv", "auc", "pr_auc", "brier")
 """Every metric :func:`point_metrics` returns, in display order (the paper's four first)."""
 
@@ -56,15 +58,11 @@ ALPHA = 0.05
 """Significance level of the sentences :func:`compare_runs` writes."""
 
 
-class RunNotFoundError(LookupError):
-    """The run id does not exist in the database."""
-
-
-class NoPredictionsError(LookupError):
+class NoPredictionsError(errors.NotFound):
     """The run has no stored predictions for the requested subset."""
 
 
-class IncomparableRunsError(ValueError):
+class IncomparableRunsError(errors.InputError):
     """Runs that cannot be compared pairwise (different split or different test images)."""
 
 
@@ -653,7 +651,7 @@ def holm(p_values: Sequence[float]) -> list[float]:
 def _run_row(db: sqlite_utils.Database, run_id: int) -> dict[str, Any]:
     row = db.execute("SELECT id, backbone, status, threshold, split_id FROM runs WHERE id = ?", [run_id]).fetchone()
     if row is None:
-        raise RunNotFoundError(f"run {run_id} does not exist; list runs with `bonescan runs --json`")
+        raise errors.RunNotFound(f"run {run_id} does not exist; list runs with `bonescan runs --json`")
     return dict(zip(("id", "backbone", "status", "threshold", "split_id"), row, strict=True))
 
 
@@ -666,7 +664,7 @@ def run_predictions(db: sqlite_utils.Database, run_id: int, subset: str = "test"
         ordered by image id. Empty arrays when there are none.
 
     Raises:
-        RunNotFoundError: no such run.
+        errors.RunNotFound: no such run.
     """
     _run_row(db, run_id)
     rows = db.execute(
@@ -733,7 +731,7 @@ def evaluate(
         study, probability = max over its views (see :func:`study_level`), same threshold.
 
     Raises:
-        RunNotFoundError: no such run.
+        errors.RunNotFound: no such run.
         NoPredictionsError: the run has no predictions on ``subset``.
     """
     run = _run_row(db, run_id)
@@ -833,12 +831,12 @@ def compare_runs(db: sqlite_utils.Database, run_ids: Sequence[int], threshold: f
 
     Raises:
         ValueError: fewer than two distinct runs.
-        RunNotFoundError, NoPredictionsError: as :func:`evaluate`.
+        errors.RunNotFound, NoPredictionsError: as :func:`evaluate`.
         IncomparableRunsError: runs from different splits, or on different images.
     """
     ids = list(dict.fromkeys(int(r) for r in run_ids))
     if len(ids) < 2:
-        raise ValueError("compare needs at least two different runs")
+        raise errors.InputError("compare needs at least two different runs")
     runs = [_run_row(db, r) for r in ids]
     splits = {run["id"]: run["split_id"] for run in runs}
     if len(set(splits.values())) != 1:

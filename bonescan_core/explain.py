@@ -56,7 +56,7 @@ import sqlite_utils
 from PIL import Image
 
 from bonescan_core import db as dbm
-from bonescan_core import jobs, pixelstore
+from bonescan_core import errors, jobs, pixelstore
 from bonescan_core.models import DEFAULT_SIZE, Backbone, get_backbone, keras_module
 from bonescan_core.preprocess import compose_views, content_box, list_samples, prepare_image, to_model_input
 from bonescan_core.training import file_sha256
@@ -69,12 +69,8 @@ BATCH_SIZE = 8  # images per forward pass in gradcam() and explain_images(): bou
 MODEL_CACHE_SIZE = 2  # loaded run models kept in memory (a DenseNet121 ~30 MB, a ResNet50 ~100 MB)
 
 
-class ModelUnavailable(RuntimeError):
+class ModelUnavailable(errors.Unavailable):
     """A run's saved model cannot be used (none saved, file missing, changed or unreadable); the message says what to do."""
-
-
-class ImageNotFound(LookupError):
-    """No image with that id; list them with `bonescan images --json`."""
 
 
 # --- the gradient step, per backend ---------------------------------------------------------------
@@ -550,7 +546,7 @@ def overlay(
             "(heatmap_for_image / to_image_geometry)"
         )
     if not 0.0 <= opacity <= 1.0:
-        raise ValueError(f"opacity must be in [0, 1], got {opacity}")
+        raise errors.InputError(f"opacity must be in [0, 1], got {opacity}")
     grey = pixelstore.to_display(pixels, upper=upper, gamma=gamma).astype(np.float32)[..., None]
     alpha = (np.float32(opacity) * heat)[..., None]
     mixed = (1.0 - alpha) * grey + alpha * colorize(heat).astype(np.float32)
@@ -597,7 +593,7 @@ def load_run_model(db_path: str | os.PathLike[str], run: int | Mapping[str, Any]
         it takes.
 
     Raises:
-        jobs.RunNotFound: no such run (when given an id).
+        errors.RunNotFound: no such run (when given an id).
         ModelUnavailable: the run saved no model, or its file is missing, does not match its
             checksum, cannot be loaded, or is not a classifier of the run's backbone.
     """
@@ -668,7 +664,7 @@ def cached_heatmap(db: sqlite_utils.Database, run_id: int, image_id: int) -> np.
 def _pixels(db: sqlite_utils.Database, image_id: int) -> np.ndarray:
     row = db.execute("SELECT pixels FROM images WHERE id = ?", [image_id]).fetchone()
     if row is None:
-        raise ImageNotFound(f"image {image_id} does not exist; list them with `bonescan images --json`")
+        raise errors.ImageNotFound(f"image {image_id} does not exist; list them with `bonescan images --json`")
     return pixelstore.decode_pixels(row[0])
 
 
@@ -678,7 +674,7 @@ def _composite_members(db: sqlite_utils.Database, run_id: int, image_id: int) ->
     for sample in list_samples(db, {study_id: 0}, "composite"):
         if image_id in sample.image_ids:
             return dict(zip(sample.views, sample.image_ids, strict=True))
-    raise ValueError(
+    raise errors.InputError(
         f"run {run_id} is a composite run and image {image_id} is not one of the two views it uses for study {study_id} "
         "(the first anterior and the first posterior image); explain one of those instead"
     )
@@ -725,8 +721,8 @@ def explain_images(
         {image id: :class:`Explained`} for every id asked for, in the order given.
 
     Raises:
-        jobs.RunNotFound: no such run.
-        ImageNotFound: no such image.
+        errors.RunNotFound: no such run.
+        errors.ImageNotFound: no such image.
         ModelUnavailable: the run's model cannot be loaded (see :func:`load_run_model`).
         ValueError: a composite run does not use one of the images.
     """
@@ -793,8 +789,8 @@ def explain_image(
         same values on every call).
 
     Raises:
-        jobs.RunNotFound: no such run.
-        ImageNotFound: no such image.
+        errors.RunNotFound: no such run.
+        errors.ImageNotFound: no such image.
         ModelUnavailable: the run's model cannot be loaded (see :func:`load_run_model`).
         ValueError: a composite run does not use this image.
     """
@@ -830,7 +826,6 @@ __all__ = [
     "DEFAULT_OPACITY",
     "Explained",
     "GradCam",
-    "ImageNotFound",
     "ModelUnavailable",
     "TURBO",
     "cached_heatmap",

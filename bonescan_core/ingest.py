@@ -35,7 +35,7 @@ import numpy as np
 import sqlite_utils
 
 from bonescan_core import db as dbm
-from bonescan_core import pixelstore
+from bonescan_core import errors, pixelstore
 from bonescan_core.csvfile import read_rows
 from bonescan_core.imaging import EXTENSIONS, RejectedFile, ScanFile, read_scan
 from bonescan_core.phantom import VIEWS, PhantomStudy, make_studies
@@ -57,7 +57,7 @@ _NUMBERED_NAME = re.compile(r"^\d+-([01])-[AaPp]$")  # 0001-1-A
 Progress = Callable[[int, int, str], None]  # (done, total, current file name)
 
 
-class ManifestError(ValueError):
+class ManifestError(errors.InputError):
     """The manifest CSV cannot be used; the message names the line and what to fix."""
 
 
@@ -345,7 +345,10 @@ def insert_image(
 
 
 class _AllDuplicates(Exception):
-    """Every frame of the file is already stored: roll back the patient/study rows too."""
+    """Every frame of the file is already stored: roll back the patient/study rows too.
+
+    Private control flow (caught in this module, never shown), so not in the error family.
+    """
 
 
 def import_files(

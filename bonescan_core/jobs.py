@@ -25,6 +25,7 @@ from pathlib import Path
 import sqlite_utils
 
 from bonescan_core import db as dbm
+from bonescan_core import errors
 
 STATUSES = ("queued", "running", "done", "failed", "cancelled", "interrupted")
 ACTIVE = ("queued", "running")
@@ -34,17 +35,13 @@ WORKER_KEY = "worker"  # settings row: {"pid": ..., "heartbeat_at": ..., "host":
 WORKER_ALIVE_S = 15.0
 
 
-class DuplicateRun(Exception):
+class DuplicateRun(errors.Conflict):
     """An identical run is already queued or running; ``run_id`` says which."""
 
     def __init__(self, run_id: int, status: str) -> None:
         super().__init__(f"an identical run is already {status} (run {run_id}); wait for it or cancel it")
         self.run_id = run_id
         self.status = status
-
-
-class RunNotFound(LookupError):
-    """No run with that id; list them with `bonescan runs --json`."""
 
 
 def runs_dir(db_path: Path) -> Path:
@@ -109,7 +106,7 @@ def get_run(db: sqlite_utils.Database, run_id: int) -> dict:
     """One run as a dict (``config`` and ``progress`` decoded)."""
     row = db.execute("SELECT * FROM runs WHERE id = ?", [run_id]).fetchone()
     if row is None:
-        raise RunNotFound(f"run {run_id} does not exist; list them with `bonescan runs --json`")
+        raise errors.RunNotFound(f"run {run_id} does not exist; list them with `bonescan runs --json`")
     columns = [c[0] for c in db.execute("SELECT * FROM runs LIMIT 0").description]
     return _decode(dict(zip(columns, row, strict=True)))
 
@@ -147,7 +144,7 @@ def request_cancel(db: sqlite_utils.Database, run_id: int) -> str:
     with dbm.write(db):
         row = db.execute("SELECT status FROM runs WHERE id = ?", [run_id]).fetchone()
         if row is None:
-            raise RunNotFound(f"run {run_id} does not exist; list them with `bonescan runs --json`")
+            raise errors.RunNotFound(f"run {run_id} does not exist; list them with `bonescan runs --json`")
         if row[0] == "queued":
             db.execute("UPDATE runs SET status = 'cancelled', finished_at = ? WHERE id = ?", [dbm.utc_now(), run_id])
             return "cancelled"

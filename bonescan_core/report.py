@@ -7,7 +7,6 @@ pseudonymous ids of this database), and the config holds settings, not file path
 
 from __future__ import annotations
 
-import csv
 import html
 import io
 import json
@@ -17,7 +16,8 @@ from typing import Any
 
 import sqlite_utils
 
-from bonescan_core import evaluation, jobs, plots
+from bonescan_core import errors, evaluation, jobs, plots
+from bonescan_core.csvfile import write_rows
 
 PREDICTION_COLUMNS = ("image_id", "study_id", "patient_id", "view", "subset", "label", "probability")
 BUNDLE_FILES = ("model.keras", "config.json", "metrics.json", "predictions.csv", "report.html")
@@ -40,9 +40,7 @@ def predictions_rows(db: sqlite_utils.Database, run_id: int) -> list[dict[str, A
 def predictions_csv(db: sqlite_utils.Database, run_id: int) -> str:
     """``predictions --csv`` text: columns PREDICTION_COLUMNS (label 1 = metastatic)."""
     buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=PREDICTION_COLUMNS, lineterminator="\n")
-    writer.writeheader()
-    writer.writerows(predictions_rows(db, run_id))
+    write_rows(buffer, PREDICTION_COLUMNS, predictions_rows(db, run_id))
     return buffer.getvalue()
 
 
@@ -108,7 +106,7 @@ def export_bundle(db: sqlite_utils.Database, db_path: Path, run_id: int, out_dir
 
     run = jobs.get_run(db, run_id)
     if run["status"] != "done":
-        raise ValueError(f"run {run_id} is {run['status']}; only finished runs can be exported")
+        raise errors.InputError(f"run {run_id} is {run['status']}; only finished runs can be exported")
     explain.load_run_model(db_path, run)  # raises ModelUnavailable with advice
     out_dir.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(jobs.runs_dir(db_path) / run["weights_path"], out_dir / "model.keras")

@@ -23,6 +23,7 @@ import numpy as np
 import sqlite_utils
 
 from bonescan_core import db as dbm
+from bonescan_core import errors
 from bonescan_core.review import LABELS, study_statuses
 
 SUBSETS = ("train", "val", "test")
@@ -31,7 +32,7 @@ DEFAULT_VAL = 0.15  # of the non-test part
 MIN_PATIENTS = 3
 
 
-class SplitError(ValueError):
+class SplitError(errors.InputError):
     """A split cannot be made or found; the message says how many studies of each class there are and what to do."""
 
 

@@ -46,6 +46,7 @@ import numpy as np
 import sqlite_utils
 
 from bonescan_core import db as dbm
+from bonescan_core import errors
 from bonescan_core import splits as splitting
 from bonescan_core.models import BACKBONES, DEFAULT_SIZE, MODES, weights_kind
 from bonescan_core.preprocess import AUGMENT_KEYS, PAPER_AUGMENT, VIEW_MODES, Sample
@@ -57,10 +58,15 @@ FEATURE_CHUNK = 128  # fast mode decodes this many samples at a time (646 x 220:
 
 
 class TrainingCancelled(Exception):
-    """The reporter asked to stop; the run ended early and saved nothing (no model, no predictions)."""
+    """The reporter asked to stop; the run ended early and saved nothing (no model, no predictions).
+
+    Control flow, not an error: it unwinds a run the user stopped, and the worker records the run
+    as cancelled. It stays outside :class:`errors.BonescanError` so that no catch of the error
+    family (which reports a failure) can swallow a cancellation.
+    """
 
 
-class TrainingError(RuntimeError):
+class TrainingError(errors.BonescanError):
     """The run cannot train as configured (e.g. a subset without images); the message says what to do."""
 
 
@@ -139,7 +145,7 @@ class TrainConfig:
         if unknown:
             problems.append(f"unknown augment settings {', '.join(unknown)} (known: {', '.join(AUGMENT_KEYS)})")
         if problems:
-            raise ValueError("bad training config: " + "; ".join(problems))
+            raise errors.InputError("bad training config: " + "; ".join(problems))
 
     def to_dict(self) -> dict[str, Any]:
         """The settings as a JSON-ready dict (``image_size`` as a list)."""

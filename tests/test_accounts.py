@@ -12,7 +12,7 @@ import pytest
 from conftest import REPO, add_bare_studies, run_cli
 from streamlit.testing.v1 import AppTest
 
-from bonescan_core import accounts, jobs
+from bonescan_core import accounts, errors, jobs
 from bonescan_core import db as dbm
 from bonescan_core import review as rv
 from bonescan_core.ingest import add_demo_studies
@@ -189,7 +189,7 @@ def test_permissions_follow_roles_only_with_sign_in_on():
     assert accounts.permits(judge, "label", sign_in=True) and accounts.permits(judge, "adjudicate", sign_in=True)
     assert accounts.denial("train", reader) == ("Training needs the trainer role; ask an administrator: "
                                                 "bonescan account roles ann --role reader --role trainer")
-    with pytest.raises(accounts.PermissionDenied, match="trainer role"):
+    with pytest.raises(errors.PermissionDenied, match="trainer role"):
         accounts.require(reader, "train", sign_in=True)
 
 

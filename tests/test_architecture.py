@@ -98,3 +98,80 @@ def test_app_defaults_bind_loopback_and_limit_uploads():
     assert config["server"]["address"] == "127.0.0.1"
     assert 0 < config["server"]["maxUploadSize"] <= 200
     assert config["browser"]["gatherUsageStats"] is False
+
+
+def _version(text):
+    """'3.14.0' -> (3, 14, 0); enough for the release numbers compared here."""
+    return tuple(int(part) for part in text.split("+")[0].split(".")[:3] if part.isdigit())
+
+
+def test_keras_is_new_enough_to_keep_safe_mode_safe():
+    """Keras before 3.14 lets a .keras file escape safe_mode (CVE-2025-1550, CVE-2025-8747,
+    CVE-2025-9905, CVE-2026-1462): the requirement and the installed copy must both be 3.14 or later."""
+    import importlib.metadata
+    import re
+
+    lines = [line.split("#")[0].strip() for line in (REPO / "requirements.txt").read_text().splitlines()]
+    keras = [line for line in lines if re.match(r"keras\s*[<>=!~]", line)]
+    assert len(keras) == 1, keras
+    lower = re.search(r">=\s*([\d.]+)", keras[0])
+    assert lower and _version(lower.group(1)) >= (3, 14), keras[0]
+    assert _version(importlib.metadata.version("keras")) >= (3, 14)
+
+
+def test_the_browser_gets_no_error_details():
+    """Server paths and tracebacks stay in the server log: the browser shows only the error's type."""
+    import tomllib
+
+    config = tomllib.loads((REPO / ".streamlit" / "config.toml").read_text())
+    assert config["client"]["showErrorDetails"] == "type"
+
+
+# Exceptions that are not errors to report: each says why in its docstring.
+OUTSIDE_THE_ERROR_FAMILY = {
+    "TrainingCancelled",  # control flow: unwinds a training run the user stopped; never shown as an error
+    "_AllDuplicates",  # private control flow inside ingest: rolls back a transaction, never leaves the module
+    "RejectedFile",  # imaging's per-file rejection; moves onto InputError with the imaging subpackage
+}
+
+
+def bonescan_exception_classes():
+    """{qualified name: class} of every exception class defined in bonescan_core."""
+    import importlib
+    import inspect
+    import pkgutil
+
+    import bonescan_core
+
+    found = {}
+    for info in pkgutil.walk_packages(bonescan_core.__path__, "bonescan_core."):
+        if info.name.endswith("__main__"):
+            continue
+        module = importlib.import_module(info.name)
+        for name, value in vars(module).items():
+            if inspect.isclass(value) and issubclass(value, BaseException) and value.__module__ == module.__name__:
+                found[f"{module.__name__}.{name}"] = value
+    return found
+
+
+def test_every_error_is_in_one_family():
+    """Every exception bonescan defines derives from errors.BonescanError (so the CLI and the pages
+    can catch the family once), and no error is defined twice (RunNotFound vs RunNotFoundError)."""
+    from bonescan_core.errors import BonescanError
+
+    classes = bonescan_exception_classes()
+    assert len(classes) >= 15, sorted(classes)  # the walk found the modules
+    outside = sorted(name for name, cls in classes.items()
+                     if not issubclass(cls, BonescanError) and name.rsplit(".", 1)[1] not in OUTSIDE_THE_ERROR_FAMILY)
+    assert outside == []
+    short = [name.rsplit(".", 1)[1].removesuffix("Error") for name in classes]
+    assert sorted({n for n in short if short.count(n) > 1}) == []
+
+
+def test_cli_verbs_leave_errors_to_main():
+    """cli.main maps the error family to exit 2 once: no verb has its own catch list."""
+    tree = ast.parse((REPO / "bonescan_core" / "cli.py").read_text())
+    verbs = [node for node in tree.body if isinstance(node, ast.FunctionDef) and node.name.startswith("cmd_")]
+    assert len(verbs) >= 15
+    catching = sorted(f"{verb.name}:{node.lineno}" for verb in verbs for node in ast.walk(verb) if isinstance(node, ast.Try))
+    assert catching == []

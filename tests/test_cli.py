@@ -66,3 +66,20 @@ def test_help_of_every_verb_renders():
     for name, sub in verbs.items():
         assert name in sub.format_help()
     assert "usage: bonescan" in build_parser().format_help()
+
+
+def test_every_error_of_the_family_is_one_line_and_exit_2(db_path, tmp_path):
+    """Errors raised deep in the core (a missing run, a missing column, a duplicate run) reach the
+    user as `bonescan VERB: sentence` with exit 2, through the one mapping in cli.main."""
+    missing_run = [("cancel", "999"), ("evaluate", "999"), ("predictions", "999", "--csv", str(tmp_path / "p.csv")),
+                   ("export", "999", "--out", str(tmp_path / "bundle"))]
+    for args in missing_run:
+        result = run_cli(*args, db_path=db_path)
+        assert result.returncode == 2, args
+        assert result.stderr.startswith(f"bonescan {args[0]}: run 999 does not exist; ") and result.stderr.count("\n") == 1
+    sheet = tmp_path / "sheet.csv"
+    sheet.write_text("study,who\n1,ann\n")
+    result = run_cli("labels", "import", "--csv", str(sheet), db_path=db_path)
+    assert result.returncode == 2 and result.stderr.startswith("bonescan labels: ") and "missing columns" in result.stderr
+    result = run_cli("account", "roles", "nobody", "--role", "reader", db_path=db_path)
+    assert result.returncode == 2 and "Traceback" not in result.stderr and result.stderr.count("\n") == 1

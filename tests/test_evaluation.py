@@ -20,6 +20,7 @@ from statsmodels.stats.contingency_tables import mcnemar as sm_mcnemar
 from statsmodels.stats.multitest import multipletests
 
 from bonescan_core import db as dbm
+from bonescan_core import errors
 from bonescan_core import evaluation as ev
 from bonescan_core.ingest import insert_image
 
@@ -512,7 +513,7 @@ def test_evaluate_end_to_end(db):
 
 def test_evaluate_says_what_is_missing(db):
     (run, _), _, _ = populate(db, n_patients=3)
-    with pytest.raises(ev.RunNotFoundError, match="run 999 does not exist"):
+    with pytest.raises(errors.RunNotFound, match="run 999 does not exist"):
         ev.evaluate(db, 999)
     with pytest.raises(ev.NoPredictionsError, match=f"run {run} \\(done\\) has no val predictions"):
         ev.evaluate(db, run, subset="val")

@@ -22,7 +22,7 @@ import pytest
 from PIL import Image
 
 from bonescan_core import db as dbm
-from bonescan_core import explain, ingest, jobs, pixelstore
+from bonescan_core import errors, explain, ingest, jobs, pixelstore
 from bonescan_core.models import BACKBONES, build_model, keras_module
 from bonescan_core.phantom import make_study
 from bonescan_core.preprocess import compose_views, content_box, prepare_image, to_model_input
@@ -351,7 +351,7 @@ def test_explain_image_of_a_composite_run_stores_both_views(db, db_path, demo_im
 
 def test_explain_image_unknown_image(db, db_path):
     run_id = save_run(db, db_path, resnet_like())
-    with pytest.raises(explain.ImageNotFound, match="bonescan images"):
+    with pytest.raises(errors.ImageNotFound, match="bonescan images"):
         explain.explain_image(db, db_path, run_id, 999)
 
 

@@ -10,7 +10,7 @@ import pytest
 from conftest import REPO
 
 from bonescan_core import db as dbm
-from bonescan_core import jobs
+from bonescan_core import errors, jobs
 
 
 def enqueue(db, name="resnet50", config_hash="h1"):
@@ -37,7 +37,7 @@ def test_claim_takes_the_oldest_and_cancel_flags_a_running_run(db):
     assert jobs.get_run(db, first)["cancel_requested"] == 1
     assert jobs.claim_next(db)["id"] == second
     assert jobs.claim_next(db) is None
-    with pytest.raises(jobs.RunNotFound):
+    with pytest.raises(errors.RunNotFound):
         jobs.request_cancel(db, 999)
 
 
