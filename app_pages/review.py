@@ -11,7 +11,7 @@ import time
 import pandas as pd
 import streamlit as st
 
-from app_pages.common import allowed, cached_study_images, denial, open_db, reviewer, scan_viewer
+from app_pages.common import allowed, cached_study_images, denial, md, open_db, reviewer, scan_viewer
 from bonescan_core import review as rv
 
 METASTATIC_CRITERIA = [c for c, (side, _) in rv.CRITERIA.items() if side == "metastatic"]
@@ -59,7 +59,7 @@ def save(study_id: int, decision: str, label: str | None, next_study: int | None
         with open_db() as db:
             review_id = rv.add_review(db, review)
     except rv.ReviewError as error:
-        st.session_state["rv_error"] = str(error)
+        st.session_state["rv_error"] = md(error)  # may quote a typed name
         return
     elapsed_ms = (time.perf_counter() - started) * 1000
     what = label.replace("_", " ") if label else f"excluded ({review.exclusion_reason})"
