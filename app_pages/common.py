@@ -124,8 +124,10 @@ def still_signed_in() -> bool:
 
 
 def denial(action: str) -> str:
-    """The message for a reader whose account lacks the role for ``action`` (Markdown-safe)."""
-    return md(accounts.denial(action, signed_in()))
+    """The message for a reader whose account lacks the role for ``action``. Shown as Markdown
+    unescaped (the command stays readable): account names are letters, digits, ``._@-`` only
+    (``accounts.validate_name``), which form no link, image or markup."""
+    return accounts.denial(action, signed_in())
 
 
 def _sign_in() -> None:
