@@ -767,3 +767,35 @@ def test_importing_needs_the_importer_role_in_the_app(db_path):
     app.button(key="load_demo").click().run()
     with dbm.opened(db_path) as db:
         assert db["studies"].count == 10
+
+
+def done_run_with_predictions(db_path) -> int:
+    """A finished run over 6 demo studies, every image predicted in the test subset (no model:
+    Grad-CAM says it is unavailable, which the explorer shows and carries on)."""
+    with dbm.opened(db_path) as db:
+        add_demo_studies(db, 6, seed=12)
+        with dbm.write(db):
+            run = db["runs"].insert({"backbone": "vgg19", "status": "done", "config": "{}", "config_hash": "x",
+                                     "created_at": dbm.utc_now(), "threshold": 0.5}).last_pk
+            for number, (image,) in enumerate(db.execute("SELECT id FROM images ORDER BY id").fetchall()):
+                db["predictions"].insert({"run_id": run, "image_id": image, "subset": "test", "label": number % 2,
+                                          "probability": (number % 5) / 5 + 0.1})
+    return run
+
+
+def test_flagging_for_re_review_needs_a_reading_role(db_path):
+    run = done_run_with_predictions(db_path)
+    signed_in_db(db_path, ida=["importer"], bob=["reader"])
+    app = sign_in(open_app(), "ida")
+    app.switch_page("app_pages/evaluate.py").run()
+    assert not app.exception, [e.value for e in app.exception]
+    flag = next(b for b in app.button if b.key.startswith("ex_flag_"))
+    assert flag.disabled
+    assert any("Flagging a study for re-review needs the reader role" in c.value for c in app.caption)
+    app = sign_in(open_app(), "bob")
+    app.switch_page("app_pages/evaluate.py").run()
+    next(b for b in app.button if b.key.startswith("ex_flag_")).click().run()
+    assert not app.exception, [e.value for e in app.exception]
+    with dbm.opened(db_path) as db:
+        flags = [(row["flagged_by"], row["reason"].startswith(f"run {run}:")) for row in db["flags"].rows]
+    assert flags == [("bob", True)]
