@@ -9,7 +9,7 @@ from pathlib import Path
 
 import streamlit as st
 
-from bonescan_core import accounts, catalog, devices, pixelstore
+from bonescan_core import accounts, catalog, devices, errors, pixelstore
 from bonescan_core import db as dbm
 
 
@@ -160,7 +160,11 @@ def gate() -> bool:
         if not accounts.sign_in_required(db):
             st.session_state.pop(SESSION_KEY, None)
             return True
-        account = _current(db)
+        try:
+            account = _current(db)
+        except errors.InputError as error:  # a mistyped BONESCAN_SESSION_IDLE_MINUTES: say so, show nothing
+            st.error(str(error), icon=":material/settings:")
+            return False
     if account is not None:
         st.session_state[SESSION_KEY]["last_active"] = time.time()
         st.session_state["reviewer_name"] = account.name

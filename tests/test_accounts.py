@@ -799,3 +799,13 @@ def test_flagging_for_re_review_needs_a_reading_role(db_path):
     with dbm.opened(db_path) as db:
         flags = [(row["flagged_by"], row["reason"].startswith(f"run {run}:")) for row in db["flags"].rows]
     assert flags == [("bob", True)]
+
+
+def test_a_mistyped_idle_limit_is_said_not_ignored(db_path, monkeypatch):
+    signed_in_db(db_path, ann=["reader"])
+    app = sign_in(open_app(), "ann")
+    monkeypatch.setenv("BONESCAN_SESSION_IDLE_MINUTES", "half an hour")
+    app.run()
+    assert not app.exception, [e.value for e in app.exception]
+    assert any("BONESCAN_SESSION_IDLE_MINUTES" in e.value for e in app.error)
+    assert [t.value for t in app.title] == [], "no page is shown"
