@@ -689,6 +689,9 @@ def test_a_session_open_from_before_sign_in_cannot_save_under_its_typed_name(db_
     assert [t.value for t in app.title] == ["Sign in"]
     with dbm.opened(db_path) as db:
         assert [row for row in rv.history(db, first) if row["reviewer"] == "ann"] == []
+    sign_in(app, "ann")
+    assert [t.value for t in app.title] == ["Review"]
+    assert not [e.value for e in app.error], "no stale refusal from before the sign-in"
 
 
 def test_changing_the_password_ends_open_sessions(db_path):
