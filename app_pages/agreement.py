@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from urllib.parse import quote
+
 import pandas as pd
 import streamlit as st
 
-from app_pages.common import open_db, reviewer, sign_in_on
+from app_pages.common import md, open_db, reviewer, sign_in_on
 from bonescan_core import agreement
 from bonescan_core import review as rv
 
@@ -46,7 +48,7 @@ else:
     first, second = chosen.reviewers
     left, right = st.columns([1, 2])
     with left:
-        st.markdown(f"**2x2 table** (rows: {first}, columns: {second})")
+        st.markdown(f"**2x2 table** (rows: {md(first)}, columns: {md(second)})")
         st.dataframe(
             pd.DataFrame(chosen.table, index=[f"{first}: metastatic", f"{first}: no metastasis"],
                          columns=[f"{second}: metastatic", f"{second}: no metastasis"])
@@ -55,7 +57,7 @@ else:
         st.markdown(f"**Disagreements** ({len(chosen.disagreements)}) — open one in Review")
         if chosen.disagreements:
             name = reviewer()
-            suffix = f"&reviewer={name}" if name and not sign_in_on() else ""  # with sign-in the account is the reader
+            suffix = f"&reviewer={quote(name, safe='')}" if name and not sign_in_on() else ""  # with sign-in the account is the reader
             st.dataframe(
                 pd.DataFrame(
                     {
@@ -72,7 +74,7 @@ else:
 st.subheader("Adjudicators")
 st.caption("An adjudicator records the consensus of disagreeing readers (in Review, with 'Record as the consensus'). "
            "The training label is the consensus if there is one, else the readers' unanimous label.")
-st.write(", ".join(judges) if judges else "None yet.")
+st.markdown(md(", ".join(judges)) if judges else "None yet.")  # names are typed by anyone: inert
 if sign_in_on():
     st.caption("Sign-in is on: the adjudicators are the accounts with the adjudicator role, set by an administrator "
                "with `bonescan account roles NAME --role adjudicator` (listing the account's other roles too).")

@@ -13,7 +13,7 @@ import numpy as np
 import pandas as pd
 import streamlit as st
 
-from app_pages.common import cached_study_images, db_path, open_db, reviewer
+from app_pages.common import allowed, cached_study_images, db_path, denial, open_db, reviewer
 from bonescan_core import db as dbm
 from bonescan_core import evaluation, jobs, pixelstore, plots, report
 from bonescan_core import review as rv
@@ -185,7 +185,10 @@ with explorer_tab:
                          hide_index=True)
         reason = st.text_input("Reason for re-review", value=f"run {run_id}: {chosen_row['outcome']}, p={chosen_row['probability']:.2f}",
                                key=f"ex_reason_{image_id}")
-        if st.button("Flag for re-review", key=f"ex_flag_{image_id}"):
+        may_flag = allowed("flag")  # with sign-in on, a reader, adjudicator or trainer role
+        if not may_flag:
+            st.caption(denial("flag"))
+        if st.button("Flag for re-review", disabled=not may_flag, key=f"ex_flag_{image_id}") and may_flag:
             with open_db() as db:
                 rv.add_flag(db, study_id, reason, reviewer() or "evaluate")
             st.success(f"Study {study_id} is in the Review queue's flagged list.")

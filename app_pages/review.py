@@ -11,7 +11,7 @@ import time
 import pandas as pd
 import streamlit as st
 
-from app_pages.common import allowed, cached_study_images, denial, open_db, reviewer, scan_viewer
+from app_pages.common import allowed, cached_study_images, denial, md, open_db, reviewer, scan_viewer, still_signed_in
 from bonescan_core import review as rv
 
 METASTATIC_CRITERIA = [c for c, (side, _) in rv.CRITERIA.items() if side == "metastatic"]
@@ -51,15 +51,16 @@ def save(study_id: int, decision: str, label: str | None, next_study: int | None
     if decision == "include" and st.session_state.get(form_key(study_id, "screening"), "yes") == "no":
         st.session_state["rv_error"] = "The indication is not metastasis screening: use Exclude (the paper excludes these)."
         return
-    if not allowed("label"):  # roles are re-read: one taken away in this session counts at once
-        st.session_state["rv_error"] = denial("label")
+    if not allowed("label"):  # roles and the sign-in are re-read: a change in this session counts at once
+        if still_signed_in():  # else the session has just ended, and the sign-in form says why
+            st.session_state["rv_error"] = denial("label")
         return
     started = time.perf_counter()
     try:
         with open_db() as db:
             review_id = rv.add_review(db, review)
     except rv.ReviewError as error:
-        st.session_state["rv_error"] = str(error)
+        st.session_state["rv_error"] = md(error)  # may quote a typed name
         return
     elapsed_ms = (time.perf_counter() - started) * 1000
     what = label.replace("_", " ") if label else f"excluded ({review.exclusion_reason})"

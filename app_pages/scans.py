@@ -7,7 +7,7 @@ from pathlib import Path
 import pandas as pd
 import streamlit as st
 
-from app_pages.common import cached_study_images, data_url, open_db, scan_viewer
+from app_pages.common import allowed, cached_study_images, data_url, denial, open_db, scan_viewer
 from bonescan_core import catalog, ingest
 
 PAGE_SIZE = 50
@@ -33,6 +33,9 @@ def progress_callback(bar):
 
 st.title("Scans")
 
+may_import = allowed("import")  # with sign-in on, the importer role; re-read on every rerun (each click is one)
+if not may_import:
+    st.warning(denial("import"), icon=":material/lock:")
 upload_tab, folder_tab, demo_tab = st.tabs(["Upload files", "Import a folder on this computer", "Demo dataset"])
 
 with upload_tab:
@@ -41,7 +44,7 @@ with upload_tab:
     # Any file type: scanners often export DICOM without an extension, and a file the importer
     # cannot read gets its reason below (a type filter would refuse it with no explanation).
     uploads = st.file_uploader("Scan files", accept_multiple_files=True, key="uploads")
-    if st.button("Import uploaded files", disabled=not uploads, key="import_uploads"):
+    if st.button("Import uploaded files", disabled=not uploads or not may_import, key="import_uploads") and may_import:
         bar = st.progress(0.0, text="importing")
         with open_db() as db:
             outcomes = ingest.import_uploads(db, [(f.name, f.getvalue()) for f in uploads], progress_callback(bar))
@@ -52,7 +55,7 @@ with folder_tab:
     folder = st.text_input("Folder or file path", key="import_folder", placeholder="/data/bonescans")
     label_from_folder = st.checkbox("Record class folders (metastatic/, normal/, 0/, 1/...) as labels by reviewer `import`",
                                     key="import_label_from_folder")
-    if st.button("Import folder", disabled=not folder, key="import_folder_button"):
+    if st.button("Import folder", disabled=not folder or not may_import, key="import_folder_button") and may_import:
         try:
             path = ingest.check_import_root(Path(folder))
             files = ingest.collect_files([path])
@@ -69,7 +72,7 @@ with demo_tab:
     st.caption("Synthetic whole-body studies (anterior + posterior, 1024 x 256 counts, Poisson noise), about 40% "
                "metastatic, with benign look-alikes in both classes and reference labels by reviewer `reference`.")
     n_demo = st.number_input("Studies", 10, 1000, 100, 10, key="demo_studies", width=200)
-    if st.button("Load demo dataset", type="primary", key="load_demo"):
+    if st.button("Load demo dataset", type="primary", disabled=not may_import, key="load_demo") and may_import:
         bar = st.progress(0.0, text="generating")
         with open_db() as db:
             outcomes = ingest.add_demo_studies(db, int(n_demo), seed=0, progress=progress_callback(bar))

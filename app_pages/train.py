@@ -9,7 +9,7 @@ from __future__ import annotations
 import pandas as pd
 import streamlit as st
 
-from app_pages.common import allowed, db_path, denial, open_db
+from app_pages.common import allowed, db_path, denial, open_db, still_signed_in
 from bonescan_core import jobs, plots, splits, training
 from bonescan_core import review as rv
 from bonescan_core.models import BACKBONES, DEFAULT_SIZE, MODES
@@ -107,6 +107,8 @@ if submitted:  # never True while disabled (no trainer role): Streamlit drops a 
 @st.fragment(run_every=LIVE_EVERY_S)
 def live_runs() -> None:
     """The runs, newest first: status, progress, ETA, curves, cancel. Polls the database."""
+    if not still_signed_in():  # a fragment rerun skips the router's gate: check here, then show the sign-in form
+        st.rerun(scope="app")
     with open_db() as db:
         runs = jobs.list_runs(db)[:12]
         worker = jobs.worker_alive(db)

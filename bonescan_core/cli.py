@@ -553,9 +553,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     verb = verbs.add_parser("account", help="reader accounts and the app's optional sign-in",
                             description="Accounts for the app's optional sign-in. Roles: reader (labels), adjudicator "
-                                        "(labels and records the consensus), trainer (enqueues and cancels training).")
+                                        "(labels and records the consensus), trainer (enqueues and cancels training), importer "
+                                        "(imports and uploads scans, loads the demo dataset). Changing a password or "
+                                        "disabling an account signs its open app sessions out.")
     actions = verb.add_subparsers(dest="action", metavar="ACTION", required=True)
-    roles_help = "reader, adjudicator or trainer; repeat for several"
+    roles_help = "reader, adjudicator, trainer or importer; repeat for several"
     action = actions.add_parser("add", help="create an account (the password is asked twice)")
     action.add_argument("name", metavar="NAME")
     action.add_argument("--role", action="append", required=True, help=roles_help)

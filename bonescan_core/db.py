@@ -366,11 +366,24 @@ _APPEND_ONLY_SQL = [
 ]
 
 
+def _m005_sign_in_sessions(db: sqlite_utils.Database) -> None:
+    """Per-account session epoch (a password change or disabling ends open sessions) and the
+    global failed sign-in window (see accounts.py)."""
+    db.execute("ALTER TABLE accounts ADD COLUMN session_epoch INTEGER NOT NULL DEFAULT 0")
+    db.execute("""CREATE TABLE sign_in_window (
+            id INTEGER PRIMARY KEY CHECK (id = 1),  -- one row: all names together
+            started_s REAL NOT NULL,           -- Unix seconds the current window began
+            failures INTEGER NOT NULL          -- failed (or still unchecked) attempts in it
+        )""")
+    db.execute("CREATE INDEX sign_in_failures_by_lock ON sign_in_failures (locked_until)")
+
+
 MIGRATIONS: list[tuple[str, Callable[[sqlite_utils.Database], None]]] = [
     ("001_foundation", _m001_foundation),
     ("002_training", _m002_training),
     ("003_accounts", _m003_accounts),
     ("004_append_only", _m004_append_only),
+    ("005_sign_in_sessions", _m005_sign_in_sessions),
 ]
 
 

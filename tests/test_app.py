@@ -1,6 +1,8 @@
 """AppTest: every page renders without an exception, empty and with demo data; the main
 flows of the Scans and Review pages work through the widgets."""
 
+import re
+
 import pytest
 from conftest import REPO
 from streamlit.testing.v1 import AppTest
@@ -120,3 +122,26 @@ def test_train_page_shows_passes_by_their_own_count_and_maps_still_to_come(db_pa
     bars = [element.proto.text for element in app.get("progress")]
     assert bars == ["predicting: 3/10"], "a prediction pass is not an epoch"
     assert any("Grad-CAM maps ready for 2 of 5 studies" in caption.value for caption in app.caption)
+
+
+TEXT_ELEMENTS = ("markdown", "caption", "title", "header", "subheader", "error", "warning", "info", "success", "toast")
+
+
+@pytest.mark.parametrize("page", PAGES)
+def test_reader_names_and_notes_are_not_rendered_as_markdown(db_path, page):
+    """A reader named like an image link must not make every viewer's browser fetch the URL:
+    wherever a page shows the name (or a note) as Markdown, it is escaped."""
+    evil = "![x](http://127.0.0.1:9/x.png)"
+    with dbm.opened(db_path) as db:
+        add_demo_studies(db, 2, seed=11)
+        studies = [row[0] for row in db.execute("SELECT id FROM studies ORDER BY id")]
+        for study in studies:  # two readers who disagree: the Agreement page names both
+            rv.add_review(db, rv.Review(study, evil, "include", "metastatic", ("flare",), note=evil))
+            rv.add_review(db, rv.Review(study, "bob", "include", "non_metastatic", ("trauma",), note=evil))
+        rv.set_adjudicator(db, evil)
+    app = run_page(page, reviewer=evil)
+    assert not app.exception, [e.value for e in app.exception]
+    shown = [element.value for kind in TEXT_ELEMENTS for element in app.get(kind)]
+    assert not [text for text in shown if re.search(r"(?<!\\)!\[", text)], "an unescaped image link"
+    if page.endswith("agreement.py"):  # the names are there, escaped
+        assert any(r"\!\[x\]\(http\:\/\/127\.0\.0\.1\:9\/x\.png\)" in text for text in shown)
