@@ -66,7 +66,7 @@ _ZENODO_NAME = re.compile(r"^([AaPp])(\d+)$")  # A12 / P12
 _NUMBERED_NAME = re.compile(r"^\d+-([01])-[AaPp]$")  # 0001-1-A
 
 Progress = Callable[[int, int, str], None]  # (done, total, current file name)
-Upload = tuple[str, "bytes | BinaryIO"]  # (file name as uploaded, content or a readable binary file)
+Upload = tuple[str, bytes | BinaryIO]  # (file name as uploaded, content or a readable binary file)
 
 # One browser upload batch at most (Streamlit's maxUploadSize limits each file, not the batch).
 # Streamlit keeps a batch in memory until the page lets go of it; these bound that memory.
@@ -328,14 +328,12 @@ def store_scan(
     *,
     keep_file_names: bool = False,
     known_ids: Iterable[str] = (),
-    name: str | None = None,
 ) -> FileOutcome:
     """Write one read file (all its frames) in one transaction; see the module rules.
 
     Args:
         keep_file_names: store the original name where :func:`stored_file_name` allows it.
         known_ids: identifiers besides the file's own (every id of the manifest).
-        name: the file's original name when ``plan.path`` is not (uploads).
     """
     salt = dbm.salt(db)
     facts = scan.dicom
@@ -363,7 +361,7 @@ def store_scan(
                 continue
             view = frame.view or plan.view
             views.append(view or "view unknown")
-            source = stored_file_name(name or plan.path, scan.format, sha, view, identifiers, keep=keep_file_names)
+            source = stored_file_name(plan.path, scan.format, sha, view, identifiers, keep=keep_file_names)
             image_ids.append(insert_image(db, study_id, frame.pixels, view, source, scan.format, frame_index=index, sha=sha))
         if not image_ids:
             raise _AllDuplicates()
@@ -489,7 +487,6 @@ def import_one(
     keep_file_names: bool = False,
     known_ids: Iterable[str] = (),
     confine_to: Sequence[Path] | None = None,
-    name: str | None = None,
 ) -> FileOutcome:
     """Read and store one planned file; never raises for bad file content.
 
@@ -507,8 +504,7 @@ def import_one(
     except RejectedFile as error:
         return FileOutcome(plan.path, "rejected", str(error))
     try:
-        return store_scan(db, plan, scan, reviewer, record_label, keep_file_names=keep_file_names, known_ids=known_ids,
-                          name=name)
+        return store_scan(db, plan, scan, reviewer, record_label, keep_file_names=keep_file_names, known_ids=known_ids)
     except _AllDuplicates:
         return FileOutcome(plan.path, "duplicate", "identical pixels already stored")
 
@@ -598,7 +594,7 @@ def import_uploads(
             path.parent.mkdir()
             _write_upload(path, content)
             plan = plan_file(path, namespace=f"upload:{batch}")
-            outcome = import_one(db, plan, "import", record_label=False, keep_file_names=keep_file_names, name=safe)
+            outcome = import_one(db, plan, "import", record_label=False, keep_file_names=keep_file_names)
             outcomes.append(replace(outcome, display_name=safe))
             path.unlink()  # the disk holds one upload at a time
             if progress:
