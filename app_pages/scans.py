@@ -7,7 +7,7 @@ from pathlib import Path
 import pandas as pd
 import streamlit as st
 
-from app_pages.common import allowed, cached_study_images, data_url, denial, open_db, scan_viewer
+from app_pages.common import allowed, cached_study_images, data_url, db_path, denial, open_db, scan_viewer
 from bonescan_core import catalog, ingest
 
 PAGE_SIZE = 50
@@ -38,35 +38,60 @@ if not may_import:
     st.warning(denial("import"), icon=":material/lock:")
 upload_tab, folder_tab, demo_tab = st.tabs(["Upload files", "Import a folder on this computer", "Demo dataset"])
 
+KEEP_NAMES_HELP = ("Off: each image is stored and shown under a neutral name such as png-3fa9c2d1-ANT "
+                   "(format, pixel hash, view), because file names often hold an MRN, a name or a birth date. "
+                   "On: the original file name (without folders) is stored and shown in the viewers; a name that "
+                   "contains a manifest id or one of the DICOM file's identifiers still gets a neutral name, but a "
+                   "patient's name or birth date alone is kept.")
+
 with upload_tab:
     st.caption("TIFF, PNG, JPEG or DICOM. Upload both views of a study together so they are grouped "
-               "(file names with A/ANT/anterior and P/POST/posterior, or DICOM study UIDs).")
+               "(file names with A/ANT/anterior and P/POST/posterior, or DICOM study UIDs). "
+               f"At most {ingest.MAX_UPLOAD_FILES} files and {ingest.MAX_UPLOAD_BYTES // 1024**2} MiB per upload; "
+               "import larger sets as a folder.")
     # Any file type: scanners often export DICOM without an extension, and a file the importer
     # cannot read gets its reason below (a type filter would refuse it with no explanation).
     uploads = st.file_uploader("Scan files", accept_multiple_files=True, key="uploads")
+    keep_upload_names = st.checkbox("Keep original file names", key="upload_keep_names", help=KEEP_NAMES_HELP)
     if st.button("Import uploaded files", disabled=not uploads or not may_import, key="import_uploads") and may_import:
         bar = st.progress(0.0, text="importing")
-        with open_db() as db:
-            outcomes = ingest.import_uploads(db, [(f.name, f.getvalue()) for f in uploads], progress_callback(bar))
-        bar.empty()
-        show_outcomes(outcomes)
+        try:
+            with open_db() as db:
+                # The UploadedFile objects themselves: ingest streams each to disk (no second copy in memory).
+                outcomes = ingest.import_uploads(db, [(f.name, f) for f in uploads], progress_callback(bar),
+                                                 keep_file_names=keep_upload_names)
+        except ingest.UploadTooLarge as error:
+            st.error(str(error))
+        else:
+            show_outcomes(outcomes)
+        finally:
+            bar.empty()
 
 with folder_tab:
-    folder = st.text_input("Folder or file path", key="import_folder", placeholder="/data/bonescans")
+    try:
+        roots = ingest.allowed_import_roots(db_path())
+    except ingest.ImportRootError as error:
+        st.error(str(error))
+        roots = []
+    if roots:
+        st.caption("The app imports from " + ", ".join(f"`{root}`" for root in roots) + " (set `BONESCAN_DATA_DIR` "
+                   "or `BONESCAN_IMPORT_ROOTS` to change); files linked from elsewhere are refused.")
+    folder = st.text_input("Folder or file path", key="import_folder", placeholder=str(roots[0]) if roots else "")
     label_from_folder = st.checkbox("Record class folders (metastatic/, normal/, 0/, 1/...) as labels by reviewer `import`",
                                     key="import_label_from_folder")
-    if st.button("Import folder", disabled=not folder or not may_import, key="import_folder_button") and may_import:
+    keep_folder_names = st.checkbox("Keep original file names", key="import_keep_names", help=KEEP_NAMES_HELP)
+    if st.button("Import folder", disabled=not folder or not roots or not may_import, key="import_folder_button") and may_import:
+        bar = st.progress(0.0, text="importing")
         try:
-            path = ingest.check_import_root(Path(folder))
-            files = ingest.collect_files([path])
+            with open_db() as db:
+                outcomes = ingest.import_folder(db, Path(folder), roots=roots, label_from_folder=label_from_folder,
+                                                keep_file_names=keep_folder_names, progress=progress_callback(bar))
         except (PermissionError, FileNotFoundError) as error:
             st.error(str(error))
         else:
-            bar = st.progress(0.0, text="importing")
-            with open_db() as db:
-                outcomes = ingest.import_files(db, files, label_from_folder=label_from_folder, progress=progress_callback(bar))
-            bar.empty()
             show_outcomes(outcomes) if outcomes else st.warning("No files found in that folder.")
+        finally:
+            bar.empty()
 
 with demo_tab:
     st.caption("Synthetic whole-body studies (anterior + posterior, 1024 x 256 counts, Poisson noise), about 40% "

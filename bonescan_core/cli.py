@@ -83,6 +83,7 @@ def cmd_import(args: argparse.Namespace) -> int:
             manifest=Path(args.manifest) if args.manifest else None,
             reviewer=args.reviewer,
             progress=_progress_printer("import"),
+            keep_file_names=args.keep_file_names,
         )
     if not outcomes:
         raise CommandError("no files found under the given paths")
@@ -453,6 +454,10 @@ def build_parser() -> argparse.ArgumentParser:
     verb.add_argument("--label-from-folder", action="store_true", help="record the class folder as a review")
     verb.add_argument("--manifest", metavar="CSV", help="path, patient_id, study_id, view, label[, sex, age, primary_cancer]")
     verb.add_argument("--reviewer", default="import", help="name on folder/manifest label reviews (default import)")
+    verb.add_argument("--keep-file-names", action="store_true",
+                      help="store each file's original name (no folders), shown in the viewers, instead of a neutral "
+                           "<format>-<hash>-<view> name; a name holding a manifest id or DICOM identifier stays neutral, "
+                           "but a name or birth date alone is kept")
     verb.set_defaults(func=cmd_import)
 
     verb = verbs.add_parser("images", help="list images")
