@@ -53,7 +53,6 @@ def test_registry_matches_keras_files_and_urls():
     for backbone in models.BACKBONES.values():
         assert backbone.imagenet_url.endswith("/" + backbone.imagenet_file)
         assert backbone.imagenet_file.endswith("_notop.h5")
-    assert models.DEFAULT_SIZE == (646, 220)
     with pytest.raises(ValueError, match="resnet50"):
         models.get_backbone("alexnet")
 
