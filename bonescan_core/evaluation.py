@@ -165,16 +165,16 @@ def youden_threshold(labels: np.ndarray, probabilities: np.ndarray) -> float:
         class only (J undefined), or when no threshold separates better than chance (best
         J <= 0, e.g. a model that gives every image the same probability), 0.5.
     """
-    from sklearn.metrics import roc_curve  # only here: sklearn takes a second to import (module docstring)
-
-    labels = np.asarray(labels).astype(int)
-    if labels.min() == labels.max():
+    curve = roc_points(labels, probabilities)
+    if curve["thresholds"].size == 0:  # one class only
         return 0.5
-    fpr, tpr, thresholds = roc_curve(labels, np.asarray(probabilities, dtype=np.float64))
-    best = int(np.argmax(tpr - fpr))
-    if tpr[best] - fpr[best] <= 0:
+    # Every distinct threshold is on the curve; J is linear between them, so its first maximum
+    # is the one scikit-learn's roc_curve (which drops collinear points) would find.
+    j = curve["tpr"] - curve["fpr"]
+    best = int(np.argmax(j))
+    if j[best] <= 0:
         return 0.5  # otherwise +inf clipped to 1.0: a threshold that calls nothing metastatic
-    return float(np.clip(thresholds[best], 0.0, 1.0))  # roc_curve's first threshold is +inf
+    return float(np.clip(curve["thresholds"][best], 0.0, 1.0))  # the curve's first threshold is +inf
 
 
 # --- weighted, vectorised metrics (bootstrap and threshold sweep) -----------------------

@@ -63,8 +63,8 @@ def test_help_of_every_verb_renders():
     verbs = build_parser()._subparsers._group_actions[0].choices  # noqa: SLF001 - argparse keeps them here
     assert {"init", "demo", "import", "images", "studies", "label", "labels", "agreement", "split", "train", "worker",
             "runs", "cancel", "evaluate", "predictions", "explain", "export"} <= set(verbs)
-    for name, sub in verbs.items():
-        assert name in sub.format_help()
+    for sub in verbs.values():
+        sub.format_help()  # argparse %-formats every help string here: a stray "%" in one raises
     assert "usage: bonescan" in build_parser().format_help()
 
 

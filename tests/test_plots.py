@@ -163,10 +163,3 @@ def test_forest_plot_with_the_papers_values_and_missing_metrics(runs):
     assert "study-level" in fig.layout.title.text
     with pytest.raises(ValueError, match="level"):
         plots.forest_plot({"VGG19": result}, level="patient")
-
-
-def test_figures_write_self_contained_html(runs, tmp_path):
-    y, probabilities = runs
-    fig = plots.roc_figure({name: ev.roc_points(y, p) for name, p in probabilities.items()})
-    html = fig.to_html(full_html=True, include_plotlyjs=True)
-    assert "<html>" in html and "plotly" in html.lower() and "DenseNet121" in html

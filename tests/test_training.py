@@ -5,7 +5,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import shutil
-import time
 from pathlib import Path
 
 import numpy as np
@@ -172,11 +171,10 @@ def test_cancel_stops_within_a_few_batches(demo_db, tmp_path):
     config = dataclasses.replace(TINY, epochs=20, batch_size=4)
     run_id = new_run(demo_db, config)
     reporter = Recorder(cancel_after=6)  # a few loading polls, then training batches
-    started = time.monotonic()
     with pytest.raises(training.TrainingCancelled):
         training.train_run(demo_db, run_id, config, reporter, tmp_path / "runs")
     assert reporter.polls_after_cancel <= 2, "it must stop at the first poll that says cancel"
-    assert len(reporter.epochs) <= 1 and time.monotonic() - started < 60
+    assert len(reporter.epochs) <= 1
     assert predictions(demo_db, run_id) == {}
     assert not (tmp_path / "runs" / f"run-{run_id}" / "model.keras").exists()
 
@@ -185,9 +183,7 @@ def test_cancel_stops_within_a_few_batches(demo_db, tmp_path):
 def test_fast_mode_caches_features_and_a_rerun_reuses_them(demo_db, tmp_path, monkeypatch):
     config = dataclasses.replace(TINY, mode="fast", epochs=4)
     runs = tmp_path / "runs"
-    started = time.monotonic()
     first = training.train_run(demo_db, new_run(demo_db, config), config, Recorder(), runs)
-    first_s = time.monotonic() - started
     rows = demo_db.execute("SELECT COUNT(*) FROM features WHERE backbone = 'vgg19' AND weights = 'none'").fetchone()[0]
     assert rows == 40 and first.config_additions["features_computed"] == 40
     vector = demo_db.execute("SELECT vector FROM features LIMIT 1").fetchone()[0]
@@ -200,13 +196,10 @@ def test_fast_mode_caches_features_and_a_rerun_reuses_them(demo_db, tmp_path, mo
     rerun = dataclasses.replace(config, seed=1, dropout=0.5, threshold_rule="fixed", split_id=first.config_additions["split_id"])
     run_id = new_run(demo_db, rerun)
     reporter = Recorder()
-    started = time.monotonic()
-    second = training.train_run(demo_db, run_id, rerun, reporter, runs)
-    second_s = time.monotonic() - started
+    second = training.train_run(demo_db, run_id, rerun, reporter, runs)  # its time: bench/fast_mode.py
     assert second.config_additions["features_cached"] == 40 and second.config_additions["features_computed"] == 0
     assert "features" not in {f["phase"] for f in reporter.fields}
     assert demo_db.execute("SELECT COUNT(*) FROM features").fetchone()[0] == 40
-    assert second_s < first_s, f"re-run {second_s:.1f} s vs first {first_s:.1f} s"
     assert second.threshold == 0.5 and second.config_additions["split_id"] == first.config_additions["split_id"]
     monkeypatch.undo()
 
