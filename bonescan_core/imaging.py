@@ -24,7 +24,10 @@ from __future__ import annotations
 
 import contextlib
 import datetime as _dt
+import io
+import itertools
 import logging
+import lzma
 import math
 import os
 import re
@@ -42,12 +45,15 @@ import tifffile
 from PIL import Image, ImageFile
 from pydicom.dataelem import DataElement, RawDataElement
 from pydicom.dataset import Dataset
+from pydicom.encaps import generate_frames
 from pydicom.errors import InvalidDicomError
+from pydicom.filereader import read_dataset
 from pydicom.multival import MultiValue
 from pydicom.uid import UID
 
 __all__ = [
     "EXTENSIONS",
+    "MAX_PAGES",
     "MAX_PIXELS",
     "MIN_SIDE",
     "READERS",
@@ -66,6 +72,12 @@ MIN_SIDE = 64
 
 MAX_PIXELS = 40_000_000
 """Most pixels (all frames and samples together) a file may declare; checked before decoding."""
+
+MAX_PAGES = 256
+"""Most TIFF pages (directories) a file may hold; counted lazily before any page is listed in full."""
+
+_EXPANSION_SLACK = 1 << 16
+"""Bytes a compressed piece may expand beyond its declared size (padding, trailing elements)."""
 
 EXTENSIONS: dict[str, str] = {
     ".tif": "tiff",
@@ -280,6 +292,39 @@ def _too_many_pixels(width: int, height: int, frames: int = 1, samples: int = 1)
     )
 
 
+def _expands_too_far(what: str, declared: str, limit: int) -> RejectedFile:
+    """The rejection for compressed data that inflates past what its header declares."""
+    return RejectedFile(
+        f"{what} expands to more than its declared {declared} (over {limit:,} bytes): "
+        "a damaged file or a decompression bomb; export it again uncompressed"
+    )
+
+
+def _inflated_size(inflater: zlib._Decompress | lzma.LZMADecompressor, data: bytes, limit: int) -> int:
+    """Bytes that ``data`` inflates to with ``inflater``, counted in 1 MiB pieces that are dropped.
+
+    Returns:
+        The inflated size, or ``limit + 1`` as soon as it is known to exceed ``limit``:
+        memory stays at one piece, whatever the data claims.
+    """
+    piece = 1 << 20
+    total = 0
+    if isinstance(inflater, lzma.LZMADecompressor):
+        total += len(inflater.decompress(data, piece))
+        while total <= limit and not inflater.eof and not inflater.needs_input:
+            total += len(inflater.decompress(b"", piece))
+        return total
+    pending = data
+    while True:
+        total += len(inflater.decompress(pending, piece))
+        pending = inflater.unconsumed_tail
+        if total > limit or not pending:
+            break
+    if total <= limit:
+        total += len(inflater.flush())  # bounded: every input byte has been consumed
+    return min(total, limit + 1)
+
+
 # --------------------------------------------------------------------------- registry
 
 Reader = Callable[[Path, int], _Decoded]
@@ -482,7 +527,7 @@ def _tiff_layout(page: tifffile.TiffPage) -> str | None:
 _TIFF_TYPE_SIZES = {1: 1, 2: 1, 3: 2, 4: 4, 5: 8, 6: 1, 7: 1, 8: 2, 9: 4, 10: 8, 11: 4, 12: 8, 13: 4, 16: 8, 17: 8, 18: 8}
 
 
-def _check_tiff_directories(tif: tifffile.TiffFile, size: int) -> None:
+def _check_tiff_directories(tif: tifffile.TiffFile, pages: list[tifffile.TiffPage], size: int) -> None:
     """Walk every image directory (IFD) in the raw file.
 
     tifffile logs (does not raise) when the chain of IFDs points past the end of the
@@ -493,7 +538,7 @@ def _check_tiff_directories(tif: tifffile.TiffFile, size: int) -> None:
     fmt = tif.tiff
     with open(tif.filehandle.path, "rb") as fh:
         next_ifd = 0
-        for number, page in enumerate(tif.pages, start=1):
+        for number, page in enumerate(pages, start=1):
             fh.seek(page.offset)
             raw = fh.read(fmt.tagnosize)
             if len(raw) < fmt.tagnosize:
@@ -537,6 +582,58 @@ def _check_tiff_strips(pages: list[tifffile.TiffPage], size: int) -> None:
                 raise _corrupt("tiff", f"page {number} holds {sum(counts)} bytes of pixels but declares {expected}")
 
 
+# TIFF compressions tifffile decodes here and whose output this module can bound before
+# decoding: none, Adobe/old deflate (zlib), PackBits, LZMA. Every other compression is
+# decoded by Pillow's libtiff, which writes into a buffer of the declared page size.
+_TIFF_NONE, _TIFF_DEFLATES, _TIFF_PACKBITS, _TIFF_LZMA = 1, (8, 32946), 32773, 34925
+_TIFF_BOUNDED_COMPRESSIONS = frozenset({_TIFF_NONE, *_TIFF_DEFLATES, _TIFF_PACKBITS, _TIFF_LZMA})
+
+
+def _packbits_size(data: bytes, limit: int) -> int:
+    """Bytes a PackBits strip decodes to (stops counting once over ``limit``), without decoding it."""
+    total = pos = 0
+    while pos < len(data) and total <= limit:
+        header = data[pos]
+        if header < 128:  # copy the next header + 1 bytes
+            total += header + 1
+            pos += header + 2
+        elif header > 128:  # repeat the next byte 257 - header times
+            total += 257 - header
+            pos += 2
+        else:  # 128: no-op
+            pos += 1
+    return total
+
+
+def _check_tiff_expansion(path: Path, pages: list[tifffile.TiffPage]) -> None:
+    """Every compressed strip/tile must decode to no more than its declared size (plus slack).
+
+    tifffile inflates a strip completely before cutting it to size, so a strip of a few
+    hundred KB of zlib data could otherwise fill gigabytes. Each strip is inflated here in
+    1 MiB pieces that are counted and dropped, before tifffile decodes it for real.
+    """
+    with path.open("rb") as fh:
+        for number, page in enumerate(pages, start=1):
+            compression = int(page.compression)
+            if compression == _TIFF_NONE or compression not in _TIFF_BOUNDED_COMPRESSIONS:
+                continue
+            # page.chunks: the shape of one strip/tile (samples included when interleaved).
+            limit = math.prod(page.chunks) * max(1, math.ceil(page.bitspersample / 8)) + _EXPANSION_SLACK
+            for offset, count in zip(page.dataoffsets, page.databytecounts, strict=True):
+                fh.seek(offset)
+                data = fh.read(count)
+                if compression == _TIFF_PACKBITS:
+                    inflated = _packbits_size(data, limit)
+                elif compression == _TIFF_LZMA:
+                    inflated = _inflated_size(lzma.LZMADecompressor(), data, limit)
+                else:
+                    inflated = _inflated_size(zlib.decompressobj(), data, limit)
+                if inflated > limit:
+                    raise _expands_too_far(
+                        f"TIFF page {number}", f"{page.imagewidth} x {page.imagelength} pixels", limit
+                    )
+
+
 def _tiff_page_array(page: tifffile.TiffPage) -> np.ndarray:
     """Decode one TIFF page with tifffile into (H, W) or (H, W, samples)."""
     arr = page.asarray(squeeze=False)  # (separate samples, depth, H, W, contiguous samples)
@@ -572,7 +669,13 @@ def _read_tiff(path: Path, size: int) -> _Decoded:
     colours: list[str | None] = []
     try:
         with tifffile.TiffFile(path) as tif:
-            all_pages = list(tif.pages)
+            # Pages load one by one as the iterator asks: stop one past the cap, so a file of
+            # thousands of tiny pages costs no more than MAX_PAGES of them.
+            all_pages = list(itertools.islice(tif.pages, MAX_PAGES + 1))
+            if len(all_pages) > MAX_PAGES:
+                raise RejectedFile(
+                    f"TIFF holds more than {MAX_PAGES} pages; export the whole-body views as separate files"
+                )
             if not all_pages:
                 raise _corrupt("tiff", "no image directory could be read")
             keep = [
@@ -594,11 +697,12 @@ def _read_tiff(path: Path, size: int) -> _Decoded:
                     f"declares {total:,} pixels, over the {MAX_PIXELS // 1_000_000}-megapixel limit; "
                     "export a smaller image or one frame per file"
                 )
-            _check_tiff_directories(tif, size)
+            _check_tiff_directories(tif, all_pages, size)
             _check_tiff_strips([p for _, p in keep], size)
+            _check_tiff_expansion(path, [p for _, p in keep])
             for index, page in keep:
                 layout = _tiff_layout(page)
-                if page.compression in tifffile.TIFF.DECOMPRESSORS:
+                if page.compression in _TIFF_BOUNDED_COMPRESSIONS:
                     arr = _tiff_page_array(page)
                     if int(page.photometric) == _TIFF_PALETTE:
                         arr, layout = _apply_tiff_palette(arr, page), "palette"
@@ -1008,7 +1112,10 @@ def _quiet_pydicom_validation() -> Iterator[None]:
 def _read_dicom_quietly(path: Path, size: int, caught: list[warnings.WarningMessage]) -> _Decoded:
     redact = [str(path), path.name, path.stem]
     try:
+        _check_deflated_expansion(path)  # pydicom inflates a Deflated dataset without any limit
         ds = pydicom.dcmread(path, force=False)
+    except RejectedFile:
+        raise
     except InvalidDicomError as exc:
         raise _corrupt("dicom", _scrub(str(exc), redact)) from None
     except Exception as exc:  # pydicom raises many types on damaged files
@@ -1040,6 +1147,140 @@ def _read_dicom_quietly(path: Path, size: int, caught: list[warnings.WarningMess
         raise _corrupt("dicom", _scrub(_describe_exception(exc), redact)) from None
     decoded.notes[:0] = notes
     return decoded
+
+
+_DEFLATED_HEADER_BUDGET = 8 << 20
+"""Most bytes the elements before the pixel data of a Deflated DICOM file may inflate to."""
+_PIXEL_TAGS = frozenset({0x7FE00008, 0x7FE00009, 0x7FE00010})  # Float, DoubleFloat, (plain) PixelData
+
+
+def _check_deflated_expansion(path: Path) -> None:
+    """Refuse a Deflated Explicit VR file whose dataset inflates past its declared image.
+
+    pydicom inflates the whole dataset in one call, without an output limit, before
+    parsing it. So the dataset is inflated here first, in counted pieces: up to
+    :data:`_DEFLATED_HEADER_BUDGET` to read Rows, Columns, frames and bits, then on to
+    (those elements) + (the declared pixel bytes) + slack, never holding more than the
+    header budget. Other transfer syntaxes return at once.
+    """
+    with path.open("rb") as fh:
+        if fh.read(132)[128:] != b"DICM":
+            return  # pydicom reports it
+        meta = read_dataset(fh, is_implicit_VR=False, is_little_endian=True, stop_when=lambda tag, vr, length: tag >> 16 != 2)
+        if str(meta.get("TransferSyntaxUID", "")).strip() != pydicom.uid.DeflatedExplicitVRLittleEndian:
+            return
+        data = fh.read()
+    inflater = zlib.decompressobj(-zlib.MAX_WBITS)
+    head = inflater.decompress(data, _DEFLATED_HEADER_BUDGET)
+    stream = io.BytesIO(head)
+    header = read_dataset(stream, is_implicit_VR=False, is_little_endian=True, stop_when=lambda tag, vr, length: tag in _PIXEL_TAGS)
+    pixel_start = stream.tell()
+    if pixel_start + 12 > len(head) and inflater.unconsumed_tail:
+        raise RejectedFile(
+            f"the DICOM header inflates to more than {_DEFLATED_HEADER_BUDGET >> 20} MB before its pixel data: "
+            "a damaged file or a decompression bomb; export it again uncompressed"
+        )
+
+    def number(keyword: str, default: int) -> int:
+        try:
+            return max(int(header.get(keyword) or default), 1)
+        except (TypeError, ValueError):
+            return default  # the full read rejects a malformed value with a better message
+
+    rows, columns = number("Rows", 1), number("Columns", 1)
+    frames, samples, bits = number("NumberOfFrames", 1), number("SamplesPerPixel", 1), number("BitsAllocated", 64)
+    if (rows, columns) == (1, 1) or rows * columns * frames * samples > MAX_PIXELS:
+        return  # no image, or too big: the full read rejects it before inflating anything more
+    limit = pixel_start + 12 + math.ceil(rows * columns * frames * samples * bits / 8) + _EXPANSION_SLACK
+    if len(head) + _inflated_size(inflater, inflater.unconsumed_tail, limit) > limit:
+        raise _expands_too_far("the Deflated DICOM dataset", f"{columns} x {rows} x {frames} image", limit)
+
+
+def _check_fragment_sizes(ds: Dataset, ts: UID, rows: int, columns: int, frames: int, samples: int) -> None:
+    """Every compressed frame must declare (JPEG family) or decode to (RLE) the header's size.
+
+    Decoders size their output from the codestream, not from Rows/Columns: a JPEG frame
+    declaring 20000 x 20000 makes libjpeg allocate gigabytes for a 96 x 128 header, and an
+    RLE segment can repeat runs far past its declared length. Both are refused here, before
+    any frame is decoded.
+    """
+    if not ts.is_encapsulated or ts.is_deflated:
+        return
+    kind = "JPEG 2000" if str(ts) in _J2K_SYNTAXES else "RLE" if ts == pydicom.uid.RLELossless else "JPEG"
+    for number, frame in enumerate(generate_frames(ds.PixelData, number_of_frames=frames), start=1):
+        if kind == "RLE":
+            limit = rows * columns * math.ceil(_dicom_int(ds, "BitsAllocated", 8) / 8) * samples + _EXPANSION_SLACK
+            if _rle_size(frame, limit) > limit:
+                raise _expands_too_far(f"frame {number} (RLE)", f"{columns} x {rows} pixels", limit)
+            continue
+        size = _j2k_size(frame) if kind == "JPEG 2000" else _jpeg_size(frame)
+        if size is None:
+            raise _corrupt("dicom", f"frame {number} has no readable {kind} size header")
+        if size != (columns, rows):
+            raise RejectedFile(
+                f"frame {number} declares {size[0]} x {size[1]} pixels in its {kind} data but {columns} x {rows} "
+                "in the DICOM header: a damaged file or a decompression bomb; export it again"
+            )
+
+
+_J2K_SYNTAXES = frozenset(
+    {
+        "1.2.840.10008.1.2.4.90",
+        "1.2.840.10008.1.2.4.91",
+        "1.2.840.10008.1.2.4.201",
+        "1.2.840.10008.1.2.4.202",
+        "1.2.840.10008.1.2.4.203",
+    }
+)
+# Start-of-frame markers: SOF0-3, 5-7, 9-11, 13-15 (JPEG) and SOF55 (JPEG-LS).
+_JPEG_SOF = frozenset({*range(0xC0, 0xC4), *range(0xC5, 0xC8), *range(0xC9, 0xCC), *range(0xCD, 0xD0), 0xF7})
+
+
+def _jpeg_size(data: bytes) -> tuple[int, int] | None:
+    """(width, height) from the start-of-frame segment of a JPEG or JPEG-LS codestream, or None."""
+    if data[:2] != b"\xff\xd8":
+        return None
+    pos = 2
+    while pos + 4 <= len(data):
+        if data[pos] != 0xFF:
+            return None
+        marker = data[pos + 1]
+        if marker == 0xFF:  # fill byte
+            pos += 1
+            continue
+        if marker in _JPEG_SOF:
+            if pos + 9 > len(data):
+                return None
+            height, width = struct.unpack(">HH", data[pos + 5 : pos + 9])
+            return width, height
+        if marker == 0xDA:  # start of scan before any frame header
+            return None
+        (length,) = struct.unpack(">H", data[pos + 2 : pos + 4])
+        pos += 2 + length
+    return None
+
+
+def _j2k_size(data: bytes) -> tuple[int, int] | None:
+    """(width, height) from the SIZ segment of a JPEG 2000 codestream (JP2 boxes skipped), or None."""
+    start = data.find(b"\xff\x4f\xff\x51")  # SOC, then SIZ (always second)
+    if start < 0 or start + 24 > len(data):
+        return None
+    xsiz, ysiz, xosiz, yosiz = struct.unpack(">IIII", data[start + 8 : start + 24])
+    return xsiz - xosiz, ysiz - yosiz
+
+
+def _rle_size(frame: bytes, limit: int) -> int:
+    """Bytes the segments of one DICOM RLE frame decode to, counted without decoding (capped past ``limit``)."""
+    if len(frame) < 64:
+        return 0  # the decoder rejects the header
+    count, *offsets = struct.unpack("<16I", frame[:64])
+    bounds = [*offsets[: min(count, 15)], len(frame)]
+    total = 0
+    for start, end in itertools.pairwise(bounds):
+        total += _packbits_size(frame[start:end], limit - total)  # DICOM RLE is PackBits per segment
+        if total > limit:
+            break
+    return total
 
 
 def _guess_native_transfer_syntax(ds: Dataset) -> UID:
@@ -1086,6 +1327,7 @@ def _decode_dicom_pixels(ds: Dataset, ts: UID, facts: DicomFacts) -> _Decoded:
         rejection = _ts_rejection(ts)
         if rejection is not None:
             raise rejection
+        _check_fragment_sizes(ds, ts, rows, columns, frames, samples)
     else:
         default_bits = {"FloatPixelData": 32, "DoubleFloatPixelData": 64}.get(pixel_keyword)
         bits = _dicom_int(ds, "BitsAllocated", default_bits)
