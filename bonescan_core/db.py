@@ -285,10 +285,16 @@ _ACCOUNTS_SQL = [
 ]
 
 
+def _m004_clipped_pixels(db: sqlite_utils.Database) -> None:
+    """images.clipped_pixels: how many negative values the file held (set to zero on import)."""
+    db.execute("ALTER TABLE images ADD COLUMN clipped_pixels INTEGER NOT NULL DEFAULT 0")
+
+
 MIGRATIONS: list[tuple[str, Callable[[sqlite_utils.Database], None]]] = [
     ("001_foundation", _m001_foundation),
     ("002_training", _m002_training),
     ("003_accounts", _m003_accounts),
+    ("004_clipped_pixels", _m004_clipped_pixels),
 ]
 
 

@@ -116,13 +116,16 @@ class ScanFrame:
 
     Attributes:
         pixels: Array of shape (H, W), dtype uint8, uint16, int16, int32 (signed DICOM
-            stays signed) or float32; every value finite; not constant.
+            stays signed) or float32; every value finite and >= 0 (counts); not constant.
         view: "anterior" or "posterior" when file-internal metadata (DICOM only) says
             so unambiguously, else None. File names are never consulted.
+        clipped: How many pixels were below zero in the file and were set to zero
+            (ringing of lossy compression, a negative rescale intercept).
     """
 
     pixels: np.ndarray
     view: str | None
+    clipped: int = 0
 
 
 @dataclass(frozen=True)
@@ -1450,6 +1453,27 @@ def _normalise_dtype(arr: np.ndarray, notes: list[str]) -> np.ndarray:
     raise RejectedFile(f"unsupported sample type {kind}; export as 8/16-bit integer or float32 greyscale")
 
 
+def _clip_negative(arr: np.ndarray, notes: list[str]) -> tuple[np.ndarray, int]:
+    """Counts are never negative: set values below zero to zero (dtype kept).
+
+    Lossy JPEG 2000 rings below zero around hot spots (pydicom's NM test file JPEG2000.dcm
+    reaches -30); left in, the display window and the model's min-max would start there
+    instead of at zero counts. Clipping here, where pixels are read, means the thumbnail,
+    the viewers and the model input all see the same counts.
+
+    Returns:
+        (array, number of pixels clipped).
+    """
+    if arr.dtype.kind not in "if":
+        return arr, 0
+    negative = arr < 0
+    clipped = int(np.count_nonzero(negative))
+    if clipped:
+        arr = np.where(negative, arr.dtype.type(0), arr)
+        notes.append(f"set {clipped:,} negative pixel value{'s' if clipped > 1 else ''} to 0 (counts are never negative)")
+    return arr, clipped
+
+
 def _validate(arr: np.ndarray) -> str | None:
     """Why a decoded 2-D frame is unusable, or None."""
     height, width = arr.shape
@@ -1482,10 +1506,13 @@ def _finish(fmt: str, decoded: _Decoded) -> ScanFile:
         arr = np.ascontiguousarray(_normalise_dtype(arr, notes))
         if not arr.flags.writeable:  # decoders may return views of read-only buffers
             arr = arr.copy()
-        problem = _validate(arr)
+        problem = _validate(arr)  # before clipping: NaN and the file's own blankness come first
+        if problem is None:
+            arr, clipped = _clip_negative(arr, notes)
+            problem = _validate(arr)
         if problem is not None:
             raise RejectedFile(f"frame {number} of {count}: {problem}" if count > 1 else problem)
-        frames.append(ScanFrame(pixels=arr, view=view))
+        frames.append(ScanFrame(pixels=arr, view=view, clipped=clipped))
     unique_notes = tuple(dict.fromkeys(notes))
     return ScanFile(format=fmt, frames=tuple(frames), notes=unique_notes, dicom=decoded.dicom)
 

@@ -690,8 +690,9 @@ def _good_jpeg() -> tuple[bytes, GoodCase]:
 
 
 def _good_signed_dicom() -> tuple[bytes, GoodCase]:
-    image = (gradient(128, 96, "int32", top=3000) - 1000).astype(np.int16)
-    ds = nm_dataset(image, ImageID="ANT")
+    stored = (gradient(128, 96, "int32", top=3000) - 1000).astype(np.int16)
+    image = np.maximum(stored, 0)  # counts are never negative: read with the negatives set to zero
+    ds = nm_dataset(stored, ImageID="ANT")
     facts = {
         "sex": "F",
         "age_years": 45,
@@ -699,7 +700,9 @@ def _good_signed_dicom() -> tuple[bytes, GoodCase]:
         "patient_id": PHI["PatientID"],
         "study_uid": PHI["StudyInstanceUID"],
     }
-    return dicom_bytes(ds), GoodCase("dicom", ((128, 96),), "int16", (image,), views=("anterior",), facts=facts)
+    return dicom_bytes(ds), GoodCase(
+        "dicom", ((128, 96),), "int16", (image,), views=("anterior",), facts=facts, note="negative pixel values to 0"
+    )
 
 
 def _good_nm_two_frames() -> tuple[bytes, GoodCase]:
@@ -729,7 +732,7 @@ def _good_monochrome1() -> tuple[bytes, GoodCase]:
 def _good_rescaled() -> tuple[bytes, GoodCase]:
     image = gradient(128, 96, top=1000)
     ds = nm_dataset(image, RescaleSlope="0.5", RescaleIntercept="-10")
-    expected = (image.astype(np.float64) * 0.5 - 10).astype(np.float32)
+    expected = np.maximum((image.astype(np.float64) * 0.5 - 10).astype(np.float32), 0)
     return dicom_bytes(ds), GoodCase("dicom", ((128, 96),), "float32", (expected,), note="rescale")
 
 
@@ -842,7 +845,7 @@ _GOOD_BUILDERS: dict[str, Callable[[], tuple[bytes, GoodCase]]] = {
     "IM000001": _simple(_nm_uncompressed, GoodCase("dicom", ((128, 96),), "uint16", (gradient(128, 96),))),
     UID_ROOT + "7003": _simple(_nm_uncompressed, GoodCase("dicom", ((128, 96),), "uint16", (gradient(128, 96),))),
     "JPGExtended.dcm": _good_testdata("JPGExtended.dcm", (1024, 256), "uint16", (0, 264)),
-    "JPEG2000.dcm": _good_testdata("JPEG2000.dcm", (1024, 256), "int16", (-30, 245)),
+    "JPEG2000.dcm": _good_testdata("JPEG2000.dcm", (1024, 256), "int16", (0, 245)),  # lossy: rings down to -30
     "MR_small_jpeg_ls_lossless.dcm": _good_testdata("MR_small_jpeg_ls_lossless.dcm", (64, 64), "int16", None, True),
     "MR_small_RLE.dcm": _good_testdata("MR_small_RLE.dcm", (64, 64), "int16", None, True),
     "image_dfl.dcm": _good_testdata("image_dfl.dcm", (512, 512), "uint8", (0, 255)),

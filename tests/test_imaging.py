@@ -4,9 +4,11 @@ file decoded exactly; DICOM facts and identifiers; sniffing; age parsing."""
 from __future__ import annotations
 
 import re
+import shutil
 from pathlib import Path
 
 import numpy as np
+import pydicom
 import pytest
 from bad_corpus import (
     BAD_CASE_NAMES,
@@ -26,9 +28,10 @@ from bad_corpus import (
     tiff_bytes,
 )
 from PIL import Image
+from pydicom.data import get_testdata_file
 from pydicom.uid import JPEGBaseline8Bit
 
-from bonescan_core import imaging
+from bonescan_core import imaging, ingest, pixelstore, preprocess
 from bonescan_core.imaging import (
     EXTENSIONS,
     MAX_PIXELS,
@@ -258,6 +261,34 @@ def test_pillow_bombs_are_rejected_whatever_pillows_own_limit(
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", None)
     folder, expected = bad
     assert expected[name] in rejection(folder / name)
+
+
+# --------------------------------------------------------------------------- negative counts
+
+
+def test_lossy_jpeg2000_negative_counts_are_clipped_and_counted(db, tmp_path: Path) -> None:
+    """pydicom's lossy NM whole body (signed; rings down to -30): zero counts must look and
+    normalise as zero, in the thumbnail, the viewer and the model input alike."""
+    source = Path(get_testdata_file("JPEG2000.dcm"))
+    raw = pydicom.dcmread(source).pixel_array
+    negative = int((raw < 0).sum())
+    assert raw.min() == -30 and negative > 0  # the file really holds negative values
+
+    frame = read_scan(source).frames[0]
+    assert frame.pixels.dtype == np.int16 and frame.pixels.min() == 0
+    np.testing.assert_array_equal(frame.pixels, np.maximum(raw, 0))
+    assert frame.clipped == negative
+
+    background = raw == 0  # the body's surroundings: no counts
+    assert (pixelstore.to_display(frame.pixels)[background] == 255).all()  # white, not grey
+    assert (preprocess.minmax(frame.pixels)[background] == 0).all()
+
+    shutil.copy(source, tmp_path / "nm_whole_body.dcm")
+    outcome = ingest.import_files(db, [tmp_path / "nm_whole_body.dcm"])[0]
+    assert outcome.status == "imported", outcome
+    row = next(db.query("SELECT clipped_pixels, pixels FROM images"))
+    assert row["clipped_pixels"] == negative
+    assert pixelstore.decode_pixels(row["pixels"]).min() == 0
 
 
 # --------------------------------------------------------------------------- truncation sweep
