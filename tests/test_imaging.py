@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import re
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -32,6 +34,7 @@ from pydicom.data import get_testdata_file
 from pydicom.uid import JPEGBaseline8Bit
 
 from bonescan_core import imaging, ingest, pixelstore, preprocess
+from bonescan_core.errors import InputError
 from bonescan_core.imaging import (
     EXTENSIONS,
     MAX_PIXELS,
@@ -261,6 +264,36 @@ def test_pillow_bombs_are_rejected_whatever_pillows_own_limit(
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", None)
     folder, expected = bad
     assert expected[name] in rejection(folder / name)
+
+
+# --------------------------------------------------------------------------- process-wide state
+
+
+def test_rejected_file_is_an_input_error() -> None:
+    assert issubclass(RejectedFile, InputError)
+
+
+_PILLOW_STATE_SCRIPT = """
+import sys
+from PIL import ImageFile
+ImageFile.LOAD_TRUNCATED_IMAGES = True  # what another module of the process may have chosen
+from bonescan_core.imaging import RejectedFile, read_scan
+assert ImageFile.LOAD_TRUNCATED_IMAGES is True, "importing imaging changed Pillow"
+try:
+    read_scan(sys.argv[1])
+except RejectedFile as error:
+    print(error)
+assert ImageFile.LOAD_TRUNCATED_IMAGES is True, "reading changed Pillow"
+"""
+
+
+@pytest.mark.parametrize("name", ["trunc_mid.jpg", "trunc_tail.jpg", "trunc_mid.png"])
+def test_pillow_setting_is_left_alone_and_truncation_still_rejected(bad: tuple[Path, dict[str, str]], name: str) -> None:
+    """Pillow's LOAD_TRUNCATED_IMAGES belongs to the process: reads stay strict without changing it."""
+    folder, expected = bad
+    done = subprocess.run([sys.executable, "-c", _PILLOW_STATE_SCRIPT, str(folder / name)], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert expected[name] in done.stdout
 
 
 # --------------------------------------------------------------------------- negative counts

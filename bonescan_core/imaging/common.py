@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from bonescan_core.deidentify import DicomFacts
+from bonescan_core.errors import InputError
 
 MIN_SIDE = 64
 """Smallest plausible side of a whole-body scan, in pixels."""
@@ -48,7 +49,7 @@ _FORMAT_LABEL = {"tiff": "TIFF", "png": "PNG", "jpeg": "JPEG", "dicom": "DICOM"}
 _MAX_MESSAGE_DETAIL = 140  # characters of a decoder's own message kept in a rejection
 
 
-class RejectedFile(ValueError):
+class RejectedFile(InputError):
     """A file that cannot be imported; str(error) says why and what to do next (one line, no path)."""
 
 

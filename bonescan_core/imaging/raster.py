@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import re
 import struct
+import threading
 import zlib
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -114,15 +117,40 @@ def _pillow_to_array(im: Image.Image, notes: list[str]) -> tuple[np.ndarray, str
     raise RejectedFile(f"unsupported pixel layout (Pillow mode {mode}); export as 8- or 16-bit greyscale")
 
 
+_PILLOW_LOCK = threading.Lock()
+
+
+@contextlib.contextmanager
+def _strict_pillow() -> Iterator[None]:
+    """Pillow refuses truncated images for this read only, then gets back the process's own setting.
+
+    A partially decoded image must never come back, but LOAD_TRUNCATED_IMAGES is Pillow's
+    one process-wide switch, which another module may have relaxed on purpose. Pillow reads
+    here take turns, so that two overlapping reads cannot leave it flipped for good.
+    """
+    with _PILLOW_LOCK:
+        previous = ImageFile.LOAD_TRUNCATED_IMAGES
+        ImageFile.LOAD_TRUNCATED_IMAGES = False
+        try:
+            yield
+        finally:
+            ImageFile.LOAD_TRUNCATED_IMAGES = previous
+
+
 def _pillow_decode(path: Path, fmt: str, frame_index: int = 0) -> tuple[np.ndarray, str | None, list[str]]:
-    """Open, bomb-check and fully decode one image (or TIFF page) with Pillow.
+    """Open, bomb-check and fully decode one image (or TIFF page) with Pillow, strictly.
 
     Returns:
         (array, colour layout, notes); see :func:`_pillow_to_array`.
     """
+    with _strict_pillow():
+        return _pillow_decode_strictly(path, fmt, frame_index)
+
+
+def _pillow_decode_strictly(path: Path, fmt: str, frame_index: int) -> tuple[np.ndarray, str | None, list[str]]:
+    """:func:`_pillow_decode` inside :func:`_strict_pillow`."""
     notes: list[str] = []
     pillow_format = {"png": "PNG", "jpeg": "JPEG", "tiff": "TIFF"}[fmt]
-    ImageFile.LOAD_TRUNCATED_IMAGES = False  # in case another module relaxed it since import
     with path.open("rb") as fh:
         # Pillow raises over 2 x Image.MAX_IMAGE_PIXELS (and only warns above 1 x, which is
         # already over MAX_PIXELS and rejected below, before decoding).
