@@ -378,12 +378,18 @@ def _m005_sign_in_sessions(db: sqlite_utils.Database) -> None:
     db.execute("CREATE INDEX sign_in_failures_by_lock ON sign_in_failures (locked_until)")
 
 
+def _m006_clipped_pixels(db: sqlite_utils.Database) -> None:
+    """images.clipped_pixels: how many negative values the file held (set to zero on import)."""
+    db.execute("ALTER TABLE images ADD COLUMN clipped_pixels INTEGER NOT NULL DEFAULT 0")
+
+
 MIGRATIONS: list[tuple[str, Callable[[sqlite_utils.Database], None]]] = [
     ("001_foundation", _m001_foundation),
     ("002_training", _m002_training),
     ("003_accounts", _m003_accounts),
     ("004_append_only", _m004_append_only),
     ("005_sign_in_sessions", _m005_sign_in_sessions),
+    ("006_clipped_pixels", _m006_clipped_pixels),
 ]
 
 

@@ -362,7 +362,8 @@ def store_scan(
             view = frame.view or plan.view
             views.append(view or "view unknown")
             source = stored_file_name(plan.path, scan.format, sha, view, identifiers, keep=keep_file_names)
-            image_ids.append(insert_image(db, study_id, frame.pixels, view, source, scan.format, frame_index=index, sha=sha))
+            image_ids.append(insert_image(db, study_id, frame.pixels, view, source, scan.format, frame_index=index, sha=sha,
+                                        clipped=frame.clipped))
         if not image_ids:
             raise _AllDuplicates()
         if record_label and plan.label:
@@ -395,6 +396,7 @@ def insert_image(
     frame_index: int = 0,
     sha: str | None = None,
     truth: str | None = None,
+    clipped: int = 0,
 ) -> int:
     """Insert one image row (lossless pixels, hash, thumbnail, window); returns its id.
 
@@ -404,6 +406,7 @@ def insert_image(
         source: stored file name (already de-identified).
         file_format: tiff | png | jpeg | dicom | phantom.
         truth: phantom findings as JSON, None for real scans.
+        clipped: pixels that were negative in the file and set to zero (``ScanFrame.clipped``).
     """
     return db["images"].insert(
         {
@@ -420,6 +423,7 @@ def insert_image(
             "thumbnail": pixelstore.make_thumbnail(pixels),
             "display_max": pixelstore.display_max(pixels),
             "truth": truth,
+            "clipped_pixels": clipped,
             "created_at": dbm.utc_now(),
         }
     ).last_pk
