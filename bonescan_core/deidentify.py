@@ -1,4 +1,5 @@
-"""De-identification rules for DICOM headers: what identifies a person, and the few facts kept.
+"""De-identification rules: what identifies a person in a DICOM header and in a file name, and
+the few facts kept.
 
 Only :class:`DicomFacts` leaves a DICOM header: sex, age in years (stored as a 10-year band by
 ingest), the study year, and the raw identifiers, which are there only so the caller can hash
@@ -10,7 +11,9 @@ from __future__ import annotations
 
 import datetime as _dt
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from pydicom.dataelem import DataElement
 from pydicom.dataset import Dataset
@@ -218,3 +221,48 @@ def dicom_facts(ds: Dataset, identifiers: tuple[str, ...]) -> DicomFacts:
     )
 
 
+_VIEW_SUFFIX = {"anterior": "ANT", "posterior": "POST"}
+_NAME_TOKEN_SPLIT = re.compile(r"[^a-z0-9]+")  # on a lowered name: its words and numbers
+
+
+def stored_file_name(
+    name: str | Path,
+    file_format: str,
+    sha256: str,
+    view: str | None,
+    identifiers: Iterable[str] = (),
+    *,
+    keep: bool = False,
+) -> str:
+    """The one rule for the file name stored in ``images.source`` (shown in the viewers).
+
+    By default a neutral name, ``<format>-<first 8 hex digits of the pixel SHA-256>`` plus
+    ``-ANT``/``-POST`` when the view is known (``png-3fa9c2d1-ANT``): file names often carry
+    an MRN, a name or a birth date. With ``keep`` the original name (without its folders) is
+    kept unless it contains an identifier: any of ``identifiers`` of four or more characters
+    anywhere in it, or a shorter one as a whole token (``S9`` in ``scan_s9_ANT.png``), in
+    any case. Then it is neutral too.
+
+    Args:
+        name: the file's name or path as imported or uploaded.
+        file_format: tiff | png | jpeg | dicom.
+        sha256: hex SHA-256 of the frame's pixels.
+        view: "anterior", "posterior" or None.
+        identifiers: manifest ids and the DICOM header's identifiers.
+        keep: the caller opted in to keeping original names.
+    """
+    original = Path(name).name
+    if keep and original and not _contains_identifier(original, identifiers):
+        return original
+    suffix = f"-{_VIEW_SUFFIX[view]}" if view in _VIEW_SUFFIX else ""
+    return f"{file_format}-{sha256[:8]}{suffix}"
+
+
+def _contains_identifier(name: str, identifiers: Iterable[str]) -> bool:
+    lowered = name.lower()
+    tokens = set(_NAME_TOKEN_SPLIT.split(lowered))
+    for value in identifiers:
+        value = str(value).strip().lower()
+        if value and (value in tokens or (len(value) >= 4 and value in lowered)):
+            return True
+    return False

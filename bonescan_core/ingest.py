@@ -18,7 +18,7 @@ path) are stored; sex, a 10-year age band, the study year and the primary cancer
 (the paper's Table 1). Files are stored under a neutral name (``png-3fa9c2d1-ANT``: format,
 pixel hash, view) unless the caller opts in to keeping original names, and even then a name
 that contains a manifest id or one of its DICOM identifiers stays neutral
-(:func:`stored_file_name`). Grouping and views use the original name at import time only.
+(:func:`bonescan_core.deidentify.stored_file_name`). Grouping and views use the original name at import time only.
 
 Confinement (the app): folder imports must lie under an allowed root
 (:func:`allowed_import_roots`: ``$BONESCAN_IMPORT_ROOTS``, else the data folder
@@ -47,6 +47,7 @@ import sqlite_utils
 from bonescan_core import db as dbm
 from bonescan_core import pixelstore
 from bonescan_core.csvfile import read_rows
+from bonescan_core.deidentify import stored_file_name
 from bonescan_core.errors import BonescanError, InputError
 from bonescan_core.imaging import EXTENSIONS, RejectedFile, ScanFile, read_scan
 from bonescan_core.phantom import VIEWS, PhantomStudy, make_studies
@@ -75,7 +76,6 @@ MAX_UPLOAD_FILES = 1000
 MAX_UPLOAD_BYTES = 1024**3  # 1 GiB in all
 DATA_DIR_ENV = "BONESCAN_DATA_DIR"
 IMPORT_ROOTS_ENV = "BONESCAN_IMPORT_ROOTS"
-_VIEW_SUFFIX = {"anterior": "ANT", "posterior": "POST"}
 
 
 class ManifestError(InputError):
@@ -251,49 +251,6 @@ def _manifest_row(csv_path: Path, line_number: int, row: dict[str, str]) -> Plan
         from_manifest=True,
         ids=(values["patient_id"], values["study_id"]),
     )
-
-
-def stored_file_name(
-    name: str | Path,
-    file_format: str,
-    sha256: str,
-    view: str | None,
-    identifiers: Iterable[str] = (),
-    *,
-    keep: bool = False,
-) -> str:
-    """The one rule for the file name stored in ``images.source`` (shown in the viewers).
-
-    By default a neutral name, ``<format>-<first 8 hex digits of the pixel SHA-256>`` plus
-    ``-ANT``/``-POST`` when the view is known (``png-3fa9c2d1-ANT``): file names often carry
-    an MRN, a name or a birth date. With ``keep`` the original name (without its folders) is
-    kept unless it contains an identifier: any of ``identifiers`` of four or more characters
-    anywhere in it, or a shorter one as a whole token (``S9`` in ``scan_s9_ANT.png``), in
-    any case. Then it is neutral too.
-
-    Args:
-        name: the file's name or path as imported or uploaded.
-        file_format: tiff | png | jpeg | dicom.
-        sha256: hex SHA-256 of the frame's pixels.
-        view: "anterior", "posterior" or None.
-        identifiers: manifest ids and the DICOM header's identifiers.
-        keep: the caller opted in to keeping original names.
-    """
-    original = Path(name).name
-    if keep and original and not _contains_identifier(original, identifiers):
-        return original
-    suffix = f"-{_VIEW_SUFFIX[view]}" if view in _VIEW_SUFFIX else ""
-    return f"{file_format}-{sha256[:8]}{suffix}"
-
-
-def _contains_identifier(name: str, identifiers: Iterable[str]) -> bool:
-    lowered = name.lower()
-    tokens = set(_TOKEN_SPLIT.split(lowered))
-    for value in identifiers:
-        value = str(value).strip().lower()
-        if value and (value in tokens or (len(value) >= 4 and value in lowered)):
-            return True
-    return False
 
 
 def _get_or_create_patient(db: sqlite_utils.Database, key: str, sex: str | None, band: str | None, cancer: str | None) -> int:

@@ -15,7 +15,7 @@ from PIL import Image
 from pydicom.data import get_testdata_file
 from streamlit.testing.v1 import AppTest
 
-from bonescan_core import catalog, ingest
+from bonescan_core import catalog, deidentify, ingest
 from bonescan_core import db as dbm
 from bonescan_core import review as rv
 from bonescan_core.phantom import make_study
@@ -255,10 +255,10 @@ def test_a_short_or_long_manifest_id_in_a_kept_name_is_neutralised(db, tmp_path,
 
 def test_neutral_name_rule():
     sha = "3fa9c2d1" + "0" * 56
-    assert ingest.stored_file_name("x/MRN1_ANT.png", "png", sha, "anterior") == "png-3fa9c2d1-ANT"
-    assert ingest.stored_file_name("x/scan.dcm", "dicom", sha, None) == "dicom-3fa9c2d1"
-    assert ingest.stored_file_name("x/scan.dcm", "dicom", sha, "posterior", keep=True) == "scan.dcm"
-    assert ingest.stored_file_name("x/1.2.3.4.dcm", "dicom", sha, "posterior", ["1.2.3.4"], keep=True) == "dicom-3fa9c2d1-POST"
+    assert deidentify.stored_file_name("x/MRN1_ANT.png", "png", sha, "anterior") == "png-3fa9c2d1-ANT"
+    assert deidentify.stored_file_name("x/scan.dcm", "dicom", sha, None) == "dicom-3fa9c2d1"
+    assert deidentify.stored_file_name("x/scan.dcm", "dicom", sha, "posterior", keep=True) == "scan.dcm"
+    assert deidentify.stored_file_name("x/1.2.3.4.dcm", "dicom", sha, "posterior", ["1.2.3.4"], keep=True) == "dicom-3fa9c2d1-POST"
 
 
 # --- confinement (issue 15.5) -----------------------------------------------------------------
