@@ -276,12 +276,6 @@ def _get_or_create_patient(db: sqlite_utils.Database, key: str, sex: str | None,
 
 
 def _get_or_create_study(db: sqlite_utils.Database, key: str, patient_id: int, year: int | None, origin: str,
-                         cohort: str = DEFAULT_COHORT) -> tuple[int, bool]:
-    study_id, new, _ = _get_or_create_study_in(db, key, patient_id, year, origin, cohort)
-    return study_id, new
-
-
-def _get_or_create_study_in(db: sqlite_utils.Database, key: str, patient_id: int, year: int | None, origin: str,
                             cohort: str) -> tuple[int, bool, str]:
     """(study id, newly created, its cohort): an existing study keeps the cohort it has."""
     row = db.execute("SELECT id, cohort FROM studies WHERE key = ?", [key]).fetchone()
@@ -328,7 +322,7 @@ def store_scan(
     with dbm.write(db):
         patient_id = _get_or_create_patient(db, salted_key(salt, "patient", patient), sex, age_band(age), plan.primary_cancer)
         cohort = plan.cohort or DEFAULT_COHORT
-        study_id, new_study, kept_cohort = _get_or_create_study_in(
+        study_id, new_study, kept_cohort = _get_or_create_study(
             db, salted_key(salt, "study", group), patient_id, facts.study_year if facts else None, "import", cohort)
         if kept_cohort != cohort:
             notes.append(f"study kept in cohort {kept_cohort!r}, where it was first imported (not {cohort!r})")
@@ -540,8 +534,8 @@ def add_demo_studies(db: sqlite_utils.Database, n_studies: int, seed: int, progr
                 patient_id = _get_or_create_patient(
                     db, salted_key(salt, "patient", f"demo:{name}"), phantom.sex, age_band(phantom.age), phantom.primary_cancer
                 )
-                study_id, _ = _get_or_create_study(db, salted_key(salt, "study", f"demo:{name}"), patient_id, None, "demo",
-                                                   cohort)
+                study_id, _, _ = _get_or_create_study(db, salted_key(salt, "study", f"demo:{name}"), patient_id, None,
+                                                      "demo", cohort)
                 image_ids = []
                 for view in VIEWS:
                     pixels = getattr(phantom, view)
