@@ -276,7 +276,7 @@ def _get_or_create_patient(db: sqlite_utils.Database, key: str, sex: str | None,
 
 
 def _get_or_create_study(db: sqlite_utils.Database, key: str, patient_id: int, year: int | None, origin: str,
-                            cohort: str) -> tuple[int, bool, str]:
+                         cohort: str) -> tuple[int, bool, str]:
     """(study id, newly created, its cohort): an existing study keeps the cohort it has."""
     row = db.execute("SELECT id, cohort FROM studies WHERE key = ?", [key]).fetchone()
     if row:
