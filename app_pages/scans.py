@@ -9,6 +9,9 @@ import streamlit as st
 
 from app_pages.common import allowed, cached_study_images, data_url, db_path, denial, open_db, scan_viewer
 from bonescan_core import catalog, ingest
+from bonescan_core.cohorts import ALLOWED as COHORT_ALLOWED
+from bonescan_core.cohorts import DEFAULT_COHORT, CohortError
+from bonescan_core.phantom import OTHER_SCANNER
 
 PAGE_SIZE = 50
 
@@ -43,6 +46,8 @@ KEEP_NAMES_HELP = ("Off: each image is stored and shown under a neutral name suc
                    "On: the original file name (without folders) is stored and shown in the viewers; a name that "
                    "contains a manifest id or one of the DICOM file's identifiers still gets a neutral name, but a "
                    "patient's name or birth date alone is kept.")
+COHORT_HELP = (f"The source of these studies (a hospital, a scanner): {COHORT_ALLOWED}. A split is made from chosen "
+               "cohorts; the others are external to its runs. A study already stored keeps its cohort.")
 
 with upload_tab:
     st.caption("TIFF, PNG, JPEG or DICOM. Upload both views of a study together so they are grouped "
@@ -53,14 +58,15 @@ with upload_tab:
     # cannot read gets its reason below (a type filter would refuse it with no explanation).
     uploads = st.file_uploader("Scan files", accept_multiple_files=True, key="uploads")
     keep_upload_names = st.checkbox("Keep original file names", key="upload_keep_names", help=KEEP_NAMES_HELP)
+    upload_cohort = st.text_input("Cohort", DEFAULT_COHORT, key="upload_cohort", help=COHORT_HELP)
     if st.button("Import uploaded files", disabled=not uploads or not may_import, key="import_uploads") and may_import:
         bar = st.progress(0.0, text="importing")
         try:
             with open_db() as db:
                 # The UploadedFile objects themselves: ingest streams each to disk (no second copy in memory).
                 outcomes = ingest.import_uploads(db, [(f.name, f) for f in uploads], progress_callback(bar),
-                                                 keep_file_names=keep_upload_names)
-        except ingest.UploadTooLarge as error:
+                                                 keep_file_names=keep_upload_names, cohort=upload_cohort)
+        except (ingest.UploadTooLarge, CohortError) as error:
             st.error(str(error))
         else:
             show_outcomes(outcomes)
@@ -80,13 +86,15 @@ with folder_tab:
     label_from_folder = st.checkbox("Record class folders (metastatic/, normal/, 0/, 1/...) as labels by reviewer `import`",
                                     key="import_label_from_folder")
     keep_folder_names = st.checkbox("Keep original file names", key="import_keep_names", help=KEEP_NAMES_HELP)
+    folder_cohort = st.text_input("Cohort", DEFAULT_COHORT, key="import_cohort", help=COHORT_HELP)
     if st.button("Import folder", disabled=not folder or not roots or not may_import, key="import_folder_button") and may_import:
         bar = st.progress(0.0, text="importing")
         try:
             with open_db() as db:
                 outcomes = ingest.import_folder(db, Path(folder), roots=roots, label_from_folder=label_from_folder,
-                                                keep_file_names=keep_folder_names, progress=progress_callback(bar))
-        except (PermissionError, FileNotFoundError) as error:
+                                                keep_file_names=keep_folder_names, progress=progress_callback(bar),
+                                                cohort=folder_cohort)
+        except (PermissionError, FileNotFoundError, CohortError) as error:
             st.error(str(error))
         else:
             show_outcomes(outcomes) if outcomes else st.warning("No files found in that folder.")
@@ -97,13 +105,24 @@ with demo_tab:
     st.caption("Synthetic whole-body studies (anterior + posterior, 1024 x 256 counts, Poisson noise), about 40% "
                "metastatic, with benign look-alikes in both classes and reference labels by reviewer `reference`.")
     n_demo = st.number_input("Studies", 10, 1000, 100, 10, key="demo_studies", width=200)
+    demo_cohort = st.text_input("Cohort", DEFAULT_COHORT, key="demo_cohort", help=COHORT_HELP)
+    demo_shift = st.checkbox("Looks like another scanner", key="demo_shift",
+                             help=f"{OTHER_SCANNER.size(1024, 256)[0]} x {OTHER_SCANNER.size(1024, 256)[1]} pixels, "
+                                  f"{OTHER_SCANNER.count_scale:g}x the counts, read-out noise, stored as "
+                                  f"{OTHER_SCANNER.gain:g} x counts + {OTHER_SCANNER.offset:g}: an external cohort")
     if st.button("Load demo dataset", type="primary", disabled=not may_import, key="load_demo") and may_import:
         bar = st.progress(0.0, text="generating")
-        with open_db() as db:
-            outcomes = ingest.add_demo_studies(db, int(n_demo), seed=0, progress=progress_callback(bar))
-        bar.empty()
-        added = sum(o.status == "imported" for o in outcomes)
-        st.success(f"Added {added} demo studies ({len(outcomes) - added} were already there).")
+        try:
+            with open_db() as db:
+                outcomes = ingest.add_demo_studies(db, int(n_demo), seed=0, progress=progress_callback(bar),
+                                                   cohort=demo_cohort, shift=OTHER_SCANNER if demo_shift else None)
+        except CohortError as error:
+            st.error(str(error))
+        else:
+            added = sum(o.status == "imported" for o in outcomes)
+            st.success(f"Added {added} demo studies ({len(outcomes) - added} were already there).")
+        finally:
+            bar.empty()
 
 with open_db() as db:
     table = catalog.study_table(db)
@@ -113,17 +132,19 @@ if not table:
     st.info("No studies yet: upload files, import a folder, or load the demo dataset above.")
     st.stop()
 
-filters = st.columns(4)
+filters = st.columns(5)
 label_choice = filters[0].multiselect("Training label", ["metastatic", "non_metastatic", "none"], key="filter_label")
 sex_choice = filters[1].multiselect("Sex", sorted({r["sex"] or "unknown" for r in table}), key="filter_sex")
 cancer_choice = filters[2].multiselect("Primary cancer", sorted({r["primary_cancer"] or "unknown" for r in table}), key="filter_cancer")
 origin_choice = filters[3].multiselect("Origin", sorted({r["origin"] for r in table}), key="filter_origin")
+cohort_choice = filters[4].multiselect("Cohort", sorted({r["cohort"] for r in table}), key="filter_cohort")
 rows = [
     r for r in table
     if (not label_choice or (r["label"] or "none") in label_choice)
     and (not sex_choice or (r["sex"] or "unknown") in sex_choice)
     and (not cancer_choice or (r["primary_cancer"] or "unknown") in cancer_choice)
     and (not origin_choice or r["origin"] in origin_choice)
+    and (not cohort_choice or r["cohort"] in cohort_choice)
 ]
 
 summary = catalog.characteristics(rows)
@@ -151,6 +172,7 @@ frame = pd.DataFrame(
         "age band": [r["age_band"] or "" for r in shown],
         "primary cancer": [r["primary_cancer"] or "" for r in shown],
         "origin": [r["origin"] for r in shown],
+        "cohort": [r["cohort"] for r in shown],
     }
 )
 selection = st.dataframe(

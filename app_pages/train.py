@@ -12,6 +12,7 @@ import streamlit as st
 from app_pages.common import allowed, db_path, denial, open_db, still_signed_in
 from bonescan_core import jobs, plots, splits, training
 from bonescan_core import review as rv
+from bonescan_core.cohorts import list_cohorts
 from bonescan_core.models import BACKBONES, DEFAULT_SIZE, MODES
 from bonescan_core.preprocess import PAPER_AUGMENT
 
@@ -30,6 +31,7 @@ with open_db() as db:
     statuses = rv.study_statuses(db)
     split_id = splits.latest_split(db)
     split = splits.get_split(db, split_id) if split_id else None
+    cohort_names = list_cohorts(db)
 
 labels = pd.Series([s.label for s in statuses.values() if s.included], dtype="object")
 waiting = sum(s.state == "disagreement" for s in statuses.values())
@@ -71,6 +73,9 @@ with st.form("train_form"):
     for column, (name, default) in zip(switches, PAPER_AUGMENT.items(), strict=True):
         if column.toggle(name.replace("_", " "), value=True, key=f"tr_aug_{name}"):
             augment[name] = default
+    chosen_cohorts = st.multiselect("Cohorts (the split is made from their studies; the others stay external)",
+                                    cohort_names, default=cohort_names, key="tr_cohorts",
+                                    help="None chosen: every cohort.")
     submitted = st.form_submit_button("Train", type="primary", disabled=not can_train)
 
 if weights == "none" and mode != "full":
@@ -85,7 +90,7 @@ if submitted:  # never True while disabled (no trainer role): Streamlit drops a 
     else:
         try:
             with open_db() as db:
-                split_id = splits.ensure_split(db, seed=int(seed))
+                split_id = splits.ensure_split(db, seed=int(seed), cohorts=chosen_cohorts or None)
                 messages = []
                 for backbone in chosen:
                     config = training.TrainConfig(

@@ -22,14 +22,14 @@ def list_images(db: sqlite_utils.Database) -> list[dict]:
 
 
 def list_studies(db: sqlite_utils.Database) -> list[dict]:
-    """Every study: ``id, patient_id, n_images, label, included`` plus ``views``, ``origin``.
+    """Every study: ``id, patient_id, n_images, label, included`` plus ``views``, ``origin``, ``cohort``.
 
     ``label`` is the training label (``metastatic``, ``non_metastatic`` or None) and
     ``included`` whether the study may train (see ``review.training_labels``).
     """
     labels = training_labels(db)
     sql = """
-        SELECT s.id, s.patient_id, s.origin, COUNT(i.id) AS n_images,
+        SELECT s.id, s.patient_id, s.origin, s.cohort, COUNT(i.id) AS n_images,
                GROUP_CONCAT(COALESCE(i.view, '?'), ',') AS views
         FROM studies s LEFT JOIN images i ON i.study_id = s.id
         GROUP BY s.id ORDER BY s.id
@@ -46,6 +46,7 @@ def list_studies(db: sqlite_utils.Database) -> list[dict]:
                 "included": included,
                 "views": sorted((row["views"] or "").split(",")) if row["views"] else [],
                 "origin": row["origin"],
+                "cohort": row["cohort"],
             }
         )
     return rows

@@ -61,10 +61,14 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
     if args.studies < 1:
         raise CommandError("--studies must be at least 1")
+    from bonescan_core.phantom import OTHER_SCANNER
+
     with dbm.opened(args.db) as db:
-        outcomes = add_demo_studies(db, args.studies, args.seed, progress=_progress_printer("demo"))
+        outcomes = add_demo_studies(db, args.studies, args.seed, progress=_progress_printer("demo"), cohort=args.cohort,
+                                    shift=OTHER_SCANNER if args.shift else None)
     added = sum(o.status == "imported" for o in outcomes)
-    print(f"added {added} demo studies ({len(outcomes) - added} already present), seed {args.seed}")
+    print(f"added {added} demo studies ({len(outcomes) - added} already present), seed {args.seed}, cohort {args.cohort}"
+          + (", another scanner" if args.shift else ""))
     return EXIT_OK
 
 
@@ -84,6 +88,7 @@ def cmd_import(args: argparse.Namespace) -> int:
             reviewer=args.reviewer,
             progress=_progress_printer("import"),
             keep_file_names=args.keep_file_names,
+            cohort=args.cohort,
         )
     if not outcomes:
         raise CommandError("no files found under the given paths")
@@ -192,13 +197,13 @@ def cmd_split(args: argparse.Namespace) -> int:
     from bonescan_core import splits
 
     with dbm.opened(args.db) as db:
-        split_id = splits.make_split(db, seed=args.seed, test=args.test, val=args.val)
+        split_id = splits.make_split(db, seed=args.seed, test=args.test, val=args.val, cohorts=args.cohort)
         result = splits.get_split(db, split_id)
     if args.json:
         _print_json(result)
     else:
         sizes = ", ".join(f"{len(ids)} {name}" for name, ids in result["subsets"].items())
-        print(f"split {split_id}: {sizes} studies (seed {args.seed})", file=sys.stderr)
+        print(f"split {split_id}: {sizes} studies (seed {args.seed}, cohorts {', '.join(result['cohorts'])})", file=sys.stderr)
         print(split_id)
     return EXIT_OK
 
@@ -447,17 +452,23 @@ def build_parser() -> argparse.ArgumentParser:
     verb = verbs.add_parser("demo", help="add synthetic studies with reference labels")
     verb.add_argument("--studies", type=int, default=100, help="number of studies (default 100)")
     verb.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    verb.add_argument("--cohort", default="default", metavar="NAME", help="cohort of the new studies (default default)")
+    verb.add_argument("--shift", action="store_true",
+                      help="draw them as another scanner would: 896x224, 0.6x counts, read-out noise, gain 1.25 and offset 20")
     verb.set_defaults(func=cmd_demo)
 
     verb = verbs.add_parser("import", help="import TIFF, PNG, JPEG and DICOM files and folders")
     verb.add_argument("paths", nargs="*", metavar="PATH")
     verb.add_argument("--label-from-folder", action="store_true", help="record the class folder as a review")
-    verb.add_argument("--manifest", metavar="CSV", help="path, patient_id, study_id, view, label[, sex, age, primary_cancer]")
+    verb.add_argument("--manifest", metavar="CSV",
+                      help="path, patient_id, study_id, view, label[, sex, age, primary_cancer, cohort]")
     verb.add_argument("--reviewer", default="import", help="name on folder/manifest label reviews (default import)")
     verb.add_argument("--keep-file-names", action="store_true",
                       help="store each file's original name (no folders), shown in the viewers, instead of a neutral "
                            "<format>-<hash>-<view> name; a name holding a manifest id or DICOM identifier stays neutral, "
                            "but a name or birth date alone is kept")
+    verb.add_argument("--cohort", default="default", metavar="NAME",
+                      help="cohort of new studies (default default); a manifest's cohort column wins per row")
     verb.set_defaults(func=cmd_import)
 
     verb = verbs.add_parser("images", help="list images")
@@ -495,6 +506,7 @@ def build_parser() -> argparse.ArgumentParser:
     verb.add_argument("--seed", type=int, default=0)
     verb.add_argument("--test", type=float, default=0.30, help="fraction of studies for testing (default 0.30)")
     verb.add_argument("--val", type=float, default=0.15, help="fraction of the rest for validation (default 0.15)")
+    verb.add_argument("--cohort", default=None, metavar="NAME,...", help="only these cohorts' studies (default every cohort)")
     verb.add_argument("--json", action="store_true")
     verb.set_defaults(func=cmd_split)
 

@@ -383,6 +383,16 @@ def _m006_clipped_pixels(db: sqlite_utils.Database) -> None:
     db.execute("ALTER TABLE images ADD COLUMN clipped_pixels INTEGER NOT NULL DEFAULT 0")
 
 
+def _m007_cohorts(db: sqlite_utils.Database) -> None:
+    """studies.cohort (every study belongs to one, ``default`` until named; see cohorts.py) and
+    splits.cohorts, the JSON list of cohorts a split was made from (earlier splits: ``["default"]``,
+    the only cohort there was)."""
+    db.execute("ALTER TABLE studies ADD COLUMN cohort TEXT NOT NULL DEFAULT 'default'")
+    db.execute("CREATE INDEX studies_cohort ON studies(cohort)")
+    db.execute("ALTER TABLE splits ADD COLUMN cohorts TEXT")
+    db.execute("""UPDATE splits SET cohorts = '["default"]'""")
+
+
 MIGRATIONS: list[tuple[str, Callable[[sqlite_utils.Database], None]]] = [
     ("001_foundation", _m001_foundation),
     ("002_training", _m002_training),
@@ -390,6 +400,7 @@ MIGRATIONS: list[tuple[str, Callable[[sqlite_utils.Database], None]]] = [
     ("004_append_only", _m004_append_only),
     ("005_sign_in_sessions", _m005_sign_in_sessions),
     ("006_clipped_pixels", _m006_clipped_pixels),
+    ("007_cohorts", _m007_cohorts),
 ]
 
 

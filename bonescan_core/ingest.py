@@ -10,8 +10,10 @@ failure never aborts the batch. Rules (``docs/cli.md``):
 * view: tokens A/ANT/anterior and P/POST/posterior in the file name (``A12.png``,
   ``0001-1-A.tif``, ``scan_ANT.png``) or a parent folder (``Anterior/``), or DICOM attributes;
 * study: files whose paths differ only by the view token; DICOM by StudyInstanceUID;
-  a manifest CSV (``path, patient_id, study_id, view, label[, sex, age, primary_cancer]``)
-  overrides all of it.
+  a manifest CSV (``path, patient_id, study_id, view, label[, sex, age, primary_cancer, cohort]``)
+  overrides all of it;
+* cohort: the import's ``cohort`` (default ``default``), or a manifest row's non-empty
+  ``cohort`` cell; a study keeps the cohort it was first stored in (the import line says so).
 
 De-identification: only salted hashes of identifiers (patient, study UID, manifest ids,
 path) are stored; sex, a 10-year age band, the study year and the primary cancer are kept
@@ -46,11 +48,12 @@ import sqlite_utils
 
 from bonescan_core import db as dbm
 from bonescan_core import pixelstore
+from bonescan_core.cohorts import DEFAULT_COHORT, CohortError, check_cohort
 from bonescan_core.csvfile import read_rows
 from bonescan_core.deidentify import stored_file_name
 from bonescan_core.errors import BonescanError, InputError
 from bonescan_core.imaging import EXTENSIONS, RejectedFile, ScanFile, read_scan
-from bonescan_core.phantom import VIEWS, PhantomStudy, make_studies
+from bonescan_core.phantom import VIEWS, PhantomStudy, ScannerShift, make_studies
 from bonescan_core.review import Review, add_review
 
 CLASS_FOLDERS = {
@@ -104,6 +107,7 @@ class PlannedFile:
     age: int | None = None
     primary_cancer: str | None = None
     from_manifest: bool = False
+    cohort: str | None = None  # checked name; None: the import's cohort (see import_files)
     ids: tuple[str, ...] = field(default=(), repr=False)  # raw manifest ids: compared with names, never stored
 
 
@@ -237,6 +241,10 @@ def _manifest_row(csv_path: Path, line_number: int, row: dict[str, str]) -> Plan
     age_text = values.get("age", "")
     if age_text and not age_text.isdigit():
         raise bad(f"age {age_text!r} is not a whole number of years")
+    try:
+        cohort = check_cohort(values["cohort"]) if values.get("cohort") else None
+    except CohortError as error:
+        raise bad(str(error)) from error
     path = Path(values["path"])
     return PlannedFile(
         path=path if path.is_absolute() else csv_path.parent / path,
@@ -249,6 +257,7 @@ def _manifest_row(csv_path: Path, line_number: int, row: dict[str, str]) -> Plan
         age=int(age_text) if age_text else None,
         primary_cancer=values.get("primary_cancer") or None,
         from_manifest=True,
+        cohort=cohort,
         ids=(values["patient_id"], values["study_id"]),
     )
 
@@ -266,14 +275,17 @@ def _get_or_create_patient(db: sqlite_utils.Database, key: str, sex: str | None,
     return patient_id
 
 
-def _get_or_create_study(db: sqlite_utils.Database, key: str, patient_id: int, year: int | None, origin: str) -> tuple[int, bool]:
-    row = db.execute("SELECT id FROM studies WHERE key = ?", [key]).fetchone()
+def _get_or_create_study(db: sqlite_utils.Database, key: str, patient_id: int, year: int | None, origin: str,
+                         cohort: str) -> tuple[int, bool, str]:
+    """(study id, newly created, its cohort): an existing study keeps the cohort it has."""
+    row = db.execute("SELECT id, cohort FROM studies WHERE key = ?", [key]).fetchone()
     if row:
-        return row[0], False
+        return row[0], False, row[1]
     study_id = db["studies"].insert(
-        {"patient_id": patient_id, "key": key, "study_year": year, "origin": origin, "created_at": dbm.utc_now()}
+        {"patient_id": patient_id, "key": key, "study_year": year, "origin": origin, "cohort": cohort,
+         "created_at": dbm.utc_now()}
     ).last_pk
-    return study_id, True
+    return study_id, True, cohort
 
 
 def store_scan(
@@ -309,7 +321,11 @@ def store_scan(
     notes = list(scan.notes)
     with dbm.write(db):
         patient_id = _get_or_create_patient(db, salted_key(salt, "patient", patient), sex, age_band(age), plan.primary_cancer)
-        study_id, new_study = _get_or_create_study(db, salted_key(salt, "study", group), patient_id, facts.study_year if facts else None, "import")
+        cohort = plan.cohort or DEFAULT_COHORT
+        study_id, new_study, kept_cohort = _get_or_create_study(
+            db, salted_key(salt, "study", group), patient_id, facts.study_year if facts else None, "import", cohort)
+        if kept_cohort != cohort:
+            notes.append(f"study kept in cohort {kept_cohort!r}, where it was first imported (not {cohort!r})")
         image_ids, duplicates, views = [], 0, []
         for index, frame in enumerate(scan.frames):
             sha = pixelstore.pixel_sha256(frame.pixels)
@@ -404,6 +420,7 @@ def import_files(
     progress: Progress | None = None,
     keep_file_names: bool = False,
     confine_to: Sequence[Path] | None = None,
+    cohort: str = DEFAULT_COHORT,
 ) -> list[FileOutcome]:
     """Import files and folders; one outcome per file, in order.
 
@@ -421,17 +438,21 @@ def import_files(
             every manifest id counts as an identifier for every file.
         confine_to: resolved roots; a file that resolves (links followed) outside all of
             them is rejected (the app's folder import; see :func:`import_folder`).
+        cohort: the cohort of new studies; a manifest row's non-empty ``cohort`` wins.
 
     Raises:
         FileNotFoundError: a path does not exist (nothing imported).
         ManifestError: the manifest is unusable (nothing imported).
+        CohortError: ``cohort`` is not an allowed name (nothing imported).
     """
+    cohort = check_cohort(cohort)
     plans: dict[Path, PlannedFile] = {}
     if manifest is not None:
         for plan in read_manifest(manifest):
             plans[plan.path.resolve()] = plan
     for path in collect_files(paths):
         plans.setdefault(path.resolve(), plan_file(path, namespace))
+    plans = {key: replace(plan, cohort=plan.cohort or cohort) for key, plan in plans.items()}
     known_ids = frozenset(value for plan in plans.values() for value in plan.ids)
     outcomes = []
     for done, plan in enumerate(plans.values(), start=1):
@@ -487,22 +508,34 @@ def _reference_review(study_id: int, phantom: PhantomStudy) -> Review:
                   criteria=criteria, artifacts=artifacts, confidence=5, note="phantom ground truth")
 
 
-def add_demo_studies(db: sqlite_utils.Database, n_studies: int, seed: int, progress: Progress | None = None) -> list[FileOutcome]:
+def add_demo_studies(db: sqlite_utils.Database, n_studies: int, seed: int, progress: Progress | None = None, *,
+                     cohort: str = DEFAULT_COHORT, shift: ScannerShift | None = None) -> list[FileOutcome]:
     """Add seeded synthetic studies (both views) with reference labels (reviewer ``reference``).
 
     The same seed gives the same studies, so running it twice reports duplicates.
     Each image keeps its phantom findings (lesion coordinates) as JSON in ``images.truth``.
+
+    Args:
+        cohort: the cohort of the new studies (checked; a study already stored keeps its own).
+        shift: draw the studies as another scanner would (``phantom.ScannerShift``); they are
+            named ``phantom-shift-SEED-NNNN`` so that they never merge with unshifted studies.
+
+    Raises:
+        CohortError: ``cohort`` is not an allowed name (nothing added).
     """
+    cohort = check_cohort(cohort)
     salt = dbm.salt(db)
     outcomes = []
-    for index, phantom in enumerate(make_studies(n_studies, seed)):
-        name = f"phantom-{seed}-{index:04d}"
+    prefix = "phantom-shift" if shift is not None else "phantom"
+    for index, phantom in enumerate(make_studies(n_studies, seed, shift=shift)):
+        name = f"{prefix}-{seed}-{index:04d}"
         try:
             with dbm.write(db):
                 patient_id = _get_or_create_patient(
                     db, salted_key(salt, "patient", f"demo:{name}"), phantom.sex, age_band(phantom.age), phantom.primary_cancer
                 )
-                study_id, _ = _get_or_create_study(db, salted_key(salt, "study", f"demo:{name}"), patient_id, None, "demo")
+                study_id, _, _ = _get_or_create_study(db, salted_key(salt, "study", f"demo:{name}"), patient_id, None,
+                                                      "demo", cohort)
                 image_ids = []
                 for view in VIEWS:
                     pixels = getattr(phantom, view)
@@ -526,6 +559,7 @@ def import_uploads(
     progress: Progress | None = None,
     *,
     keep_file_names: bool = False,
+    cohort: str = DEFAULT_COHORT,
 ) -> list[FileOutcome]:
     """Import files uploaded through the browser, as one batch; one outcome per file, in order.
 
@@ -538,11 +572,14 @@ def import_uploads(
         files: (file name as uploaded, content) pairs; content is bytes or a readable,
             seekable binary file (Streamlit's ``UploadedFile``), read without a second copy.
         keep_file_names: store the uploaded names where :func:`stored_file_name` allows.
+        cohort: the cohort of new studies.
 
     Raises:
         UploadTooLarge: more than :data:`MAX_UPLOAD_FILES` files or :data:`MAX_UPLOAD_BYTES`
             bytes in all (nothing imported).
+        CohortError: ``cohort`` is not an allowed name (nothing imported).
     """
+    cohort = check_cohort(cohort)
     check_upload_batch([_content_size(content) for _, content in files])
     batch = secrets.token_hex(8)
     outcomes: list[FileOutcome] = []
@@ -557,7 +594,7 @@ def import_uploads(
             path = Path(folder) / f"{index:04d}" / safe  # own folder: same-named uploads stay apart
             path.parent.mkdir()
             _write_upload(path, content)
-            plan = plan_file(path, namespace=f"upload:{batch}")
+            plan = replace(plan_file(path, namespace=f"upload:{batch}"), cohort=cohort)
             outcome = import_one(db, plan, "import", record_label=False, keep_file_names=keep_file_names)
             outcomes.append(replace(outcome, display_name=safe))
             path.unlink()  # the disk holds one upload at a time
@@ -674,13 +711,14 @@ def import_folder(
     label_from_folder: bool = False,
     keep_file_names: bool = False,
     progress: Progress | None = None,
+    cohort: str = DEFAULT_COHORT,
 ) -> list[FileOutcome]:
     """The app's folder import: ``folder`` must lie under an allowed root, and so must every
     file found in it once resolved (a link out of the root is rejected on its own).
 
     Args:
         roots: resolved roots; default :func:`allowed_import_roots`.
-        label_from_folder, keep_file_names, progress: see :func:`import_files`.
+        label_from_folder, keep_file_names, progress, cohort: see :func:`import_files`.
 
     Raises:
         ImportRootError: the folder is outside every root, or a root is ``/``.
@@ -689,4 +727,4 @@ def import_folder(
     allowed = allowed_import_roots() if roots is None else _refuse_file_system_root(roots)
     start = check_import_root(folder, allowed)
     return import_files(db, [start], label_from_folder=label_from_folder, keep_file_names=keep_file_names,
-                        progress=progress, confine_to=allowed)
+                        progress=progress, confine_to=allowed, cohort=cohort)
