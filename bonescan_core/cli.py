@@ -9,7 +9,6 @@ pydicom for ``studies``).
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
 import signal
@@ -232,14 +231,12 @@ def train_config(args: argparse.Namespace):
 
 
 def _terminal_progress(fields: dict) -> None:
+    """Redraw the run's progress line on stderr (only on a terminal)."""
     if not sys.stderr.isatty():
         return
-    batch, batches = fields.get("batch") or 0, fields.get("batches") or 0
-    eta = fields.get("eta_s")
-    line = (f"\r{fields.get('phase', ''):<10} epoch {fields.get('epoch') or '-'}/{fields.get('epochs') or '-'} "
-            f"batch {batch}/{batches} loss {fields.get('loss') or float('nan'):.4f}"
-            + (f" eta {eta:.0f}s" if eta else ""))
-    sys.stderr.write(f"{line:<80}")
+    from bonescan_core.results import Progress
+
+    sys.stderr.write(f"\r{Progress.from_record(fields).format():<80}")
     sys.stderr.flush()
 
 
@@ -253,12 +250,13 @@ def cmd_train(args: argparse.Namespace) -> int:
         raise CommandError(str(error)) from error
     db_path = dbm.resolve_path(args.db)
     try:
-        with dbm.opened(db_path) as db:
-            if config.split_id is None:  # fix the split now, so queued backbones share it
-                config = dataclasses.replace(config, split_id=splits.ensure_split(db, seed=config.seed))
-            run_id = jobs.enqueue(db, config.backbone, config.to_dict(), config.identity_hash())
-    except (jobs.DuplicateRun, splits.SplitError) as error:
+        with dbm.opened(db_path) as db:  # the split is fixed now, so backbones queued later share it
+            (queued,) = jobs.enqueue_backbones(db, [config.backbone], config)
+    except splits.SplitError as error:
         raise CommandError(str(error)) from error
+    if queued.duplicate:
+        raise CommandError(str(queued.duplicate))
+    run_id = queued.run_id
     if args.queue:
         print(f"queued run {run_id}; `bonescan worker` trains it", file=sys.stderr)
         print(run_id)
@@ -304,15 +302,9 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     except (evaluation.RunNotFoundError, evaluation.NoPredictionsError) as error:
         raise CommandError(str(error)) from error
     if args.json:
-        _print_json(result)
+        _print_json(result.as_json())
         return EXIT_OK
-    print(f"run {result['run']} ({result['backbone']}), {result['subset']}: {result['n_images']} images, "
-          f"{result['n_studies']} studies, threshold {result['threshold']:.3f}")
-    for name, value in result["metrics"].items():
-        ci = value.get("ci95") or [None, None]
-        shown = "n/a" if value["value"] is None else f"{value['value']:.3f}"
-        print(f"  {name:<12} {shown}" + ("" if ci[0] is None else f"  (95% CI {ci[0]:.3f} to {ci[1]:.3f})"))
-    print("  confusion    " + ", ".join(f"{k} {v}" for k, v in result["confusion"].items()))
+    print(result.format_text())
     return EXIT_OK
 
 

@@ -120,3 +120,17 @@ def test_train_page_shows_passes_by_their_own_count_and_maps_still_to_come(db_pa
     bars = [element.proto.text for element in app.get("progress")]
     assert bars == ["predicting: 3/10"], "a prediction pass is not an epoch"
     assert any("Grad-CAM maps ready for 2 of 5 studies" in caption.value for caption in app.caption)
+
+
+def test_evaluate_compare_tab_respects_a_stored_threshold_of_zero(db_path):
+    """A run whose validation-chosen threshold is 0.0 is compared at 0.0 (everything
+    metastatic: recall 1, specificity 0), not at the 0.5 fallback for runs without one."""
+    from test_evaluation import populate
+
+    with dbm.opened(db_path) as db:
+        (at_zero, _), _, _ = populate(db, n_patients=12, seed=3, runs=(("densenet121", 0.0, 1.5), ("vgg19", None, 0.6)))
+    app = run_page("app_pages/evaluate.py", reviewer="ann")
+    assert not app.exception, [e.value for e in app.exception]
+    (table,) = [frame.value for frame in app.dataframe if "run" in frame.value.columns]
+    row = table[table["run"] == f"DenseNet121 (run {at_zero})"].iloc[0]
+    assert row["Recall (sensitivity)"] == 1.0
