@@ -64,6 +64,42 @@ def study_table(db: sqlite_utils.Database) -> list[dict]:
     return table
 
 
+def count_studies(db: sqlite_utils.Database) -> int:
+    """How many studies the database holds (read or not, included or not)."""
+    return db["studies"].count
+
+
+STUDY_FILTERS = ("label", "sex", "primary_cancer", "origin")
+"""The Scans page's study filters: keys of :func:`study_facets`."""
+
+
+def study_facets(row: dict) -> dict[str, str]:
+    """What the study filters match a :func:`study_table` row on; a missing value is a value of
+    its own (``none`` for the training label, ``unknown`` for the patient's details)."""
+    return {
+        "label": row["label"] or "none",
+        "sex": row["sex"] or "unknown",
+        "primary_cancer": row["primary_cancer"] or "unknown",
+        "origin": row["origin"],
+    }
+
+
+def filter_options(rows: list[dict]) -> dict[str, list[str]]:
+    """Each filter's choices: every training label (and ``none``); the values present otherwise, sorted."""
+    present = {key: sorted({study_facets(row)[key] for row in rows}) for key in STUDY_FILTERS}
+    return {**present, "label": ["metastatic", "non_metastatic", "none"]}
+
+
+def filter_studies(rows: list[dict], chosen: dict[str, list[str]]) -> list[dict]:
+    """The rows that match every filter: ``chosen`` maps a key of :data:`STUDY_FILTERS` to the
+    accepted values; an empty or missing choice accepts all. Order kept."""
+    wanted = {key: set(values) for key, values in chosen.items() if values}
+    unknown = set(wanted) - set(STUDY_FILTERS)
+    if unknown:
+        raise ValueError(f"unknown study filters {sorted(unknown)}; known: {', '.join(STUDY_FILTERS)}")
+    return [row for row in rows if all(study_facets(row)[key] in values for key, values in wanted.items())]
+
+
 def thumbnails(db: sqlite_utils.Database, study_ids: list[int]) -> dict[int, dict[str, bytes]]:
     """{study_id: {"anterior": png, "posterior": png}} for the given studies (first image per view;
     an image of unknown view shows as anterior)."""

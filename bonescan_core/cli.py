@@ -117,21 +117,24 @@ def cmd_label(args: argparse.Namespace) -> int:
     from bonescan_core import db as dbm
     from bonescan_core.review import Review, ReviewError, add_review
 
-    if args.exclude:
-        decision, label = "exclude", None
-    else:
+    if args.exclude or (args.not_screening and not (args.metastatic or args.no_metastasis)):
+        decision, label = "exclude", None  # not screening and no decision: excluded as non_screening_indication
+    elif args.metastatic or args.no_metastasis:
         decision, label = "include", "metastatic" if args.metastatic else "non_metastatic"
+    else:
+        raise CommandError("choose --metastatic, --no-metastasis or --exclude REASON")
     review = Review(
         study_id=args.study, reviewer=args.reviewer, decision=decision, label=label,
         criteria=_split_ids(args.criteria), exclusion_reason=args.exclude, artifacts=_split_ids(args.artifacts),
         confidence=args.confidence, note=args.note or "", adjudication=args.adjudication,
-    )
+        screening=not args.not_screening,
+    ).as_saved()
     try:
         with dbm.opened(args.db) as db:
             review_id = add_review(db, review)
     except ReviewError as error:
         raise CommandError(str(error)) from error
-    print(f"review {review_id}: study {args.study} {label or 'excluded (' + args.exclude + ')'} by {args.reviewer}")
+    print(f"review {review_id}: study {args.study} {label or f'excluded ({review.exclusion_reason})'} by {args.reviewer}")
     return EXIT_OK
 
 
@@ -490,10 +493,13 @@ def build_parser() -> argparse.ArgumentParser:
     verb = verbs.add_parser("label", help="append one review of a study")
     verb.add_argument("study", type=int, metavar="STUDY")
     verb.add_argument("--reviewer", required=True)
-    decision = verb.add_mutually_exclusive_group(required=True)
+    decision = verb.add_mutually_exclusive_group()  # one of them, or --not-screening alone
     decision.add_argument("--metastatic", action="store_true")
     decision.add_argument("--no-metastasis", action="store_true")
     decision.add_argument("--exclude", metavar="REASON", help="an exclusion reason id (see cli.md)")
+    verb.add_argument("--not-screening", action="store_true",
+                      help="the indication is not metastasis screening: the study can only be excluded "
+                           "(alone: excluded as non_screening_indication)")
     verb.add_argument("--criteria", metavar="C,...", help="criterion ids, comma-separated")
     verb.add_argument("--artifacts", metavar="A,...", help="injection_site, urine_contamination, other_artifact")
     verb.add_argument("--confidence", type=int, choices=range(1, 6), metavar="1-5")

@@ -134,3 +134,40 @@ def test_evaluate_compare_tab_respects_a_stored_threshold_of_zero(db_path):
     (table,) = [frame.value for frame in app.dataframe if "run" in frame.value.columns]
     row = table[table["run"] == f"DenseNet121 (run {at_zero})"].iloc[0]
     assert row["Recall (sensitivity)"] == 1.0
+
+
+def test_review_page_not_screening_refuses_a_label_and_excludes(db_path):
+    with dbm.opened(db_path) as db:
+        add_demo_studies(db, 3, seed=2)
+    app = run_page(PAGES[1], reviewer="ann")
+    first = app.session_state["rv_study"]
+    app.radio(key=f"rv_{first}_screening").set_value("no")
+    app.checkbox(key=f"rv_{first}_typical_pattern").check()
+    app.button(key="rv_metastatic").click().run()
+    assert any("not metastasis screening: use Exclude" in e.value for e in app.error)
+    assert app.session_state["rv_study"] == first
+    app.button(key="rv_exclude").click().run()
+    assert not app.exception
+    with dbm.opened(db_path) as db:
+        rows = [(r["decision"], r["exclusion_reason"]) for r in rv.history(db, first) if r["reviewer"] == "ann"]
+    assert rows == [("exclude", "non_screening_indication")]
+
+
+def test_scans_page_filters_through_catalog(db_path):
+    """The study filters are catalog.filter_studies: a missing value is its own choice."""
+    from bonescan_core import catalog
+
+    with dbm.opened(db_path) as db:
+        add_demo_studies(db, 5, seed=6)
+        table = catalog.study_table(db)
+    rows = [{**table[0], "label": None, "sex": None}, *table[1:]]
+    assert catalog.filter_options(rows)["label"] == ["metastatic", "non_metastatic", "none"]
+    assert "unknown" in catalog.filter_options(rows)["sex"]
+    assert catalog.filter_studies(rows, {"label": ["none"]}) == [rows[0]]
+    assert catalog.filter_studies(rows, {"label": [], "sex": ["unknown"], "origin": [rows[0]["origin"]]}) == [rows[0]]
+    assert catalog.filter_studies(rows, {}) == rows
+    metastatic = [r for r in table if r["label"] == "metastatic"]
+    app = run_page(PAGES[0])
+    app.multiselect(key="filter_label").set_value(["metastatic"]).run()
+    assert not app.exception
+    assert any(f"{len(metastatic)} studies)" in e.label for e in app.expander)

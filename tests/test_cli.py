@@ -129,3 +129,22 @@ def test_terminal_progress_line_is_the_pages_text(monkeypatch):
     assert training.format() == "finetune: epoch 3/20, batch 5/10, loss 0.4123, about 1.5 min left"
     assert training.fraction() == pytest.approx(2.5 / 20)
     assert Progress.from_record(None, epochs=20).format() == "starting"
+
+
+def test_label_applies_the_screening_rule_of_the_review_page(db_path, tmp_path):
+    """A study whose indication is not metastasis screening can only be excluded (paper's rule)."""
+    run_cli("demo", "--studies", "3", "--seed", "5", db_path=db_path)
+    refused = run_cli("label", "1", "--reviewer", "ann", "--metastatic", "--criteria", "typical_pattern", "--not-screening",
+                      db_path=db_path)
+    assert refused.returncode == 2 and "not metastasis screening: use Exclude" in refused.stderr
+    excluded = run_cli("label", "1", "--reviewer", "ann", "--not-screening", db_path=db_path)
+    assert excluded.returncode == 0, excluded.stderr
+    assert "study 1 excluded (non_screening_indication) by ann" in excluded.stdout
+    other_reason = run_cli("label", "2", "--reviewer", "ann", "--exclude", "poor_quality", "--not-screening", db_path=db_path)
+    assert other_reason.returncode == 0, other_reason.stderr
+    assert run_cli("label", "3", "--reviewer", "ann", db_path=db_path).returncode == 2  # no decision at all
+    exported = tmp_path / "reviews.csv"
+    run_cli("labels", "export", "--csv", str(exported), db_path=db_path)
+    mine = [(r["study_id"], r["decision"], r["label"], r["exclusion_reason"]) for r in csv.DictReader(exported.open())
+            if r["reviewer"] == "ann"]
+    assert mine == [("1", "exclude", "", "non_screening_indication"), ("2", "exclude", "", "poor_quality")]
