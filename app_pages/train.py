@@ -6,11 +6,10 @@ run at a time and writes progress to the database, which the live panel polls.
 
 from __future__ import annotations
 
-import pandas as pd
 import streamlit as st
 
 from app_pages.common import allowed, db_path, denial, open_db
-from bonescan_core import jobs, plots, splits, training
+from bonescan_core import catalog, jobs, plots, splits, training
 from bonescan_core import review as rv
 from bonescan_core.models import BACKBONES, DEFAULT_SIZE, MODES
 from bonescan_core.preprocess import PAPER_AUGMENT
@@ -31,18 +30,16 @@ with open_db() as db:
     split_id = splits.latest_split(db)
     split = splits.get_split(db, split_id) if split_id else None
 
-labels = pd.Series([s.label for s in statuses.values() if s.included], dtype="object")
-waiting = sum(s.state == "disagreement" for s in statuses.values())
+counts = catalog.label_counts(statuses)
 cards = st.columns(4)
-cards[0].metric("Included, metastatic", int((labels == "metastatic").sum()))
-cards[1].metric("Included, no metastasis", int((labels == "non_metastatic").sum()))
-cards[2].metric("Waiting for adjudication", waiting)
-cards[3].metric("Not used (unread or excluded)", len(statuses) - len(labels) - waiting)
+cards[0].metric("Included, metastatic", counts["metastatic"])
+cards[1].metric("Included, no metastasis", counts["non_metastatic"])
+cards[2].metric("Waiting for adjudication", counts["waiting"])
+cards[3].metric("Not used (unread or excluded)", counts["unused"])
 if split:
-    by_subset = {name: pd.Series([statuses[i].label for i in ids if i in statuses]).value_counts().to_dict()
-                 for name, ids in split["subsets"].items()}
     st.caption(f"Current split {split['id']} (by patient, stratified): " + "; ".join(
-        f"{name} {sum(counts.values())} studies ({counts.get('metastatic', 0)} metastatic)" for name, counts in by_subset.items()))
+        f"{name} {n['studies']} studies ({n['metastatic']} metastatic)"
+        for name, n in catalog.split_label_counts(statuses, split["subsets"]).items()))
 
 can_train = allowed("train")
 if not can_train:

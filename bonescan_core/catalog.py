@@ -12,7 +12,7 @@ import numpy as np
 import sqlite_utils
 
 from bonescan_core import pixelstore
-from bonescan_core.review import training_labels
+from bonescan_core.review import StudyStatus, training_labels
 
 
 def list_images(db: sqlite_utils.Database) -> list[dict]:
@@ -67,6 +67,40 @@ def study_table(db: sqlite_utils.Database) -> list[dict]:
 def count_studies(db: sqlite_utils.Database) -> int:
     """How many studies the database holds (read or not, included or not)."""
     return db["studies"].count
+
+
+def label_counts(statuses: dict[int, StudyStatus]) -> dict[str, int]:
+    """Where the studies stand, for the Train and Agreement cards.
+
+    Args:
+        statuses: ``review.study_statuses(db)``.
+
+    Returns:
+        ``studies``; ``metastatic`` and ``non_metastatic`` (studies that train with that
+        label); ``labelled`` (their sum); ``waiting`` (readers disagree, no consensus yet);
+        ``excluded``; ``unused`` (neither labelled nor waiting: unread or excluded).
+    """
+    labelled = [s.label for s in statuses.values() if s.included]
+    states = Counter(s.state for s in statuses.values())
+    return {
+        "studies": len(statuses),
+        "metastatic": labelled.count("metastatic"),
+        "non_metastatic": labelled.count("non_metastatic"),
+        "labelled": len(labelled),
+        "waiting": states["disagreement"],
+        "excluded": states["excluded"],
+        "unused": len(statuses) - len(labelled) - states["disagreement"],
+    }
+
+
+def split_label_counts(statuses: dict[int, StudyStatus], subsets: dict[str, list[int]]) -> dict[str, dict[str, int]]:
+    """``{subset: {"studies": n, "metastatic": n}}`` of a split's subsets (``splits.get_split(...)["subsets"]``),
+    counting the studies that still exist and still have a training label."""
+    counts = {}
+    for name, ids in subsets.items():
+        present = [statuses[i].label for i in ids if i in statuses and statuses[i].label is not None]
+        counts[name] = {"studies": len(present), "metastatic": present.count("metastatic")}
+    return counts
 
 
 STUDY_FILTERS = ("label", "sex", "primary_cancer", "origin")

@@ -171,3 +171,28 @@ def test_scans_page_filters_through_catalog(db_path):
     app.multiselect(key="filter_label").set_value(["metastatic"]).run()
     assert not app.exception
     assert any(f"{len(metastatic)} studies)" in e.label for e in app.expander)
+
+
+def test_train_and_agreement_cards_count_through_catalog(db_path, monkeypatch):
+    monkeypatch.setenv("BONESCAN_AUTOSTART_WORKER", "0")
+    from bonescan_core import catalog, splits
+
+    with dbm.opened(db_path) as db:
+        add_demo_studies(db, 16, seed=4)
+        # ann's exclusion disagrees with the reference label: study 1 waits, outside the split
+        rv.add_review(db, rv.Review(study_id=1, reviewer="ann", decision="exclude", exclusion_reason="poor_quality"))
+        split = splits.get_split(db, splits.ensure_split(db, seed=0))
+        studies = catalog.list_studies(db)
+    metastatic = sum(s["label"] == "metastatic" for s in studies)
+    app = run_page("app_pages/train.py", reviewer="ann")
+    cards = {m.label: m.value for m in app.metric}
+    assert cards["Included, metastatic"] == str(metastatic)
+    assert cards["Included, no metastasis"] == str(sum(s["label"] == "non_metastatic" for s in studies))
+    assert cards["Waiting for adjudication"] == "1"
+    label = {s["id"]: s["label"] for s in studies}
+    expected = "; ".join(f"{name} {len(ids)} studies ({sum(label[i] == 'metastatic' for i in ids)} metastatic)"
+                         for name, ids in split["subsets"].items())
+    assert f"Current split {split['id']} (by patient, stratified): {expected}" in [c.value for c in app.caption]
+    app.switch_page("app_pages/agreement.py").run()
+    cards = {m.label: m.value for m in app.metric}
+    assert (cards["Studies"], cards["With a training label"], cards["Excluded"]) == ("16", "15", "0")
