@@ -1,6 +1,7 @@
 """Metrics, confidence intervals, thresholds and paired tests over stored predictions.
 
-No plotting here (see ``plots.py``); everything takes and returns plain arrays and dicts.
+No plotting here (see ``plots.py``); everything takes and returns plain arrays and dicts,
+except :func:`evaluate`, which returns a typed ``results.EvaluationResult``.
 
 Conventions used throughout:
 
@@ -22,8 +23,9 @@ scores, with exactly scikit-learn's definitions (``accuracy_score``, ``recall_sc
 random and tied vectors (and the p-values against statsmodels/scipy). The reason is start-up
 time: importing ``sklearn.metrics`` (and ``scipy.stats``, which it pulls in) takes over a
 second, and ``bonescan evaluate`` on stored predictions must start in well under one
-(``cli.md``); this module imports only numpy and sqlite-utils. The same code, fed integer weights
-(how many times each sample was drawn), computes all 1000 bootstrap resamples at once.
+(``cli.md``); this module imports only numpy, sqlite-utils and ``results`` (standard library).
+The same code, fed integer weights (how many times each sample was drawn), computes all 1000
+bootstrap resamples at once. Youden's threshold uses :func:`roc_points` too: one ROC.
 """
 
 from __future__ import annotations

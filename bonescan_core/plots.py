@@ -2,6 +2,7 @@
 
 Pure functions: each takes the plain dicts of :mod:`bonescan_core.evaluation` (or stored
 rows) and returns a ``plotly.graph_objects.Figure``; no file or database IO, no Streamlit.
+:func:`run_figures` is one run's whole set, for the Evaluate page and the HTML report.
 Probability-scale axes run 0..1; every trace has hover text; colours are the Okabe-Ito
 palette (distinguishable with colour-vision deficiency), the same run keeping the same
 colour across figures when passed in the same order.
