@@ -8,7 +8,7 @@ import pandas as pd
 import streamlit as st
 
 from app_pages.common import md, open_db, reviewer, sign_in_on
-from bonescan_core import agreement
+from bonescan_core import agreement, catalog
 from bonescan_core import review as rv
 
 st.title("Agreement")
@@ -18,13 +18,12 @@ with open_db() as db:
     statuses = rv.study_statuses(db)
     judges = rv.adjudicators(db)
 
-states = pd.Series([s.state for s in statuses.values()]).value_counts().to_dict() if statuses else {}
-waiting = states.get("disagreement", 0)
+counts = catalog.label_counts(statuses)
 cards = st.columns(4)
-cards[0].metric("Studies", len(statuses))
-cards[1].metric("With a training label", sum(s.included for s in statuses.values()))
-cards[2].metric("Waiting for adjudication", waiting)
-cards[3].metric("Excluded", states.get("excluded", 0))
+cards[0].metric("Studies", counts["studies"])
+cards[1].metric("With a training label", counts["labelled"])
+cards[2].metric("Waiting for adjudication", counts["waiting"])
+cards[3].metric("Excluded", counts["excluded"])
 
 if not pairs:
     st.info("No two readers have read the same study yet.")

@@ -132,20 +132,16 @@ if not table:
     st.info("No studies yet: upload files, import a folder, or load the demo dataset above.")
     st.stop()
 
+options = catalog.filter_options(table)
 filters = st.columns(5)
-label_choice = filters[0].multiselect("Training label", ["metastatic", "non_metastatic", "none"], key="filter_label")
-sex_choice = filters[1].multiselect("Sex", sorted({r["sex"] or "unknown" for r in table}), key="filter_sex")
-cancer_choice = filters[2].multiselect("Primary cancer", sorted({r["primary_cancer"] or "unknown" for r in table}), key="filter_cancer")
-origin_choice = filters[3].multiselect("Origin", sorted({r["origin"] for r in table}), key="filter_origin")
-cohort_choice = filters[4].multiselect("Cohort", sorted({r["cohort"] for r in table}), key="filter_cohort")
-rows = [
-    r for r in table
-    if (not label_choice or (r["label"] or "none") in label_choice)
-    and (not sex_choice or (r["sex"] or "unknown") in sex_choice)
-    and (not cancer_choice or (r["primary_cancer"] or "unknown") in cancer_choice)
-    and (not origin_choice or r["origin"] in origin_choice)
-    and (not cohort_choice or r["cohort"] in cohort_choice)
-]
+chosen = {
+    "label": filters[0].multiselect("Training label", options["label"], key="filter_label"),
+    "sex": filters[1].multiselect("Sex", options["sex"], key="filter_sex"),
+    "primary_cancer": filters[2].multiselect("Primary cancer", options["primary_cancer"], key="filter_cancer"),
+    "origin": filters[3].multiselect("Origin", options["origin"], key="filter_origin"),
+    "cohort": filters[4].multiselect("Cohort", options["cohort"], key="filter_cohort"),
+}
+rows = catalog.filter_studies(table, chosen)
 
 summary = catalog.characteristics(rows)
 with st.expander(f"Patient characteristics ({len({r['patient_id'] for r in rows})} patients, {len(rows)} studies)", expanded=True):

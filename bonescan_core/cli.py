@@ -11,7 +11,6 @@ pydicom for ``studies``).
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
 import signal
@@ -125,18 +124,21 @@ def cmd_label(args: argparse.Namespace) -> int:
     from bonescan_core import db as dbm
     from bonescan_core.review import Review, add_review
 
-    if args.exclude:
-        decision, label = "exclude", None
-    else:
+    if args.exclude or (args.not_screening and not (args.metastatic or args.no_metastasis)):
+        decision, label = "exclude", None  # not screening and no decision: excluded as non_screening_indication
+    elif args.metastatic or args.no_metastasis:
         decision, label = "include", "metastatic" if args.metastatic else "non_metastatic"
+    else:
+        raise CommandError("choose --metastatic, --no-metastasis or --exclude REASON")
     review = Review(
         study_id=args.study, reviewer=args.reviewer, decision=decision, label=label,
         criteria=_split_ids(args.criteria), exclusion_reason=args.exclude, artifacts=_split_ids(args.artifacts),
         confidence=args.confidence, note=args.note or "", adjudication=args.adjudication,
-    )
+        screening=not args.not_screening,
+    ).as_saved()
     with dbm.opened(args.db) as db:
         review_id = add_review(db, review)
-    print(f"review {review_id}: study {args.study} {label or 'excluded (' + args.exclude + ')'} by {args.reviewer}")
+    print(f"review {review_id}: study {args.study} {label or f'excluded ({review.exclusion_reason})'} by {args.reviewer}")
     return EXIT_OK
 
 
@@ -230,27 +232,26 @@ def train_config(args: argparse.Namespace):
 
 
 def _terminal_progress(fields: dict) -> None:
+    """Redraw the run's progress line on stderr (only on a terminal)."""
     if not sys.stderr.isatty():
         return
-    batch, batches = fields.get("batch") or 0, fields.get("batches") or 0
-    eta = fields.get("eta_s")
-    line = (f"\r{fields.get('phase', ''):<10} epoch {fields.get('epoch') or '-'}/{fields.get('epochs') or '-'} "
-            f"batch {batch}/{batches} loss {fields.get('loss') or float('nan'):.4f}"
-            + (f" eta {eta:.0f}s" if eta else ""))
-    sys.stderr.write(f"{line:<80}")
+    from bonescan_core.results import Progress
+
+    sys.stderr.write(f"\r{Progress.from_record(fields).format():<80}")
     sys.stderr.flush()
 
 
 def cmd_train(args: argparse.Namespace) -> int:
     from bonescan_core import db as dbm
-    from bonescan_core import jobs, splits
+    from bonescan_core import jobs
 
     config = train_config(args)
     db_path = dbm.resolve_path(args.db)
-    with dbm.opened(db_path) as db:
-        if config.split_id is None:  # fix the split now, so queued backbones share it
-            config = dataclasses.replace(config, split_id=splits.ensure_split(db, seed=config.seed))
-        run_id = jobs.enqueue(db, config.backbone, config.to_dict(), config.identity_hash())
+    with dbm.opened(db_path) as db:  # the split is fixed now, so backbones queued later share it
+        (queued,) = jobs.enqueue_backbones(db, [config.backbone], config)
+    if queued.duplicate:
+        raise queued.duplicate
+    run_id = queued.run_id
     if args.queue:
         print(f"queued run {run_id}; `bonescan worker` trains it", file=sys.stderr)
         print(run_id)
@@ -290,15 +291,9 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     with dbm.opened(args.db) as db:
         result = evaluation.evaluate(db, args.run, threshold=args.threshold)
     if args.json:
-        _print_json(result)
+        _print_json(result.as_json())
         return EXIT_OK
-    print(f"run {result['run']} ({result['backbone']}), {result['subset']}: {result['n_images']} images, "
-          f"{result['n_studies']} studies, threshold {result['threshold']:.3f}")
-    for name, value in result["metrics"].items():
-        ci = value.get("ci95") or [None, None]
-        shown = "n/a" if value["value"] is None else f"{value['value']:.3f}"
-        print(f"  {name:<12} {shown}" + ("" if ci[0] is None else f"  (95% CI {ci[0]:.3f} to {ci[1]:.3f})"))
-    print("  confusion    " + ", ".join(f"{k} {v}" for k, v in result["confusion"].items()))
+    print(result.format_text())
     return EXIT_OK
 
 
@@ -482,10 +477,13 @@ def build_parser() -> argparse.ArgumentParser:
     verb = verbs.add_parser("label", help="append one review of a study")
     verb.add_argument("study", type=int, metavar="STUDY")
     verb.add_argument("--reviewer", required=True)
-    decision = verb.add_mutually_exclusive_group(required=True)
+    decision = verb.add_mutually_exclusive_group()  # one of them, or --not-screening alone
     decision.add_argument("--metastatic", action="store_true")
     decision.add_argument("--no-metastasis", action="store_true")
     decision.add_argument("--exclude", metavar="REASON", help="an exclusion reason id (see docs/cli.md)")
+    verb.add_argument("--not-screening", action="store_true",
+                      help="the indication is not metastasis screening: the study can only be excluded "
+                           "(alone: excluded as non_screening_indication)")
     verb.add_argument("--criteria", metavar="C,...", help="criterion ids, comma-separated")
     verb.add_argument("--artifacts", metavar="A,...", help="injection_site, urine_contamination, other_artifact")
     verb.add_argument("--confidence", type=int, choices=range(1, 6), metavar="1-5")

@@ -18,14 +18,18 @@ import sys
 import threading
 import time
 import traceback
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import TYPE_CHECKING, NamedTuple
 
 import sqlite_utils
 
 from bonescan_core import db as dbm
-from bonescan_core import errors
+from bonescan_core import errors, splits
+
+if TYPE_CHECKING:  # training imports numpy and the models catalogue; the queue only needs the type
+    from bonescan_core.training import TrainConfig
 
 STATUSES = ("queued", "running", "done", "failed", "cancelled", "interrupted")
 ACTIVE = ("queued", "running")
@@ -100,6 +104,48 @@ def enqueue(db: sqlite_utils.Database, backbone: str, config: dict, config_hash:
                 "created_at": dbm.utc_now(),
             }
         ).last_pk
+
+
+class Queued(NamedTuple):
+    """One backbone of :func:`enqueue_backbones`: its new run, or the identical run already waiting."""
+
+    backbone: str
+    run_id: int | None  # None when ``duplicate``
+    duplicate: DuplicateRun | None = None
+
+    @property
+    def message(self) -> str:
+        """``run 7 (vgg19) queued`` or ``vgg19: an identical run is already queued (run 5); ...``."""
+        return f"{self.backbone}: {self.duplicate}" if self.duplicate else f"run {self.run_id} ({self.backbone}) queued"
+
+
+def enqueue_backbones(db: sqlite_utils.Database, backbones: Sequence[str], config: TrainConfig,
+                      split_id: int | None = None, cohorts: Sequence[str] | None = None) -> list[Queued]:
+    """Fix the split, then queue one run per backbone with ``config``'s other settings.
+
+    The split is fixed before any run is queued, so the backbones train and are compared on
+    the same images: ``split_id``, else ``config.split_id``, else the latest split of the
+    current labels with ``config.seed`` from ``cohorts`` (None: every cohort; made now if there
+    is none).
+
+    Returns:
+        One :class:`Queued` per backbone, in order; a backbone whose identical run is
+        already queued or running gets that duplicate instead of a new run.
+
+    Raises:
+        splits.SplitError: too few labelled studies to split.
+    """
+    split = split_id if split_id is not None else config.split_id
+    if split is None:
+        split = splits.ensure_split(db, seed=config.seed, cohorts=cohorts)
+    queued = []
+    for backbone in backbones:
+        run_config = replace(config, backbone=backbone, split_id=split)
+        try:
+            queued.append(Queued(backbone, enqueue(db, backbone, run_config.to_dict(), run_config.identity_hash())))
+        except DuplicateRun as duplicate:
+            queued.append(Queued(backbone, None, duplicate))
+    return queued
 
 
 def get_run(db: sqlite_utils.Database, run_id: int) -> dict:

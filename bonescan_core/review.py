@@ -10,7 +10,7 @@ from __future__ import annotations
 import contextlib
 import datetime as dt
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import sqlite_utils
@@ -78,11 +78,21 @@ class Review:
     note: str = ""
     adjudication: bool = False  # the consensus recorded by an adjudicator
     from_import: bool = False  # a label recorded by import (class folder or manifest): no criterion needed
+    screening: bool = True  # the indication is metastasis screening; the paper excludes every other study
+
+    def as_saved(self) -> Review:
+        """The review as :func:`add_review` stores it: an exclusion of a study whose indication is
+        not screening, given no other reason, has the reason ``non_screening_indication``."""
+        if not self.screening and self.decision == "exclude" and self.exclusion_reason is None:
+            return replace(self, exclusion_reason="non_screening_indication")
+        return self
 
     def validate(self) -> None:
         """Raise ReviewError unless the review is complete and consistent."""
         if not self.reviewer.strip():
             raise ReviewError("reviewer name is empty; enter your name in the sidebar")
+        if not self.screening and self.decision == "include":
+            raise ReviewError("The indication is not metastasis screening: use Exclude (the paper excludes these).")
         if self.decision == "exclude":
             if self.exclusion_reason not in EXCLUSION_REASONS:
                 raise ReviewError(f"choose an exclusion reason: one of {', '.join(EXCLUSION_REASONS)}")
@@ -112,11 +122,12 @@ class Review:
 
 
 def add_review(db: sqlite_utils.Database, review: Review, created_at: str | None = None) -> int:
-    """Validate and append one review; returns its id.
+    """Validate and append one review (as :meth:`Review.as_saved`); returns its id.
 
     Runs inside the caller's transaction if there is one (nested as a savepoint),
     otherwise in a transaction of its own.
     """
+    review = review.as_saved()
     review.validate()
     row = {
         "study_id": review.study_id,

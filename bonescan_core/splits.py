@@ -214,7 +214,8 @@ def split_labels(db: sqlite_utils.Database, split_id: int) -> dict[int, tuple[st
 def split_info(db: sqlite_utils.Database, split_id: int) -> dict:
     """The stored row of a split: ``id, seed, test_fraction, val_fraction, labels_hash, created_at, cohorts`` (a list)."""
     columns = ("id", "seed", "test_fraction", "val_fraction", "labels_hash", "created_at", "cohorts")
-    row = db.execute(f"SELECT {', '.join(columns)} FROM splits WHERE id = ?", [split_id]).fetchone()
+    row = db.execute("SELECT id, seed, test_fraction, val_fraction, labels_hash, created_at, cohorts FROM splits WHERE id = ?",
+                     [split_id]).fetchone()
     if row is None:
         raise SplitError(f"split {split_id} does not exist; make one with `bonescan split`")
     info = dict(zip(columns, row, strict=True))

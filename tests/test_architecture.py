@@ -27,11 +27,62 @@ def test_core_never_imports_streamlit():
     assert offenders == []
 
 
-def test_pages_run_no_sql():
-    for path in [REPO / "streamlit_app.py", *sorted((REPO / "app_pages").glob("*.py"))]:
-        text = path.read_text()
-        for needle in ("SELECT ", "INSERT ", "UPDATE ", ".execute(", ".query("):
-            assert needle not in text, f"{path.name} contains {needle!r}: move it into bonescan_core"
+PAGE_FILES = [REPO / "streamlit_app.py", *sorted((REPO / "app_pages").glob("*.py"))]
+DB_OPENERS = {"open_db", "opened", "connect", "Database"}  # calls that hand a page a database connection
+RAW_SQL_CALLS = {"execute", "executemany", "executescript", "query"}
+
+
+def _call_name(node: ast.AST) -> str | None:
+    if isinstance(node, ast.Call):
+        func = node.func
+        return func.attr if isinstance(func, ast.Attribute) else func.id if isinstance(func, ast.Name) else None
+    return None
+
+
+def table_access(source: str) -> list[str]:
+    """Where ``source`` (a page) touches the database itself instead of calling bonescan_core.
+
+    Found: importing sqlite3 or sqlite_utils; calling ``.execute``/``.query`` (and
+    executemany/executescript) on anything; any use of a connection other than passing it
+    to a function (``db["studies"]``, ``db.table(...)``, ``db.conn``), where a connection is
+    a name bound from ``open_db()``/``dbm.opened()``/``connect()`` or called ``db``; and
+    ``.count`` on a table.
+    """
+    tree = ast.parse(source)
+    db_names = {"db"}
+    for node in ast.walk(tree):
+        if isinstance(node, ast.withitem) and _call_name(node.context_expr) in DB_OPENERS and isinstance(node.optional_vars, ast.Name):
+            db_names.add(node.optional_vars.id)
+        elif isinstance(node, ast.Assign) and _call_name(node.value) in DB_OPENERS:
+            db_names.update(target.id for target in node.targets if isinstance(target, ast.Name))
+    found = []
+    for node in ast.walk(tree):
+        where = f"line {getattr(node, 'lineno', '?')}"
+        if isinstance(node, ast.Import | ast.ImportFrom):
+            modules = [alias.name for alias in node.names] if isinstance(node, ast.Import) else [node.module or ""]
+            found += [f"{where}: imports {m}" for m in modules if m.split(".")[0] in ("sqlite3", "sqlite_utils")]
+        elif isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr in RAW_SQL_CALLS:
+            found.append(f"{where}: calls .{node.func.attr}()")
+        elif isinstance(node, ast.Subscript | ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id in db_names:
+            found.append(f"{where}: uses the connection {node.value.id!r} directly ({ast.unparse(node)})")
+        elif isinstance(node, ast.Attribute) and node.attr == "count" and isinstance(node.value, ast.Subscript | ast.Call):
+            found.append(f"{where}: counts a table ({ast.unparse(node)})")
+    return found
+
+
+def test_table_access_finds_each_way_a_page_could_touch_tables():
+    clean = "from bonescan_core import catalog\nwith open_db() as db:\n    rows = catalog.study_table(db)\nx = rows[0]['id']\n"
+    assert table_access(clean) == []
+    for snippet in ("import sqlite3", "from sqlite_utils import Database", "with open_db() as db:\n    n = db['studies'].count",
+                    "with dbm.opened(path) as conn:\n    conn['runs'].insert({})", "rows = cursor.execute('SELECT 1')",
+                    "db.query('SELECT 1')", "conn = dbm.connect(path)\nconn.table('runs').count", "with open_db() as db:\n    db.conn.commit()"):
+        assert table_access(snippet), snippet
+
+
+def test_pages_call_core_functions_and_never_touch_tables():
+    """Pages read and write through bonescan_core functions only (their AST, not a string grep)."""
+    offenders = [f"{path.name} {finding}" for path in PAGE_FILES for finding in table_access(path.read_text())]
+    assert offenders == [], "move these into bonescan_core: " + "; ".join(offenders)
 
 
 HEAVY = ("tensorflow", "keras", "streamlit", "torch", "jax", "pandas", "sklearn")

@@ -310,6 +310,34 @@ def test_youden_threshold_picks_the_best_cut():
     assert ev.youden_threshold([1, 1], [0.2, 0.3]) == 0.5
 
 
+@pytest.mark.parametrize("seed", [0, 1, 2, 3])
+def test_youden_threshold_is_the_best_cut_of_sklearns_roc_curve(seed):
+    """One ROC implementation (roc_points) serves Youden's J; it picks the cut scikit-learn's curve gives."""
+    y, p = random_case(seed, n=150, ties=seed % 2 == 1, separation=0.8)
+    fpr, tpr, thresholds = skm.roc_curve(y, p)
+    best = int(np.argmax(tpr - fpr))
+    assert ev.youden_threshold(y, p) == pytest.approx(min(thresholds[best], 1.0), abs=0)
+
+
+def test_explorer_rows_filter_and_sort():
+    rows = [
+        {"image_id": 1, "outcome": "TP", "subset": "test", "view": "anterior", "criteria": "flare", "loss": 0.2, "confidence": 0.4},
+        {"image_id": 2, "outcome": "FN", "subset": "val", "view": "posterior", "criteria": "", "loss": 2.0, "confidence": 0.1},
+        {"image_id": 3, "outcome": "FP", "subset": "test", "view": None, "criteria": "flare;trauma", "loss": 1.0, "confidence": 0.3},
+        {"image_id": 4, "outcome": "TN", "subset": "test", "view": "anterior", "criteria": "trauma", "loss": 0.2, "confidence": 0.2},
+    ]
+    ids = lambda kept: [row["image_id"] for row in kept]  # noqa: E731
+    assert ids(ev.filter_explorer_rows(rows)) == [2, 3, 1, 4]  # top losses first; ties keep their order
+    assert ids(ev.filter_explorer_rows(rows, order="least confident first")) == [2, 4, 3, 1]
+    assert ids(ev.filter_explorer_rows(rows, order="most confident first")) == [1, 3, 4, 2]
+    assert ids(ev.filter_explorer_rows(rows, outcomes=["TP", "FP"], subsets=["test"])) == [3, 1]
+    assert ids(ev.filter_explorer_rows(rows, views=["anterior"], criterion="trauma")) == [4]
+    assert ids(ev.filter_explorer_rows(rows, criterion="flare")) == [3, 1]
+    assert ids(ev.filter_explorer_rows(rows, criterion="any")) == [2, 3, 1, 4]
+    with pytest.raises(ValueError, match="order must be one of"):
+        ev.filter_explorer_rows(rows, order="random")
+
+
 def test_midranks_equal_scipys_rankdata():
     rng = np.random.default_rng(0)
     x = np.round(rng.random((3, 50)), 1)  # many ties
@@ -485,7 +513,7 @@ def populate(db, n_patients=30, seed=0, runs=(("densenet121", 0.45, 1.5), ("vgg1
 
 def test_evaluate_end_to_end(db):
     (run, run_no_threshold), _, rows = populate(db)
-    result = ev.evaluate(db, run, n_resamples=200)
+    result = ev.evaluate(db, run, n_resamples=200).as_json()
     text = json.dumps(result, allow_nan=False)  # NaN must already be None
     assert json.loads(text) == result
     assert {"run", "backbone", "threshold", "subset", "n_images", "n_studies", "metrics", "confusion", "study_level"} <= set(result)
@@ -512,11 +540,11 @@ def test_evaluate_end_to_end(db):
     assert sum(result["study_level"]["confusion"].values()) == result["n_studies"]
 
     # A given threshold wins; a run without a stored threshold falls back to 0.5.
-    assert ev.evaluate(db, run, threshold=0.7, n_resamples=50)["threshold_source"] == "argument"
+    assert ev.evaluate(db, run, threshold=0.7, n_resamples=50).threshold_source == "argument"
     fallback = ev.evaluate(db, run_no_threshold, n_resamples=50)
-    assert (fallback["threshold"], fallback["threshold_source"]) == (0.5, "default")
+    assert (fallback.threshold, fallback.threshold_source) == (0.5, "default")
     # Undefined values become None: above every probability nothing is predicted metastatic.
-    none_positive = ev.evaluate(db, run, threshold=1.0, n_resamples=50)
+    none_positive = ev.evaluate(db, run, threshold=1.0, n_resamples=50).as_json()
     assert none_positive["metrics"]["precision"] == {"value": None, "ci95": [None, None]}
     assert none_positive["confusion"]["tp"] + none_positive["confusion"]["fp"] == 0
     json.dumps(none_positive, allow_nan=False)
