@@ -7,7 +7,7 @@ from pathlib import Path
 import pandas as pd
 import streamlit as st
 
-from app_pages.common import allowed, cached_study_images, data_url, db_path, denial, open_db, scan_viewer
+from app_pages.common import allowed, cached_study_images, data_url, db_path, denial, md, open_db, scan_viewer
 from bonescan_core import catalog, ingest
 from bonescan_core.cohorts import ALLOWED as COHORT_ALLOWED
 from bonescan_core.cohorts import DEFAULT_COHORT, CohortError
@@ -23,7 +23,7 @@ def show_outcomes(outcomes: list[ingest.FileOutcome]) -> None:
     (st.warning if counts["rejected"] else st.success)(f"{len(outcomes)} file(s): {summary}.")
     for outcome in outcomes:
         if outcome.status == "rejected":
-            st.error(outcome.line(), icon=":material/block:")
+            st.error(md(outcome.line()), icon=":material/block:")
     with st.expander("Every file", expanded=False):
         st.code("\n".join(o.line() for o in outcomes) or "(none)", language=None)
 
@@ -95,7 +95,7 @@ with folder_tab:
                                                 keep_file_names=keep_folder_names, progress=progress_callback(bar),
                                                 cohort=folder_cohort)
         except (PermissionError, FileNotFoundError, CohortError) as error:
-            st.error(str(error))
+            st.error(md(error))  # may quote the typed path
         else:
             show_outcomes(outcomes) if outcomes else st.warning("No files found in that folder.")
         finally:

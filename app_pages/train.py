@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import streamlit as st
 
-from app_pages.common import allowed, db_path, denial, open_db, still_signed_in
+from app_pages.common import allowed, db_path, denial, md, open_db, still_signed_in
 from bonescan_core import catalog, jobs, plots, splits, training
 from bonescan_core import review as rv
 from bonescan_core.cohorts import list_cohorts
@@ -127,7 +127,7 @@ def live_runs() -> None:
             if run["status"] in jobs.ACTIVE and may_train:
                 st.button("Cancel", key=f"tr_cancel_{run['id']}", on_click=cancel, args=(run["id"],))
             if run.get("error"):
-                st.error(run["error"])
+                st.error(md(run["error"]))  # may quote a typed weights path
             if run["status"] == "done":
                 st.caption(f"threshold {run['threshold']:.3f} · {run['images_per_second'] or 0:.1f} training images/s")
                 if progress.phase == "explaining" and (progress.batch or 0) < (progress.batches or 0):
