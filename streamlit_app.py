@@ -9,6 +9,7 @@ beside the main script as a legacy page list, and on a fresh server a deep link 
 import streamlit as st
 
 from app_pages.common import gate, sidebar
+from bonescan_core.errors import DatabaseUnavailable
 
 st.set_page_config(page_title="bonescan", page_icon=":material/radiology:", layout="wide")
 
@@ -21,6 +22,10 @@ PAGES = [
 ]
 
 navigation = st.navigation(PAGES)
-if gate():  # with sign-in required, only the sign-in form until someone signs in
-    sidebar()
-    navigation.run()
+try:
+    if gate():  # with sign-in required, only the sign-in form until someone signs in
+        sidebar()
+        navigation.run()
+except DatabaseUnavailable as error:  # damaged or read-only labels.db: what to do, not a traceback
+    st.error(str(error), icon=":material/database:")
+    st.stop()

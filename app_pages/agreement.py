@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from urllib.parse import quote
+
 import pandas as pd
 import streamlit as st
 
-from app_pages.common import open_db, reviewer, sign_in_on
-from bonescan_core import agreement
+from app_pages.common import md, open_db, reviewer, sign_in_on
+from bonescan_core import agreement, catalog
 from bonescan_core import review as rv
 
 st.title("Agreement")
@@ -16,13 +18,12 @@ with open_db() as db:
     statuses = rv.study_statuses(db)
     judges = rv.adjudicators(db)
 
-states = pd.Series([s.state for s in statuses.values()]).value_counts().to_dict() if statuses else {}
-waiting = states.get("disagreement", 0)
+counts = catalog.label_counts(statuses)
 cards = st.columns(4)
-cards[0].metric("Studies", len(statuses))
-cards[1].metric("With a training label", sum(s.included for s in statuses.values()))
-cards[2].metric("Waiting for adjudication", waiting)
-cards[3].metric("Excluded", states.get("excluded", 0))
+cards[0].metric("Studies", counts["studies"])
+cards[1].metric("With a training label", counts["labelled"])
+cards[2].metric("Waiting for adjudication", counts["waiting"])
+cards[3].metric("Excluded", counts["excluded"])
 
 if not pairs:
     st.info("No two readers have read the same study yet.")
@@ -46,7 +47,7 @@ else:
     first, second = chosen.reviewers
     left, right = st.columns([1, 2])
     with left:
-        st.markdown(f"**2x2 table** (rows: {first}, columns: {second})")
+        st.markdown(f"**2x2 table** (rows: {md(first)}, columns: {md(second)})")
         st.dataframe(
             pd.DataFrame(chosen.table, index=[f"{first}: metastatic", f"{first}: no metastasis"],
                          columns=[f"{second}: metastatic", f"{second}: no metastasis"])
@@ -55,7 +56,7 @@ else:
         st.markdown(f"**Disagreements** ({len(chosen.disagreements)}) — open one in Review")
         if chosen.disagreements:
             name = reviewer()
-            suffix = f"&reviewer={name}" if name and not sign_in_on() else ""  # with sign-in the account is the reader
+            suffix = f"&reviewer={quote(name, safe='')}" if name and not sign_in_on() else ""  # with sign-in the account is the reader
             st.dataframe(
                 pd.DataFrame(
                     {
@@ -72,7 +73,7 @@ else:
 st.subheader("Adjudicators")
 st.caption("An adjudicator records the consensus of disagreeing readers (in Review, with 'Record as the consensus'). "
            "The training label is the consensus if there is one, else the readers' unanimous label.")
-st.write(", ".join(judges) if judges else "None yet.")
+st.markdown(md(", ".join(judges)) if judges else "None yet.")  # names are typed by anyone: inert
 if sign_in_on():
     st.caption("Sign-in is on: the adjudicators are the accounts with the adjudicator role, set by an administrator "
                "with `bonescan account roles NAME --role adjudicator` (listing the account's other roles too).")

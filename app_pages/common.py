@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import base64
 import os
+import time
 from pathlib import Path
 
 import streamlit as st
 
-from bonescan_core import accounts, catalog, devices, pixelstore
+from bonescan_core import accounts, catalog, devices, errors, pixelstore
 from bonescan_core import db as dbm
 
 
@@ -27,18 +28,73 @@ def _device_line() -> str:
     return devices.describe()
 
 
-ACCOUNT_KEY = "signed_in_account"  # the accounts.Account signed in to this session
+SESSION_KEY = "signed_in_session"  # {"name", "epoch", "last_active"}: who signed in to this session, and when last active
+ENDED_KEY = "si_ended"  # why the last session ended, shown above the sign-in form
+
+
+def _markdown_punctuation() -> str:
+    return "".join(chr(c) for c in range(33, 127) if not chr(c).isalnum())
+
+
+_ESCAPES = str.maketrans({c: "\\" + c for c in _markdown_punctuation()} | {"\n": " ", "\r": " "})
+
+
+def md(text: object) -> str:
+    """``text`` made inert for Streamlit Markdown (st.markdown, st.write, captions, alerts):
+    every ASCII punctuation mark backslash-escaped, line breaks turned to spaces.
+
+    For anything a user typed (reviewer and account names, notes, reasons): a name such as
+    ``![x](http://host/x.png)`` would otherwise make every viewer's browser fetch the URL.
+    """
+    return str(text).translate(_ESCAPES)
+
+
+def _end_session(reason: str | None) -> None:
+    """Forget everything in this session (on a shared workstation the next reader inherits
+    nothing), keeping only why it ended, for the sign-in form."""
+    for key in list(st.session_state):
+        del st.session_state[key]
+    if reason:
+        st.session_state[ENDED_KEY] = reason
+
+
+def _ticket() -> tuple[str, int] | None:
+    """(account name, epoch) of this session's sign-in, if it is still fresh (not idle too long)."""
+    ticket = st.session_state.get(SESSION_KEY)
+    if not ticket:
+        return None
+    if accounts.session_expired(ticket["last_active"], time.time(), accounts.idle_limit_s()):
+        _end_session(f"You were signed out after {accounts.idle_limit_s() / 60:g} minutes without activity: sign in again.")
+        return None
+    return ticket["name"], ticket["epoch"]
+
+
+def _current(db) -> accounts.Account | None:
+    """This session's signed-in account, checked against the database now (None if it must sign in)."""
+    ticket = _ticket()
+    if ticket is None:
+        return None
+    account = accounts.session_account(db, *ticket)
+    if account is None:
+        _end_session("Your session ended: the account's password was changed or it was disabled. Sign in again.")
+    return account
 
 
 def signed_in() -> accounts.Account | None:
-    """The account signed in to this session (None with sign-in off or before signing in)."""
-    return st.session_state.get(ACCOUNT_KEY)
+    """The account signed in to this session, as stored now (None with sign-in off, before
+    signing in, or once the session has ended)."""
+    with open_db() as db:
+        return _current(db) if accounts.sign_in_required(db) else None
 
 
 def reviewer() -> str:
-    """Who is reading: the signed-in account's name, else the sidebar name ('' when none)."""
-    account = signed_in()
-    return account.name if account is not None else st.session_state.get("reviewer_name", "")
+    """Who is reading: with sign-in on, the signed-in account's name ('' if none); with it
+    off, the sidebar name ('' when none). A typed name never counts with sign-in on."""
+    with open_db() as db:
+        if accounts.sign_in_required(db):
+            account = _current(db)
+            return account.name if account is not None else ""
+    return st.session_state.get("reviewer_name", "")
 
 
 def sign_in_on() -> bool:
@@ -48,13 +104,29 @@ def sign_in_on() -> bool:
 
 
 def allowed(action: str) -> bool:
-    """Whether this session's reader may ``label``, ``adjudicate`` or ``train`` (by the roles stored now)."""
+    """Whether this session may ``label``, ``adjudicate``, ``train``, ``import`` or ``flag`` now.
+
+    Reads everything now (sign-in setting, the session's account, its roles), so it is safe
+    in button callbacks, which run before the page (and the gate): with sign-in on, only a
+    session signed in, not idle too long and not ended since counts, never the typed name.
+    """
     with open_db() as db:
-        return accounts.may(db, reviewer(), action)
+        required = accounts.sign_in_required(db)
+        ticket = _ticket() if required else None
+        return accounts.session_permits(db, ticket, action)
+
+
+def still_signed_in() -> bool:
+    """Whether this session may still see the app (sign-in off, or signed in and valid now):
+    for fragments, which rerun without the gate."""
+    with open_db() as db:
+        return not accounts.sign_in_required(db) or _current(db) is not None
 
 
 def denial(action: str) -> str:
-    """The message for a reader whose account lacks the role for ``action``."""
+    """The message for a reader whose account lacks the role for ``action``. Shown as Markdown
+    unescaped (the command stays readable): account names are letters, digits, ``._@-`` only
+    (``accounts.validate_name``), which form no link, image or markup."""
     return accounts.denial(action, signed_in())
 
 
@@ -68,36 +140,40 @@ def _sign_in() -> None:
     except accounts.SignInFailed as error:
         st.session_state["si_error"] = str(error)
         return
-    st.session_state[ACCOUNT_KEY] = account
+    st.session_state[SESSION_KEY] = {"name": account.name, "epoch": account.session_epoch, "last_active": time.time()}
     st.session_state["reviewer_name"] = account.name
+    st.session_state.pop(ENDED_KEY, None)
 
 
 def _sign_out() -> None:
-    # Everything goes: on a shared workstation the next reader inherits nothing.
-    for key in list(st.session_state):
-        del st.session_state[key]
+    _end_session(None)
 
 
 def gate() -> bool:
     """Whether the page may run. With sign-in required and nobody signed in, shows only the
-    sign-in form and returns False. A signed-in account is re-read on every rerun, so a
-    disabled account is signed out at once and changed roles show at once.
+    sign-in form and returns False. The sign-in is checked against the database on every
+    rerun (a password changed, or the account disabled, since it signed in ends it), and a
+    session idle longer than ``$BONESCAN_SESSION_IDLE_MINUTES`` ends; a rerun counts as
+    activity.
     """
     with open_db() as db:
-        required = accounts.sign_in_required(db)
-        account = signed_in()
-        fresh = accounts.get_account(db, account.name) if required and account is not None else None
-    if not required:
-        st.session_state.pop(ACCOUNT_KEY, None)
+        if not accounts.sign_in_required(db):
+            st.session_state.pop(SESSION_KEY, None)
+            return True
+        try:
+            account = _current(db)
+        except errors.InputError as error:  # a mistyped BONESCAN_SESSION_IDLE_MINUTES: say so, show nothing
+            st.error(str(error), icon=":material/settings:")
+            return False
+    if account is not None:
+        st.session_state[SESSION_KEY]["last_active"] = time.time()
+        st.session_state["reviewer_name"] = account.name
         return True
-    if fresh is not None and not fresh.disabled:
-        st.session_state[ACCOUNT_KEY] = fresh
-        st.session_state["reviewer_name"] = fresh.name
-        return True
-    st.session_state.pop(ACCOUNT_KEY, None)
     st.session_state["reviewer_name"] = ""
     st.title("Sign in")
     st.caption("This bonescan requires sign-in: your reviews are stored under your account name.")
+    if message := st.session_state.get(ENDED_KEY):
+        st.info(message, icon=":material/timer_off:")
     if message := st.session_state.pop("si_error", None):
         st.error(message, icon=":material/lock:")
     with st.form("sign_in_form"):
@@ -118,7 +194,7 @@ def sidebar() -> None:
     account = signed_in()
     with st.sidebar:
         if account is not None:
-            st.markdown(f"Signed in as **{account.name}** ({', '.join(account.roles)})")
+            st.markdown(f"Signed in as **{md(account.name)}** ({', '.join(account.roles)})")
             st.button("Sign out", key="sign_out", on_click=_sign_out, icon=":material/logout:")
         else:
             if "reviewer_name" not in st.session_state:

@@ -3,26 +3,24 @@ explorer with Grad-CAM, and exports."""
 
 from __future__ import annotations
 
-import io
-import json
-import tempfile
-import zipfile
-from pathlib import Path
-
 import numpy as np
 import pandas as pd
 import streamlit as st
 
-from app_pages.common import cached_study_images, db_path, open_db, reviewer
+from app_pages.common import allowed, cached_study_images, db_path, denial, open_db, reviewer
 from bonescan_core import db as dbm
 from bonescan_core import evaluation, pixelstore, plots, report, runs
 from bonescan_core import review as rv
+from bonescan_core.results import EvaluationResult, decision_threshold
 
+# The explorer table's columns (of evaluation.explorer_rows).
+EXPLORER_COLUMNS = ["image_id", "study_id", "view", "subset", "label", "probability", "outcome", "loss", "verdicts", "criteria"]
 CARD_METRICS = ("accuracy", "recall", "precision", "f1", "specificity", "npv", "auc", "pr_auc", "brier")
 
 
 @st.cache_data(max_entries=32, show_spinner=False)
-def cached_evaluation(database: str, run_id: int, threshold: float) -> dict:
+def cached_evaluation(database: str, run_id: int, threshold: float | None) -> EvaluationResult:
+    """The run evaluated at ``threshold`` (None: the run's own, see results.decision_threshold)."""
     with dbm.opened(database) as db:  # the database is part of the cache key, so read that one
         return evaluation.evaluate(db, run_id, threshold=threshold)
 
@@ -58,7 +56,7 @@ by_id = {run.id: run for run in done_runs}
 run_id = st.selectbox("Run", list(by_id), format_func=lambda i: label_of(by_id[i]), key="ev_run")
 run = by_id[run_id]
 database = str(db_path())
-stored_threshold = float(run.threshold if run.threshold is not None else evaluation.DEFAULT_THRESHOLD)
+stored_threshold, _ = decision_threshold(None, run.threshold)
 
 metrics_tab, compare_tab, explorer_tab, export_tab = st.tabs(["Metrics", "Compare backbones", "Per-image explorer", "Export"])
 
@@ -67,33 +65,31 @@ with metrics_tab:
                           round(stored_threshold, 3), 0.005, key=f"ev_threshold_{run_id}",
                           help=f"The run's threshold, chosen on validation, is {stored_threshold:.3f}.")
     result = cached_evaluation(database, run_id, round(threshold, 4))
-    st.caption(f"Test subset: {result['n_images']} images, {result['n_studies']} studies, "
-               f"{result.get('n_patients', '?')} patients. 95% CIs: bootstrap over patients.")
+    st.caption(f"Test subset: {result.n_images} images, {result.n_studies} studies, "
+               f"{result.n_patients} patients. 95% CIs: bootstrap over patients.")
     for row_start in range(0, len(CARD_METRICS), 5):
         columns = st.columns(5)
         for column, name in zip(columns, CARD_METRICS[row_start:row_start + 5], strict=False):
-            value = result["metrics"][name]
-            ci = value.get("ci95") or [None, None]
-            column.metric(plots.metric_name(name), "n/a" if value["value"] is None else f"{value['value']:.3f}",
-                          help=None if ci[0] is None else f"95% CI {ci[0]:.3f} to {ci[1]:.3f}")
-            if ci[0] is not None:
-                column.caption(f"{ci[0]:.2f} to {ci[1]:.2f}")
+            metric = result.metrics[name]
+            interval = metric.interval_text(2)
+            column.metric(plots.metric_name(name), metric.value_text(),
+                          help=f"95% CI {metric.interval_text()}" if interval else None)
+            if interval:
+                column.caption(interval)
     level = st.radio("Level", ["image", "study (max over views)"], horizontal=True, key="ev_level")
-    shown = result if level == "image" else result["study_level"]
+    shown = result.level("image" if level == "image" else "study")
     test = cached_predictions(database, run_id, "test")
-    name = evaluation.run_label(run.backbone, run_id)
-    left, right = st.columns(2)
-    left.plotly_chart(plots.confusion_heatmap(shown["confusion"], threshold,
-                                              unit="images" if level == "image" else "studies"), key="ev_confusion")
-    right.plotly_chart(plots.roc_figure({name: evaluation.roc_points(test["label"], test["probability"])}, {name: threshold}),
-                       key="ev_roc")
-    left, right = st.columns(2)
-    left.plotly_chart(plots.pr_figure({name: evaluation.pr_points(test["label"], test["probability"])}, {name: threshold}),
-                      key="ev_pr")
-    right.plotly_chart(plots.calibration_figure({name: evaluation.calibration_points(test["label"], test["probability"])}),
-                       key="ev_calibration")
     with open_db() as db:
-        st.plotly_chart(plots.training_curves(runs.epochs(db, run_id)), key="ev_training")
+        epoch_rows = runs.epochs(db, run_id)
+    figures = plots.run_figures(evaluation.run_label(run.backbone, run_id), test["label"], test["probability"],
+                                threshold, shown.confusion, epoch_rows, unit="images" if level == "image" else "studies")
+    left, right = st.columns(2)
+    left.plotly_chart(figures["confusion"], key="ev_confusion")
+    right.plotly_chart(figures["roc"], key="ev_roc")
+    left, right = st.columns(2)
+    left.plotly_chart(figures["pr"], key="ev_pr")
+    right.plotly_chart(figures["calibration"], key="ev_calibration")
+    st.plotly_chart(figures["training"], key="ev_training")
     with st.expander("Configuration"):
         st.json(run.config_record())
 
@@ -110,11 +106,11 @@ with compare_tab:
         except evaluation.IncomparableRunsError as error:
             st.error(str(error))
         else:
-            results = {evaluation.run_label(by_id[i].backbone, i, with_id=True): cached_evaluation(
-                database, i, round(float(by_id[i].threshold or 0.5), 4)) for i in chosen}
+            results = {evaluation.run_label(by_id[i].backbone, i, with_id=True): cached_evaluation(database, i, None)
+                       for i in chosen}
             st.plotly_chart(plots.forest_plot(results), key="ev_forest")
             st.dataframe(pd.DataFrame([
-                {"run": label, **{plots.metric_name(m): value["metrics"][m]["value"] for m in ("accuracy", "recall", "precision", "f1", "auc")}}
+                {"run": label, **{plots.metric_name(m): value.metrics[m].value for m in ("accuracy", "recall", "precision", "f1", "auc")}}
                 for label, value in results.items()]), hide_index=True)
             st.markdown("**Paired tests on the same test images** (DeLong for AUC, McNemar for decisions):")
             for pair in comparison["pairs"]:
@@ -123,28 +119,17 @@ with compare_tab:
 with explorer_tab:
     threshold_now = st.session_state.get(f"ev_threshold_{run_id}", stored_threshold)
     with open_db() as db:
-        rows = pd.DataFrame(evaluation.explorer_rows(db, run_id, threshold_now))
+        rows = evaluation.explorer_rows(db, run_id, threshold_now)
     filters = st.columns(4)
     outcomes = filters[0].multiselect("Outcome", ["TP", "FP", "FN", "TN"], key="ex_outcome")
     subsets = filters[1].multiselect("Subset", ["val", "test"], key="ex_subset")
-    views = filters[2].multiselect("View", sorted(rows["view"].dropna().unique()), key="ex_view")
+    views = filters[2].multiselect("View", sorted({row["view"] for row in rows if row["view"]}), key="ex_view")
     criterion = filters[3].selectbox("Reader criterion", ["any"] + list(rv.CRITERIA), key="ex_criterion")
-    order = st.radio("Sort", ["top losses first", "least confident first", "most confident first"], horizontal=True,
-                     key="ex_sort")
-    mask = np.ones(len(rows), dtype=bool)
-    if outcomes:
-        mask &= rows["outcome"].isin(outcomes)
-    if subsets:
-        mask &= rows["subset"].isin(subsets)
-    if views:
-        mask &= rows["view"].isin(views)
-    if criterion != "any":
-        mask &= rows["criteria"].str.split(";").apply(lambda ids: criterion in ids)
-    column, ascending = {"top losses first": ("loss", False), "least confident first": ("confidence", True),
-                         "most confident first": ("confidence", False)}[order]
-    table = rows[mask].sort_values(column, ascending=ascending)
+    order = st.radio("Sort", list(evaluation.EXPLORER_ORDERS), horizontal=True, key="ex_sort")
+    table = pd.DataFrame(evaluation.filter_explorer_rows(rows, outcomes, subsets, views, criterion, order),
+                         columns=EXPLORER_COLUMNS)
     picked = st.dataframe(
-        table[["image_id", "study_id", "view", "subset", "label", "probability", "outcome", "loss", "verdicts", "criteria"]],
+        table,
         hide_index=True, on_select="rerun", selection_mode="single-row", key=f"ex_table_{run_id}",
         column_config={"probability": st.column_config.ProgressColumn("probability", min_value=0.0, max_value=1.0, format="%.3f"),
                        "loss": st.column_config.NumberColumn(format="%.3f")},
@@ -160,7 +145,7 @@ with explorer_tab:
                     f"reference label **{'metastatic' if chosen_row['label'] else 'no metastasis'}**")
         opacity = st.slider("Grad-CAM opacity", 0.0, 1.0, 0.45, 0.05, key="ex_opacity")
         images = cached_study_images(study_id)
-        predicted = set(rows.loc[rows["study_id"] == study_id, "image_id"])
+        predicted = {row["image_id"] for row in rows if row["study_id"] == study_id}
         panels, captions = [], []
         try:
             with st.spinner("Computing Grad-CAM..."):
@@ -182,14 +167,17 @@ with explorer_tab:
                          hide_index=True)
         reason = st.text_input("Reason for re-review", value=f"run {run_id}: {chosen_row['outcome']}, p={chosen_row['probability']:.2f}",
                                key=f"ex_reason_{image_id}")
-        if st.button("Flag for re-review", key=f"ex_flag_{image_id}"):
+        may_flag = allowed("flag")  # with sign-in on, a reader, adjudicator or trainer role
+        if not may_flag:
+            st.caption(denial("flag"))
+        if st.button("Flag for re-review", disabled=not may_flag, key=f"ex_flag_{image_id}") and may_flag:
             with open_db() as db:
                 rv.add_flag(db, study_id, reason, reviewer() or "evaluate")
             st.success(f"Study {study_id} is in the Review queue's flagged list.")
 
 with export_tab:
-    def metrics_json(database: str = database, run_id: int = run_id, threshold: float = stored_threshold) -> str:
-        return json.dumps(cached_evaluation(database, run_id, round(threshold, 4)), indent=2)
+    def metrics_json(database: str = database, run_id: int = run_id) -> str:
+        return cached_evaluation(database, run_id, None).to_json_text()
 
     def predictions_csv(database: str = database, run_id: int = run_id) -> str:
         with dbm.opened(database) as db:
@@ -206,17 +194,11 @@ with export_tab:
         columns[2].download_button("Download report.html", st.session_state[f"report_{run_id}"], f"run-{run_id}-report.html",
                                    "text/html", key="dl_report")
     if columns[3].button("Build model bundle", key="build_bundle"):
-        with tempfile.TemporaryDirectory() as folder, open_db() as db:
-            try:
-                files = report.export_bundle(db, db_path(), run_id, Path(folder) / f"run-{run_id}")
-            except Exception as error:  # noqa: BLE001 - shown to the user with its advice
-                st.error(str(error))
-            else:
-                buffer = io.BytesIO()
-                with zipfile.ZipFile(buffer, "w", zipfile.ZIP_DEFLATED) as archive:
-                    for path in files:
-                        archive.write(path, f"run-{run_id}/{path.name}")
-                st.session_state[f"bundle_{run_id}"] = buffer.getvalue()
+        try:
+            with open_db() as db:
+                st.session_state[f"bundle_{run_id}"] = report.bundle_zip(db, db_path(), run_id)
+        except Exception as error:  # noqa: BLE001 - shown to the user with its advice
+            st.error(str(error))
     if f"bundle_{run_id}" in st.session_state:
         columns[3].download_button("Download bundle (.zip)", st.session_state[f"bundle_{run_id}"], f"run-{run_id}.zip",
                                    "application/zip", key="dl_bundle")

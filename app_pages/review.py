@@ -11,7 +11,8 @@ import time
 import pandas as pd
 import streamlit as st
 
-from app_pages.common import allowed, cached_study_images, denial, open_db, reviewer, scan_viewer
+from app_pages.common import allowed, cached_study_images, denial, md, open_db, reviewer, scan_viewer, still_signed_in
+from bonescan_core import catalog
 from bonescan_core import review as rv
 
 METASTATIC_CRITERIA = [c for c, (side, _) in rv.CRITERIA.items() if side == "metastatic"]
@@ -24,13 +25,10 @@ def form_key(study_id: int, name: str) -> str:
 
 
 def current_review(study_id: int, decision: str, label: str | None) -> rv.Review:
-    """The Review the form describes, from the widget state."""
+    """The Review the form describes, from the widget state (rv.add_review applies the screening rule)."""
     state = st.session_state
     side = METASTATIC_CRITERIA if label == "metastatic" else NON_METASTATIC_CRITERIA if label else []
-    screening = state.get(form_key(study_id, "screening"), "yes") == "yes"
     reason = state.get(form_key(study_id, "exclusion_reason"))
-    if decision == "exclude" and not screening and reason is None:
-        reason = "non_screening_indication"
     return rv.Review(
         study_id=study_id,
         reviewer=reviewer(),
@@ -42,24 +40,23 @@ def current_review(study_id: int, decision: str, label: str | None) -> rv.Review
         confidence=state.get(form_key(study_id, "confidence")),
         note=state.get(form_key(study_id, "note"), ""),
         adjudication=bool(state.get(form_key(study_id, "adjudication"))),
+        screening=state.get(form_key(study_id, "screening"), "yes") == "yes",
     )
 
 
 def save(study_id: int, decision: str, label: str | None, next_study: int | None) -> None:
     """Button callback: validate, append the review, move to the next study."""
-    review = current_review(study_id, decision, label)
-    if decision == "include" and st.session_state.get(form_key(study_id, "screening"), "yes") == "no":
-        st.session_state["rv_error"] = "The indication is not metastasis screening: use Exclude (the paper excludes these)."
-        return
-    if not allowed("label"):  # roles are re-read: one taken away in this session counts at once
-        st.session_state["rv_error"] = denial("label")
+    review = current_review(study_id, decision, label).as_saved()
+    if not allowed("label"):  # roles and the sign-in are re-read: a change in this session counts at once
+        if still_signed_in():  # else the session has just ended, and the sign-in form says why
+            st.session_state["rv_error"] = denial("label")
         return
     started = time.perf_counter()
     try:
         with open_db() as db:
             review_id = rv.add_review(db, review)
     except rv.ReviewError as error:
-        st.session_state["rv_error"] = str(error)
+        st.session_state["rv_error"] = md(error)  # may quote a typed name
         return
     elapsed_ms = (time.perf_counter() - started) * 1000
     what = label.replace("_", " ") if label else f"excluded ({review.exclusion_reason})"
@@ -93,7 +90,7 @@ blind = top[1].toggle("Blind mode", value=True, key="rv_blind", help="Hide other
 
 with open_db() as db:
     mine = rv.read_by(db, name)
-    total = db["studies"].count
+    total = catalog.count_studies(db)
     adjudicator = rv.is_adjudicator(db, name)
     # The queue is a snapshot, taken when the order, the reader or the number of studies
     # changes (or on Refresh): j/k then walk a stable list, and k returns to the study just saved.

@@ -6,14 +6,15 @@ run at a time and writes progress to the database, which the live panel polls.
 
 from __future__ import annotations
 
-import pandas as pd
 import streamlit as st
 
-from app_pages.common import allowed, db_path, denial, open_db
-from bonescan_core import jobs, plots, runs, splits
+from app_pages.common import allowed, db_path, denial, md, open_db, still_signed_in
+from bonescan_core import catalog, jobs, plots, runs, splits, training
 from bonescan_core import review as rv
+from bonescan_core.cohorts import list_cohorts
 from bonescan_core.models import BACKBONES, DEFAULT_SIZE, MODES
 from bonescan_core.preprocess import PAPER_AUGMENT
+from bonescan_core.results import Progress
 
 MODE_HELP = {
     "fast": "frozen backbone, cached features: re-runs train only the head (seconds)",
@@ -22,7 +23,6 @@ MODE_HELP = {
     "full": "every layer trains from the start (what weights 'none' needs)",
 }
 LIVE_EVERY_S = 2
-TRAINING_PHASES = ("head", "finetune", "full")  # phases counted in epochs
 
 st.title("Train")
 
@@ -30,19 +30,18 @@ with open_db() as db:
     statuses = rv.study_statuses(db)
     split_id = splits.latest_split(db)
     split = splits.get_split(db, split_id) if split_id else None
+    cohort_names = list_cohorts(db)
 
-labels = pd.Series([s.label for s in statuses.values() if s.included], dtype="object")
-waiting = sum(s.state == "disagreement" for s in statuses.values())
+counts = catalog.label_counts(statuses)
 cards = st.columns(4)
-cards[0].metric("Included, metastatic", int((labels == "metastatic").sum()))
-cards[1].metric("Included, no metastasis", int((labels == "non_metastatic").sum()))
-cards[2].metric("Waiting for adjudication", waiting)
-cards[3].metric("Not used (unread or excluded)", len(statuses) - len(labels) - waiting)
+cards[0].metric("Included, metastatic", counts["metastatic"])
+cards[1].metric("Included, no metastasis", counts["non_metastatic"])
+cards[2].metric("Waiting for adjudication", counts["waiting"])
+cards[3].metric("Not used (unread or excluded)", counts["unused"])
 if split:
-    by_subset = {name: pd.Series([statuses[i].label for i in ids if i in statuses]).value_counts().to_dict()
-                 for name, ids in split["subsets"].items()}
     st.caption(f"Current split {split['id']} (by patient, stratified): " + "; ".join(
-        f"{name} {sum(counts.values())} studies ({counts.get('metastatic', 0)} metastatic)" for name, counts in by_subset.items()))
+        f"{name} {n['studies']} studies ({n['metastatic']} metastatic)"
+        for name, n in catalog.split_label_counts(statuses, split["subsets"]).items()))
 
 can_train = allowed("train")
 if not can_train:
@@ -71,6 +70,9 @@ with st.form("train_form"):
     for column, (name, default) in zip(switches, PAPER_AUGMENT.items(), strict=True):
         if column.toggle(name.replace("_", " "), value=True, key=f"tr_aug_{name}"):
             augment[name] = default
+    chosen_cohorts = st.multiselect("Cohorts (the split is made from their studies; the others stay external)",
+                                    cohort_names, default=cohort_names, key="tr_cohorts",
+                                    help="None chosen: every cohort.")
     submitted = st.form_submit_button("Train", type="primary", disabled=not can_train)
 
 if weights == "none" and mode != "full":
@@ -84,20 +86,13 @@ if submitted:  # never True while disabled (no trainer role): Streamlit drops a 
         st.error("Choose at least one backbone.")
     else:
         try:
+            config = training.TrainConfig(
+                backbone=chosen[0], weights=weights_file.strip() if weights == "file" else weights, mode=mode,
+                epochs=int(epochs), batch_size=int(batch_size), learning_rate=float(learning_rate),
+                image_size=(int(height), int(width)), seed=int(seed), augment=augment,
+            )
             with open_db() as db:
-                split_id = splits.ensure_split(db, seed=int(seed))
-                messages = []
-                for backbone in chosen:
-                    config = runs.TrainConfig(
-                        backbone=backbone, weights=weights_file.strip() if weights == "file" else weights, mode=mode,
-                        epochs=int(epochs), batch_size=int(batch_size), learning_rate=float(learning_rate),
-                        image_size=(int(height), int(width)), seed=int(seed), split_id=split_id, augment=augment,
-                    )
-                    try:
-                        run_id = jobs.enqueue(db, backbone, config.to_dict(), config.identity_hash())
-                        messages.append(f"run {run_id} ({backbone}) queued")
-                    except jobs.DuplicateRun as duplicate:
-                        messages.append(f"{backbone}: {duplicate}")
+                messages = [queued.message for queued in jobs.enqueue_backbones(db, chosen, config, cohorts=chosen_cohorts or None)]
             started = jobs.ensure_worker(db_path())
             st.success("; ".join(messages) + (". Started a background worker." if started else "."))
         except (splits.SplitError, ValueError) as error:
@@ -107,6 +102,8 @@ if submitted:  # never True while disabled (no trainer role): Streamlit drops a 
 @st.fragment(run_every=LIVE_EVERY_S)
 def live_runs() -> None:
     """The runs, newest first: status, progress, ETA, curves, cancel. Polls the database."""
+    if not still_signed_in():  # a fragment rerun skips the router's gate: check here, then show the sign-in form
+        st.rerun(scope="app")
     with open_db() as db:
         shown = runs.list_runs(db)[:12]
         worker = jobs.worker_alive(db)
@@ -123,28 +120,17 @@ def live_runs() -> None:
         title = (f"Run {run.id} · {run.backbone} · {run.settings.mode} · {run.status}"
                  + (f" · {run.results.device}" if run.results.device else ""))
         with st.expander(title, expanded=run.status == "running"):
-            progress = run.progress or {}
+            progress = Progress.from_record(run.progress, run.settings.epochs)
             if run.status == "running":
-                phase = progress.get("phase", "starting")
-                epoch, epochs_total = progress.get("epoch") or 0, progress.get("epochs") or run.settings.epochs or 1
-                batch, batches = progress.get("batch") or 0, progress.get("batches") or 1
-                eta = progress.get("eta_s")
-                if phase in TRAINING_PHASES:
-                    done = min(1.0, ((max(epoch, 1) - 1) + batch / batches) / epochs_total)
-                    text = f"{phase}: epoch {epoch}/{epochs_total}, batch {batch}/{batches}"
-                else:  # loading, features, predicting, saving: a pass of its own, not an epoch
-                    done, text = min(1.0, batch / batches), f"{phase}: {batch}/{batches}" if batch else phase
-                st.progress(done, text=text + (f", about {eta / 60:.1f} min left" if eta else ""))
-                if progress.get("loss") is not None:
-                    st.caption(f"loss {progress['loss']:.4f}")
+                st.progress(progress.fraction(), text=progress.format())
             if run.status in jobs.ACTIVE and may_train:
                 st.button("Cancel", key=f"tr_cancel_{run.id}", on_click=cancel, args=(run.id,))
             if run.error:
-                st.error(run.error)
+                st.error(md(run.error))  # may quote a typed weights path
             if run.status == "done":
                 st.caption(f"threshold {run.threshold:.3f} · {run.results.images_per_second or 0:.1f} training images/s")
-                if progress.get("phase") == "explaining" and progress.get("batch", 0) < progress.get("batches", 0):
-                    st.caption(f"Grad-CAM maps ready for {progress['batch']} of {progress['batches']} studies; "
+                if progress.phase == "explaining" and (progress.batch or 0) < (progress.batches or 0):
+                    st.caption(f"Grad-CAM maps ready for {progress.batch} of {progress.batches} studies; "
                                "the others are computed when first viewed in the explorer.")
             if curves.get(run.id):
                 st.plotly_chart(plots.training_curves(curves[run.id]), key=f"tr_curves_{run.id}_{len(curves[run.id])}")

@@ -50,7 +50,7 @@ def main() -> None:
         seconds = time.perf_counter() - started
         with dbm.opened(db_path) as db:
             run = runs.get(db, run_id)
-            result = evaluation.evaluate(db, run_id) if run.status == "done" else None
+            result = evaluation.evaluate(db, run_id).as_json() if run.status == "done" else None
     print(json.dumps({
         "bench": "learning", "status": run.status, "error": run.error, "studies": n_studies,
         "config": config.to_dict(), "wall_s": round(seconds, 1), "images_per_second": run.results.images_per_second,

@@ -65,7 +65,7 @@ def confusion_table(first: Sequence[str], second: Sequence[str], categories: Seq
 
 @dataclass
 class PairAgreement:
-    """Agreement of two readers (``cli.md`` fields: reviewers, n, kappa, kappa_ci95, percent_agreement)."""
+    """Agreement of two readers (``docs/cli.md`` fields: reviewers, n, kappa, kappa_ci95, percent_agreement)."""
 
     reviewers: tuple[str, str]
     n: int  # studies both labelled

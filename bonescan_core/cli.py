@@ -1,7 +1,9 @@
-"""The ``bonescan`` command: headless versions of what the pages do (contract: ``cli.md``).
+"""The ``bonescan`` command: headless versions of what the pages do (contract: ``docs/cli.md``).
 
 Exit status: 0 success; 1 the verb ran but some items failed (each reported); 2 usage
-error or nothing could be done. Errors go to stderr, one line each, saying what to do.
+error or nothing could be done. Errors go to stderr, one line each, saying what to do:
+:func:`main` maps the whole error family (:class:`errors.BonescanError`) to exit 2 in one
+place, so verbs raise and never catch.
 Modules are imported inside each verb so that light verbs start fast (no TensorFlow, no
 pydicom for ``studies``).
 """
@@ -9,7 +11,6 @@ pydicom for ``studies``).
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
 import signal
@@ -17,14 +18,16 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from bonescan_core.errors import BonescanError, InputError
+
 EXIT_OK, EXIT_SOME_FAILED, EXIT_USAGE = 0, 1, 2
 # Verbs that need no model or table library: they must start in well under a second.
 LIGHT_VERBS = frozenset({"init", "demo", "import", "images", "studies", "label", "labels", "agreement", "adjudicator",
                          "split", "runs", "cancel", "predictions", "evaluate", "account"})
 
 
-class CommandError(Exception):
-    """Nothing could be done; the message says what to do (exit 2)."""
+class CommandError(InputError):
+    """A command line that cannot be carried out (a missing argument, an option out of range); exit 2."""
 
 
 def _progress_printer(label: str):
@@ -57,32 +60,35 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
     if args.studies < 1:
         raise CommandError("--studies must be at least 1")
+    from bonescan_core.phantom import OTHER_SCANNER
+
     with dbm.opened(args.db) as db:
-        outcomes = add_demo_studies(db, args.studies, args.seed, progress=_progress_printer("demo"))
+        outcomes = add_demo_studies(db, args.studies, args.seed, progress=_progress_printer("demo"), cohort=args.cohort,
+                                    shift=OTHER_SCANNER if args.shift else None)
     added = sum(o.status == "imported" for o in outcomes)
-    print(f"added {added} demo studies ({len(outcomes) - added} already present), seed {args.seed}")
+    print(f"added {added} demo studies ({len(outcomes) - added} already present), seed {args.seed}, cohort {args.cohort}"
+          + (", another scanner" if args.shift else ""))
     return EXIT_OK
 
 
 def cmd_import(args: argparse.Namespace) -> int:
     from bonescan_core import db as dbm
-    from bonescan_core.ingest import ManifestError, import_files
+    from bonescan_core.ingest import import_files
 
     paths = [Path(p) for p in args.paths]
     if not paths and not args.manifest:
         raise CommandError("name files or folders to import, or a --manifest CSV")
-    try:
-        with dbm.opened(args.db) as db:
-            outcomes = import_files(
-                db,
-                paths,
-                label_from_folder=args.label_from_folder,
-                manifest=Path(args.manifest) if args.manifest else None,
-                reviewer=args.reviewer,
-                progress=_progress_printer("import"),
-            )
-    except (FileNotFoundError, ManifestError) as error:
-        raise CommandError(str(error)) from error
+    with dbm.opened(args.db) as db:
+        outcomes = import_files(
+            db,
+            paths,
+            label_from_folder=args.label_from_folder,
+            manifest=Path(args.manifest) if args.manifest else None,
+            reviewer=args.reviewer,
+            progress=_progress_printer("import"),
+            keep_file_names=args.keep_file_names,
+            cohort=args.cohort,
+        )
     if not outcomes:
         raise CommandError("no files found under the given paths")
     for outcome in outcomes:
@@ -116,39 +122,36 @@ def _split_ids(text: str | None) -> tuple[str, ...]:
 
 def cmd_label(args: argparse.Namespace) -> int:
     from bonescan_core import db as dbm
-    from bonescan_core.review import Review, ReviewError, add_review
+    from bonescan_core.review import Review, add_review
 
-    if args.exclude:
-        decision, label = "exclude", None
-    else:
+    if args.exclude or (args.not_screening and not (args.metastatic or args.no_metastasis)):
+        decision, label = "exclude", None  # not screening and no decision: excluded as non_screening_indication
+    elif args.metastatic or args.no_metastasis:
         decision, label = "include", "metastatic" if args.metastatic else "non_metastatic"
+    else:
+        raise CommandError("choose --metastatic, --no-metastasis or --exclude REASON")
     review = Review(
         study_id=args.study, reviewer=args.reviewer, decision=decision, label=label,
         criteria=_split_ids(args.criteria), exclusion_reason=args.exclude, artifacts=_split_ids(args.artifacts),
         confidence=args.confidence, note=args.note or "", adjudication=args.adjudication,
-    )
-    try:
-        with dbm.opened(args.db) as db:
-            review_id = add_review(db, review)
-    except ReviewError as error:
-        raise CommandError(str(error)) from error
-    print(f"review {review_id}: study {args.study} {label or 'excluded (' + args.exclude + ')'} by {args.reviewer}")
+        screening=not args.not_screening,
+    ).as_saved()
+    with dbm.opened(args.db) as db:
+        review_id = add_review(db, review)
+    print(f"review {review_id}: study {args.study} {label or f'excluded ({review.exclusion_reason})'} by {args.reviewer}")
     return EXIT_OK
 
 
 def cmd_labels(args: argparse.Namespace) -> int:
     from bonescan_core import db as dbm
-    from bonescan_core.review import ReviewError, export_reviews_csv, import_reviews_csv
+    from bonescan_core.review import export_reviews_csv, import_reviews_csv
 
     with dbm.opened(args.db) as db:
         if args.action == "export":
             count = export_reviews_csv(db, Path(args.csv))
             print(f"exported {count} reviews to {args.csv}")
             return EXIT_OK
-        try:
-            result = import_reviews_csv(db, Path(args.csv))
-        except ReviewError as error:
-            raise CommandError(str(error)) from error
+        result = import_reviews_csv(db, Path(args.csv))
     for error in result.errors:
         print(f"{args.csv} {error}", file=sys.stderr)
     print(f"added {result.added} reviews, {result.duplicates} duplicates skipped, {len(result.errors)} rows rejected")
@@ -195,17 +198,14 @@ def cmd_split(args: argparse.Namespace) -> int:
     from bonescan_core import db as dbm
     from bonescan_core import splits
 
-    try:
-        with dbm.opened(args.db) as db:
-            split_id = splits.make_split(db, seed=args.seed, test=args.test, val=args.val)
-            result = splits.get_split(db, split_id)
-    except splits.SplitError as error:
-        raise CommandError(str(error)) from error
+    with dbm.opened(args.db) as db:
+        split_id = splits.make_split(db, seed=args.seed, test=args.test, val=args.val, cohorts=args.cohort)
+        result = splits.get_split(db, split_id)
     if args.json:
         _print_json(result)
     else:
         sizes = ", ".join(f"{len(ids)} {name}" for name, ids in result["subsets"].items())
-        print(f"split {split_id}: {sizes} studies (seed {args.seed})", file=sys.stderr)
+        print(f"split {split_id}: {sizes} studies (seed {args.seed}, cohorts {', '.join(result['cohorts'])})", file=sys.stderr)
         print(split_id)
     return EXIT_OK
 
@@ -232,33 +232,26 @@ def train_config(args: argparse.Namespace):
 
 
 def _terminal_progress(fields: dict) -> None:
+    """Redraw the run's progress line on stderr (only on a terminal)."""
     if not sys.stderr.isatty():
         return
-    batch, batches = fields.get("batch") or 0, fields.get("batches") or 0
-    eta = fields.get("eta_s")
-    line = (f"\r{fields.get('phase', ''):<10} epoch {fields.get('epoch') or '-'}/{fields.get('epochs') or '-'} "
-            f"batch {batch}/{batches} loss {fields.get('loss') or float('nan'):.4f}"
-            + (f" eta {eta:.0f}s" if eta else ""))
-    sys.stderr.write(f"{line:<80}")
+    from bonescan_core.results import Progress
+
+    sys.stderr.write(f"\r{Progress.from_record(fields).format():<80}")
     sys.stderr.flush()
 
 
 def cmd_train(args: argparse.Namespace) -> int:
     from bonescan_core import db as dbm
-    from bonescan_core import jobs, runs, splits
+    from bonescan_core import jobs, runs
 
-    try:
-        config = train_config(args)
-    except ValueError as error:
-        raise CommandError(str(error)) from error
+    config = train_config(args)
     db_path = dbm.resolve_path(args.db)
-    try:
-        with dbm.opened(db_path) as db:
-            if config.split_id is None:  # fix the split now, so queued backbones share it
-                config = dataclasses.replace(config, split_id=splits.ensure_split(db, seed=config.seed))
-            run_id = jobs.enqueue(db, config.backbone, config.to_dict(), config.identity_hash())
-    except (jobs.DuplicateRun, splits.SplitError) as error:
-        raise CommandError(str(error)) from error
+    with dbm.opened(db_path) as db:  # the split is fixed now, so backbones queued later share it
+        (queued,) = jobs.enqueue_backbones(db, [config.backbone], config)
+    if queued.duplicate:
+        raise queued.duplicate
+    run_id = queued.run_id
     if args.queue:
         print(f"queued run {run_id}; `bonescan worker` trains it", file=sys.stderr)
         print(run_id)
@@ -283,13 +276,10 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def cmd_predictions(args: argparse.Namespace) -> int:
     from bonescan_core import db as dbm
-    from bonescan_core import errors, report
+    from bonescan_core import report
 
-    try:
-        with dbm.opened(args.db) as db:
-            text = report.predictions_csv(db, args.run)
-    except errors.RunNotFound as error:
-        raise CommandError(str(error)) from error
+    with dbm.opened(args.db) as db:
+        text = report.predictions_csv(db, args.run)
     Path(args.csv).write_text(text)
     print(f"wrote {text.count(chr(10)) - 1} predictions to {args.csv}")
     return EXIT_OK
@@ -297,50 +287,35 @@ def cmd_predictions(args: argparse.Namespace) -> int:
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from bonescan_core import db as dbm
-    from bonescan_core import errors, evaluation
+    from bonescan_core import evaluation
 
-    try:
-        with dbm.opened(args.db) as db:
-            result = evaluation.evaluate(db, args.run, threshold=args.threshold)
-    except (errors.RunNotFound, evaluation.NoPredictionsError) as error:
-        raise CommandError(str(error)) from error
+    with dbm.opened(args.db) as db:
+        result = evaluation.evaluate(db, args.run, threshold=args.threshold)
     if args.json:
-        _print_json(result)
+        _print_json(result.as_json())
         return EXIT_OK
-    print(f"run {result['run']} ({result['backbone']}), {result['subset']}: {result['n_images']} images, "
-          f"{result['n_studies']} studies, threshold {result['threshold']:.3f}")
-    for name, value in result["metrics"].items():
-        ci = value.get("ci95") or [None, None]
-        shown = "n/a" if value["value"] is None else f"{value['value']:.3f}"
-        print(f"  {name:<12} {shown}" + ("" if ci[0] is None else f"  (95% CI {ci[0]:.3f} to {ci[1]:.3f})"))
-    print("  confusion    " + ", ".join(f"{k} {v}" for k, v in result["confusion"].items()))
+    print(result.format_text())
     return EXIT_OK
 
 
 def cmd_explain(args: argparse.Namespace) -> int:
     from bonescan_core import db as dbm
-    from bonescan_core import errors, explain
+    from bonescan_core import explain
 
     db_path = dbm.resolve_path(args.db)
-    try:
-        with dbm.opened(db_path) as db:
-            out = explain.explain_png(db, db_path, args.run, args.image, Path(args.out), opacity=args.opacity)
-    except (errors.Unavailable, errors.NotFound, ValueError) as error:  # no model, no run, no image
-        raise CommandError(str(error)) from error
+    with dbm.opened(db_path) as db:
+        out = explain.explain_png(db, db_path, args.run, args.image, Path(args.out), opacity=args.opacity)
     print(f"wrote {out}")
     return EXIT_OK
 
 
 def cmd_export(args: argparse.Namespace) -> int:
     from bonescan_core import db as dbm
-    from bonescan_core import errors, evaluation, report
+    from bonescan_core import report
 
     db_path = dbm.resolve_path(args.db)
-    try:
-        with dbm.opened(db_path) as db:
-            files = report.export_bundle(db, db_path, args.run, Path(args.out))
-    except (errors.Unavailable, errors.RunNotFound, evaluation.NoPredictionsError, ValueError) as error:
-        raise CommandError(str(error)) from error
+    with dbm.opened(db_path) as db:
+        files = report.export_bundle(db, db_path, args.run, Path(args.out))
     for path in files:
         print(path)
     return EXIT_OK
@@ -373,13 +348,10 @@ def cmd_runs(args: argparse.Namespace) -> int:
 
 def cmd_cancel(args: argparse.Namespace) -> int:
     from bonescan_core import db as dbm
-    from bonescan_core import errors, jobs
+    from bonescan_core import jobs
 
-    try:
-        with dbm.opened(args.db) as db:
-            status = jobs.request_cancel(db, args.run)
-    except errors.RunNotFound as error:
-        raise CommandError(str(error)) from error
+    with dbm.opened(args.db) as db:
+        status = jobs.request_cancel(db, args.run)
     if status == "cancelled":
         print(f"run {args.run}: cancelled")
     elif status == "running":
@@ -414,38 +386,35 @@ def cmd_account(args: argparse.Namespace) -> int:
     from bonescan_core import accounts
     from bonescan_core import db as dbm
 
-    try:
-        with dbm.opened(args.db) as db:
-            if args.action == "add":
-                account = accounts.add_account(db, args.name, _read_new_password(args), args.role)
-                print(f"account {account.name} added ({', '.join(account.roles)})")
-                if not accounts.sign_in_required(db):
-                    print("sign-in is off; turn it on with `bonescan account sign-in on`", file=sys.stderr)
-            elif args.action == "passwd":
-                if accounts.get_account(db, args.name) is None:  # before asking for a password
-                    raise accounts.AccountError(f"no account named {args.name!r}; list them with `bonescan account list`")
-                accounts.set_password(db, args.name, _read_new_password(args))
-                print(f"password of {args.name} changed")
-            elif args.action == "roles":
-                account = accounts.set_roles(db, args.name, args.role)
-                print(f"{account.name}: {', '.join(account.roles)}")
-            elif args.action in ("disable", "enable"):
-                accounts.set_disabled(db, args.name, args.action == "disable")
-                print(f"account {args.name} {args.action}d")
-            elif args.action == "list":
-                required = accounts.sign_in_required(db)
-                rows = [a.as_json() for a in accounts.list_accounts(db)]
-                if not args.json:
-                    rows = [{**row, "roles": ",".join(row["roles"])} for row in rows]
-                _print_rows(rows, args.json, ["name", "roles", "disabled", "created_at"])
-                print(f"sign-in is {'on' if required else 'off'}", file=sys.stderr)
-            elif args.state is None:  # sign-in, no argument: say where it stands
-                print("on" if accounts.sign_in_required(db) else "off")
-            else:
-                accounts.set_sign_in(db, args.state == "on")
-                print(f"sign-in is {args.state}" + (": the app now asks every visitor to sign in" if args.state == "on" else ""))
-    except accounts.AccountError as error:
-        raise CommandError(str(error)) from error
+    with dbm.opened(args.db) as db:
+        if args.action == "add":
+            account = accounts.add_account(db, args.name, _read_new_password(args), args.role)
+            print(f"account {account.name} added ({', '.join(account.roles)})")
+            if not accounts.sign_in_required(db):
+                print("sign-in is off; turn it on with `bonescan account sign-in on`", file=sys.stderr)
+        elif args.action == "passwd":
+            if accounts.get_account(db, args.name) is None:  # before asking for a password
+                raise accounts.AccountError(f"no account named {args.name!r}; list them with `bonescan account list`")
+            accounts.set_password(db, args.name, _read_new_password(args))
+            print(f"password of {args.name} changed")
+        elif args.action == "roles":
+            account = accounts.set_roles(db, args.name, args.role)
+            print(f"{account.name}: {', '.join(account.roles)}")
+        elif args.action in ("disable", "enable"):
+            accounts.set_disabled(db, args.name, args.action == "disable")
+            print(f"account {args.name} {args.action}d")
+        elif args.action == "list":
+            required = accounts.sign_in_required(db)
+            rows = [a.as_json() for a in accounts.list_accounts(db)]
+            if not args.json:
+                rows = [{**row, "roles": ",".join(row["roles"])} for row in rows]
+            _print_rows(rows, args.json, ["name", "roles", "disabled", "created_at"])
+            print(f"sign-in is {'on' if required else 'off'}", file=sys.stderr)
+        elif args.state is None:  # sign-in, no argument: say where it stands
+            print("on" if accounts.sign_in_required(db) else "off")
+        else:
+            accounts.set_sign_in(db, args.state == "on")
+            print(f"sign-in is {args.state}" + (": the app now asks every visitor to sign in" if args.state == "on" else ""))
     return EXIT_OK
 
 
@@ -479,13 +448,23 @@ def build_parser() -> argparse.ArgumentParser:
     verb = verbs.add_parser("demo", help="add synthetic studies with reference labels")
     verb.add_argument("--studies", type=int, default=100, help="number of studies (default 100)")
     verb.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    verb.add_argument("--cohort", default="default", metavar="NAME", help="cohort of the new studies (default default)")
+    verb.add_argument("--shift", action="store_true",
+                      help="draw them as another scanner would: 896x224, 0.6x counts, read-out noise, gain 1.25 and offset 20")
     verb.set_defaults(func=cmd_demo)
 
     verb = verbs.add_parser("import", help="import TIFF, PNG, JPEG and DICOM files and folders")
     verb.add_argument("paths", nargs="*", metavar="PATH")
     verb.add_argument("--label-from-folder", action="store_true", help="record the class folder as a review")
-    verb.add_argument("--manifest", metavar="CSV", help="path, patient_id, study_id, view, label[, sex, age, primary_cancer]")
+    verb.add_argument("--manifest", metavar="CSV",
+                      help="path, patient_id, study_id, view, label[, sex, age, primary_cancer, cohort]")
     verb.add_argument("--reviewer", default="import", help="name on folder/manifest label reviews (default import)")
+    verb.add_argument("--keep-file-names", action="store_true",
+                      help="store each file's original name (no folders), shown in the viewers, instead of a neutral "
+                           "<format>-<hash>-<view> name; a name holding a manifest id or DICOM identifier stays neutral, "
+                           "but a name or birth date alone is kept")
+    verb.add_argument("--cohort", default="default", metavar="NAME",
+                      help="cohort of new studies (default default); a manifest's cohort column wins per row")
     verb.set_defaults(func=cmd_import)
 
     verb = verbs.add_parser("images", help="list images")
@@ -499,10 +478,13 @@ def build_parser() -> argparse.ArgumentParser:
     verb = verbs.add_parser("label", help="append one review of a study")
     verb.add_argument("study", type=int, metavar="STUDY")
     verb.add_argument("--reviewer", required=True)
-    decision = verb.add_mutually_exclusive_group(required=True)
+    decision = verb.add_mutually_exclusive_group()  # one of them, or --not-screening alone
     decision.add_argument("--metastatic", action="store_true")
     decision.add_argument("--no-metastasis", action="store_true")
-    decision.add_argument("--exclude", metavar="REASON", help="an exclusion reason id (see cli.md)")
+    decision.add_argument("--exclude", metavar="REASON", help="an exclusion reason id (see docs/cli.md)")
+    verb.add_argument("--not-screening", action="store_true",
+                      help="the indication is not metastasis screening: the study can only be excluded "
+                           "(alone: excluded as non_screening_indication)")
     verb.add_argument("--criteria", metavar="C,...", help="criterion ids, comma-separated")
     verb.add_argument("--artifacts", metavar="A,...", help="injection_site, urine_contamination, other_artifact")
     verb.add_argument("--confidence", type=int, choices=range(1, 6), metavar="1-5")
@@ -523,6 +505,7 @@ def build_parser() -> argparse.ArgumentParser:
     verb.add_argument("--seed", type=int, default=0)
     verb.add_argument("--test", type=float, default=0.30, help="fraction of studies for testing (default 0.30)")
     verb.add_argument("--val", type=float, default=0.15, help="fraction of the rest for validation (default 0.15)")
+    verb.add_argument("--cohort", default=None, metavar="NAME,...", help="only these cohorts' studies (default every cohort)")
     verb.add_argument("--json", action="store_true")
     verb.set_defaults(func=cmd_split)
 
@@ -586,9 +569,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     verb = verbs.add_parser("account", help="reader accounts and the app's optional sign-in",
                             description="Accounts for the app's optional sign-in. Roles: reader (labels), adjudicator "
-                                        "(labels and records the consensus), trainer (enqueues and cancels training).")
+                                        "(labels and records the consensus), trainer (enqueues and cancels training), importer "
+                                        "(imports and uploads scans, loads the demo dataset). Changing a password or "
+                                        "disabling an account signs its open app sessions out.")
     actions = verb.add_subparsers(dest="action", metavar="ACTION", required=True)
-    roles_help = "reader, adjudicator or trainer; repeat for several"
+    roles_help = "reader, adjudicator, trainer or importer; repeat for several"
     action = actions.add_parser("add", help="create an account (the password is asked twice)")
     action.add_argument("name", metavar="NAME")
     action.add_argument("--role", action="append", required=True, help=roles_help)
@@ -611,6 +596,23 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _import_sqlite_utils_without_pandas() -> None:
+    """Import sqlite-utils with pandas hidden, then unhide it.
+
+    sqlite-utils imports pandas at import time when it is installed (Streamlit brings it), only
+    to map ``pandas.Timestamp`` columns, which bonescan never stores; that costs ~0.4 s of a
+    light verb's start. pandas is hidden for that one import only, so any later ``import
+    pandas`` in the process works as usual.
+    """
+    if "sqlite_utils" in sys.modules or "pandas" in sys.modules:
+        return
+    sys.modules["pandas"] = None  # type: ignore[assignment]  # makes ``import pandas`` raise ImportError
+    try:
+        import sqlite_utils  # noqa: F401
+    finally:
+        del sys.modules["pandas"]
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``bonescan`` and ``python -m bonescan_core``; returns the exit status."""
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TensorFlow's C++ start-up chatter is not for users
@@ -619,16 +621,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = parser.parse_args(argv)
     except SystemExit as exit_:  # argparse exits 2 on usage errors, 0 on --help
         return int(exit_.code or 0)
-    if args.verb in LIGHT_VERBS and "pandas" not in sys.modules:
-        # sqlite-utils imports pandas when it is installed (Streamlit brings it), which costs
-        # ~0.4 s of a light verb's start; these verbs never use it.
-        sys.modules["pandas"] = None  # type: ignore[assignment]
+    if args.verb in LIGHT_VERBS:
+        _import_sqlite_utils_without_pandas()
     try:
         return args.func(args)
-    except CommandError as error:
-        print(f"bonescan {args.verb}: {error}", file=sys.stderr)
-        return EXIT_USAGE
-    except FileNotFoundError as error:
+    except (BonescanError, FileNotFoundError) as error:  # FileNotFoundError: a path given on the command line
         print(f"bonescan {args.verb}: {error}", file=sys.stderr)
         return EXIT_USAGE
     except BrokenPipeError:  # output piped into `head` and the like: not an error

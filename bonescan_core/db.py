@@ -2,8 +2,10 @@
 
 Connections are short-lived: open one per operation with :func:`connect` (Streamlit runs
 sessions on several threads; a connection must not cross threads). Every connection turns
-on WAL (readers never block the writer), foreign keys and a busy timeout (a writer waits
-for another writer instead of failing). Writes go through :func:`write`, which takes the
+on WAL (readers never block the writer), ``synchronous=FULL`` (a commit is on disk when it
+returns), foreign keys and a busy timeout (a writer waits for another writer instead of
+failing). WAL needs shared memory between the processes, so one database belongs to one
+host: never on a network file system. Writes go through :func:`write`, which takes the
 write lock up front (``BEGIN IMMEDIATE``) so two writers queue instead of deadlocking.
 
 The schema is versioned by an ordered list of migrations; applied ones are recorded in the
@@ -23,6 +25,8 @@ from pathlib import Path
 
 import sqlite_utils
 
+from bonescan_core import errors
+
 DEFAULT_DB = "labels.db"
 ENV_VAR = "BONESCAN_DB"
 BUSY_TIMEOUT_S = 30.0
@@ -38,6 +42,31 @@ def utc_now() -> str:
     return dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
+# What each SQLite result code that blames the file (not the statement) asks the user to do.
+# Keys are primary codes; extended ones (SQLITE_IOERR_SHORT_READ, ...) map to their primary.
+_FILE_PROBLEMS = {
+    "SQLITE_NOTADB": "is not a SQLite database (damaged, or another kind of file); restore it from a backup or choose another --db path",
+    "SQLITE_CORRUPT": "is damaged; restore it from a backup (keep the damaged copy for the record) or choose another --db path",
+    "SQLITE_READONLY": "is read-only (the file or its folder); give this user write permission on both, or copy it somewhere writable",
+    "SQLITE_PERM": "is read-only (the file or its folder); give this user write permission on both, or copy it somewhere writable",
+    # WAL keeps two files beside the database (-wal, -shm): a read-only folder cannot hold them.
+    "SQLITE_CANTOPEN": ("cannot be opened: the file or its folder is read-only or not readable (SQLite keeps -wal and -shm files "
+                        "beside it); give this user write permission on both, or copy it somewhere writable"),
+    "SQLITE_IOERR": "could not be read or written (a disk or file system error); check the disk, and keep the database on a local disk",
+    "SQLITE_FULL": "cannot grow because the disk is full; free some space and try again",
+}
+
+
+def unavailable(path: str | os.PathLike[str], error: sqlite3.Error) -> errors.DatabaseUnavailable | None:
+    """The :class:`errors.DatabaseUnavailable` that ``error`` means for the file at ``path``, or None
+    when the fault is the statement's (a constraint, a bug), which keeps its own exception."""
+    name = getattr(error, "sqlite_errorname", "") or ""
+    problem = _FILE_PROBLEMS.get("_".join(name.split("_")[:2]))
+    if problem is None:
+        return None
+    return errors.DatabaseUnavailable(f"database {path} {problem} (SQLite: {error})")
+
+
 def connect(path: str | os.PathLike[str] | None = None, *, migrate: bool = True) -> sqlite_utils.Database:
     """Open the database (creating and migrating it on first use).
 
@@ -48,27 +77,49 @@ def connect(path: str | os.PathLike[str] | None = None, *, migrate: bool = True)
     Returns:
         A sqlite_utils.Database over a connection owned by the calling thread. Close it
         when done (or use :func:`opened`).
+
+    Raises:
+        errors.DatabaseUnavailable: the folder does not exist, or the file is not SQLite, is
+            damaged, read-only or cannot be opened (the message says which and what to do).
     """
     db_path = resolve_path(path)
     if db_path.parent and not db_path.parent.exists():
-        raise FileNotFoundError(f"folder {db_path.parent} does not exist; create it or choose another --db path")
-    conn = sqlite3.connect(str(db_path), timeout=BUSY_TIMEOUT_S)
-    conn.execute(f"PRAGMA busy_timeout = {int(BUSY_TIMEOUT_S * 1000)}")
-    conn.execute("PRAGMA journal_mode = WAL")
-    conn.execute("PRAGMA synchronous = NORMAL")  # safe with WAL; a power cut loses at most the last commit
-    conn.execute("PRAGMA foreign_keys = ON")
-    db = sqlite_utils.Database(conn)
-    if migrate:
-        apply_migrations(db)
+        raise errors.DatabaseUnavailable(f"database folder {db_path.parent} does not exist; create it or choose another --db path")
+    conn = None
+    try:
+        conn = sqlite3.connect(str(db_path), timeout=BUSY_TIMEOUT_S)
+        conn.execute(f"PRAGMA busy_timeout = {int(BUSY_TIMEOUT_S * 1000)}")
+        conn.execute("PRAGMA journal_mode = WAL")
+        # FULL: a commit returns only after the WAL is on disk, so a saved review survives a power cut
+        # (NORMAL could lose the last commits; it is never corrupt). Costs an fsync per commit: docs/security.md.
+        conn.execute("PRAGMA synchronous = FULL")
+        conn.execute("PRAGMA foreign_keys = ON")
+        db = sqlite_utils.Database(conn)
+        if migrate:
+            apply_migrations(db)
+    except sqlite3.Error as error:
+        if conn is not None:
+            conn.close()
+        if (problem := unavailable(db_path, error)) is not None:
+            raise problem from error
+        raise
     return db
 
 
 @contextlib.contextmanager
 def opened(path: str | os.PathLike[str] | None = None) -> Iterator[sqlite_utils.Database]:
-    """``with opened(path) as db:`` — a connection that is closed on exit."""
+    """``with opened(path) as db:`` — a connection that is closed on exit.
+
+    A SQLite error inside the block that blames the file (damaged pages found by a later query,
+    a write to a read-only database) is raised as :class:`errors.DatabaseUnavailable`.
+    """
     db = connect(path)
     try:
         yield db
+    except sqlite3.Error as error:
+        if (problem := unavailable(resolve_path(path), error)) is not None:
+            raise problem from error
+        raise
     finally:
         db.close()
 
@@ -286,17 +337,74 @@ _ACCOUNTS_SQL = [
 ]
 
 
+def _m004_append_only(db: sqlite_utils.Database) -> None:
+    """Close the audit trail's gaps: no insert may reuse a review's or flag's id (``INSERT OR
+    REPLACE`` deletes the old row without firing a delete trigger), flags become append-only
+    like reviews, and a flag records the newest review id when it was raised, so that "answered
+    by a later review" means stored later, whatever time an imported review carries."""
+    for statement in _APPEND_ONLY_SQL:
+        db.execute(statement)
+
+
+_APPEND_ONLY_SQL = [
+    # The newest review id when the flag was raised; a review with a larger id answers the flag.
+    "ALTER TABLE flags ADD COLUMN after_review_id INTEGER NOT NULL DEFAULT 0",
+    # Flags raised before this migration: the newest review stored by then, by the clock (the
+    # only record there is). The triggers below forbid any later update.
+    """UPDATE flags SET after_review_id = COALESCE(
+            (SELECT MAX(r.id) FROM reviews r WHERE r.created_at <= flags.created_at), 0)""",
+    # BEFORE INSERT fires before the conflict resolution, so OR REPLACE never gets to delete.
+    """CREATE TRIGGER reviews_no_replace BEFORE INSERT ON reviews
+        WHEN EXISTS (SELECT 1 FROM reviews WHERE id = NEW.id)
+        BEGIN SELECT RAISE(ABORT, 'reviews are append-only: add a new review instead'); END""",
+    """CREATE TRIGGER flags_no_replace BEFORE INSERT ON flags
+        WHEN EXISTS (SELECT 1 FROM flags WHERE id = NEW.id)
+        BEGIN SELECT RAISE(ABORT, 'flags are append-only: add a new flag instead'); END""",
+    """CREATE TRIGGER flags_no_update BEFORE UPDATE ON flags
+        BEGIN SELECT RAISE(ABORT, 'flags are append-only: add a new flag instead'); END""",
+    """CREATE TRIGGER flags_no_delete BEFORE DELETE ON flags
+        BEGIN SELECT RAISE(ABORT, 'flags are append-only: add a new flag instead'); END""",
+]
+
+
+def _m005_sign_in_sessions(db: sqlite_utils.Database) -> None:
+    """Per-account session epoch (a password change or disabling ends open sessions) and the
+    global failed sign-in window (see accounts.py)."""
+    db.execute("ALTER TABLE accounts ADD COLUMN session_epoch INTEGER NOT NULL DEFAULT 0")
+    db.execute("""CREATE TABLE sign_in_window (
+            id INTEGER PRIMARY KEY CHECK (id = 1),  -- one row: all names together
+            started_s REAL NOT NULL,           -- Unix seconds the current window began
+            failures INTEGER NOT NULL          -- failed (or still unchecked) attempts in it
+        )""")
+    db.execute("CREATE INDEX sign_in_failures_by_lock ON sign_in_failures (locked_until)")
+
+
+def _m006_clipped_pixels(db: sqlite_utils.Database) -> None:
+    """images.clipped_pixels: how many negative values the file held (set to zero on import)."""
+    db.execute("ALTER TABLE images ADD COLUMN clipped_pixels INTEGER NOT NULL DEFAULT 0")
+
+
+def _m007_cohorts(db: sqlite_utils.Database) -> None:
+    """studies.cohort (every study belongs to one, ``default`` until named; see cohorts.py) and
+    splits.cohorts, the JSON list of cohorts a split was made from (earlier splits: ``["default"]``,
+    the only cohort there was)."""
+    db.execute("ALTER TABLE studies ADD COLUMN cohort TEXT NOT NULL DEFAULT 'default'")
+    db.execute("CREATE INDEX studies_cohort ON studies(cohort)")
+    db.execute("ALTER TABLE splits ADD COLUMN cohorts TEXT")
+    db.execute("""UPDATE splits SET cohorts = '["default"]'""")
+
+
 # The settings a run's ``config`` held when this migration was written (``runs.TrainConfig``'s
 # fields then); a migration keeps its own copy so that later changes to the class cannot change
 # what it does to an old database.
-_SETTING_NAMES_004 = frozenset({
+_SETTING_NAMES_008 = frozenset({
     "backbone", "weights", "mode", "epochs", "batch_size", "learning_rate", "finetune_learning_rate", "image_size",
     "seed", "split_id", "augment", "view_mode", "threshold_rule", "patience", "dropout", "class_weights",
     "max_train_images",
 })
 
 
-def _m004_run_results(db: sqlite_utils.Database) -> None:
+def _m008_run_results(db: sqlite_utils.Database) -> None:
     """Runs keep their results apart from their settings: ``runs.results`` (JSON) takes the
     facts training learned (split, labels hash, sample counts, versions, device, notes, ...)
     that used to be mixed into ``runs.config``, which keeps the settings only."""
@@ -308,8 +416,8 @@ def _m004_run_results(db: sqlite_utils.Database) -> None:
             continue  # not JSON: left as it is (the run cannot be read as settings either way)
         if not isinstance(data, dict):
             continue
-        settings = {key: value for key, value in data.items() if key in _SETTING_NAMES_004}
-        results = {key: value for key, value in data.items() if key not in _SETTING_NAMES_004}
+        settings = {key: value for key, value in data.items() if key in _SETTING_NAMES_008}
+        results = {key: value for key, value in data.items() if key not in _SETTING_NAMES_008}
         if results and split_id is not None:
             results["split_id"] = split_id  # the split it trained on, a result as in runs written since
         db.execute("UPDATE runs SET config = ?, results = ? WHERE id = ?",
@@ -320,7 +428,11 @@ MIGRATIONS: list[tuple[str, Callable[[sqlite_utils.Database], None]]] = [
     ("001_foundation", _m001_foundation),
     ("002_training", _m002_training),
     ("003_accounts", _m003_accounts),
-    ("004_run_results", _m004_run_results),
+    ("004_append_only", _m004_append_only),
+    ("005_sign_in_sessions", _m005_sign_in_sessions),
+    ("006_clipped_pixels", _m006_clipped_pixels),
+    ("007_cohorts", _m007_cohorts),
+    ("008_run_results", _m008_run_results),
 ]
 
 

@@ -1,6 +1,7 @@
 """Metrics, confidence intervals, thresholds and paired tests over stored predictions.
 
-No plotting here (see ``plots.py``); everything takes and returns plain arrays and dicts.
+No plotting here (see ``plots.py``); everything takes and returns plain arrays and dicts,
+except :func:`evaluate`, which returns a typed ``results.EvaluationResult``.
 
 Conventions used throughout:
 
@@ -22,8 +23,9 @@ scores, with exactly scikit-learn's definitions (``accuracy_score``, ``recall_sc
 random and tied vectors (and the p-values against statsmodels/scipy). The reason is start-up
 time: importing ``sklearn.metrics`` (and ``scipy.stats``, which it pulls in) takes over a
 second, and ``bonescan evaluate`` on stored predictions must start in well under one
-(``cli.md``); this module imports only numpy, sqlite-utils and the run store (no Keras). The same code, fed integer weights
-(how many times each sample was drawn), computes all 1000 bootstrap resamples at once.
+(``docs/cli.md``); this module imports only numpy, sqlite-utils, the run store and ``results``
+(no Keras). The same code, fed integer weights (how many times each sample was drawn), computes
+all 1000 bootstrap resamples at once. Youden's threshold uses :func:`roc_points` too: one ROC.
 """
 
 from __future__ import annotations
@@ -37,7 +39,8 @@ from typing import Any
 import numpy as np
 import sqlite_utils
 
-from bonescan_core import runs
+from bonescan_core import errors, runs
+from bonescan_core.results import EvaluationResult, LevelResult, decision_threshold
 
 METRICS = ("accuracy", "recall", "precision", "f1", "specificity", "npv", "auc", "pr_auc", "brier")
 """Every metric :func:`point_metrics` returns, in display order (the paper's four first)."""
@@ -48,9 +51,6 @@ THRESHOLD_METRICS = METRICS[:6]
 BACKBONE_NAMES = {"resnet50": "ResNet50", "vgg19": "VGG19", "densenet121": "DenseNet121"}
 """Display spelling of the backbones (``runs.backbone`` is lower case)."""
 
-DEFAULT_THRESHOLD = 0.5
-"""Used by :func:`evaluate` when neither the caller nor the run gives a threshold."""
-
 ROUND_DIGITS = 4
 """Decimals kept in :func:`evaluate`'s JSON (far finer than any CI width at n ~ 200)."""
 
@@ -58,11 +58,11 @@ ALPHA = 0.05
 """Significance level of the sentences :func:`compare_runs` writes."""
 
 
-class NoPredictionsError(LookupError):
+class NoPredictionsError(errors.NotFound):
     """The run has no stored predictions for the requested subset."""
 
 
-class IncomparableRunsError(ValueError):
+class IncomparableRunsError(errors.InputError):
     """Runs that cannot be compared pairwise (different split or different test images)."""
 
 
@@ -165,16 +165,14 @@ def youden_threshold(labels: np.ndarray, probabilities: np.ndarray) -> float:
         class only (J undefined), or when no threshold separates better than chance (best
         J <= 0, e.g. a model that gives every image the same probability), 0.5.
     """
-    from sklearn.metrics import roc_curve  # only here: sklearn takes a second to import (module docstring)
-
-    labels = np.asarray(labels).astype(int)
-    if labels.min() == labels.max():
+    y, p = _check(labels, probabilities)
+    if y.size == 0 or y.min() == y.max():
         return 0.5
-    fpr, tpr, thresholds = roc_curve(labels, np.asarray(probabilities, dtype=np.float64))
-    best = int(np.argmax(tpr - fpr))
-    if tpr[best] - fpr[best] <= 0:
-        return 0.5  # otherwise +inf clipped to 1.0: a threshold that calls nothing metastatic
-    return float(np.clip(thresholds[best], 0.0, 1.0))  # roc_curve's first threshold is +inf
+    roc = roc_points(y, p)
+    best = int(np.argmax(roc["tpr"] - roc["fpr"]))  # the first (highest-threshold) best cut on ties
+    if roc["tpr"][best] - roc["fpr"][best] <= 0:
+        return 0.5  # otherwise the curve's first threshold, +inf clipped to 1.0: a threshold that calls nothing metastatic
+    return float(np.clip(roc["thresholds"][best], 0.0, 1.0))
 
 
 # --- weighted, vectorised metrics (bootstrap and threshold sweep) -----------------------
@@ -654,17 +652,13 @@ def _clean(value: float, digits: int = ROUND_DIGITS) -> float | None:
     return None if math.isnan(value) else round(value, digits)
 
 
-def _summary(labels: np.ndarray, probabilities: np.ndarray, groups: np.ndarray, threshold: float, n_resamples: int, seed: int) -> dict[str, Any]:
-    """metrics {name: {value, ci95}} and confusion at one threshold (the cli.md shape)."""
-    values = point_metrics(labels, probabilities, threshold)
-    intervals = bootstrap_ci(labels, probabilities, groups, threshold, n_resamples=n_resamples, seed=seed)
-    return {
-        "metrics": {
-            name: {"value": _clean(values[name]), "ci95": [_clean(intervals[name][0]), _clean(intervals[name][1])]}
-            for name in METRICS
-        },
-        "confusion": confusion(labels, probabilities, threshold),
-    }
+def _level(labels: np.ndarray, probabilities: np.ndarray, groups: np.ndarray, threshold: float, n_resamples: int, seed: int) -> LevelResult:
+    """Metrics with patient-bootstrap CIs and the confusion counts at one threshold."""
+    return LevelResult.from_values(
+        point_metrics(labels, probabilities, threshold),
+        bootstrap_ci(labels, probabilities, groups, threshold, n_resamples=n_resamples, seed=seed),
+        confusion(labels, probabilities, threshold), METRICS, ROUND_DIGITS,
+    )
 
 
 def evaluate(
@@ -674,25 +668,23 @@ def evaluate(
     subset: str = "test",
     n_resamples: int = 1000,
     seed: int = 0,
-) -> dict[str, Any]:
-    """The ``evaluate --json`` object of ``cli.md`` for one run, plus study-level metrics.
+) -> EvaluationResult:
+    """One run's metrics with CIs on a subset, at image and study level (``evaluate --json`` is its ``as_json()``).
 
     Args:
         db: open database.
         run_id: ``runs.id``.
         threshold: decision threshold; None uses the run's stored (validation-chosen)
-            ``runs.threshold``, or 0.5 when the run has none.
+            ``runs.threshold``, or 0.5 when the run has none (:func:`results.decision_threshold`).
         subset: ``"test"`` (default), ``"val"`` or ``"train"``.
         n_resamples, seed: of the patient bootstrap behind every ``ci95``.
 
     Returns:
-        ``{"run", "backbone", "threshold", "threshold_source" ("argument" | "run" |
-        "default"), "subset", "n_images", "n_studies", "n_patients", "metrics": {name:
-        {"value", "ci95": [low, high]}}, "confusion": {tp, fp, tn, fn}, "study_level":
-        {"aggregation", "threshold", "n_studies", "n_patients", "metrics", "confusion"},
-        "bootstrap": {"unit", "interval", "level", "n_resamples", "seed"}}``.
-        Values rounded to 4 decimals; undefined values None. Study level: one row per
-        study, probability = max over its views (see :func:`study_level`), same threshold.
+        An :class:`~bonescan_core.results.EvaluationResult`: threshold and its source, counts
+        of images, studies and patients, every metric of :data:`METRICS` as a ``MetricCI``
+        (95% patient-bootstrap interval) and the confusion counts, at image level and at
+        study level (one row per study, probability = max over its views, see
+        :func:`study_level`; same threshold). Values rounded to 4 decimals; undefined None.
 
     Raises:
         errors.RunNotFound: no such run.
@@ -705,32 +697,22 @@ def evaluate(
             f"run {run_id} ({run.status}) has no {subset} predictions; evaluate a run that finished training "
             "(`bonescan runs --json`, status done) or train one with `bonescan train`"
         )
-    if threshold is not None:
-        used, source = float(threshold), "argument"
-    elif run.threshold is not None:
-        used, source = float(run.threshold), "run"
-    else:
-        used, source = DEFAULT_THRESHOLD, "default"
+    used, source = decision_threshold(threshold, run.threshold)
     studies = study_level(data["study_id"], data["patient_id"], data["label"], data["probability"])
-    return {
-        "run": run.id,
-        "backbone": run.backbone,
-        "threshold": _clean(used),
-        "threshold_source": source,
-        "subset": subset,
-        "n_images": int(data["label"].size),
-        "n_studies": int(studies["study_id"].size),
-        "n_patients": int(np.unique(data["patient_id"]).size),
-        **_summary(data["label"], data["probability"], data["patient_id"], used, n_resamples, seed),
-        "study_level": {
-            "aggregation": "max probability over the study's views",
-            "threshold": _clean(used),
-            "n_studies": int(studies["study_id"].size),
-            "n_patients": int(np.unique(studies["patient_id"]).size),
-            **_summary(studies["label"], studies["probability"], studies["patient_id"], used, n_resamples, seed),
-        },
-        "bootstrap": {"unit": "patient", "interval": "percentile", "level": 0.95, "n_resamples": n_resamples, "seed": seed},
-    }
+    return EvaluationResult(
+        run=int(run.id),
+        backbone=run.backbone,
+        threshold=_clean(used),
+        threshold_source=source,
+        subset=subset,
+        n_images=int(data["label"].size),
+        n_studies=int(studies["study_id"].size),
+        n_patients=int(np.unique(data["patient_id"]).size),
+        image_level=_level(data["label"], data["probability"], data["patient_id"], used, n_resamples, seed),
+        study_level=_level(studies["label"], studies["probability"], studies["patient_id"], used, n_resamples, seed),
+        study_n_patients=int(np.unique(studies["patient_id"]).size),
+        bootstrap={"unit": "patient", "interval": "percentile", "level": 0.95, "n_resamples": n_resamples, "seed": seed},
+    )
 
 
 def run_label(backbone: str, run_id: int, with_id: bool = False) -> str:
@@ -800,7 +782,7 @@ def compare_runs(db: sqlite_utils.Database, run_ids: Sequence[int], threshold: f
     """
     ids = list(dict.fromkeys(int(r) for r in run_ids))
     if len(ids) < 2:
-        raise ValueError("compare needs at least two different runs")
+        raise errors.InputError("compare needs at least two different runs")
     chosen = [runs.get(db, r) for r in ids]
     splits = {run.id: run.split_id for run in chosen}
     if len(set(splits.values())) != 1:
@@ -821,10 +803,7 @@ def compare_runs(db: sqlite_utils.Database, run_ids: Sequence[int], threshold: f
             raise IncomparableRunsError(f"runs {ids[0]} and {r} disagree on the labels of the same images; the labels changed between runs")
     backbones = [run.backbone for run in chosen]
     labels = {run.id: run_label(run.backbone, run.id, with_id=backbones.count(run.backbone) > 1) for run in chosen}
-    thresholds = {
-        run.id: float(threshold) if threshold is not None else (float(run.threshold) if run.threshold is not None else DEFAULT_THRESHOLD)
-        for run in chosen
-    }
+    thresholds = {run.id: decision_threshold(threshold, run.threshold)[0] for run in chosen}
     y = reference["label"]
     predicted = {r: data[r]["probability"] >= thresholds[r] for r in ids}
     summaries = {r: point_metrics(y, data[r]["probability"], thresholds[r]) for r in ids}
@@ -897,3 +876,44 @@ def explorer_rows(db: sqlite_utils.Database, run_id: int, threshold: float) -> l
         row["criteria"] = ";".join(sorted({c for r in mine for c in r["criteria"].split(";") if c}))
         row["notes"] = " | ".join(r["note"] for r in mine if r["note"])
     return rows
+
+
+EXPLORER_ORDERS: dict[str, tuple[str, bool]] = {
+    "top losses first": ("loss", True),
+    "least confident first": ("confidence", False),
+    "most confident first": ("confidence", True),
+}
+"""The explorer's sort orders: name -> (row key, descending)."""
+
+
+def filter_explorer_rows(
+    rows: Sequence[Mapping[str, Any]],
+    outcomes: Sequence[str] = (),
+    subsets: Sequence[str] = (),
+    views: Sequence[str] = (),
+    criterion: str | None = None,
+    order: str = "top losses first",
+) -> list[Mapping[str, Any]]:
+    """The explorer's table: :func:`explorer_rows` filtered, then sorted.
+
+    Args:
+        rows: from :func:`explorer_rows`.
+        outcomes, subsets, views: keep rows whose ``outcome`` (TP/FP/FN/TN), ``subset`` or
+            ``view`` is among them; empty keeps all.
+        criterion: keep rows whose readers ticked this criterion id; None or ``"any"`` keeps all.
+        order: a key of :data:`EXPLORER_ORDERS`.
+
+    Returns:
+        The kept rows, sorted (stable: ties keep their order).
+    """
+    if order not in EXPLORER_ORDERS:
+        raise ValueError(f"order must be one of {', '.join(EXPLORER_ORDERS)}")
+    kept = [
+        row for row in rows
+        if (not outcomes or row["outcome"] in outcomes)
+        and (not subsets or row["subset"] in subsets)
+        and (not views or row["view"] in views)
+        and (criterion in (None, "any") or criterion in row["criteria"].split(";"))
+    ]
+    key, descending = EXPLORER_ORDERS[order]
+    return sorted(kept, key=lambda row: row[key], reverse=descending)

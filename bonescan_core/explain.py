@@ -172,7 +172,7 @@ def _composite_members(db: sqlite_utils.Database, run_id: int, image_id: int) ->
     for sample in list_samples(db, {study_id: 0}, "composite"):
         if image_id in sample.image_ids:
             return dict(zip(sample.views, sample.image_ids, strict=True))
-    raise ValueError(
+    raise errors.InputError(
         f"run {run_id} is a composite run and image {image_id} is not one of the two views it uses for study {study_id} "
         "(the first anterior and the first posterior image); explain one of those instead"
     )

@@ -2,7 +2,7 @@
 from folders or a manifest, de-identification and de-duplication.
 
 Every file is imported in a transaction of its own: a rejected file leaves no rows, and one
-failure never aborts the batch. Rules (``cli.md``):
+failure never aborts the batch. Rules (``docs/cli.md``):
 
 * class of a file: nearest parent folder named metastatic/mets/positive/1 or
   non_metastatic/no_metastasis/negative/normal/0 (any case); also the ``<0|1>`` of
@@ -10,13 +10,23 @@ failure never aborts the batch. Rules (``cli.md``):
 * view: tokens A/ANT/anterior and P/POST/posterior in the file name (``A12.png``,
   ``0001-1-A.tif``, ``scan_ANT.png``) or a parent folder (``Anterior/``), or DICOM attributes;
 * study: files whose paths differ only by the view token; DICOM by StudyInstanceUID;
-  a manifest CSV (``path, patient_id, study_id, view, label[, sex, age, primary_cancer]``)
-  overrides all of it.
+  a manifest CSV (``path, patient_id, study_id, view, label[, sex, age, primary_cancer, cohort]``)
+  overrides all of it;
+* cohort: the import's ``cohort`` (default ``default``), or a manifest row's non-empty
+  ``cohort`` cell; a study keeps the cohort it was first stored in (the import line says so).
 
-De-identification: only salted hashes of identifiers (patient, study UID, path) are
-stored; sex, a 10-year age band, the study year and the primary cancer are kept (the
-paper's Table 1). A DICOM file named after one of its identifiers (e.g. its UID) is stored
-under a neutral name.
+De-identification: only salted hashes of identifiers (patient, study UID, manifest ids,
+path) are stored; sex, a 10-year age band, the study year and the primary cancer are kept
+(the paper's Table 1). Files are stored under a neutral name (``png-3fa9c2d1-ANT``: format,
+pixel hash, view) unless the caller opts in to keeping original names, and even then a name
+that contains a manifest id or one of its DICOM identifiers stays neutral
+(:func:`bonescan_core.deidentify.stored_file_name`). Grouping and views use the original name at import time only.
+
+Confinement (the app): folder imports must lie under an allowed root
+(:func:`allowed_import_roots`: ``$BONESCAN_IMPORT_ROOTS``, else the data folder
+``$BONESCAN_DATA_DIR``, else ``data/`` beside the database), never the whole file system, and
+every file is resolved (links followed) and must still lie under a root. Upload batches are
+capped (:data:`MAX_UPLOAD_FILES`, :data:`MAX_UPLOAD_BYTES`) and streamed to a temporary folder.
 """
 
 from __future__ import annotations
@@ -26,19 +36,24 @@ import json
 import os
 import re
 import secrets
+import shutil
 import tempfile
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 import sqlite_utils
 
 from bonescan_core import db as dbm
 from bonescan_core import pixelstore
+from bonescan_core.cohorts import DEFAULT_COHORT, CohortError, check_cohort
 from bonescan_core.csvfile import read_rows
+from bonescan_core.deidentify import stored_file_name
+from bonescan_core.errors import BonescanError, InputError
 from bonescan_core.imaging import EXTENSIONS, RejectedFile, ScanFile, read_scan
-from bonescan_core.phantom import VIEWS, PhantomStudy, make_studies
+from bonescan_core.phantom import VIEWS, PhantomStudy, ScannerShift, make_studies
 from bonescan_core.review import Review, add_review
 
 CLASS_FOLDERS = {
@@ -55,10 +70,27 @@ _ZENODO_NAME = re.compile(r"^([AaPp])(\d+)$")  # A12 / P12
 _NUMBERED_NAME = re.compile(r"^\d+-([01])-[AaPp]$")  # 0001-1-A
 
 Progress = Callable[[int, int, str], None]  # (done, total, current file name)
+Upload = tuple[str, bytes | BinaryIO]  # (file name as uploaded, content or a readable binary file)
+
+# One browser upload batch at most (Streamlit's maxUploadSize limits each file, not the batch).
+# Streamlit keeps a batch in memory until the page lets go of it; these bound that memory.
+# Larger sets: copy them into the data folder and import the folder.
+MAX_UPLOAD_FILES = 1000
+MAX_UPLOAD_BYTES = 1024**3  # 1 GiB in all
+DATA_DIR_ENV = "BONESCAN_DATA_DIR"
+IMPORT_ROOTS_ENV = "BONESCAN_IMPORT_ROOTS"
 
 
-class ManifestError(ValueError):
+class ManifestError(InputError):
     """The manifest CSV cannot be used; the message names the line and what to fix."""
+
+
+class UploadTooLarge(InputError):
+    """An upload batch has more files or bytes than :data:`MAX_UPLOAD_FILES` / :data:`MAX_UPLOAD_BYTES`."""
+
+
+class ImportRootError(BonescanError, PermissionError):
+    """A folder outside the allowed import roots, or a root that is the whole file system."""
 
 
 @dataclass(frozen=True)
@@ -75,6 +107,8 @@ class PlannedFile:
     age: int | None = None
     primary_cancer: str | None = None
     from_manifest: bool = False
+    cohort: str | None = None  # checked name; None: the import's cohort (see import_files)
+    ids: tuple[str, ...] = field(default=(), repr=False)  # raw manifest ids: compared with names, never stored
 
 
 @dataclass(frozen=True)
@@ -168,7 +202,8 @@ def plan_file(path: Path, namespace: str | None = None) -> PlannedFile:
     label, label_source = None, ""
     numbered = _NUMBERED_NAME.match(stem)
     if numbered:
-        label, label_source = ("metastatic" if numbered.group(1) == "1" else "non_metastatic"), f"name {stem}"
+        # The pattern, not the name: the number may be a patient's (the note is stored).
+        label, label_source = ("metastatic" if numbered.group(1) == "1" else "non_metastatic"), f"file name NNNN-{numbered.group(1)}-V"
     for folder in reversed(path.parent.parts):
         if folder.lower() in CLASS_FOLDERS:
             label, label_source = CLASS_FOLDERS[folder.lower()], f"folder {folder}"
@@ -206,6 +241,10 @@ def _manifest_row(csv_path: Path, line_number: int, row: dict[str, str]) -> Plan
     age_text = values.get("age", "")
     if age_text and not age_text.isdigit():
         raise bad(f"age {age_text!r} is not a whole number of years")
+    try:
+        cohort = check_cohort(values["cohort"]) if values.get("cohort") else None
+    except CohortError as error:
+        raise bad(str(error)) from error
     path = Path(values["path"])
     return PlannedFile(
         path=path if path.is_absolute() else csv_path.parent / path,
@@ -218,15 +257,9 @@ def _manifest_row(csv_path: Path, line_number: int, row: dict[str, str]) -> Plan
         age=int(age_text) if age_text else None,
         primary_cancer=values.get("primary_cancer") or None,
         from_manifest=True,
+        cohort=cohort,
+        ids=(values["patient_id"], values["study_id"]),
     )
-
-
-def safe_source_name(path: Path, identifiers: Iterable[str], sha256: str) -> str:
-    """The file name to store: the original, unless it contains an identifier from the header."""
-    lowered = path.name.lower()
-    if any(len(value) >= 4 and value.lower() in lowered for value in identifiers):
-        return f"dicom-{sha256[:12]}{path.suffix.lower()}"
-    return path.name
 
 
 def _get_or_create_patient(db: sqlite_utils.Database, key: str, sex: str | None, band: str | None, cancer: str | None) -> int:
@@ -242,18 +275,35 @@ def _get_or_create_patient(db: sqlite_utils.Database, key: str, sex: str | None,
     return patient_id
 
 
-def _get_or_create_study(db: sqlite_utils.Database, key: str, patient_id: int, year: int | None, origin: str) -> tuple[int, bool]:
-    row = db.execute("SELECT id FROM studies WHERE key = ?", [key]).fetchone()
+def _get_or_create_study(db: sqlite_utils.Database, key: str, patient_id: int, year: int | None, origin: str,
+                         cohort: str) -> tuple[int, bool, str]:
+    """(study id, newly created, its cohort): an existing study keeps the cohort it has."""
+    row = db.execute("SELECT id, cohort FROM studies WHERE key = ?", [key]).fetchone()
     if row:
-        return row[0], False
+        return row[0], False, row[1]
     study_id = db["studies"].insert(
-        {"patient_id": patient_id, "key": key, "study_year": year, "origin": origin, "created_at": dbm.utc_now()}
+        {"patient_id": patient_id, "key": key, "study_year": year, "origin": origin, "cohort": cohort,
+         "created_at": dbm.utc_now()}
     ).last_pk
-    return study_id, True
+    return study_id, True, cohort
 
 
-def store_scan(db: sqlite_utils.Database, plan: PlannedFile, scan: ScanFile, reviewer: str, record_label: bool) -> FileOutcome:
-    """Write one read file (all its frames) in one transaction; see the module rules."""
+def store_scan(
+    db: sqlite_utils.Database,
+    plan: PlannedFile,
+    scan: ScanFile,
+    reviewer: str,
+    record_label: bool,
+    *,
+    keep_file_names: bool = False,
+    known_ids: Iterable[str] = (),
+) -> FileOutcome:
+    """Write one read file (all its frames) in one transaction; see the module rules.
+
+    Args:
+        keep_file_names: store the original name where :func:`stored_file_name` allows it.
+        known_ids: identifiers besides the file's own (every id of the manifest).
+    """
     salt = dbm.salt(db)
     facts = scan.dicom
     group = plan.group
@@ -267,11 +317,15 @@ def store_scan(db: sqlite_utils.Database, plan: PlannedFile, scan: ScanFile, rev
         patient = f"study:{group}"  # unknown patient: the study is its own patient
     sex = plan.sex or (facts.sex if facts else None)
     age = plan.age if plan.age is not None else (facts.age_years if facts else None)
-    identifiers = facts.identifiers if facts else ()
+    identifiers = (*(facts.identifiers if facts else ()), *plan.ids, *known_ids)
     notes = list(scan.notes)
     with dbm.write(db):
         patient_id = _get_or_create_patient(db, salted_key(salt, "patient", patient), sex, age_band(age), plan.primary_cancer)
-        study_id, new_study = _get_or_create_study(db, salted_key(salt, "study", group), patient_id, facts.study_year if facts else None, "import")
+        cohort = plan.cohort or DEFAULT_COHORT
+        study_id, new_study, kept_cohort = _get_or_create_study(
+            db, salted_key(salt, "study", group), patient_id, facts.study_year if facts else None, "import", cohort)
+        if kept_cohort != cohort:
+            notes.append(f"study kept in cohort {kept_cohort!r}, where it was first imported (not {cohort!r})")
         image_ids, duplicates, views = [], 0, []
         for index, frame in enumerate(scan.frames):
             sha = pixelstore.pixel_sha256(frame.pixels)
@@ -280,8 +334,9 @@ def store_scan(db: sqlite_utils.Database, plan: PlannedFile, scan: ScanFile, rev
                 continue
             view = frame.view or plan.view
             views.append(view or "view unknown")
-            source = safe_source_name(plan.path, identifiers, sha)
-            image_ids.append(insert_image(db, study_id, frame.pixels, view, source, scan.format, frame_index=index, sha=sha))
+            source = stored_file_name(plan.path, scan.format, sha, view, identifiers, keep=keep_file_names)
+            image_ids.append(insert_image(db, study_id, frame.pixels, view, source, scan.format, frame_index=index, sha=sha,
+                                        clipped=frame.clipped))
         if not image_ids:
             raise _AllDuplicates()
         if record_label and plan.label:
@@ -314,6 +369,7 @@ def insert_image(
     frame_index: int = 0,
     sha: str | None = None,
     truth: str | None = None,
+    clipped: int = 0,
 ) -> int:
     """Insert one image row (lossless pixels, hash, thumbnail, window); returns its id.
 
@@ -323,6 +379,7 @@ def insert_image(
         source: stored file name (already de-identified).
         file_format: tiff | png | jpeg | dicom | phantom.
         truth: phantom findings as JSON, None for real scans.
+        clipped: pixels that were negative in the file and set to zero (``ScanFrame.clipped``).
     """
     return db["images"].insert(
         {
@@ -339,13 +396,17 @@ def insert_image(
             "thumbnail": pixelstore.make_thumbnail(pixels),
             "display_max": pixelstore.display_max(pixels),
             "truth": truth,
+            "clipped_pixels": clipped,
             "created_at": dbm.utc_now(),
         }
     ).last_pk
 
 
 class _AllDuplicates(Exception):
-    """Every frame of the file is already stored: roll back the patient/study rows too."""
+    """Every frame of the file is already stored: roll back the patient/study rows too.
+
+    Private control flow (caught in this module, never shown), so not in the error family.
+    """
 
 
 def import_files(
@@ -357,6 +418,9 @@ def import_files(
     reviewer: str = "import",
     namespace: str | None = None,
     progress: Progress | None = None,
+    keep_file_names: bool = False,
+    confine_to: Sequence[Path] | None = None,
+    cohort: str = DEFAULT_COHORT,
 ) -> list[FileOutcome]:
     """Import files and folders; one outcome per file, in order.
 
@@ -370,35 +434,62 @@ def import_files(
         reviewer: the name on those reviews.
         namespace: see :func:`plan_file` (uploads).
         progress: called after each file with (done, total, file name).
+        keep_file_names: store original file names where :func:`stored_file_name` allows;
+            every manifest id counts as an identifier for every file.
+        confine_to: resolved roots; a file that resolves (links followed) outside all of
+            them is rejected (the app's folder import; see :func:`import_folder`).
+        cohort: the cohort of new studies; a manifest row's non-empty ``cohort`` wins.
 
     Raises:
         FileNotFoundError: a path does not exist (nothing imported).
         ManifestError: the manifest is unusable (nothing imported).
+        CohortError: ``cohort`` is not an allowed name (nothing imported).
     """
+    cohort = check_cohort(cohort)
     plans: dict[Path, PlannedFile] = {}
     if manifest is not None:
         for plan in read_manifest(manifest):
             plans[plan.path.resolve()] = plan
     for path in collect_files(paths):
         plans.setdefault(path.resolve(), plan_file(path, namespace))
+    plans = {key: replace(plan, cohort=plan.cohort or cohort) for key, plan in plans.items()}
+    known_ids = frozenset(value for plan in plans.values() for value in plan.ids)
     outcomes = []
     for done, plan in enumerate(plans.values(), start=1):
-        outcomes.append(import_one(db, plan, reviewer, record_label=label_from_folder or plan.from_manifest))
+        outcomes.append(import_one(db, plan, reviewer, record_label=label_from_folder or plan.from_manifest,
+                                   keep_file_names=keep_file_names, known_ids=known_ids, confine_to=confine_to))
         if progress:
             progress(done, len(plans), plan.path.name)
     return outcomes
 
 
-def import_one(db: sqlite_utils.Database, plan: PlannedFile, reviewer: str, record_label: bool) -> FileOutcome:
-    """Read and store one planned file; never raises for bad file content."""
+def import_one(
+    db: sqlite_utils.Database,
+    plan: PlannedFile,
+    reviewer: str,
+    record_label: bool,
+    *,
+    keep_file_names: bool = False,
+    known_ids: Iterable[str] = (),
+    confine_to: Sequence[Path] | None = None,
+) -> FileOutcome:
+    """Read and store one planned file; never raises for bad file content.
+
+    The file is read through its resolved path, the one checked against ``confine_to``.
+    Other arguments: see :func:`import_files` and :func:`store_scan`.
+    """
     if not plan.path.is_file():
         return FileOutcome(plan.path, "rejected", "file not found; check the manifest path")
+    resolved = plan.path.resolve()
+    if confine_to is not None and not _inside(resolved, confine_to):
+        return FileOutcome(plan.path, "rejected", "it links to a file outside the folders the app may import from; "
+                                                  "copy the file itself into the data folder")
     try:
-        scan = read_scan(plan.path)
+        scan = read_scan(resolved)
     except RejectedFile as error:
         return FileOutcome(plan.path, "rejected", str(error))
     try:
-        return store_scan(db, plan, scan, reviewer, record_label)
+        return store_scan(db, plan, scan, reviewer, record_label, keep_file_names=keep_file_names, known_ids=known_ids)
     except _AllDuplicates:
         return FileOutcome(plan.path, "duplicate", "identical pixels already stored")
 
@@ -417,22 +508,34 @@ def _reference_review(study_id: int, phantom: PhantomStudy) -> Review:
                   criteria=criteria, artifacts=artifacts, confidence=5, note="phantom ground truth")
 
 
-def add_demo_studies(db: sqlite_utils.Database, n_studies: int, seed: int, progress: Progress | None = None) -> list[FileOutcome]:
+def add_demo_studies(db: sqlite_utils.Database, n_studies: int, seed: int, progress: Progress | None = None, *,
+                     cohort: str = DEFAULT_COHORT, shift: ScannerShift | None = None) -> list[FileOutcome]:
     """Add seeded synthetic studies (both views) with reference labels (reviewer ``reference``).
 
     The same seed gives the same studies, so running it twice reports duplicates.
     Each image keeps its phantom findings (lesion coordinates) as JSON in ``images.truth``.
+
+    Args:
+        cohort: the cohort of the new studies (checked; a study already stored keeps its own).
+        shift: draw the studies as another scanner would (``phantom.ScannerShift``); they are
+            named ``phantom-shift-SEED-NNNN`` so that they never merge with unshifted studies.
+
+    Raises:
+        CohortError: ``cohort`` is not an allowed name (nothing added).
     """
+    cohort = check_cohort(cohort)
     salt = dbm.salt(db)
     outcomes = []
-    for index, phantom in enumerate(make_studies(n_studies, seed)):
-        name = f"phantom-{seed}-{index:04d}"
+    prefix = "phantom-shift" if shift is not None else "phantom"
+    for index, phantom in enumerate(make_studies(n_studies, seed, shift=shift)):
+        name = f"{prefix}-{seed}-{index:04d}"
         try:
             with dbm.write(db):
                 patient_id = _get_or_create_patient(
                     db, salted_key(salt, "patient", f"demo:{name}"), phantom.sex, age_band(phantom.age), phantom.primary_cancer
                 )
-                study_id, _ = _get_or_create_study(db, salted_key(salt, "study", f"demo:{name}"), patient_id, None, "demo")
+                study_id, _, _ = _get_or_create_study(db, salted_key(salt, "study", f"demo:{name}"), patient_id, None,
+                                                      "demo", cohort)
                 image_ids = []
                 for view in VIEWS:
                     pixels = getattr(phantom, view)
@@ -451,53 +554,177 @@ def add_demo_studies(db: sqlite_utils.Database, n_studies: int, seed: int, progr
 
 
 def import_uploads(
-    db: sqlite_utils.Database, files: list[tuple[str, bytes]], progress: Progress | None = None
+    db: sqlite_utils.Database,
+    files: Sequence[Upload],
+    progress: Progress | None = None,
+    *,
+    keep_file_names: bool = False,
+    cohort: str = DEFAULT_COHORT,
 ) -> list[FileOutcome]:
-    """Import files uploaded through the browser, as one batch.
+    """Import files uploaded through the browser, as one batch; one outcome per file, in order.
 
-    The files are written to a private temporary folder (deleted afterwards) under their
-    own names, so the file-name rules apply; views uploaded together form one study.
+    Each file is streamed (1 MiB at a time) into a private temporary folder (deleted
+    afterwards) under its own name, so the file-name rules apply and views uploaded together
+    form one study. A file whose name is unusable (empty, ``.``/``..``, a control character
+    such as NUL) is rejected on its own; the rest of the batch is imported.
 
     Args:
-        files: (file name as uploaded, content) pairs.
+        files: (file name as uploaded, content) pairs; content is bytes or a readable,
+            seekable binary file (Streamlit's ``UploadedFile``), read without a second copy.
+        keep_file_names: store the uploaded names where :func:`stored_file_name` allows.
+        cohort: the cohort of new studies.
+
+    Raises:
+        UploadTooLarge: more than :data:`MAX_UPLOAD_FILES` files or :data:`MAX_UPLOAD_BYTES`
+            bytes in all (nothing imported).
+        CohortError: ``cohort`` is not an allowed name (nothing imported).
     """
+    cohort = check_cohort(cohort)
+    check_upload_batch([_content_size(content) for _, content in files])
     batch = secrets.token_hex(8)
+    outcomes: list[FileOutcome] = []
     with tempfile.TemporaryDirectory(prefix="bonescan-upload-") as folder:
-        names: dict[Path, str] = {}
         for index, (name, content) in enumerate(files):
-            safe = Path(name).name or f"upload-{index}"
+            problem = _upload_name_problem(name)
+            if problem:
+                outcomes.append(FileOutcome(Path(f"upload-{index:04d}"), "rejected",
+                                            f"{problem}; rename the file and upload it again", display_name=ascii(name)))
+                continue
+            safe = Path(name).name
             path = Path(folder) / f"{index:04d}" / safe  # own folder: same-named uploads stay apart
             path.parent.mkdir()
-            path.write_bytes(content)
-            names[path] = safe
-        outcomes = [
-            import_one(db, plan_file(path, namespace=f"upload:{batch}"), "import", record_label=False)
-            for path in names
-        ]
-        if progress:
-            progress(len(names), len(names), "")
-    return [replace(o, display_name=names.get(o.path)) for o in outcomes]
+            _write_upload(path, content)
+            plan = replace(plan_file(path, namespace=f"upload:{batch}"), cohort=cohort)
+            outcome = import_one(db, plan, "import", record_label=False, keep_file_names=keep_file_names)
+            outcomes.append(replace(outcome, display_name=safe))
+            path.unlink()  # the disk holds one upload at a time
+            if progress:
+                progress(index + 1, len(files), safe)
+    return outcomes
 
 
-def allowed_import_roots() -> list[Path]:
-    """Folders the app may import from: ``$BONESCAN_IMPORT_ROOTS`` (os.pathsep-separated),
-    else the working directory and the user's home."""
-    configured = os.environ.get("BONESCAN_IMPORT_ROOTS")
-    roots = configured.split(os.pathsep) if configured else [os.getcwd(), str(Path.home())]
-    return [Path(root).resolve() for root in roots if root]
+def check_upload_batch(sizes: Sequence[int]) -> None:
+    """Refuse a batch over the caps, with a message that names them.
+
+    Args:
+        sizes: byte size of each file of the batch.
+
+    Raises:
+        UploadTooLarge: more than :data:`MAX_UPLOAD_FILES` files or :data:`MAX_UPLOAD_BYTES` in all.
+    """
+    total = sum(sizes)
+    if len(sizes) > MAX_UPLOAD_FILES or total > MAX_UPLOAD_BYTES:
+        raise UploadTooLarge(
+            f"This upload has {len(sizes)} files and {_mib(total)} in all, but one upload may hold at most "
+            f"{MAX_UPLOAD_FILES} files and {_mib(MAX_UPLOAD_BYTES)} in all; upload fewer files at a time, or copy them "
+            "into the data folder and import the folder.")
 
 
-def check_import_root(path: Path, roots: list[Path] | None = None) -> Path:
+def _mib(size: int) -> str:
+    return f"{size / 1024**2:,.1f} MiB"
+
+
+def _content_size(content: bytes | BinaryIO) -> int:
+    if isinstance(content, bytes | bytearray | memoryview):
+        return len(content)
+    position = content.tell()
+    size = content.seek(0, os.SEEK_END)
+    content.seek(position)
+    return size
+
+
+def _write_upload(path: Path, content: bytes | BinaryIO) -> None:
+    if isinstance(content, bytes | bytearray | memoryview):
+        path.write_bytes(content)
+        return
+    content.seek(0)
+    with path.open("wb") as handle:
+        shutil.copyfileobj(content, handle, 1024**2)
+
+
+def _upload_name_problem(name: str) -> str | None:
+    """Why an uploaded name cannot be used as a file name, or None."""
+    if any(ord(char) < 32 or char == "\x7f" for char in name):
+        return "its name holds a control character (such as NUL)"
+    if Path(name).name in ("", ".", ".."):
+        return "it has no usable file name"
+    return None
+
+
+def data_folder(db_path: str | os.PathLike[str] | None = None) -> Path:
+    """The data folder the app imports from by default: ``$BONESCAN_DATA_DIR``, else ``data/``
+    beside the database (``db_path``, else ``$BONESCAN_DB``, else ``./labels.db``)."""
+    configured = os.environ.get(DATA_DIR_ENV)
+    return Path(configured).expanduser().resolve() if configured else dbm.resolve_path(db_path).resolve().parent / "data"
+
+
+def allowed_import_roots(db_path: str | os.PathLike[str] | None = None) -> list[Path]:
+    """Folders the app may import from, resolved: ``$BONESCAN_IMPORT_ROOTS`` (os.pathsep-
+    separated), else the one :func:`data_folder`.
+
+    Raises:
+        ImportRootError: a root is the whole file system (``/``).
+    """
+    configured = os.environ.get(IMPORT_ROOTS_ENV)
+    roots = [Path(root).expanduser().resolve() for root in configured.split(os.pathsep) if root] if configured else []
+    return _refuse_file_system_root(roots or [data_folder(db_path)])
+
+
+def _refuse_file_system_root(roots: Sequence[Path]) -> list[Path]:
+    """The roots, resolved, unless one of them is the file system's root."""
+    roots = [Path(root).expanduser().resolve() for root in roots]
+    for root in roots:
+        if root.parent == root:  # "/" (or a drive): every file on the server
+            raise ImportRootError(f"{root} is the whole file system and cannot be a folder the app imports from; "
+                                  f"set {IMPORT_ROOTS_ENV} or {DATA_DIR_ENV} to the folder that holds the scans")
+    return roots
+
+
+def _inside(resolved: Path, roots: Sequence[Path]) -> bool:
+    return any(resolved == root or root in resolved.parents for root in roots)
+
+
+def check_import_root(path: Path, roots: Sequence[Path] | None = None) -> Path:
     """The resolved path if it lies inside an allowed root, so a browser user cannot read
     arbitrary server files.
 
+    Args:
+        roots: resolved roots; default :func:`allowed_import_roots`.
+
     Raises:
-        PermissionError: outside every allowed root (the message lists them).
+        ImportRootError: outside every allowed root (the message lists them), or a root is ``/``.
     """
     resolved = path.expanduser().resolve()
-    allowed = allowed_import_roots() if roots is None else roots
-    if not any(resolved == root or root in resolved.parents for root in allowed):
+    allowed = allowed_import_roots() if roots is None else _refuse_file_system_root(roots)
+    if not _inside(resolved, allowed):
         listed = ", ".join(str(root) for root in allowed)
-        raise PermissionError(f"{path} is outside the folders the app may import from ({listed}); "
-                              "move the files there or set BONESCAN_IMPORT_ROOTS")
+        raise ImportRootError(f"{path} is outside the folders the app may import from ({listed}); "
+                              f"move the files there or set {DATA_DIR_ENV} or {IMPORT_ROOTS_ENV}")
     return resolved
+
+
+def import_folder(
+    db: sqlite_utils.Database,
+    folder: Path,
+    *,
+    roots: Sequence[Path] | None = None,
+    label_from_folder: bool = False,
+    keep_file_names: bool = False,
+    progress: Progress | None = None,
+    cohort: str = DEFAULT_COHORT,
+) -> list[FileOutcome]:
+    """The app's folder import: ``folder`` must lie under an allowed root, and so must every
+    file found in it once resolved (a link out of the root is rejected on its own).
+
+    Args:
+        roots: resolved roots; default :func:`allowed_import_roots`.
+        label_from_folder, keep_file_names, progress, cohort: see :func:`import_files`.
+
+    Raises:
+        ImportRootError: the folder is outside every root, or a root is ``/``.
+        FileNotFoundError: the folder does not exist.
+    """
+    allowed = allowed_import_roots() if roots is None else _refuse_file_system_root(roots)
+    start = check_import_root(folder, allowed)
+    return import_files(db, [start], label_from_folder=label_from_folder, keep_file_names=keep_file_names,
+                        progress=progress, confine_to=allowed, cohort=cohort)

@@ -23,15 +23,15 @@ import sys
 import threading
 import time
 import traceback
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import sqlite_utils
 
 from bonescan_core import db as dbm
-from bonescan_core import runs
+from bonescan_core import errors, runs, splits
 
 STATUSES = ("queued", "running", "done", "failed", "cancelled", "interrupted")
 ACTIVE = ("queued", "running")
@@ -41,7 +41,7 @@ WORKER_KEY = "worker"  # settings row: {"pid": ..., "heartbeat_at": ..., "host":
 WORKER_ALIVE_S = 15.0
 
 
-class DuplicateRun(Exception):
+class DuplicateRun(errors.Conflict):
     """An identical run is already queued or running; ``run_id`` says which."""
 
     def __init__(self, run_id: int, status: str) -> None:
@@ -93,6 +93,48 @@ def enqueue(db: sqlite_utils.Database, backbone: str, config: Mapping[str, Any],
         if duplicate:
             raise DuplicateRun(*duplicate)
         return runs.insert_queued(db, settings, config_hash)
+
+
+class Queued(NamedTuple):
+    """One backbone of :func:`enqueue_backbones`: its new run, or the identical run already waiting."""
+
+    backbone: str
+    run_id: int | None  # None when ``duplicate``
+    duplicate: DuplicateRun | None = None
+
+    @property
+    def message(self) -> str:
+        """``run 7 (vgg19) queued`` or ``vgg19: an identical run is already queued (run 5); ...``."""
+        return f"{self.backbone}: {self.duplicate}" if self.duplicate else f"run {self.run_id} ({self.backbone}) queued"
+
+
+def enqueue_backbones(db: sqlite_utils.Database, backbones: Sequence[str], config: runs.TrainConfig,
+                      split_id: int | None = None, cohorts: Sequence[str] | None = None) -> list[Queued]:
+    """Fix the split, then queue one run per backbone with ``config``'s other settings.
+
+    The split is fixed before any run is queued, so the backbones train and are compared on
+    the same images: ``split_id``, else ``config.split_id``, else the latest split of the
+    current labels with ``config.seed`` from ``cohorts`` (None: every cohort; made now if there
+    is none).
+
+    Returns:
+        One :class:`Queued` per backbone, in order; a backbone whose identical run is
+        already queued or running gets that duplicate instead of a new run.
+
+    Raises:
+        splits.SplitError: too few labelled studies to split.
+    """
+    split = split_id if split_id is not None else config.split_id
+    if split is None:
+        split = splits.ensure_split(db, seed=config.seed, cohorts=cohorts)
+    queued = []
+    for backbone in backbones:
+        run_config = replace(config, backbone=backbone, split_id=split)
+        try:
+            queued.append(Queued(backbone, enqueue(db, backbone, run_config.to_dict(), run_config.identity_hash())))
+        except DuplicateRun as duplicate:
+            queued.append(Queued(backbone, None, duplicate))
+    return queued
 
 
 def request_cancel(db: sqlite_utils.Database, run_id: int) -> str:

@@ -32,6 +32,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from bonescan_core import errors
+
 if TYPE_CHECKING:  # pragma: no cover - typing only; keras is imported lazily
     import keras
 
@@ -42,11 +44,11 @@ PROBE_TIMEOUT_S = 3.0  # offline check before an ImageNet download: DNS + TCP co
 DOWNLOAD_TIMEOUT_S = 60.0  # per socket operation while Keras downloads (a stalled download fails, not hangs)
 
 
-class WeightsUnavailable(RuntimeError):
+class WeightsUnavailable(errors.Unavailable):
     """Backbone weights cannot be loaded (not cached and no internet, or no such file); the message says what to place where."""
 
 
-class WeightsIncompatible(ValueError):
+class WeightsIncompatible(errors.InputError):
     """A weights file does not fit the model being built (other backbone, size or head)."""
 
 

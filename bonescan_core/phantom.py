@@ -97,6 +97,47 @@ class PhantomStudy:
         return tuple(f for f in self.findings if f.kind == "metastasis")
 
 
+@dataclass(frozen=True)
+class ScannerShift:
+    """How a second scanner (another hospital's camera and protocol) differs from the default one.
+
+    Applied by :func:`make_study` to the same anatomy and findings: the matrix is rescaled, the
+    counts (dose x acquisition time) scaled, extra Gaussian read-out noise added after the
+    Poisson counts, and the stored values mapped through a linear intensity scale, as a vendor's
+    export scaling or a baseline offset would do. All randomness comes from the study's own noise
+    generator, so a seed gives the same shifted studies every time.
+
+    Attributes:
+        matrix_scale: Factor on both image sides (0.875: 1024x256 -> 896x224), > 0.
+        count_scale: Factor on the expected counts (0.6: 60 % of the dose x time), > 0.
+        read_noise: Standard deviation, in counts, of Gaussian noise added to every pixel (>= 0).
+        gain: Factor of the stored intensity scale (stored = gain * counts + offset), > 0.
+        offset: Added to every stored value (a baseline), in stored units (>= 0).
+    """
+
+    matrix_scale: float = 0.875
+    count_scale: float = 0.6
+    read_noise: float = 3.0
+    gain: float = 1.25
+    offset: float = 20.0
+
+    def size(self, height: int, width: int) -> tuple[int, int]:
+        """The shifted matrix ``(height, width)`` for a requested one."""
+        return round(height * self.matrix_scale), round(width * self.matrix_scale)
+
+    def apply(self, rng: np.random.Generator, counts: np.ndarray) -> np.ndarray:
+        """Read-out noise and the intensity scale on uint16 counts of any shape; uint16 out, clipped to 0..65535."""
+        values = counts.astype(np.float32)
+        if self.read_noise > 0:
+            values += rng.normal(0.0, self.read_noise, counts.shape).astype(np.float32)
+        values = values * np.float32(self.gain) + np.float32(self.offset)
+        return np.clip(np.rint(values), 0, 65535).astype(np.uint16)
+
+
+#: "Looks like another scanner" (``bonescan demo --shift``, the Scans page's checkbox).
+OTHER_SCANNER = ScannerShift()
+
+
 # --------------------------------------------------------------------------------------------
 # Per-study body description
 # --------------------------------------------------------------------------------------------
@@ -1002,7 +1043,8 @@ def _check_size(height: int, width: int) -> None:
 # --------------------------------------------------------------------------------------------
 
 
-def make_study(rng: np.random.Generator, metastatic: bool, height: int = 1024, width: int = 256) -> PhantomStudy:
+def make_study(rng: np.random.Generator, metastatic: bool, height: int = 1024, width: int = 256,
+               shift: ScannerShift | None = None) -> PhantomStudy:
     """Draw one synthetic whole-body bone scan.
 
     Args:
@@ -1010,6 +1052,8 @@ def make_study(rng: np.random.Generator, metastatic: bool, height: int = 1024, w
         metastatic: If True, place 1-10 metastases (~80% axial skeleton); otherwise none.
         height: Rows of each view (>= 64); anatomy scales with it.
         width: Columns of each view (>= 64).
+        shift: Draw it as another scanner would (see :class:`ScannerShift`): the views are then
+            ``shift.size(height, width)``; None (default) leaves every pixel as without it.
 
     Returns:
         A ``PhantomStudy`` whose ``anterior``/``posterior`` are ``(height, width)`` uint16 Poisson
@@ -1021,6 +1065,8 @@ def make_study(rng: np.random.Generator, metastatic: bool, height: int = 1024, w
         ValueError: If a side is under 64 pixels.
     """
     height, width = int(height), int(width)
+    if shift is not None:
+        height, width = shift.size(height, width)
     _check_size(height, width)
     sex = "F" if rng.random() < 0.68 else "M"
     age = int(np.clip(np.rint(rng.normal(64.0, 11.0)), 35, 85))
@@ -1046,6 +1092,8 @@ def make_study(rng: np.random.Generator, metastatic: bool, height: int = 1024, w
     # has bigger pixels that collect proportionally more counts (it is the same scan rebinned),
     # capped so that hot bladders and injection sites stay inside uint16.
     counts = rng.uniform(160.0, 480.0) * min(1.0 / pxs**2, 16.0)
+    if shift is not None:
+        counts *= shift.count_scale  # no draw: the stream, and so the anatomy, stays the same
     ant, post = cv.views(b.alpha, _texture(rng, height, width, max(2, round(14 * pxs)), 0.12))
     blur_sigma = max(rng.uniform(1.5, 2.0) * pxs, 0.5)
     both = _blur(np.stack([ant, post]) * np.float32(counts), blur_sigma)
@@ -1120,6 +1168,8 @@ def make_study(rng: np.random.Generator, metastatic: bool, height: int = 1024, w
     # stream (and so every later study of a seeded cohort) independent of rendering details.
     noise_rng = np.random.default_rng(int(rng.integers(0, 2**63)))
     counts_img = np.clip(_poisson(noise_rng, both), 0, 65535).astype(np.uint16)
+    if shift is not None:
+        counts_img = shift.apply(noise_rng, counts_img)
     anterior = counts_img[0]
     posterior = np.ascontiguousarray(counts_img[1][:, ::-1])
 
@@ -1134,7 +1184,7 @@ def make_study(rng: np.random.Generator, metastatic: bool, height: int = 1024, w
 
 
 def make_studies(n_studies: int, seed: int, metastatic_fraction: float = 0.4, height: int = 1024,
-                 width: int = 256) -> Iterator[PhantomStudy]:
+                 width: int = 256, shift: ScannerShift | None = None) -> Iterator[PhantomStudy]:
     """Yield ``n_studies`` reproducible studies.
 
     Args:
@@ -1144,6 +1194,7 @@ def make_studies(n_studies: int, seed: int, metastatic_fraction: float = 0.4, he
             are metastatic, in an order shuffled by the generator.
         height: Rows of each view (>= 64).
         width: Columns of each view (>= 64).
+        shift: Another scanner's look (:class:`ScannerShift`); None: the default scanner.
 
     Yields:
         ``PhantomStudy`` objects (about 68% female).
@@ -1156,9 +1207,9 @@ def make_studies(n_studies: int, seed: int, metastatic_fraction: float = 0.4, he
         raise ValueError(f"n_studies must be >= 0, got {n_studies}")
     if not 0.0 <= metastatic_fraction <= 1.0:
         raise ValueError(f"metastatic_fraction must be in [0, 1], got {metastatic_fraction}")
-    _check_size(int(height), int(width))
+    _check_size(*(shift.size(int(height), int(width)) if shift is not None else (int(height), int(width))))
     rng = np.random.default_rng(seed)
     flags = np.zeros(n_studies, bool)
     flags[: round(n_studies * metastatic_fraction)] = True
     rng.shuffle(flags)
-    return (make_study(rng, bool(flag), height, width) for flag in flags)
+    return (make_study(rng, bool(flag), height, width, shift) for flag in flags)

@@ -2,8 +2,9 @@
 
 Pure functions: each takes the plain dicts of :mod:`bonescan_core.evaluation` (or stored
 rows) and returns a ``plotly.graph_objects.Figure``; no file or database IO, no Streamlit.
-The Grad-CAM overlay (:func:`overlay`, colour map :data:`TURBO`) is the one picture made as
-an RGB array instead (the explorer, ``bonescan explain``).
+:func:`run_figures` is one run's whole set, for the Evaluate page and the HTML report. The
+Grad-CAM overlay (:func:`overlay`, colour map :data:`TURBO`) is the one picture made as an RGB
+array instead (the explorer, ``bonescan explain``).
 Probability-scale axes run 0..1; every trace has hover text; colours are the Okabe-Ito
 palette (distinguishable with colour-vision deficiency), the same run keeping the same
 colour across figures when passed in the same order.
@@ -20,7 +21,7 @@ import numpy as np
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
-from bonescan_core import pixelstore
+from bonescan_core import errors, evaluation, pixelstore
 
 PALETTE = ("#0072B2", "#D55E00", "#009E73", "#CC79A7", "#E69F00", "#56B4E9", "#000000", "#F0E442")
 """Okabe-Ito colours, in the order runs are drawn."""
@@ -357,6 +358,43 @@ def training_curves(epochs: Sequence[Mapping[str, Any]], title: str = "Training 
     return fig
 
 
+# --- a run's figure set ------------------------------------------------------------------
+
+RUN_FIGURES = ("confusion", "roc", "pr", "calibration", "training")
+"""The figures of one run, in the order the Evaluate page and the report show them."""
+
+
+def run_figures(
+    name: str,
+    labels: Any,
+    probabilities: Any,
+    threshold: float,
+    confusion: Mapping[str, int],
+    epochs: Sequence[Mapping[str, Any]],
+    unit: str = "images",
+) -> dict[str, go.Figure]:
+    """Every figure of one run: the Evaluate page's Metrics tab and the HTML report.
+
+    Args:
+        name: the run's display name (legend and operating-point labels).
+        labels, probabilities: (n,) 0/1 and [0, 1] test predictions (curves are per image).
+        threshold: the decision threshold (operating points, confusion title).
+        confusion: ``{tp, fp, tn, fn}`` at ``threshold``, counted in ``unit``.
+        epochs: the run's stored epoch rows (training curves).
+        unit: ``"images"`` or ``"studies"`` (what ``confusion`` counts).
+
+    Returns:
+        ``{key: figure}`` for each key of :data:`RUN_FIGURES`, in that order.
+    """
+    return {
+        "confusion": confusion_heatmap(confusion, threshold, unit=unit),
+        "roc": roc_figure({name: evaluation.roc_points(labels, probabilities)}, {name: threshold}),
+        "pr": pr_figure({name: evaluation.pr_points(labels, probabilities)}, {name: threshold}),
+        "calibration": calibration_figure({name: evaluation.calibration_points(labels, probabilities)}),
+        "training": training_curves(epochs),
+    }
+
+
 # --- forest plot ------------------------------------------------------------------------
 
 def forest_plot(
@@ -370,7 +408,8 @@ def forest_plot(
     the point estimate with its 95% CI whiskers.
 
     Args:
-        results: ``{run label: evaluation.evaluate(...) dict}``, drawn in this order.
+        results: ``{run label: evaluation.evaluate(...)}`` (an ``EvaluationResult`` or its
+            ``as_json()`` dict), drawn in this order.
         metrics: metric keys, top to bottom.
         level: ``"image"`` (the top-level metrics) or ``"study"`` (``result["study_level"]``).
         reference: optional published values without CIs, ``{label: {metric: value}}``,
@@ -381,6 +420,8 @@ def forest_plot(
         raise ValueError('level must be "image" or "study"')
     series: dict[str, dict[str, tuple[float | None, float | None, float | None]]] = {}
     for label, result in results.items():
+        if hasattr(result, "as_json"):
+            result = result.as_json()
         block = result["study_level"] if level == "study" else result
         values = block["metrics"]
         series[label] = {}
@@ -489,7 +530,7 @@ def overlay(
             "(explain.heatmap_for_image / preprocess.to_image_geometry)"
         )
     if not 0.0 <= opacity <= 1.0:
-        raise ValueError(f"opacity must be in [0, 1], got {opacity}")
+        raise errors.InputError(f"opacity must be in [0, 1], got {opacity}")
     grey = pixelstore.to_display(pixels, upper=upper, gamma=gamma).astype(np.float32)[..., None]
     alpha = (np.float32(opacity) * heat)[..., None]
     mixed = (1.0 - alpha) * grey + alpha * colorize(heat).astype(np.float32)

@@ -1,24 +1,23 @@
 """Reviews: the criteria catalogue, append-only reviews, and each study's training label.
 
-Criteria and exclusion reasons are those of Magboo & Magboo (``paper-protocol.md``), with
-the ids of ``cli.md``. A review is one reader's decision on one study at one time; a
+Criteria and exclusion reasons are those of Magboo & Magboo (``docs/paper-protocol.md``), with
+the ids of ``docs/cli.md``. A review is one reader's decision on one study at one time; a
 correction is a new review, and a reader's current opinion is their latest review.
 """
 
 from __future__ import annotations
 
 import contextlib
-import csv
 import datetime as dt
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import sqlite_utils
 
-from bonescan_core import accounts, runs
+from bonescan_core import accounts, errors, runs
 from bonescan_core import db as dbm
-from bonescan_core.csvfile import read_rows
+from bonescan_core.csvfile import read_rows, unescape_cell, write_rows
 
 LABELS = ("metastatic", "non_metastatic")
 
@@ -60,7 +59,7 @@ ARTIFACTS: dict[str, str] = {
 SYSTEM_REVIEWERS = frozenset({"import"})
 
 
-class ReviewError(ValueError):
+class ReviewError(errors.InputError):
     """A review that cannot be stored as given; the message says what to fix."""
 
 
@@ -79,11 +78,21 @@ class Review:
     note: str = ""
     adjudication: bool = False  # the consensus recorded by an adjudicator
     from_import: bool = False  # a label recorded by import (class folder or manifest): no criterion needed
+    screening: bool = True  # the indication is metastasis screening; the paper excludes every other study
+
+    def as_saved(self) -> Review:
+        """The review as :func:`add_review` stores it: an exclusion of a study whose indication is
+        not screening, given no other reason, has the reason ``non_screening_indication``."""
+        if not self.screening and self.decision == "exclude" and self.exclusion_reason is None:
+            return replace(self, exclusion_reason="non_screening_indication")
+        return self
 
     def validate(self) -> None:
         """Raise ReviewError unless the review is complete and consistent."""
         if not self.reviewer.strip():
             raise ReviewError("reviewer name is empty; enter your name in the sidebar")
+        if not self.screening and self.decision == "include":
+            raise ReviewError("The indication is not metastasis screening: use Exclude (the paper excludes these).")
         if self.decision == "exclude":
             if self.exclusion_reason not in EXCLUSION_REASONS:
                 raise ReviewError(f"choose an exclusion reason: one of {', '.join(EXCLUSION_REASONS)}")
@@ -113,11 +122,12 @@ class Review:
 
 
 def add_review(db: sqlite_utils.Database, review: Review, created_at: str | None = None) -> int:
-    """Validate and append one review; returns its id.
+    """Validate and append one review (as :meth:`Review.as_saved`); returns its id.
 
     Runs inside the caller's transaction if there is one (nested as a savepoint),
     otherwise in a transaction of its own.
     """
+    review = review.as_saved()
     review.validate()
     row = {
         "study_id": review.study_id,
@@ -332,17 +342,23 @@ def add_flag(db: sqlite_utils.Database, study_id: int, reason: str, flagged_by: 
     with dbm.write(db):
         if not db.execute("SELECT 1 FROM studies WHERE id = ?", [study_id]).fetchone():
             raise ReviewError(f"study {study_id} does not exist")
+        newest_review = db.execute("SELECT COALESCE(MAX(id), 0) FROM reviews").fetchone()[0]
         return db["flags"].insert(
-            {"study_id": study_id, "reason": reason.strip(), "flagged_by": flagged_by.strip() or "unknown", "created_at": dbm.utc_now()}
+            {"study_id": study_id, "reason": reason.strip(), "flagged_by": flagged_by.strip() or "unknown", "created_at": dbm.utc_now(),
+             "after_review_id": newest_review}
         ).last_pk
 
 
 def open_flags(db: sqlite_utils.Database) -> dict[int, list[str]]:
-    """{study_id: [reasons]} for flags that no reader has answered with a later review."""
+    """{study_id: [reasons]} for flags that no reader has answered with a later review.
+
+    Later means stored later (a larger review id), not a later ``created_at``: imported reviews
+    keep the time their sheet gives, which may be anything.
+    """
     sql = """
         SELECT f.study_id, f.reason FROM flags f
         WHERE NOT EXISTS (
-            SELECT 1 FROM reviews r WHERE r.study_id = f.study_id AND r.created_at > f.created_at
+            SELECT 1 FROM reviews r WHERE r.study_id = f.study_id AND r.id > f.after_review_id
               AND r.reviewer NOT IN ({})
         )
         ORDER BY f.id
@@ -361,16 +377,14 @@ REQUIRED_CSV_COLUMNS = ("study_id", "reviewer", "decision", "label", "criteria")
 
 
 def export_reviews_csv(db: sqlite_utils.Database, path: Path) -> int:
-    """Write every review, oldest first, with ``CSV_COLUMNS``; returns the row count."""
+    """Write every review, oldest first, with ``CSV_COLUMNS``; returns the row count.
+
+    Text that a spreadsheet would run as a formula is quoted (see :mod:`bonescan_core.csvfile`);
+    :func:`import_reviews_csv` undoes it.
+    """
     rows = db.query(f"SELECT {', '.join(CSV_COLUMNS)} FROM reviews ORDER BY id")
-    count = 0
     with path.open("w", newline="", encoding="utf-8") as handle:
-        writer = csv.DictWriter(handle, fieldnames=CSV_COLUMNS)
-        writer.writeheader()
-        for row in rows:
-            writer.writerow({key: "" if value is None else value for key, value in row.items()})
-            count += 1
-    return count
+        return write_rows(handle, CSV_COLUMNS, rows)
 
 
 @dataclass(frozen=True)
@@ -406,7 +420,7 @@ def _review_from_csv(row: dict[str, str]) -> tuple[Review, str | None]:
         exclusion_reason=(row.get("exclusion_reason") or "").strip() or None,
         artifacts=split(row.get("artifacts") or ""),
         confidence=int(confidence) if confidence else None,
-        note=(row.get("note") or "").strip(),
+        note=row.get("note") or "",  # as written: a round trip of an export keeps every character
         adjudication=(row.get("adjudication") or "").strip().lower() in ("1", "true", "yes"),
     )
     return review, created_at
@@ -422,7 +436,9 @@ def import_reviews_csv(db: sqlite_utils.Database, path: Path) -> CsvImportResult
     rows = read_rows(path, REQUIRED_CSV_COLUMNS, ReviewError)
     added = duplicates = 0
     errors = []
-    for line, row in rows:
+    for line, raw in rows:
+        # Undo the export's formula quoting; DictReader gives None for short rows, a list for long ones.
+        row = {key: unescape_cell(value) if isinstance(value, str) else value for key, value in raw.items()}
         try:
             review, created_at = _review_from_csv(row)
             if created_at and db.execute(

@@ -128,7 +128,7 @@ class TrainConfig:
         if unknown:
             problems.append(f"unknown augment settings {', '.join(unknown)} (known: {', '.join(AUGMENT_KEYS)})")
         if problems:
-            raise ValueError("bad training config: " + "; ".join(problems))
+            raise errors.InputError("bad training config: " + "; ".join(problems))
 
     def to_dict(self) -> dict[str, Any]:
         """The settings as a JSON-ready dict (``image_size`` as a list)."""

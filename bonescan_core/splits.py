@@ -8,7 +8,11 @@ stratified by label: each subset gets about the overall share of metastatic stud
 Only included studies with a training label (``review.study_statuses``) take part. A split
 stores the label each study had when it was made and a ``labels_hash`` of those (study,
 label) pairs, so :func:`latest_split` can hand every backbone the same split as long as the
-labels have not changed. Never imports Keras or TensorFlow (``bonescan split`` starts fast).
+labels have not changed.
+
+A split is made from chosen cohorts (default every cohort that holds a study) and records them
+(``splits.cohorts``, a JSON list); the studies of other cohorts are external to its runs.
+Never imports Keras or TensorFlow (``bonescan split`` starts fast).
 """
 
 from __future__ import annotations
@@ -17,12 +21,14 @@ import hashlib
 import json
 import math
 from collections import Counter
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 
 import numpy as np
 import sqlite_utils
 
 from bonescan_core import db as dbm
+from bonescan_core import errors
+from bonescan_core.cohorts import list_cohorts, parse_cohorts
 from bonescan_core.review import LABELS, study_statuses
 
 SUBSETS = ("train", "val", "test")
@@ -31,13 +37,37 @@ DEFAULT_VAL = 0.15  # of the non-test part
 MIN_PATIENTS = 3
 
 
-class SplitError(ValueError):
+class SplitError(errors.InputError):
     """A split cannot be made or found; the message says how many studies of each class there are and what to do."""
 
 
-def labelled_studies(db: sqlite_utils.Database) -> dict[int, str]:
-    """{study_id: label} of the included studies that have a training label."""
-    return {sid: status.label for sid, status in study_statuses(db).items() if status.included and status.label in LABELS}
+def labelled_studies(db: sqlite_utils.Database, cohorts: Iterable[str] | None = None) -> dict[int, str]:
+    """{study_id: label} of the included studies that have a training label (of ``cohorts`` only, if given)."""
+    labels = {sid: status.label for sid, status in study_statuses(db).items() if status.included and status.label in LABELS}
+    if cohorts is None:
+        return labels
+    cohorts = list(cohorts)
+    marks = ", ".join("?" for _ in cohorts)
+    inside = {row[0] for row in db.execute(f"SELECT id FROM studies WHERE cohort IN ({marks})", list(cohorts)).fetchall()}
+    return {sid: label for sid, label in labels.items() if sid in inside}
+
+
+def resolve_cohorts(db: sqlite_utils.Database, cohorts: str | Iterable[str] | None = None) -> list[str]:
+    """The cohorts a split is made from: the named ones (checked, sorted), or every cohort holding a study.
+
+    Raises:
+        CohortError: a name that is not allowed.
+        SplitError: a named cohort holds no study (the message lists those that do).
+    """
+    present = list_cohorts(db)
+    chosen = parse_cohorts(cohorts)
+    if chosen is None:
+        return present
+    unknown = [name for name in chosen if name not in present]
+    if unknown:
+        raise SplitError(f"no study is in cohort {', '.join(repr(n) for n in unknown)}; the cohorts are "
+                         f"{', '.join(present) or '(none yet)'}: name one of them, or import studies with `--cohort`")
+    return chosen
 
 
 def labels_hash(labels: Mapping[int, str]) -> str:
@@ -105,16 +135,24 @@ def _counts_message(labels: Mapping[int, str], n_other: int) -> str:
     )
 
 
-def make_split(db: sqlite_utils.Database, seed: int = 0, test: float = DEFAULT_TEST, val: float = DEFAULT_VAL) -> int:
+def make_split(db: sqlite_utils.Database, seed: int = 0, test: float = DEFAULT_TEST, val: float = DEFAULT_VAL,
+               cohorts: str | Iterable[str] | None = None) -> int:
     """Make and store a new split of the included, labelled studies; returns its id.
 
+    Args:
+        cohorts: names (a list, or ``"a,b"``) of the cohorts whose studies take part; None:
+            every cohort holding a study. The split records them (:func:`get_split`).
+
     Raises:
+        CohortError: a cohort name that is not allowed.
         SplitError: too few labelled studies, or patients, of either class (the message
             gives the counts and what to do), or bad fractions.
     """
     fractions = subset_fractions(test, val)
-    labels = labelled_studies(db)
-    n_other = db.execute("SELECT COUNT(*) FROM studies").fetchone()[0] - len(labels)
+    chosen = resolve_cohorts(db, cohorts)
+    labels = labelled_studies(db, chosen)
+    marks = ", ".join("?" for _ in chosen)
+    n_other = db.execute(f"SELECT COUNT(*) FROM studies WHERE cohort IN ({marks})", chosen).fetchone()[0] - len(labels)
     needed = minimum_per_class(test, val)
     counts = Counter(labels.values())
     todo = "label more studies on the Review page or with `bonescan label` (or add demo studies with `bonescan demo`)"
@@ -140,7 +178,7 @@ def make_split(db: sqlite_utils.Database, seed: int = 0, test: float = DEFAULT_T
     with dbm.write(db):
         split_id = db["splits"].insert(
             {"seed": int(seed), "test_fraction": float(test), "val_fraction": float(val),
-             "labels_hash": labels_hash(labels), "created_at": dbm.utc_now()}
+             "labels_hash": labels_hash(labels), "cohorts": json.dumps(chosen), "created_at": dbm.utc_now()}
         ).last_pk
         db["split_members"].insert_all(
             {"split_id": split_id, "study_id": sid, "subset": subsets[sid], "label": labels[sid]} for sid in sorted(subsets)
@@ -149,19 +187,21 @@ def make_split(db: sqlite_utils.Database, seed: int = 0, test: float = DEFAULT_T
 
 
 def get_split(db: sqlite_utils.Database, split_id: int) -> dict:
-    """``{"id": N, "subsets": {"train": [study ids], "val": [...], "test": [...]}}`` (ids sorted), as ``bonescan split --json`` prints.
+    """``{"id": N, "subsets": {"train": [study ids], "val": [...], "test": [...]}, "cohorts": [names]}`` (ids
+    sorted), as ``bonescan split --json`` prints; ``cohorts``: those the split was made from.
 
     Raises:
         SplitError: no split with that id.
     """
-    if not db.execute("SELECT 1 FROM splits WHERE id = ?", [split_id]).fetchone():
+    row = db.execute("SELECT cohorts FROM splits WHERE id = ?", [split_id]).fetchone()
+    if row is None:
         raise SplitError(f"split {split_id} does not exist; make one with `bonescan split`")
     subsets: dict[str, list[int]] = {subset: [] for subset in SUBSETS}
     for study_id, subset in db.execute(
         "SELECT study_id, subset FROM split_members WHERE split_id = ? ORDER BY study_id", [split_id]
     ).fetchall():
         subsets[subset].append(study_id)
-    return {"id": split_id, "subsets": subsets}
+    return {"id": split_id, "subsets": subsets, "cohorts": json.loads(row[0] or "[]")}
 
 
 def split_labels(db: sqlite_utils.Database, split_id: int) -> dict[int, tuple[str, str]]:
@@ -172,30 +212,37 @@ def split_labels(db: sqlite_utils.Database, split_id: int) -> dict[int, tuple[st
 
 
 def split_info(db: sqlite_utils.Database, split_id: int) -> dict:
-    """The stored row of a split: ``id, seed, test_fraction, val_fraction, labels_hash, created_at``."""
-    row = db.execute("SELECT * FROM splits WHERE id = ?", [split_id]).fetchone()
+    """The stored row of a split: ``id, seed, test_fraction, val_fraction, labels_hash, created_at, cohorts`` (a list)."""
+    columns = ("id", "seed", "test_fraction", "val_fraction", "labels_hash", "created_at", "cohorts")
+    row = db.execute("SELECT id, seed, test_fraction, val_fraction, labels_hash, created_at, cohorts FROM splits WHERE id = ?",
+                     [split_id]).fetchone()
     if row is None:
         raise SplitError(f"split {split_id} does not exist; make one with `bonescan split`")
-    return dict(zip(("id", "seed", "test_fraction", "val_fraction", "labels_hash", "created_at"), row, strict=True))
+    info = dict(zip(columns, row, strict=True))
+    info["cohorts"] = json.loads(info["cohorts"] or "[]")
+    return info
 
 
-def latest_split(db: sqlite_utils.Database, seed: int = 0, test: float = DEFAULT_TEST, val: float = DEFAULT_VAL) -> int | None:
-    """The newest split made with these settings from the CURRENT labels, or None.
+def latest_split(db: sqlite_utils.Database, seed: int = 0, test: float = DEFAULT_TEST, val: float = DEFAULT_VAL,
+                 cohorts: str | Iterable[str] | None = None) -> int | None:
+    """The newest split made with these settings and cohorts (see :func:`make_split`) from the CURRENT labels, or None.
 
     Backbone comparisons reuse it so that every model sees the same patients; any change of
     a training label (or a study newly labelled) changes the labels hash and so needs a
     new split.
     """
-    current = labels_hash(labelled_studies(db))
+    chosen = resolve_cohorts(db, cohorts)
+    current = labels_hash(labelled_studies(db, chosen))
     row = db.execute(
         "SELECT id FROM splits WHERE seed = ? AND abs(test_fraction - ?) < 1e-9 AND abs(val_fraction - ?) < 1e-9"
-        " AND labels_hash = ? ORDER BY id DESC LIMIT 1",
-        [int(seed), float(test), float(val), current],
+        " AND labels_hash = ? AND cohorts = ? ORDER BY id DESC LIMIT 1",
+        [int(seed), float(test), float(val), current, json.dumps(chosen)],
     ).fetchone()
     return row[0] if row else None
 
 
-def ensure_split(db: sqlite_utils.Database, seed: int = 0, test: float = DEFAULT_TEST, val: float = DEFAULT_VAL) -> int:
-    """:func:`latest_split` if there is one, else :func:`make_split`."""
-    existing = latest_split(db, seed, test, val)
-    return existing if existing is not None else make_split(db, seed, test, val)
+def ensure_split(db: sqlite_utils.Database, seed: int = 0, test: float = DEFAULT_TEST, val: float = DEFAULT_VAL,
+                 cohorts: str | Iterable[str] | None = None) -> int:
+    """:func:`latest_split` if there is one, else :func:`make_split` (same ``cohorts``)."""
+    existing = latest_split(db, seed, test, val, cohorts)
+    return existing if existing is not None else make_split(db, seed, test, val, cohorts)

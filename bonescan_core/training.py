@@ -9,7 +9,7 @@ and gets progress, every finished epoch and a cancel check through it. The only 
 ``train_run`` writes is fast mode's feature cache (``runs.store_features``), chunk by
 chunk, so that features computed before a cancel are kept.
 
-Modes (``cli.md``):
+Modes (``docs/cli.md``):
 
 * ``fast``: frozen backbone, no augmentation; pooled features are computed once per
   (backbone, weights, input size, image) and cached in the ``features`` table, so a re-run
@@ -43,7 +43,7 @@ from typing import Any, Protocol
 import numpy as np
 import sqlite_utils
 
-from bonescan_core import runs
+from bonescan_core import errors, runs
 from bonescan_core import splits as splitting
 from bonescan_core.models import weights_kind
 from bonescan_core.preprocess import Sample
@@ -58,10 +58,15 @@ FEATURE_CHUNK = 128  # fast mode decodes this many samples at a time (646 x 220:
 
 
 class TrainingCancelled(Exception):
-    """The reporter asked to stop; the run ended early and saved nothing (no model, no predictions)."""
+    """The reporter asked to stop; the run ended early and saved nothing (no model, no predictions).
+
+    Control flow, not an error: it unwinds a run the user stopped, and the worker records the run
+    as cancelled. It stays outside :class:`errors.BonescanError` so that no catch of the error
+    family (which reports a failure) can swallow a cancellation.
+    """
 
 
-class TrainingError(RuntimeError):
+class TrainingError(errors.BonescanError):
     """The run cannot train as configured (e.g. a subset without images); the message says what to do."""
 
 

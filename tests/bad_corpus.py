@@ -16,7 +16,10 @@ that rejection messages never repeat it and that :class:`DicomFacts` lists all o
 from __future__ import annotations
 
 import io
+import json
 import struct
+import subprocess
+import sys
 import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -391,6 +394,129 @@ def _tiff_samples(count: int) -> Callable[[], bytes]:
     )
 
 
+# --------------------------------------------------------------------------- decompression bombs
+# Small files whose declared image is small (so the declared-size check passes) but whose
+# compressed data expands far beyond it. Each is about 0.3-4 MB and expands to 256 MB or more.
+
+BOMB_EXPANDED_BYTES = 256 << 20
+"""How far the bombs below expand (bytes of decoded output they would produce unchecked)."""
+
+
+def deflated_zeros(prefix: bytes = b"", zeros: int = BOMB_EXPANDED_BYTES, *, wrapper: bool = True) -> bytes:
+    """A deflate stream of ``prefix`` then ``zeros`` zero bytes (zlib-wrapped, or raw deflate).
+
+    Built in well under a second without holding the output: after a sync flush, each further
+    MiB of zeros compresses to the same bytes (the window already holds only zeros), so that
+    piece is repeated; the zlib trailer's Adler-32 is computed over the whole output.
+    """
+    block = bytes(1 << 20)
+    packer = zlib.compressobj(9, zlib.DEFLATED, -zlib.MAX_WBITS)
+    head = packer.compress(prefix) + packer.flush(zlib.Z_SYNC_FLUSH)
+    first = packer.compress(block) + packer.flush(zlib.Z_SYNC_FLUSH)
+    repeated = packer.compress(block) + packer.flush(zlib.Z_SYNC_FLUSH)
+    blocks, rest = divmod(zeros, len(block))
+    assert blocks >= 2, "at least 2 MiB of zeros"
+    tail = zlib.compressobj(9, zlib.DEFLATED, -zlib.MAX_WBITS)  # a fresh final block for the rest
+    stream = head + first + repeated * (blocks - 1) + tail.compress(bytes(rest)) + tail.flush()
+    if not wrapper:
+        return stream
+    checksum = zlib.adler32(prefix)
+    for _ in range(blocks):
+        checksum = zlib.adler32(block, checksum)
+    checksum = zlib.adler32(bytes(rest), checksum)
+    return b"\x78\xda" + stream + struct.pack(">I", checksum)
+
+
+def _tiff_zlib_bomb() -> bytes:
+    """A 128 x 96 8-bit TIFF whose one zlib strip inflates to 256 MB."""
+    data = bytearray(crafted_tiff(96, 128, deflated_zeros()))
+    # crafted_tiff writes Compression (259) = 1; make it 8 (Adobe deflate) in place.
+    at = data.index(struct.pack("<HHI", 259, 3, 1))
+    data[at + 8 : at + 10] = struct.pack("<H", 8)
+    return bytes(data)
+
+
+def _tiff_many_pages(count: int = 20_000) -> bytes:
+    """``count`` one-pixel pages: cheap to store, slow and memory-hungry to list."""
+    return tiff_bytes(np.ones((count, 1, 1), np.uint8), photometric="minisblack", metadata=None)
+
+
+def _dicom_deflated_bomb() -> bytes:
+    """A Deflated Explicit VR DICOM (128 x 96 x 16-bit image) with 256 MB of trailing padding."""
+    ds = nm_dataset(gradient(128, 96))
+    ds.file_meta.TransferSyntaxUID = DeflatedExplicitVRLittleEndian
+    deflated = dicom_bytes(ds)
+    meta_end = _meta_end(deflated)
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    plain = dicom_bytes(ds)
+    body = plain[_meta_end(plain) :]
+    # (FFFC,FFFC) Data Set Trailing Padding, OB, 256 MB of zeros.
+    padding = struct.pack("<HH2sHI", 0xFFFC, 0xFFFC, b"OB", 0, BOMB_EXPANDED_BYTES)
+    return deflated[:meta_end] + deflated_zeros(body + padding, wrapper=False)
+
+
+def _meta_end(data: bytes) -> int:
+    """Offset of the first element after the file meta group of a DICOM file."""
+    (group_length,) = struct.unpack("<I", data[140:144])  # (0002,0000) UL value
+    return 144 + group_length
+
+
+def _dicom_rle_bomb() -> bytes:
+    """RLE Lossless, 128 x 96 x 8-bit declared; the one segment repeats runs to 256 MB."""
+    ds = nm_dataset(gradient(128, 96, "uint8", top=250))
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit = 8, 8, 7
+    runs = b"\x81\x00" * (BOMB_EXPANDED_BYTES // 128)  # each pair: repeat 0x00 128 times
+    header = struct.pack("<16I", 1, 64, *([0] * 14))
+    return dicom_bytes(encapsulated(ds, RLELossless, [header + runs]))
+
+
+def _dicom_jpeg_bomb() -> bytes:
+    """JPEG Baseline DICOM declaring 128 x 96 whose codestream declares 20000 x 20000."""
+    image = gradient(128, 96, "uint8", top=250)
+    ds = nm_dataset(image)
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit = 8, 8, 7
+    jpeg = patch_jpeg_size(pillow_bytes(Image.fromarray(image), "JPEG"), 20_000, 20_000)
+    return dicom_bytes(encapsulated(ds, JPEGBaseline8Bit, [jpeg]))
+
+
+_PEAK_SCRIPT = """
+import json, resource, sys, time
+from bonescan_core.imaging import RejectedFile, read_scan
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+started = time.perf_counter()
+try:
+    scan = read_scan(sys.argv[1])
+    outcome = "imported " + str(len(scan.frames)) + " frame(s)"
+except RejectedFile as error:
+    outcome = "rejected: " + str(error)
+seconds = time.perf_counter() - started
+peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+print(json.dumps({"peak_mib": round((peak - before) / 1024, 1), "seconds": round(seconds, 3), "outcome": outcome}))
+"""
+
+
+def peak_memory_of_reading(path: Path) -> dict[str, object]:
+    """Read ``path`` with ``imaging.read_scan`` in a fresh interpreter and report what it cost.
+
+    Returns:
+        {"peak_mib": growth of the peak resident memory during the read (MiB, Linux
+        ru_maxrss), "seconds": wall time of the read, "outcome": "imported N frame(s)" or
+        "rejected: <reason>"}.
+    """
+    done = subprocess.run([sys.executable, "-c", _PEAK_SCRIPT, str(path)], capture_output=True, text=True, check=True)
+    return json.loads(done.stdout)
+
+
+BOMBS: dict[str, tuple[str, Callable[[], bytes]]] = {
+    "bomb_zlib.tif": ("expands to more than its declared", _tiff_zlib_bomb),
+    "bomb_pages.tif": ("more than 256 pages", _tiff_many_pages),
+    "bomb_deflated.dcm": ("expands to more than its declared", _dicom_deflated_bomb),
+    "bomb_rle.dcm": ("expands to more than its declared", _dicom_rle_bomb),
+    "bomb_jpeg.dcm": ("declares 20000 x 20000 pixels in its JPEG data", _dicom_jpeg_bomb),
+}
+"""Decompression bombs: {file name: (reason substring, builder)}; also part of the bad corpus."""
+
+
 _BAD_BUILDERS: dict[str, tuple[str, Callable[[], bytes]]] = {
     # empty / not an image / wrong name
     "empty.png": ("empty file (0 bytes)", lambda: b""),
@@ -464,6 +590,7 @@ _BAD_BUILDERS: dict[str, tuple[str, Callable[[], bytes]]] = {
         lambda: crafted_tiff(100_000, 100_000, b"\x00" * 16),
     ),
     "bomb.dcm": ("declares 65535 x 65535 x 10 pixels, over the 40-megapixel limit", _dicom_bomb),
+    **BOMBS,
     # decodes, but is not a usable scan
     "blank.png": (
         "blank image (every pixel is 7): no signal",
@@ -563,8 +690,9 @@ def _good_jpeg() -> tuple[bytes, GoodCase]:
 
 
 def _good_signed_dicom() -> tuple[bytes, GoodCase]:
-    image = (gradient(128, 96, "int32", top=3000) - 1000).astype(np.int16)
-    ds = nm_dataset(image, ImageID="ANT")
+    stored = (gradient(128, 96, "int32", top=3000) - 1000).astype(np.int16)
+    image = np.maximum(stored, 0)  # counts are never negative: read with the negatives set to zero
+    ds = nm_dataset(stored, ImageID="ANT")
     facts = {
         "sex": "F",
         "age_years": 45,
@@ -572,7 +700,9 @@ def _good_signed_dicom() -> tuple[bytes, GoodCase]:
         "patient_id": PHI["PatientID"],
         "study_uid": PHI["StudyInstanceUID"],
     }
-    return dicom_bytes(ds), GoodCase("dicom", ((128, 96),), "int16", (image,), views=("anterior",), facts=facts)
+    return dicom_bytes(ds), GoodCase(
+        "dicom", ((128, 96),), "int16", (image,), views=("anterior",), facts=facts, note="negative pixel values to 0"
+    )
 
 
 def _good_nm_two_frames() -> tuple[bytes, GoodCase]:
@@ -602,7 +732,7 @@ def _good_monochrome1() -> tuple[bytes, GoodCase]:
 def _good_rescaled() -> tuple[bytes, GoodCase]:
     image = gradient(128, 96, top=1000)
     ds = nm_dataset(image, RescaleSlope="0.5", RescaleIntercept="-10")
-    expected = (image.astype(np.float64) * 0.5 - 10).astype(np.float32)
+    expected = np.maximum((image.astype(np.float64) * 0.5 - 10).astype(np.float32), 0)
     return dicom_bytes(ds), GoodCase("dicom", ((128, 96),), "float32", (expected,), note="rescale")
 
 
@@ -715,7 +845,7 @@ _GOOD_BUILDERS: dict[str, Callable[[], tuple[bytes, GoodCase]]] = {
     "IM000001": _simple(_nm_uncompressed, GoodCase("dicom", ((128, 96),), "uint16", (gradient(128, 96),))),
     UID_ROOT + "7003": _simple(_nm_uncompressed, GoodCase("dicom", ((128, 96),), "uint16", (gradient(128, 96),))),
     "JPGExtended.dcm": _good_testdata("JPGExtended.dcm", (1024, 256), "uint16", (0, 264)),
-    "JPEG2000.dcm": _good_testdata("JPEG2000.dcm", (1024, 256), "int16", (-30, 245)),
+    "JPEG2000.dcm": _good_testdata("JPEG2000.dcm", (1024, 256), "int16", (0, 245)),  # lossy: rings down to -30
     "MR_small_jpeg_ls_lossless.dcm": _good_testdata("MR_small_jpeg_ls_lossless.dcm", (64, 64), "int16", None, True),
     "MR_small_RLE.dcm": _good_testdata("MR_small_RLE.dcm", (64, 64), "int16", None, True),
     "image_dfl.dcm": _good_testdata("image_dfl.dcm", (512, 512), "uint8", (0, 255)),

@@ -1,6 +1,8 @@
 """AppTest: every page renders without an exception, empty and with demo data; the main
 flows of the Scans and Review pages work through the widgets."""
 
+import re
+
 import pytest
 from conftest import REPO
 from streamlit.testing.v1 import AppTest
@@ -120,3 +122,103 @@ def test_train_page_shows_passes_by_their_own_count_and_maps_still_to_come(db_pa
     bars = [element.proto.text for element in app.get("progress")]
     assert bars == ["predicting: 3/10"], "a prediction pass is not an epoch"
     assert any("Grad-CAM maps ready for 2 of 5 studies" in caption.value for caption in app.caption)
+
+
+TEXT_ELEMENTS = ("markdown", "caption", "title", "header", "subheader", "error", "warning", "info", "success", "toast")
+
+
+@pytest.mark.parametrize("page", PAGES)
+def test_reader_names_and_notes_are_not_rendered_as_markdown(db_path, page):
+    """A reader named like an image link must not make every viewer's browser fetch the URL:
+    wherever a page shows the name (or a note) as Markdown, it is escaped."""
+    evil = "![x](http://127.0.0.1:9/x.png)"
+    with dbm.opened(db_path) as db:
+        add_demo_studies(db, 2, seed=11)
+        studies = [row[0] for row in db.execute("SELECT id FROM studies ORDER BY id")]
+        for study in studies:  # two readers who disagree: the Agreement page names both
+            rv.add_review(db, rv.Review(study, evil, "include", "metastatic", ("flare",), note=evil))
+            rv.add_review(db, rv.Review(study, "bob", "include", "non_metastatic", ("trauma",), note=evil))
+        rv.set_adjudicator(db, evil)
+    app = run_page(page, reviewer=evil)
+    assert not app.exception, [e.value for e in app.exception]
+    shown = [element.value for kind in TEXT_ELEMENTS for element in app.get(kind)]
+    assert not [text for text in shown if re.search(r"(?<!\\)!\[", text)], "an unescaped image link"
+    if page.endswith("agreement.py"):  # the names are there, escaped
+        assert any(r"\!\[x\]\(http\:\/\/127\.0\.0\.1\:9\/x\.png\)" in text for text in shown)
+
+
+def test_evaluate_compare_tab_respects_a_stored_threshold_of_zero(db_path):
+    """A run whose validation-chosen threshold is 0.0 is compared at 0.0 (everything
+    metastatic: recall 1, specificity 0), not at the 0.5 fallback for runs without one."""
+    from test_evaluation import populate
+
+    with dbm.opened(db_path) as db:
+        (at_zero, _), _, _ = populate(db, n_patients=12, seed=3, runs=(("densenet121", 0.0, 1.5), ("vgg19", None, 0.6)))
+    app = run_page("app_pages/evaluate.py", reviewer="ann")
+    assert not app.exception, [e.value for e in app.exception]
+    (table,) = [frame.value for frame in app.dataframe if "run" in frame.value.columns]
+    row = table[table["run"] == f"DenseNet121 (run {at_zero})"].iloc[0]
+    assert row["Recall (sensitivity)"] == 1.0
+
+
+def test_review_page_not_screening_refuses_a_label_and_excludes(db_path):
+    with dbm.opened(db_path) as db:
+        add_demo_studies(db, 3, seed=2)
+    app = run_page(PAGES[1], reviewer="ann")
+    first = app.session_state["rv_study"]
+    app.radio(key=f"rv_{first}_screening").set_value("no")
+    app.checkbox(key=f"rv_{first}_typical_pattern").check()
+    app.button(key="rv_metastatic").click().run()
+    # the page shows review errors Markdown-escaped (they may quote a typed name): compare unescaped
+    assert any("not metastasis screening: use Exclude" in e.value.replace("\\", "") for e in app.error)
+    assert app.session_state["rv_study"] == first
+    app.button(key="rv_exclude").click().run()
+    assert not app.exception
+    with dbm.opened(db_path) as db:
+        rows = [(r["decision"], r["exclusion_reason"]) for r in rv.history(db, first) if r["reviewer"] == "ann"]
+    assert rows == [("exclude", "non_screening_indication")]
+
+
+def test_scans_page_filters_through_catalog(db_path):
+    """The study filters are catalog.filter_studies: a missing value is its own choice."""
+    from bonescan_core import catalog
+
+    with dbm.opened(db_path) as db:
+        add_demo_studies(db, 5, seed=6)
+        table = catalog.study_table(db)
+    rows = [{**table[0], "label": None, "sex": None}, *table[1:]]
+    assert catalog.filter_options(rows)["label"] == ["metastatic", "non_metastatic", "none"]
+    assert "unknown" in catalog.filter_options(rows)["sex"]
+    assert catalog.filter_studies(rows, {"label": ["none"]}) == [rows[0]]
+    assert catalog.filter_studies(rows, {"label": [], "sex": ["unknown"], "origin": [rows[0]["origin"]]}) == [rows[0]]
+    assert catalog.filter_studies(rows, {}) == rows
+    metastatic = [r for r in table if r["label"] == "metastatic"]
+    app = run_page(PAGES[0])
+    app.multiselect(key="filter_label").set_value(["metastatic"]).run()
+    assert not app.exception
+    assert any(f"{len(metastatic)} studies)" in e.label for e in app.expander)
+
+
+def test_train_and_agreement_cards_count_through_catalog(db_path, monkeypatch):
+    monkeypatch.setenv("BONESCAN_AUTOSTART_WORKER", "0")
+    from bonescan_core import catalog, splits
+
+    with dbm.opened(db_path) as db:
+        add_demo_studies(db, 16, seed=4)
+        # ann's exclusion disagrees with the reference label: study 1 waits, outside the split
+        rv.add_review(db, rv.Review(study_id=1, reviewer="ann", decision="exclude", exclusion_reason="poor_quality"))
+        split = splits.get_split(db, splits.ensure_split(db, seed=0))
+        studies = catalog.list_studies(db)
+    metastatic = sum(s["label"] == "metastatic" for s in studies)
+    app = run_page("app_pages/train.py", reviewer="ann")
+    cards = {m.label: m.value for m in app.metric}
+    assert cards["Included, metastatic"] == str(metastatic)
+    assert cards["Included, no metastasis"] == str(sum(s["label"] == "non_metastatic" for s in studies))
+    assert cards["Waiting for adjudication"] == "1"
+    label = {s["id"]: s["label"] for s in studies}
+    expected = "; ".join(f"{name} {len(ids)} studies ({sum(label[i] == 'metastatic' for i in ids)} metastatic)"
+                         for name, ids in split["subsets"].items())
+    assert f"Current split {split['id']} (by patient, stratified): {expected}" in [c.value for c in app.caption]
+    app.switch_page("app_pages/agreement.py").run()
+    cards = {m.label: m.value for m in app.metric}
+    assert (cards["Studies"], cards["With a training label"], cards["Excluded"]) == ("16", "15", "0")

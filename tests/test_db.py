@@ -80,3 +80,58 @@ def test_concurrent_writers_all_land(db_path):
     assert errors == []
     with dbm.opened(db_path) as db:
         assert db["patients"].count == 80
+
+
+def _study_with_review_and_flag(db):
+    with dbm.write(db):
+        pid = db["patients"].insert({"key": "p", "created_at": dbm.utc_now()}).last_pk
+        sid = db["studies"].insert({"patient_id": pid, "key": "s", "origin": "import", "created_at": dbm.utc_now()}).last_pk
+        rid = db["reviews"].insert({"study_id": sid, "reviewer": "a", "created_at": dbm.utc_now(), "decision": "include",
+                                    "label": "metastatic", "criteria": "flare"}).last_pk
+        fid = db["flags"].insert({"study_id": sid, "reason": "check T7", "flagged_by": "a", "created_at": dbm.utc_now()}).last_pk
+    return sid, rid, fid
+
+
+def test_insert_or_replace_cannot_rewrite_a_review_or_a_flag(db):
+    """REPLACE deletes the old row without firing the delete trigger: an insert with a used id is refused."""
+    sid, rid, fid = _study_with_review_and_flag(db)
+    with pytest.raises(sqlite3.IntegrityError, match="append-only"):
+        db.execute("INSERT OR REPLACE INTO reviews (id, study_id, reviewer, created_at, decision, label, criteria)"
+                   " VALUES (?, ?, 'a', '2020-01-01T00:00:00Z', 'include', 'non_metastatic', 'trauma')", [rid, sid])
+    with pytest.raises(sqlite3.IntegrityError, match="append-only"):
+        db["reviews"].insert({"id": rid, "study_id": sid, "reviewer": "mallory", "created_at": dbm.utc_now(),
+                              "decision": "exclude", "exclusion_reason": "artifact"}, replace=True)
+    with pytest.raises(sqlite3.IntegrityError, match="append-only"):
+        db.execute("REPLACE INTO flags (id, study_id, reason, flagged_by, created_at) VALUES (?, ?, 'x', 'm', 'now')", [fid, sid])
+    review = db.execute("SELECT reviewer, label FROM reviews WHERE id = ?", [rid]).fetchone()
+    flag = db.execute("SELECT reason, flagged_by FROM flags WHERE id = ?", [fid]).fetchone()
+    assert (tuple(review), tuple(flag)) == (("a", "metastatic"), ("check T7", "a"))
+
+
+def test_flags_are_append_only(db):
+    _study_with_review_and_flag(db)
+    with pytest.raises(sqlite3.IntegrityError, match="append-only"):
+        db.execute("UPDATE flags SET reason = 'nothing'")
+    with pytest.raises(sqlite3.IntegrityError, match="append-only"):
+        db.execute("DELETE FROM flags")
+    assert db["flags"].count == 1
+
+
+def test_upgrading_keeps_open_flags_open_and_answered_ones_answered(tmp_path, monkeypatch):
+    """A database made before 004 (flags answered by the clock) keeps the same open flags after it."""
+    from bonescan_core import review as rv
+
+    path = tmp_path / "old.db"
+    monkeypatch.setattr(dbm, "MIGRATIONS", dbm.MIGRATIONS[:3])
+    with dbm.opened(path) as db, dbm.write(db):
+        pid = db["patients"].insert({"key": "p", "created_at": "2026-01-01T00:00:00Z"}).last_pk
+        answered, open_ = (db["studies"].insert({"patient_id": pid, "key": k, "origin": "import",
+                                                  "created_at": "2026-01-01T00:00:00Z"}).last_pk for k in ("s1", "s2"))
+        for sid in (answered, open_):
+            db["flags"].insert({"study_id": sid, "reason": f"flag {sid}", "flagged_by": "x", "created_at": "2026-01-02T00:00:00Z"})
+        db["reviews"].insert({"study_id": answered, "reviewer": "a", "created_at": "2026-01-03T00:00:00Z",
+                              "decision": "include", "label": "metastatic", "criteria": "flare"})
+    monkeypatch.undo()
+    with dbm.opened(path) as db:
+        assert dbm.schema_version(db) == dbm.MIGRATIONS[-1][0]
+        assert rv.open_flags(db) == {open_: [f"flag {open_}"]}

@@ -8,6 +8,8 @@ evaluation, the predictions CSV and the export bundle. Then every byte that bone
 is searched for every planted value: the database (after a WAL checkpoint, with its -wal
 and -shm files), every file under ``runs/`` (worker log included), every exported file,
 the members of every zip (``.keras``), and everything the commands printed. Zero hits.
+PNG, TIFF and JPEG files named after their patient and imported with a manifest of the same
+ids (issue #15, point 2) leave no trace either, with and without ``--keep-file-names``.
 
 What is kept, and so asserted here: sex, the 10-year age band, the study year and (from a
 manifest) the primary cancer; patients and studies are salted hashes. See
@@ -205,8 +207,8 @@ def test_no_planted_phi_reaches_the_database_runs_exports_or_logs(db_path, tmp_p
         db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
     assert len(studies_json) == len(PATIENTS) and db_path.stat().st_size > 0
     assert {image["view"] for image in images_json} == {"anterior", "posterior"}, "views come from the header"
-    renamed = [image["source"] for image in images_json if image["source"].startswith("dicom-")]
-    assert len(renamed) == len(NAMED_AFTER), "files named after their PHI are stored under a neutral name"
+    assert all(re.fullmatch(r"dicom-[0-9a-f]{8}-(ANT|POST)", image["source"]) for image in images_json), \
+        "every file is stored under a neutral name (those named after their PHI too)"
 
     # --- the search -----------------------------------------------------------------------------
     control = Searcher(planted)  # the search does find PHI where there is some: the input files, dates in other spellings
@@ -246,3 +248,75 @@ def test_no_planted_phi_reaches_the_database_runs_exports_or_logs(db_path, tmp_p
         record_property(name, value)
     assert searcher.hits == []
     assert searcher.files >= 10 and searcher.bytes > 1_000_000
+
+
+# --- non-DICOM files named after their patient (issue 15, point 2) ------------------------------
+
+# A site's export: PNG, TIFF and JPEG files named after the patient (MRN, name, birth date) and
+# the accession number, imported with a manifest that carries the same MRNs and accession numbers.
+# (patient_id, study_id, file stem before the view token, format, [sex, age])
+NAMED_FILES = [
+    ("MRN00123456", "ACC77700123", "MRN00123456_DOE-JOHN_1962-03-04", "png"),
+    ("MRN00765432", "ACC77700456", "ACC77700456 ROE-JANE 19581130", "tif"),
+    ("MRN00765432", "ACC77700789", "roe-jane_mrn00765432_1958.11.30", "jpg"),
+]
+NAMED_PHI = ("MRN00123456", "MRN00765432", "ACC77700123", "ACC77700456", "ACC77700789", "DOE-JOHN", "ROE-JANE",
+             "1962-03-04", "19620304", "19581130", "1958.11.30")
+
+
+def write_named_files(folder: Path) -> Path:
+    """Two views per study in the NAMED_FILES formats, and their manifest; returns the manifest."""
+    import numpy as np
+    import tifffile
+    from PIL import Image
+
+    from bonescan_core.phantom import make_study
+
+    folder.mkdir(parents=True)
+    rows = []
+    for index, (patient_id, study_id, stem, suffix) in enumerate(NAMED_FILES):
+        phantom = make_study(np.random.default_rng(500 + index), metastatic=bool(index % 2), height=128, width=64)
+        for view, token in (("anterior", "ANT"), ("posterior", "POST")):  # views in the manifest too
+            path = folder / f"{stem}_{token}.{suffix}"
+            pixels = getattr(phantom, view)
+            if suffix == "tif":
+                tifffile.imwrite(path, pixels)
+            elif suffix == "jpg":
+                Image.fromarray((pixels * (255 / pixels.max())).astype(np.uint8)).save(path, quality=95)
+            else:
+                Image.fromarray(pixels).save(path)
+            rows.append([path.name, patient_id, study_id, token[0], "metastatic" if index % 2 else "non_metastatic"])
+    with (folder / "manifest.csv").open("w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["path", "patient_id", "study_id", "view", "label"])
+        writer.writerows(rows)
+    return folder / "manifest.csv"
+
+
+@pytest.mark.parametrize("keep_names", [False, True], ids=["default", "keep-file-names"])
+def test_non_dicom_files_named_after_their_patient_leave_no_trace(tmp_path, db_path, keep_names):
+    manifest = write_named_files(tmp_path / "site")
+    log: list[str] = []
+    cli(log, "import", "--manifest", str(manifest), *(["--keep-file-names"] if keep_names else []), db_path=db_path)
+    out = tmp_path / "out"
+    out.mkdir()
+    cli(log, "labels", "export", "--csv", str(out / "labels.csv"), db_path=db_path)
+    images = json.loads(cli(log, "images", "--json", db_path=db_path))
+    studies = json.loads(cli(log, "studies", "--json", db_path=db_path))
+    assert len(images) == 6 and len(studies) == 3
+    assert sorted(image["view"] for image in images) == ["anterior"] * 3 + ["posterior"] * 3, "views kept"
+    assert all(re.fullmatch(r"(png|tiff|jpeg)-[0-9a-f]{8}-(ANT|POST)", image["source"]) for image in images), images
+    with dbm.opened(db_path) as db:
+        db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+
+    printed = "\n".join(log)
+    inputs = sorted((str(p) for p in (tmp_path / "site").iterdir()), key=len, reverse=True)
+    for path in inputs:  # import lines start with the user's own path, as typed: that is not storage
+        printed = printed.replace(path, "<input path>")
+    written = {str(p.relative_to(tmp_path)): p.read_bytes() for p in tmp_path.rglob("*")
+               if p.is_file() and (tmp_path / "site") not in p.parents}
+    written["printed by the commands"] = printed.encode()
+    assert "labels.db" in written and "out/labels.csv" in written
+    hits = [(where, value) for where, data in written.items() for value in NAMED_PHI
+            if value.lower().encode() in data.lower() or value.lower().encode("utf-16-le") in data.lower()]
+    assert hits == []

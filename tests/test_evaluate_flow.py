@@ -84,6 +84,21 @@ def test_cli_evaluate_explain_export_round_trip(finished_run, tmp_path):
     assert missing.returncode == 2 and "run 999 does not exist" in missing.stderr
 
 
+def test_bundle_zip_holds_the_bundle_under_the_run_folder(finished_run):
+    """The Evaluate page's "Build model bundle" download (report.bundle_zip)."""
+    import io
+    import zipfile
+
+    from bonescan_core import report
+
+    db_path, run_id = finished_run
+    with dbm.opened(db_path) as db:
+        data = report.bundle_zip(db, db_path, run_id)
+    with zipfile.ZipFile(io.BytesIO(data)) as archive:
+        assert sorted(archive.namelist()) == sorted(f"run-{run_id}/{name}" for name in report.BUNDLE_FILES)
+        assert json.loads(archive.read(f"run-{run_id}/metrics.json"))["threshold_source"] == "run"
+
+
 def test_map_precomputation_yields_to_a_queued_run(tmp_path):
     """A run is done before its maps are made, and the worker leaves the maps for later when
     another run waits: the queued run trains first, then gets all of its own maps."""

@@ -52,18 +52,16 @@ def test_writes_wait_for_another_writer_and_none_is_lost(db_path, db, studies):
     holder = subprocess.Popen([sys.executable, "-c", HOLD_THE_WRITE_LOCK, str(db_path), str(hold_s)],
                               stdout=subprocess.PIPE, text=True)
     assert holder.stdout.readline().strip() == "locked"
-    locked_at = time.monotonic()
-    waits: list[float] = []
+    started_while_held: list[bool] = []
     errors: list[BaseException] = []
 
     def save_reviews(reader: str) -> None:
         try:
             for i in range(5):
-                started = time.monotonic()
+                started_while_held.append(holder.poll() is None)  # the holder commits, then exits
                 with dbm.opened(db_path) as conn:  # a fresh connection per save, as the Review page does
                     rv.add_review(conn, rv.Review(studies[i % len(studies)], reader, "include", label="metastatic",
                                                   criteria=("typical_pattern",), note=f"{reader}-{i}"))
-                waits.append(time.monotonic() - started)
         except BaseException as error:  # noqa: BLE001 - reported below
             errors.append(error)
 
@@ -74,7 +72,7 @@ def test_writes_wait_for_another_writer_and_none_is_lost(db_path, db, studies):
         thread.join(timeout=60)
     assert holder.wait(timeout=30) == 0
     assert not errors, errors
-    assert max(waits) >= hold_s - (time.monotonic() - locked_at) - 1.0 and max(waits) > 1.0, "the first saves waited"
+    assert any(started_while_held), "some saves began while the lock was held, so they waited for it (no error)"
     notes = sorted(row[0] for row in db.execute("SELECT note FROM reviews").fetchall())
     assert notes == sorted(f"reader{n}-{i}" for n in range(3) for i in range(5))
     assert db.execute("SELECT value FROM settings WHERE key = 'held_by_another_writer'").fetchone() == ("1",)

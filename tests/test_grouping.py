@@ -1,4 +1,4 @@
-"""The file-name and folder rules of cli.md: views, study grouping, class folders, manifest."""
+"""The file-name and folder rules of docs/cli.md: views, study grouping, class folders, manifest."""
 
 from pathlib import Path
 

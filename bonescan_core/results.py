@@ -1,0 +1,233 @@
+"""Typed results with one formatter each: training progress and a run's evaluation.
+
+The Train page and ``bonescan train`` show the same :class:`Progress` text; the Evaluate
+page, ``bonescan evaluate`` (text and ``--json``) and the HTML report show the same
+:class:`EvaluationResult`. Standard library only: the CLI imports this on its fast path.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+DEFAULT_THRESHOLD = 0.5
+"""The decision threshold of a run that has none stored (and no threshold is given)."""
+
+TRAINING_PHASES = ("head", "finetune", "full")
+"""Progress phases counted in epochs; the others (preparing, features, predicting, saving,
+explaining) are passes of their own, counted in batches."""
+
+
+def decision_threshold(argument: float | None, stored: float | None) -> tuple[float, str]:
+    """The threshold to decide at, and where it came from.
+
+    Args:
+        argument: a threshold the caller chose (a slider, ``--threshold``), or None.
+        stored: the run's validation-chosen ``runs.threshold``, or None when it has none.
+
+    Returns:
+        ``(threshold, source)``: the argument (``"argument"``), else the stored one
+        (``"run"``; 0.0 is a threshold like any other), else :data:`DEFAULT_THRESHOLD`
+        (``"default"``).
+    """
+    if argument is not None:
+        return float(argument), "argument"
+    if stored is not None:
+        return float(stored), "run"
+    return DEFAULT_THRESHOLD, "default"
+
+
+# --- training progress ------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Progress:
+    """A run's progress record (``runs.progress``, see ``training.Reporter.progress``).
+
+    ``epoch`` is 1-based across phases; ``batch`` 1-based within the pass; ``eta_s``
+    seconds left or None. Missing fields are None.
+    """
+
+    phase: str = "starting"
+    epoch: int | None = None
+    epochs: int | None = None
+    batch: int | None = None
+    batches: int | None = None
+    loss: float | None = None
+    eta_s: float | None = None
+
+    @classmethod
+    def from_record(cls, record: Mapping[str, Any] | None, epochs: int | None = None) -> Progress:
+        """Parse a stored (or live) progress dict; ``epochs`` is the budget when the record has none."""
+        record = record or {}
+        return cls(
+            phase=record.get("phase") or "starting",
+            epoch=record.get("epoch"),
+            epochs=record.get("epochs") or epochs,
+            batch=record.get("batch"),
+            batches=record.get("batches"),
+            loss=record.get("loss"),
+            eta_s=record.get("eta_s"),
+        )
+
+    @property
+    def counts_epochs(self) -> bool:
+        """Whether this phase is a training phase (progress in epochs) rather than a pass of its own."""
+        return self.phase in TRAINING_PHASES
+
+    def fraction(self) -> float:
+        """Done so far, in [0, 1]: of the epoch budget in a training phase, else of this pass."""
+        batch, batches = self.batch or 0, self.batches or 1
+        if self.counts_epochs:
+            return min(1.0, ((max(self.epoch or 0, 1) - 1) + batch / batches) / (self.epochs or 1))
+        return min(1.0, batch / batches)
+
+    def format(self) -> str:
+        """One line, e.g. ``head: epoch 3/20, batch 5/40, loss 0.4123, about 1.5 min left``
+        or ``predicting: 3/10`` (a prediction pass is not an epoch)."""
+        if self.counts_epochs:
+            text = f"{self.phase}: epoch {self.epoch or 0}/{self.epochs or 1}, batch {self.batch or 0}/{self.batches or 1}"
+        else:
+            text = f"{self.phase}: {self.batch}/{self.batches or 1}" if self.batch else self.phase
+        if self.loss is not None:
+            text += f", loss {self.loss:.4f}"
+        if self.eta_s:
+            text += f", about {self.eta_s / 60:.1f} min left"
+        return text
+
+
+# --- evaluation ---------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class MetricCI:
+    """A metric's point estimate and 95% interval; None where undefined on the data."""
+
+    value: float | None
+    ci95: tuple[float | None, float | None] = (None, None)
+
+    def value_text(self, digits: int = 3) -> str:
+        """``0.812``, or ``n/a`` when undefined."""
+        return "n/a" if self.value is None else f"{self.value:.{digits}f}"
+
+    def interval_text(self, digits: int = 3) -> str:
+        """``0.700 to 0.900``, or ``""`` without an interval."""
+        low, high = self.ci95
+        return "" if low is None or high is None else f"{low:.{digits}f} to {high:.{digits}f}"
+
+    def format(self, digits: int = 3) -> str:
+        """``0.812 (95% CI 0.700 to 0.900)``; without an interval just the value or ``n/a``."""
+        interval = self.interval_text(digits)
+        return self.value_text(digits) + (f" (95% CI {interval})" if interval else "")
+
+    def as_json(self) -> dict[str, Any]:
+        return {"value": self.value, "ci95": list(self.ci95)}
+
+
+def _clean(value: float, digits: int) -> float | None:
+    value = float(value)
+    return None if math.isnan(value) else round(value, digits)
+
+
+@dataclass(frozen=True)
+class LevelResult:
+    """Metrics and confusion counts at one level (images, or studies)."""
+
+    metrics: dict[str, MetricCI]
+    confusion: dict[str, int]  # tp, fp, tn, fn
+
+    @classmethod
+    def from_values(cls, values: Mapping[str, float], intervals: Mapping[str, tuple[float, float]],
+                    confusion: Mapping[str, int], names: tuple[str, ...], digits: int) -> LevelResult:
+        """From ``point_metrics`` values, ``bootstrap_ci`` intervals (nan where undefined) and counts;
+        rounded to ``digits`` decimals, nan becoming None."""
+        return cls(
+            metrics={name: MetricCI(_clean(values[name], digits),
+                                    (_clean(intervals[name][0], digits), _clean(intervals[name][1], digits)))
+                     for name in names},
+            confusion={key: int(value) for key, value in confusion.items()},
+        )
+
+    def as_json(self) -> dict[str, Any]:
+        return {"metrics": {name: metric.as_json() for name, metric in self.metrics.items()}, "confusion": dict(self.confusion)}
+
+    def text_lines(self) -> list[str]:
+        """One line per metric, then the confusion counts (what ``bonescan evaluate`` prints)."""
+        lines = []
+        for name, metric in self.metrics.items():
+            interval = metric.interval_text()
+            lines.append(f"  {name:<12} {metric.value_text()}" + (f"  (95% CI {interval})" if interval else ""))
+        lines.append("  confusion    " + ", ".join(f"{key} {value}" for key, value in self.confusion.items()))
+        return lines
+
+
+@dataclass(frozen=True)
+class EvaluationResult:
+    """One run evaluated on one subset (``evaluation.evaluate``).
+
+    ``threshold_source``: ``argument``, ``run`` or ``default`` (:func:`decision_threshold`).
+    ``study_level``: the same metrics with one row per study (probability = max over its
+    views), with ``study_n_patients`` patients; None when not computed.
+    """
+
+    run: int
+    backbone: str
+    threshold: float
+    threshold_source: str
+    subset: str
+    n_images: int
+    n_studies: int
+    n_patients: int
+    image_level: LevelResult
+    study_level: LevelResult | None = None
+    study_n_patients: int | None = None
+    bootstrap: dict[str, Any] = field(default_factory=dict)
+
+    STUDY_AGGREGATION = "max probability over the study's views"
+
+    @property
+    def metrics(self) -> dict[str, MetricCI]:
+        return self.image_level.metrics
+
+    @property
+    def confusion(self) -> dict[str, int]:
+        return self.image_level.confusion
+
+    def level(self, name: str) -> LevelResult:
+        """``"image"`` or ``"study"`` level results."""
+        if name == "study":
+            if self.study_level is None:
+                raise ValueError("this result has no study-level metrics")
+            return self.study_level
+        return self.image_level
+
+    def as_json(self) -> dict[str, Any]:
+        """The ``evaluate --json`` object (``docs/cli.md``): ``run, backbone, threshold,
+        threshold_source, subset, n_images, n_studies, n_patients, metrics {name: {value,
+        ci95}}, confusion {tp, fp, tn, fn}``, then ``study_level`` and ``bootstrap``."""
+        out: dict[str, Any] = {
+            "run": self.run, "backbone": self.backbone, "threshold": self.threshold,
+            "threshold_source": self.threshold_source, "subset": self.subset, "n_images": self.n_images,
+            "n_studies": self.n_studies, "n_patients": self.n_patients, **self.image_level.as_json(),
+        }
+        if self.study_level is not None:
+            out["study_level"] = {"aggregation": self.STUDY_AGGREGATION, "threshold": self.threshold,
+                                  "n_studies": self.n_studies, "n_patients": self.study_n_patients,
+                                  **self.study_level.as_json()}
+        if self.bootstrap:
+            out["bootstrap"] = dict(self.bootstrap)
+        return out
+
+    def to_json_text(self) -> str:
+        """:meth:`as_json` as indented JSON text (the ``metrics.json`` download and bundle file)."""
+        return json.dumps(self.as_json(), indent=2)
+
+    def headline(self) -> str:
+        """``run 3 (densenet121), test: 60 images, 30 studies, threshold 0.450``."""
+        return (f"run {self.run} ({self.backbone}), {self.subset}: {self.n_images} images, "
+                f"{self.n_studies} studies, threshold {self.threshold:.3f}")
+
+    def format_text(self) -> str:
+        """What ``bonescan evaluate`` prints without ``--json``."""
+        return "\n".join([self.headline(), *self.image_level.text_lines()])
