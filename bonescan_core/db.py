@@ -383,6 +383,16 @@ def _m006_clipped_pixels(db: sqlite_utils.Database) -> None:
     db.execute("ALTER TABLE images ADD COLUMN clipped_pixels INTEGER NOT NULL DEFAULT 0")
 
 
+def _m007_imported_files(db: sqlite_utils.Database) -> None:
+    """imported_files: the salted content hash of every file an import stored (or found all
+    stored), so a re-run after a kill skips it without decoding (ingest.file_key)."""
+    db.execute("""CREATE TABLE imported_files (
+            key TEXT PRIMARY KEY,              -- salted SHA-256 of the file's bytes; never a name or path
+            study_id INTEGER REFERENCES studies(id),  -- NULL: every frame was stored already
+            created_at TEXT NOT NULL
+        )""")
+
+
 MIGRATIONS: list[tuple[str, Callable[[sqlite_utils.Database], None]]] = [
     ("001_foundation", _m001_foundation),
     ("002_training", _m002_training),
@@ -390,6 +400,7 @@ MIGRATIONS: list[tuple[str, Callable[[sqlite_utils.Database], None]]] = [
     ("004_append_only", _m004_append_only),
     ("005_sign_in_sessions", _m005_sign_in_sessions),
     ("006_clipped_pixels", _m006_clipped_pixels),
+    ("007_imported_files", _m007_imported_files),
 ]
 
 
