@@ -48,6 +48,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import BinaryIO
@@ -59,7 +60,7 @@ from bonescan_core import db as dbm
 from bonescan_core import pixelstore
 from bonescan_core.csvfile import read_rows
 from bonescan_core.deidentify import DicomFacts, stored_file_name
-from bonescan_core.errors import BonescanError, InputError
+from bonescan_core.errors import BonescanError, InputError, Unavailable
 from bonescan_core.imaging import EXTENSIONS, RejectedFile, read_scan
 from bonescan_core.phantom import VIEWS, PhantomStudy, make_studies
 from bonescan_core.review import Review, add_review
@@ -164,6 +165,10 @@ class ManifestError(InputError):
 
 class UploadTooLarge(InputError):
     """An upload batch has more files or bytes than :data:`MAX_UPLOAD_FILES` / :data:`MAX_UPLOAD_BYTES`."""
+
+
+class DecoderStopped(Unavailable):
+    """A decode worker process died (killed, out of memory); the files stored so far stay."""
 
 
 class ImportRootError(BonescanError, PermissionError):
@@ -671,7 +676,14 @@ def _pool_context() -> multiprocessing.context.BaseContext:
 
 def _settle(entry: tuple[_Pending, Future[DecodedFile] | None]) -> tuple[_Pending, DecodedFile | None]:
     item, future = entry
-    return item, None if future is None else future.result()
+    if future is None:
+        return item, None
+    try:
+        return item, future.result()
+    except BrokenProcessPool as error:
+        raise DecoderStopped(
+            f"a process decoding {item.plan.path.name} or a file near it stopped unexpectedly (out of memory, or "
+            "killed); the files before it are stored: run the import again with --jobs 1, which skips them") from error
 
 
 def _import_plans(

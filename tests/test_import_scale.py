@@ -209,3 +209,18 @@ def test_decode_workers_never_load_tensorflow():
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
                             env={**os.environ, "PYTHONPATH": str(REPO)})
     assert result.stdout.strip() == "[]", result.stdout + result.stderr
+
+
+def die(plan, resolved):
+    """A decode step whose process dies, as one killed for memory would."""
+    os._exit(9)
+
+
+def test_a_dead_decode_process_stops_the_import_with_advice_and_a_rerun_imports_everything(db, tmp_path, monkeypatch):
+    write_scans(tmp_path / "scans", 12)
+    monkeypatch.setattr(ingest, "decode_file", die)  # fork workers inherit the patched module
+    with pytest.raises(ingest.DecoderStopped, match="--jobs 1"):
+        ingest.import_files(db, [tmp_path / "scans"], jobs=2)
+    monkeypatch.undo()
+    again = ingest.import_files(db, [tmp_path / "scans"], jobs=1)
+    assert [o.status for o in again] == ["imported"] * 24
