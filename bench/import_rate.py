@@ -6,6 +6,10 @@ views, each file with its own Poisson counts so every file is distinct. Then imp
 folder with ``--jobs 1`` and ``--jobs 2`` into fresh databases (the ``bonescan import`` code
 path, :func:`bonescan_core.ingest.import_files`) and prints one JSON object: files/s of each,
 their ratio (goal ≥ 1.8 on 2 cores), the load average before and after, and the environment.
+``cpu_ms_per_file`` splits the CPU time between the importing process (planning, content
+hashes, unpickling, writes) and the decode workers; ``cpu_bound_ratio_on_idle_cores`` is the
+ratio those CPU times allow on ``--jobs`` idle cores, a check on a measured ratio taken while
+other work shares the machine.
 
     python bench/import_rate.py --files 2000
 
@@ -18,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import sys
 import tempfile
 import time
@@ -54,14 +59,27 @@ def write_files(folder: Path, n_files: int, seed: int = 0) -> None:
 
 
 def rate(folder: Path, db_path: Path, jobs: int) -> dict:
-    """Import the folder into a fresh database; files/s over the whole import."""
+    """Import the folder into a fresh database; files/s over the whole import, and CPU seconds
+    per file spent in this process and in its (reaped) decode workers."""
+    children_before = resource.getrusage(resource.RUSAGE_CHILDREN)
     with dbm.opened(db_path) as db:
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), time.process_time()
         outcomes = import_files(db, [folder], jobs=jobs)
-        seconds = time.perf_counter() - start
+        seconds, cpu = time.perf_counter() - start, time.process_time() - cpu_start
+    children = resource.getrusage(resource.RUSAGE_CHILDREN)
+    workers = children.ru_utime + children.ru_stime - children_before.ru_utime - children_before.ru_stime
     imported = sum(o.status == "imported" for o in outcomes)
     return {"jobs": jobs, "files": len(outcomes), "imported": imported, "seconds": round(seconds, 2),
-            "files_per_s": round(len(outcomes) / seconds, 1)}
+            "files_per_s": round(len(outcomes) / seconds, 1),
+            "cpu_ms_per_file": {"importer": round(1000 * cpu / len(outcomes), 1), "workers": round(1000 * workers / len(outcomes), 1)}}
+
+
+def cpu_bound_ratio(one: dict, many: dict, cores: int) -> float:
+    """The ratio the CPU times allow on ``cores`` idle cores: the parallel import is limited by
+    all its CPU time shared over the cores, and by the importing process alone (one core)."""
+    single = one["cpu_ms_per_file"]["importer"] + one["cpu_ms_per_file"]["workers"]
+    main, workers = many["cpu_ms_per_file"]["importer"], many["cpu_ms_per_file"]["workers"]
+    return round(single / max((main + workers) / cores, main), 2)
 
 
 def main() -> None:
@@ -78,6 +96,7 @@ def main() -> None:
         many = rate(folder, Path(tmp) / "many.db", args.jobs)
         load_after = os.getloadavg()
     print(json.dumps({"one_process": one, "parallel": many, "ratio": round(many["files_per_s"] / one["files_per_s"], 2),
+                      "cpu_bound_ratio_on_idle_cores": cpu_bound_ratio(one, many, args.jobs),
                       "load_average_before": [round(x, 2) for x in load_before],
                       "load_average_after": [round(x, 2) for x in load_after],
                       "environment": environment()}, indent=2))
