@@ -99,6 +99,9 @@ def test_parallel_import_gives_the_same_rows_and_outcomes_as_one_process(tmp_pat
         assert by_name[name].status == "rejected" and reason in by_name[name].detail, (name, by_name[name].detail)
     assert by_name["zz-copy-of-0003.tif"].status == "duplicate"
     assert len(rows_two["images"]) >= 24 and len(rows_two["studies"]) >= 12
+    with dbm.opened(tmp_path / "two.db") as db:  # duplicates and rejections left no rows behind in their batch
+        assert db.execute("SELECT count(*) FROM studies WHERE id NOT IN (SELECT study_id FROM images)").fetchone()[0] == 0
+        assert db.execute("SELECT count(*) FROM patients WHERE id NOT IN (SELECT patient_id FROM studies)").fetchone()[0] == 0
 
 
 def test_small_batches_and_jobs_1_decode_in_this_process(db, tmp_path, monkeypatch):
