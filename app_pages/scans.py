@@ -29,8 +29,8 @@ def show_outcomes(outcomes: list[ingest.FileOutcome]) -> None:
 
 
 def progress_callback(bar):
-    def update(done: int, total: int, name: str) -> None:
-        bar.progress(done / max(total, 1), text=f"{done} of {total} {name}")
+    def update(step: ingest.ProgressStep) -> None:
+        bar.progress(step.done / max(step.total, 1), text=f"{step.text()} · {step.name}")
     return update
 
 

@@ -17,8 +17,12 @@ import signal
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from bonescan_core.errors import BonescanError, InputError
+
+if TYPE_CHECKING:  # the CLI starts light: ingest loads only in the verbs that use it
+    from bonescan_core.ingest import ProgressStep
 
 EXIT_OK, EXIT_SOME_FAILED, EXIT_USAGE = 0, 1, 2
 # Verbs that need no model or table library: they must start in well under a second.
@@ -35,11 +39,11 @@ def _progress_printer(label: str):
     if not sys.stderr.isatty():
         return None
 
-    def show(done: int, total: int, name: str) -> None:
+    def show(step: ProgressStep) -> None:
         width = 30
-        filled = int(width * done / max(total, 1))
-        sys.stderr.write(f"\r{label} [{'#' * filled}{'.' * (width - filled)}] {done}/{total} {name[:40]:<40}")
-        if done == total:
+        filled = int(width * step.done / max(step.total, 1))
+        sys.stderr.write(f"\r{label} [{'#' * filled}{'.' * (width - filled)}] {step.text():<44} {step.name[:30]:<30}")
+        if step.done == step.total:
             sys.stderr.write("\n")
         sys.stderr.flush()
 
@@ -78,6 +82,8 @@ def cmd_import(args: argparse.Namespace) -> int:
     paths = [Path(p) for p in args.paths]
     if not paths and not args.manifest:
         raise CommandError("name files or folders to import, or a --manifest CSV")
+    if args.jobs is not None and args.jobs < 1:
+        raise CommandError("--jobs must be at least 1")
     with dbm.opened(args.db) as db:
         outcomes = import_files(
             db,
@@ -88,6 +94,7 @@ def cmd_import(args: argparse.Namespace) -> int:
             progress=_progress_printer("import"),
             keep_file_names=args.keep_file_names,
             cohort=args.cohort,
+            jobs=args.jobs,
         )
     if not outcomes:
         raise CommandError("no files found under the given paths")
@@ -465,6 +472,9 @@ def build_parser() -> argparse.ArgumentParser:
                            "but a name or birth date alone is kept")
     verb.add_argument("--cohort", default="default", metavar="NAME",
                       help="cohort of new studies (default default); a manifest's cohort column wins per row")
+    verb.add_argument("--jobs", type=int, metavar="N",
+                      help="processes that decode files (default: one per CPU); 1 decodes in this process. "
+                           "Results do not depend on it")
     verb.set_defaults(func=cmd_import)
 
     verb = verbs.add_parser("images", help="list images")

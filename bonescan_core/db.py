@@ -424,6 +424,16 @@ def _m008_run_results(db: sqlite_utils.Database) -> None:
                    [json.dumps(settings, sort_keys=True), json.dumps(results, sort_keys=True), run_id])
 
 
+def _m009_imported_files(db: sqlite_utils.Database) -> None:
+    """imported_files: the salted content hash of every file an import stored (or found all
+    stored), so a re-run after a kill skips it without decoding (ingest.file_key)."""
+    db.execute("""CREATE TABLE imported_files (
+            key TEXT PRIMARY KEY,              -- salted SHA-256 of the file's bytes; never a name or path
+            study_id INTEGER REFERENCES studies(id),  -- NULL: every frame was stored already
+            created_at TEXT NOT NULL
+        )""")
+
+
 MIGRATIONS: list[tuple[str, Callable[[sqlite_utils.Database], None]]] = [
     ("001_foundation", _m001_foundation),
     ("002_training", _m002_training),
@@ -433,6 +443,7 @@ MIGRATIONS: list[tuple[str, Callable[[sqlite_utils.Database], None]]] = [
     ("006_clipped_pixels", _m006_clipped_pixels),
     ("007_cohorts", _m007_cohorts),
     ("008_run_results", _m008_run_results),
+    ("009_imported_files", _m009_imported_files),
 ]
 
 

@@ -1,8 +1,7 @@
 """Import scan files into the database: grouping into patients and studies, views, labels
 from folders or a manifest, de-identification and de-duplication.
 
-Every file is imported in a transaction of its own: a rejected file leaves no rows, and one
-failure never aborts the batch. Rules (``docs/cli.md``):
+A rejected file leaves no rows, and one failure never aborts the batch. Rules (``docs/cli.md``):
 
 * class of a file: nearest parent folder named metastatic/mets/positive/1 or
   non_metastatic/no_metastasis/negative/normal/0 (any case); also the ``<0|1>`` of
@@ -22,6 +21,13 @@ pixel hash, view) unless the caller opts in to keeping original names, and even 
 that contains a manifest id or one of its DICOM identifiers stays neutral
 (:func:`bonescan_core.deidentify.stored_file_name`). Grouping and views use the original name at import time only.
 
+At scale (:func:`import_files`): the files are planned (grouped) first, then decoded, validated
+and prepared (pixel hash, lossless blob, thumbnail) in worker processes (:func:`decode_file`,
+no database), and written in the planned order, :data:`BATCH_FILES` files to a transaction with
+a savepoint per file, so ids do not depend on the number of processes. Each stored file's
+salted content hash goes to ``imported_files``: a re-run after a kill skips those files without
+decoding them.
+
 Confinement (the app): folder imports must lie under an allowed root
 (:func:`allowed_import_roots`: ``$BONESCAN_IMPORT_ROOTS``, else the data folder
 ``$BONESCAN_DATA_DIR``, else ``data/`` beside the database), never the whole file system, and
@@ -31,14 +37,20 @@ capped (:data:`MAX_UPLOAD_FILES`, :data:`MAX_UPLOAD_BYTES`) and streamed to a te
 
 from __future__ import annotations
 
+import collections
 import hashlib
 import json
+import multiprocessing
 import os
 import re
 import secrets
 import shutil
 import tempfile
-from collections.abc import Callable, Iterable, Sequence
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import BinaryIO
@@ -50,9 +62,9 @@ from bonescan_core import db as dbm
 from bonescan_core import pixelstore
 from bonescan_core.cohorts import DEFAULT_COHORT, CohortError, check_cohort
 from bonescan_core.csvfile import read_rows
-from bonescan_core.deidentify import stored_file_name
-from bonescan_core.errors import BonescanError, InputError
-from bonescan_core.imaging import EXTENSIONS, RejectedFile, ScanFile, read_scan
+from bonescan_core.deidentify import DicomFacts, stored_file_name
+from bonescan_core.errors import BonescanError, InputError, Unavailable
+from bonescan_core.imaging import EXTENSIONS, RejectedFile, read_scan
 from bonescan_core.phantom import VIEWS, PhantomStudy, ScannerShift, make_studies
 from bonescan_core.review import Review, add_review
 
@@ -69,7 +81,6 @@ _TOKEN_SPLIT = re.compile(r"([^A-Za-z0-9]+)")
 _ZENODO_NAME = re.compile(r"^([AaPp])(\d+)$")  # A12 / P12
 _NUMBERED_NAME = re.compile(r"^\d+-([01])-[AaPp]$")  # 0001-1-A
 
-Progress = Callable[[int, int, str], None]  # (done, total, current file name)
 Upload = tuple[str, bytes | BinaryIO]  # (file name as uploaded, content or a readable binary file)
 
 # One browser upload batch at most (Streamlit's maxUploadSize limits each file, not the batch).
@@ -81,12 +92,86 @@ DATA_DIR_ENV = "BONESCAN_DATA_DIR"
 IMPORT_ROOTS_ENV = "BONESCAN_IMPORT_ROOTS"
 
 
+@dataclass(frozen=True)
+class ProgressStep:
+    """What a progress callback is told after each file (or demo study).
+
+    Attributes:
+        done, total: items finished so far and in all.
+        name: the item just finished (a file name, never a path).
+        per_s: items per second since the start (None before any time has passed).
+        eta_s: seconds left at that rate (None when unknown).
+        unit: what is counted ("files", "studies").
+    """
+
+    done: int
+    total: int
+    name: str
+    per_s: float | None = None
+    eta_s: float | None = None
+    unit: str = "files"
+
+    def text(self) -> str:
+        """The line the CLI and the Scans page show, e.g. ``1200/2000 files · 85 files/s · ETA 9 s``."""
+        return progress_text(self.done, self.total, self.per_s, self.eta_s, self.unit)
+
+
+Progress = Callable[[ProgressStep], None]
+
+
+def progress_text(done: int, total: int, per_s: float | None, eta_s: float | None, unit: str = "files") -> str:
+    """``1200/2000 files · 85 files/s · ETA 9 s``; rate and ETA left out while unknown, ETA in
+    s below two minutes, else m, else h (one decimal)."""
+    parts = [f"{done}/{total} {unit}"]
+    if per_s is not None:
+        parts.append(f"{per_s:.1f} {unit}/s" if per_s < 10 else f"{per_s:.0f} {unit}/s")
+    if eta_s is not None and done < total:
+        if eta_s < 120:
+            parts.append(f"ETA {eta_s:.0f} s")
+        elif eta_s < 7200:
+            parts.append(f"ETA {eta_s / 60:.0f} min")
+        else:
+            parts.append(f"ETA {eta_s / 3600:.1f} h")
+    return " · ".join(parts)
+
+
+class ProgressClock:
+    """Counts finished items and calls ``progress`` with the rate and ETA since it was made.
+
+    Args:
+        total: items in all.
+        progress: the callback, or None (then :meth:`step` only counts).
+        unit: what is counted, for the text.
+        clock: seconds, monotonic (tests pass a fake one).
+    """
+
+    def __init__(self, total: int, progress: Progress | None, unit: str = "files",
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.total, self.progress, self.unit, self.clock = total, progress, unit, clock
+        self.done = 0
+        self.started = clock()
+
+    def step(self, name: str) -> None:
+        """One more item finished."""
+        self.done += 1
+        if self.progress is None:
+            return
+        elapsed = self.clock() - self.started
+        per_s = self.done / elapsed if elapsed > 0 else None
+        eta_s = (self.total - self.done) / per_s if per_s else None
+        self.progress(ProgressStep(self.done, self.total, name, per_s, eta_s, self.unit))
+
+
 class ManifestError(InputError):
     """The manifest CSV cannot be used; the message names the line and what to fix."""
 
 
 class UploadTooLarge(InputError):
     """An upload batch has more files or bytes than :data:`MAX_UPLOAD_FILES` / :data:`MAX_UPLOAD_BYTES`."""
+
+
+class DecoderStopped(Unavailable):
+    """A decode worker process died (killed, out of memory); the files stored so far stay."""
 
 
 class ImportRootError(BonescanError, PermissionError):
@@ -288,24 +373,144 @@ def _get_or_create_study(db: sqlite_utils.Database, key: str, patient_id: int, y
     return study_id, True, cohort
 
 
-def store_scan(
+@dataclass(frozen=True)
+class PreparedFrame:
+    """One frame made ready for its ``images`` row, with no database: everything CPU-heavy.
+
+    Attributes:
+        view: from the file's own metadata (DICOM), else None (the plan's view applies).
+        sha: :func:`pixelstore.pixel_sha256` of the pixels.
+        blob: :func:`pixelstore.encode_pixels` (lossless).
+        thumbnail: :func:`pixelstore.make_thumbnail` PNG bytes.
+        display_max: :func:`pixelstore.display_max`.
+        height, width, dtype: the pixels' shape and numpy dtype name.
+        clipped: negative pixels set to zero on reading.
+    """
+
+    view: str | None
+    sha: str
+    blob: bytes
+    thumbnail: bytes
+    display_max: float
+    height: int
+    width: int
+    dtype: str
+    clipped: int = 0
+
+
+def prepare_frame(pixels: np.ndarray, view: str | None = None, *, sha: str | None = None, clipped: int = 0) -> PreparedFrame:
+    """Hash, encode, thumbnail and window one (H, W) array of any numeric dtype."""
+    return PreparedFrame(
+        view=view, sha=sha or pixelstore.pixel_sha256(pixels), blob=pixelstore.encode_pixels(pixels),
+        thumbnail=pixelstore.make_thumbnail(pixels), display_max=pixelstore.display_max(pixels),
+        height=int(pixels.shape[0]), width=int(pixels.shape[1]), dtype=pixels.dtype.name, clipped=clipped)
+
+
+@dataclass(frozen=True)
+class DecodedFile:
+    """The decode step's result for one planned file (picklable: crosses process boundaries).
+
+    Either ``rejected`` holds the reason, or ``frames`` holds at least one prepared frame.
+    """
+
+    plan: PlannedFile
+    file_format: str = ""
+    frames: tuple[PreparedFrame, ...] = ()
+    notes: tuple[str, ...] = ()
+    dicom: DicomFacts | None = field(default=None, repr=False)
+    rejected: str | None = None
+
+
+def decode_file(plan: PlannedFile, resolved: Path) -> DecodedFile:
+    """Read, validate and prepare every frame of one file; no database. Never raises for
+    bad file content (the reason is in ``rejected``).
+
+    Args:
+        plan: where the file goes.
+        resolved: the file's resolved path (the one checked against the import roots).
+    """
+    try:
+        scan = read_scan(resolved)
+    except RejectedFile as error:
+        return DecodedFile(plan, rejected=str(error))
+    frames = tuple(prepare_frame(frame.pixels, frame.view, clipped=frame.clipped) for frame in scan.frames)
+    return DecodedFile(plan, scan.format, frames, tuple(scan.notes), scan.dicom)
+
+
+def _check_path(plan: PlannedFile, confine_to: Sequence[Path] | None) -> tuple[Path | None, str | None]:
+    """(resolved path, None) when the file may be read, else (None, rejection reason)."""
+    if not plan.path.is_file():
+        return None, "file not found; check the manifest path"
+    resolved = plan.path.resolve()
+    if confine_to is not None and not _inside(resolved, confine_to):
+        return None, ("it links to a file outside the folders the app may import from; "
+                      "copy the file itself into the data folder")
+    return resolved, None
+
+
+def file_key(salt: str, path: Path) -> str:
+    """Salted SHA-256 of a file's bytes: how a re-run recognises a file it stored (a content
+    hash, never a name or path; salted like every stored key)."""
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for chunk in iter(lambda: handle.read(1024**2), b""):
+            digest.update(chunk)
+    return salted_key(salt, "file", digest.hexdigest())
+
+
+def _file_stored(db: sqlite_utils.Database, key: str) -> bool:
+    return db.execute("SELECT 1 FROM imported_files WHERE key = ?", [key]).fetchone() is not None
+
+
+def _record_file(db: sqlite_utils.Database, key: str, study_id: int | None) -> None:
+    db.execute("INSERT OR IGNORE INTO imported_files (key, study_id, created_at) VALUES (?, ?, ?)",
+               [key, study_id, dbm.utc_now()])
+
+
+ALREADY_IMPORTED = "file already imported"
+
+
+def store_decoded(
     db: sqlite_utils.Database,
-    plan: PlannedFile,
-    scan: ScanFile,
+    decoded: DecodedFile,
     reviewer: str,
     record_label: bool,
     *,
+    key: str | None = None,
     keep_file_names: bool = False,
     known_ids: Iterable[str] = (),
 ) -> FileOutcome:
-    """Write one read file (all its frames) in one transaction; see the module rules.
+    """Write one decoded file (all its frames) inside the caller's transaction, as a savepoint
+    of its own: a file that adds nothing (every frame stored already) leaves no rows.
 
     Args:
+        key: :func:`file_key` of the file; recorded so that a re-run skips it undecoded.
         keep_file_names: store the original name where :func:`stored_file_name` allows it.
         known_ids: identifiers besides the file's own (every id of the manifest).
     """
+    plan = decoded.plan
+    if decoded.rejected is not None:
+        return FileOutcome(plan.path, "rejected", decoded.rejected)
+    if key is not None and _file_stored(db, key):
+        return FileOutcome(plan.path, "duplicate", ALREADY_IMPORTED)
+    try:
+        with db.atomic():  # inside dbm.write: a savepoint
+            outcome, study_id = _store_rows(db, decoded, reviewer, record_label, keep_file_names, known_ids)
+            if key is not None:
+                _record_file(db, key, study_id)
+    except _AllDuplicates:
+        if key is not None:
+            _record_file(db, key, None)
+        return FileOutcome(plan.path, "duplicate", "identical pixels already stored")
+    return outcome
+
+
+def _store_rows(db: sqlite_utils.Database, decoded: DecodedFile, reviewer: str, record_label: bool,
+                keep_file_names: bool, known_ids: Iterable[str]) -> tuple[FileOutcome, int]:
+    """The file's rows (patient, study, images, label review) and its study id."""
+    plan = decoded.plan
     salt = dbm.salt(db)
-    facts = scan.dicom
+    facts = decoded.dicom
     group = plan.group
     if facts and facts.study_uid and not plan.from_manifest:
         group = f"dicom-study:{facts.study_uid}"
@@ -318,40 +523,37 @@ def store_scan(
     sex = plan.sex or (facts.sex if facts else None)
     age = plan.age if plan.age is not None else (facts.age_years if facts else None)
     identifiers = (*(facts.identifiers if facts else ()), *plan.ids, *known_ids)
-    notes = list(scan.notes)
-    with dbm.write(db):
-        patient_id = _get_or_create_patient(db, salted_key(salt, "patient", patient), sex, age_band(age), plan.primary_cancer)
-        cohort = plan.cohort or DEFAULT_COHORT
-        study_id, new_study, kept_cohort = _get_or_create_study(
-            db, salted_key(salt, "study", group), patient_id, facts.study_year if facts else None, "import", cohort)
-        if kept_cohort != cohort:
-            notes.append(f"study kept in cohort {kept_cohort!r}, where it was first imported (not {cohort!r})")
-        image_ids, duplicates, views = [], 0, []
-        for index, frame in enumerate(scan.frames):
-            sha = pixelstore.pixel_sha256(frame.pixels)
-            if _image_exists(db, sha):
-                duplicates += 1
-                continue
-            view = frame.view or plan.view
-            views.append(view or "view unknown")
-            source = stored_file_name(plan.path, scan.format, sha, view, identifiers, keep=keep_file_names)
-            image_ids.append(insert_image(db, study_id, frame.pixels, view, source, scan.format, frame_index=index, sha=sha,
-                                        clipped=frame.clipped))
-        if not image_ids:
-            raise _AllDuplicates()
-        if record_label and plan.label:
-            already = db.execute(
-                "SELECT label FROM reviews WHERE study_id = ? AND reviewer = ? ORDER BY id DESC LIMIT 1", [study_id, reviewer]
-            ).fetchone()
-            if already is None:
-                add_review(db, Review(study_id=study_id, reviewer=reviewer, decision="include", label=plan.label,
-                                      note=f"label from {plan.label_source}", from_import=True))
-            elif already[0] != plan.label:
-                notes.append(f"{plan.label_source} says {plan.label} but this study's earlier files said {already[0]}; label kept, check it in Review")
+    notes = list(decoded.notes)
+    patient_id = _get_or_create_patient(db, salted_key(salt, "patient", patient), sex, age_band(age), plan.primary_cancer)
+    cohort = plan.cohort or DEFAULT_COHORT
+    study_id, new_study, kept_cohort = _get_or_create_study(
+        db, salted_key(salt, "study", group), patient_id, facts.study_year if facts else None, "import", cohort)
+    if kept_cohort != cohort:
+        notes.append(f"study kept in cohort {kept_cohort!r}, where it was first imported (not {cohort!r})")
+    image_ids, duplicates, views = [], 0, []
+    for index, frame in enumerate(decoded.frames):
+        if _image_exists(db, frame.sha):
+            duplicates += 1
+            continue
+        view = frame.view or plan.view
+        views.append(view or "view unknown")
+        source = stored_file_name(plan.path, decoded.file_format, frame.sha, view, identifiers, keep=keep_file_names)
+        image_ids.append(_insert_prepared(db, study_id, frame, view, source, decoded.file_format, frame_index=index))
+    if not image_ids:
+        raise _AllDuplicates()
+    if record_label and plan.label:
+        already = db.execute(
+            "SELECT label FROM reviews WHERE study_id = ? AND reviewer = ? ORDER BY id DESC LIMIT 1", [study_id, reviewer]
+        ).fetchone()
+        if already is None:
+            add_review(db, Review(study_id=study_id, reviewer=reviewer, decision="include", label=plan.label,
+                                  note=f"label from {plan.label_source}", from_import=True))
+        elif already[0] != plan.label:
+            notes.append(f"{plan.label_source} says {plan.label} but this study's earlier files said {already[0]}; label kept, check it in Review")
     if duplicates:
-        notes.append(f"{duplicates} of {len(scan.frames)} frames already stored")
+        notes.append(f"{duplicates} of {len(decoded.frames)} frames already stored")
     notes.insert(0, f"study {study_id}{'' if new_study else ' (existing)'}, {', '.join(views)}")
-    return FileOutcome(plan.path, "imported", "; ".join(notes), tuple(image_ids))
+    return FileOutcome(plan.path, "imported", "; ".join(notes), tuple(image_ids)), study_id
 
 
 def _image_exists(db: sqlite_utils.Database, sha: str) -> bool:
@@ -381,6 +583,12 @@ def insert_image(
         truth: phantom findings as JSON, None for real scans.
         clipped: pixels that were negative in the file and set to zero (``ScanFrame.clipped``).
     """
+    frame = prepare_frame(pixels, sha=sha, clipped=clipped)
+    return _insert_prepared(db, study_id, frame, view, source, file_format, frame_index=frame_index, truth=truth)
+
+
+def _insert_prepared(db: sqlite_utils.Database, study_id: int, frame: PreparedFrame, view: str | None, source: str,
+                     file_format: str, *, frame_index: int = 0, truth: str | None = None) -> int:
     return db["images"].insert(
         {
             "study_id": study_id,
@@ -388,15 +596,15 @@ def insert_image(
             "frame": frame_index,
             "source": source,
             "format": file_format,
-            "height": int(pixels.shape[0]),
-            "width": int(pixels.shape[1]),
-            "dtype": pixels.dtype.name,
-            "pixels": pixelstore.encode_pixels(pixels),
-            "pixel_sha256": sha or pixelstore.pixel_sha256(pixels),
-            "thumbnail": pixelstore.make_thumbnail(pixels),
-            "display_max": pixelstore.display_max(pixels),
+            "height": frame.height,
+            "width": frame.width,
+            "dtype": frame.dtype,
+            "pixels": frame.blob,
+            "pixel_sha256": frame.sha,
+            "thumbnail": frame.thumbnail,
+            "display_max": frame.display_max,
             "truth": truth,
-            "clipped_pixels": clipped,
+            "clipped_pixels": frame.clipped,
             "created_at": dbm.utc_now(),
         }
     ).last_pk
@@ -407,6 +615,139 @@ class _AllDuplicates(Exception):
 
     Private control flow (caught in this module, never shown), so not in the error family.
     """
+
+
+# --- the import loop: plan, skip what is stored, decode in parallel, write in batches ---
+
+MIN_POOL_FILES = 16  # fewer files decode in-process: starting worker processes costs ~0.5 s each
+WINDOW_PER_JOB = 8  # decoded files in flight per worker process; bounds memory whatever the folder's size
+BATCH_FILES = 32  # files per write transaction (one fsync each) ...
+BATCH_SECONDS = 1.0  # ... or fewer when decoding is slow, so progress and a kill lose little
+
+
+def default_jobs() -> int:
+    """Decode processes by default: the CPUs this process may run on."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not on Linux
+        return max(1, os.cpu_count() or 1)
+
+
+@dataclass(frozen=True)
+class _Pending:
+    """One planned file on its way through the loop: settled already (``outcome``: rejected
+    before reading, or stored by an earlier import) or to decode (``resolved``, ``key``)."""
+
+    plan: PlannedFile
+    outcome: FileOutcome | None = None
+    resolved: Path | None = None
+    key: str | None = None
+
+
+def _pending(db: sqlite_utils.Database, salt: str, plan: PlannedFile, confine_to: Sequence[Path] | None) -> _Pending:
+    resolved, problem = _check_path(plan, confine_to)
+    if resolved is None:
+        return _Pending(plan, FileOutcome(plan.path, "rejected", problem or ""))
+    try:
+        key = file_key(salt, resolved)
+    except OSError as error:
+        return _Pending(plan, FileOutcome(plan.path, "rejected", f"the file cannot be read ({error.strerror}); check its permissions"))
+    if _file_stored(db, key):
+        return _Pending(plan, FileOutcome(plan.path, "duplicate", ALREADY_IMPORTED))
+    return _Pending(plan, resolved=resolved, key=key)
+
+
+def _decoded_in_order(pending: Iterable[_Pending], total: int, jobs: int) -> Iterator[tuple[_Pending, DecodedFile | None]]:
+    """(pending, decoded) in the planned order; decoded is None for settled files.
+
+    With ``jobs`` > 1 and at least :data:`MIN_POOL_FILES` files, decoding runs in that many
+    worker processes (:func:`_pool_context`; they import only the readers, never TensorFlow),
+    at most ``jobs`` × :data:`WINDOW_PER_JOB` files ahead.
+    """
+    if jobs <= 1 or total < MIN_POOL_FILES:
+        for item in pending:
+            yield item, None if item.outcome else decode_file(item.plan, item.resolved)  # type: ignore[arg-type]
+        return
+    pool = ProcessPoolExecutor(max_workers=jobs, mp_context=_pool_context())
+    try:
+        window: collections.deque[tuple[_Pending, Future[DecodedFile] | None]] = collections.deque()
+        for item in pending:
+            window.append((item, None if item.outcome else pool.submit(decode_file, item.plan, item.resolved)))
+            while len(window) > jobs * WINDOW_PER_JOB or (window and window[0][1] is None):
+                yield _settle(window.popleft())
+        while window:
+            yield _settle(window.popleft())
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _pool_context() -> multiprocessing.context.BaseContext:
+    """'fork' when this process runs one thread (the CLI): workers start in milliseconds with
+    the readers already imported. 'spawn' otherwise (the app: Streamlit runs threads, and a
+    fork copies another thread's held locks), and where fork does not exist."""
+    if threading.active_count() == 1 and "fork" in multiprocessing.get_all_start_methods():
+        return multiprocessing.get_context("fork")
+    return multiprocessing.get_context("spawn")
+
+
+def _settle(entry: tuple[_Pending, Future[DecodedFile] | None]) -> tuple[_Pending, DecodedFile | None]:
+    item, future = entry
+    if future is None:
+        return item, None
+    try:
+        return item, future.result()
+    except BrokenProcessPool as error:
+        raise DecoderStopped(
+            f"a process decoding {item.plan.path.name} or a file near it stopped unexpectedly (out of memory, or "
+            "killed); the files before it are stored: run the import again with --jobs 1, which skips them") from error
+
+
+def _import_plans(
+    db: sqlite_utils.Database,
+    plans: Sequence[PlannedFile],
+    *,
+    reviewer: str,
+    record_label: Callable[[PlannedFile], bool],
+    keep_file_names: bool,
+    known_ids: Iterable[str],
+    confine_to: Sequence[Path] | None,
+    jobs: int,
+    progress: Progress | None,
+) -> list[FileOutcome]:
+    """The loop of :func:`import_files`: outcomes in the planned order, so study and image ids
+    do not depend on ``jobs``. Files are written :data:`BATCH_FILES` to a transaction, each
+    in a savepoint of its own; a kill loses at most the open batch, and a re-run skips every
+    committed file without decoding it (:func:`file_key`)."""
+    salt = dbm.salt(db)
+    clock = ProgressClock(len(plans), progress)
+    pending = (_pending(db, salt, plan, confine_to) for plan in plans)
+    outcomes: list[FileOutcome] = []
+    batch: list[tuple[_Pending, DecodedFile | None]] = []
+    started = time.monotonic()
+
+    def flush() -> None:
+        nonlocal started
+        written = []
+        with dbm.write(db):
+            for item, decoded in batch:
+                if decoded is None:
+                    written.append(item.outcome)
+                else:
+                    written.append(store_decoded(db, decoded, reviewer, record_label(item.plan), key=item.key,
+                                                 keep_file_names=keep_file_names, known_ids=known_ids))
+        for (item, _), outcome in zip(batch, written, strict=True):
+            outcomes.append(outcome)  # type: ignore[arg-type]
+            clock.step(item.plan.path.name)
+        batch.clear()
+        started = time.monotonic()
+
+    for entry in _decoded_in_order(pending, len(plans), jobs):
+        batch.append(entry)
+        if len(batch) >= BATCH_FILES or time.monotonic() - started >= BATCH_SECONDS:
+            flush()
+    if batch:
+        flush()
+    return outcomes
 
 
 def import_files(
@@ -421,6 +762,7 @@ def import_files(
     keep_file_names: bool = False,
     confine_to: Sequence[Path] | None = None,
     cohort: str = DEFAULT_COHORT,
+    jobs: int | None = None,
 ) -> list[FileOutcome]:
     """Import files and folders; one outcome per file, in order.
 
@@ -433,12 +775,14 @@ def import_files(
             (its labels are recorded as reviews even without ``label_from_folder``).
         reviewer: the name on those reviews.
         namespace: see :func:`plan_file` (uploads).
-        progress: called after each file with (done, total, file name).
+        progress: called after each file with a :class:`ProgressStep` (rate and ETA).
         keep_file_names: store original file names where :func:`stored_file_name` allows;
             every manifest id counts as an identifier for every file.
         confine_to: resolved roots; a file that resolves (links followed) outside all of
             them is rejected (the app's folder import; see :func:`import_folder`).
         cohort: the cohort of new studies; a manifest row's non-empty ``cohort`` wins.
+        jobs: decode processes; default :func:`default_jobs`; 1 decodes in this process.
+            The result does not depend on it.
 
     Raises:
         FileNotFoundError: a path does not exist (nothing imported).
@@ -454,13 +798,10 @@ def import_files(
         plans.setdefault(path.resolve(), plan_file(path, namespace))
     plans = {key: replace(plan, cohort=plan.cohort or cohort) for key, plan in plans.items()}
     known_ids = frozenset(value for plan in plans.values() for value in plan.ids)
-    outcomes = []
-    for done, plan in enumerate(plans.values(), start=1):
-        outcomes.append(import_one(db, plan, reviewer, record_label=label_from_folder or plan.from_manifest,
-                                   keep_file_names=keep_file_names, known_ids=known_ids, confine_to=confine_to))
-        if progress:
-            progress(done, len(plans), plan.path.name)
-    return outcomes
+    return _import_plans(db, list(plans.values()), reviewer=reviewer,
+                         record_label=lambda plan: label_from_folder or plan.from_manifest,
+                         keep_file_names=keep_file_names, known_ids=known_ids, confine_to=confine_to,
+                         jobs=default_jobs() if jobs is None else max(1, jobs), progress=progress)
 
 
 def import_one(
@@ -473,25 +814,16 @@ def import_one(
     known_ids: Iterable[str] = (),
     confine_to: Sequence[Path] | None = None,
 ) -> FileOutcome:
-    """Read and store one planned file; never raises for bad file content.
-
-    The file is read through its resolved path, the one checked against ``confine_to``.
-    Other arguments: see :func:`import_files` and :func:`store_scan`.
+    """Read and store one planned file in a transaction of its own, in this process; never
+    raises for bad file content. Other arguments: see :func:`import_files` and :func:`store_decoded`.
     """
-    if not plan.path.is_file():
-        return FileOutcome(plan.path, "rejected", "file not found; check the manifest path")
-    resolved = plan.path.resolve()
-    if confine_to is not None and not _inside(resolved, confine_to):
-        return FileOutcome(plan.path, "rejected", "it links to a file outside the folders the app may import from; "
-                                                  "copy the file itself into the data folder")
-    try:
-        scan = read_scan(resolved)
-    except RejectedFile as error:
-        return FileOutcome(plan.path, "rejected", str(error))
-    try:
-        return store_scan(db, plan, scan, reviewer, record_label, keep_file_names=keep_file_names, known_ids=known_ids)
-    except _AllDuplicates:
-        return FileOutcome(plan.path, "duplicate", "identical pixels already stored")
+    item = _pending(db, dbm.salt(db), plan, confine_to)
+    if item.outcome is not None:
+        return item.outcome
+    decoded = decode_file(plan, item.resolved)  # type: ignore[arg-type]
+    with dbm.write(db):
+        return store_decoded(db, decoded, reviewer, record_label, key=item.key,
+                             keep_file_names=keep_file_names, known_ids=known_ids)
 
 
 def _reference_review(study_id: int, phantom: PhantomStudy) -> Review:
@@ -527,6 +859,7 @@ def add_demo_studies(db: sqlite_utils.Database, n_studies: int, seed: int, progr
     salt = dbm.salt(db)
     outcomes = []
     prefix = "phantom-shift" if shift is not None else "phantom"
+    clock = ProgressClock(n_studies, progress, unit="studies")
     for index, phantom in enumerate(make_studies(n_studies, seed, shift=shift)):
         name = f"{prefix}-{seed}-{index:04d}"
         try:
@@ -548,8 +881,7 @@ def add_demo_studies(db: sqlite_utils.Database, n_studies: int, seed: int, progr
             outcomes.append(FileOutcome(Path(name), "imported", f"study {study_id}", tuple(image_ids)))
         except _AllDuplicates:
             outcomes.append(FileOutcome(Path(name), "duplicate", "already in the database"))
-        if progress:
-            progress(index + 1, n_studies, name)
+        clock.step(name)
     return outcomes
 
 
@@ -583,12 +915,14 @@ def import_uploads(
     check_upload_batch([_content_size(content) for _, content in files])
     batch = secrets.token_hex(8)
     outcomes: list[FileOutcome] = []
+    clock = ProgressClock(len(files), progress)
     with tempfile.TemporaryDirectory(prefix="bonescan-upload-") as folder:
         for index, (name, content) in enumerate(files):
             problem = _upload_name_problem(name)
             if problem:
                 outcomes.append(FileOutcome(Path(f"upload-{index:04d}"), "rejected",
                                             f"{problem}; rename the file and upload it again", display_name=ascii(name)))
+                clock.step(ascii(name))
                 continue
             safe = Path(name).name
             path = Path(folder) / f"{index:04d}" / safe  # own folder: same-named uploads stay apart
@@ -598,8 +932,7 @@ def import_uploads(
             outcome = import_one(db, plan, "import", record_label=False, keep_file_names=keep_file_names)
             outcomes.append(replace(outcome, display_name=safe))
             path.unlink()  # the disk holds one upload at a time
-            if progress:
-                progress(index + 1, len(files), safe)
+            clock.step(safe)
     return outcomes
 
 
@@ -712,13 +1045,14 @@ def import_folder(
     keep_file_names: bool = False,
     progress: Progress | None = None,
     cohort: str = DEFAULT_COHORT,
+    jobs: int | None = None,
 ) -> list[FileOutcome]:
     """The app's folder import: ``folder`` must lie under an allowed root, and so must every
     file found in it once resolved (a link out of the root is rejected on its own).
 
     Args:
         roots: resolved roots; default :func:`allowed_import_roots`.
-        label_from_folder, keep_file_names, progress, cohort: see :func:`import_files`.
+        label_from_folder, keep_file_names, progress, cohort, jobs: see :func:`import_files`.
 
     Raises:
         ImportRootError: the folder is outside every root, or a root is ``/``.
@@ -727,4 +1061,4 @@ def import_folder(
     allowed = allowed_import_roots() if roots is None else _refuse_file_system_root(roots)
     start = check_import_root(folder, allowed)
     return import_files(db, [start], label_from_folder=label_from_folder, keep_file_names=keep_file_names,
-                        progress=progress, confine_to=allowed, cohort=cohort)
+                        progress=progress, confine_to=allowed, cohort=cohort, jobs=jobs)
