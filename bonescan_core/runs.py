@@ -40,6 +40,7 @@ from bonescan_core import db as dbm
 from bonescan_core import errors, pixelstore
 from bonescan_core.models import BACKBONES, DEFAULT_SIZE, MODES, Backbone, get_backbone, keras_module
 from bonescan_core.preprocess import AUGMENT_KEYS, PAPER_AUGMENT, VIEW_MODES
+from bonescan_core.results import DEFAULT_THRESHOLD
 
 THRESHOLD_RULES = ("youden", "fixed")
 RUNS_FOLDER = "runs"
@@ -400,14 +401,14 @@ def predictions(db: sqlite_utils.Database, run_id: int, subset: str | None = Non
 
 def studies_by_margin(db: sqlite_utils.Database, run_id: int) -> list[int]:
     """Study ids with a prediction of the run, closest to its decision first: ordered by the
-    smallest |probability - threshold| over the study's images (threshold 0.5 when the run
-    has none), then by id."""
+    smallest |probability - threshold| over the study's images (the default threshold of
+    :func:`results.decision_threshold` when the run has none), then by id."""
     sql = """
-        SELECT i.study_id, MIN(ABS(p.probability - COALESCE(r.threshold, 0.5))) AS margin
+        SELECT i.study_id, MIN(ABS(p.probability - COALESCE(r.threshold, ?))) AS margin
         FROM predictions p JOIN images i ON i.id = p.image_id JOIN runs r ON r.id = p.run_id
         WHERE p.run_id = ? GROUP BY i.study_id ORDER BY margin, i.study_id
     """
-    return [row[0] for row in db.execute(sql, [run_id]).fetchall()]
+    return [row[0] for row in db.execute(sql, [DEFAULT_THRESHOLD, run_id]).fetchall()]
 
 
 # --- the queue's rows -------------------------------------------------------------------------
