@@ -606,23 +606,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _import_sqlite_utils_without_pandas() -> None:
-    """Import sqlite-utils with pandas hidden, then unhide it.
-
-    sqlite-utils imports pandas at import time when it is installed (Streamlit brings it), only
-    to map ``pandas.Timestamp`` columns, which bonescan never stores; that costs ~0.4 s of a
-    light verb's start. pandas is hidden for that one import only, so any later ``import
-    pandas`` in the process works as usual.
-    """
-    if "sqlite_utils" in sys.modules or "pandas" in sys.modules:
-        return
-    sys.modules["pandas"] = None  # type: ignore[assignment]  # makes ``import pandas`` raise ImportError
-    try:
-        import sqlite_utils  # noqa: F401
-    finally:
-        del sys.modules["pandas"]
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``bonescan`` and ``python -m bonescan_core``; returns the exit status."""
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TensorFlow's C++ start-up chatter is not for users
@@ -631,8 +614,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = parser.parse_args(argv)
     except SystemExit as exit_:  # argparse exits 2 on usage errors, 0 on --help
         return int(exit_.code or 0)
-    if args.verb in LIGHT_VERBS:
-        _import_sqlite_utils_without_pandas()
     try:
         return args.func(args)
     except (BonescanError, FileNotFoundError) as error:  # FileNotFoundError: a path given on the command line
