@@ -4,13 +4,16 @@ Exit status: 0 success; 1 the verb ran but some items failed (each reported); 2 
 error or nothing could be done. Errors go to stderr, one line each, saying what to do:
 :func:`main` maps the whole error family (:class:`errors.BonescanError`) to exit 2 in one
 place, so verbs raise and never catch.
-Modules are imported inside each verb so that light verbs start fast (no TensorFlow, no
-pydicom for ``studies``).
+Light verbs start fast: the core modules that are quick to import are imported at the top;
+the slow ones (``ingest``: pydicom; ``report``: plotly; ``jobs`` and ``explain``: the training
+stack) are named at the top too, through :func:`bonescan_core.heavy.lazy_module`, and load only
+when a verb uses them. TensorFlow, Keras and JAX load only through :mod:`bonescan_core.heavy`.
 """
 
 from __future__ import annotations
 
 import argparse
+import getpass
 import json
 import os
 import signal
@@ -19,9 +22,23 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from bonescan_core import accounts, catalog, evaluation, runs, splits
+from bonescan_core import db as dbm
+from bonescan_core.agreement import pairwise
 from bonescan_core.errors import BonescanError, InputError
+from bonescan_core.heavy import lazy_module
+from bonescan_core.results import Progress
+from bonescan_core.review import Review, add_review, export_reviews_csv, import_reviews_csv, set_adjudicator
+from bonescan_core.runs import TrainConfig
 
-if TYPE_CHECKING:  # the CLI starts light: ingest loads only in the verbs that use it
+# The one lazy place: slow to import, loaded on a verb's first use (see the module docstring).
+ingest = lazy_module("bonescan_core.ingest")
+phantom = lazy_module("bonescan_core.phantom")
+report = lazy_module("bonescan_core.report")
+jobs = lazy_module("bonescan_core.jobs")
+explain = lazy_module("bonescan_core.explain")
+
+if TYPE_CHECKING:  # annotations only
     from bonescan_core.ingest import ProgressStep
 
 EXIT_OK, EXIT_SOME_FAILED, EXIT_USAGE = 0, 1, 2
@@ -51,24 +68,17 @@ def _progress_printer(label: str):
 
 
 def cmd_init(args: argparse.Namespace) -> int:
-    from bonescan_core import db as dbm
-
     with dbm.opened(args.db) as db:
         print(f"{dbm.resolve_path(args.db)}: schema {dbm.schema_version(db)}")
     return EXIT_OK
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from bonescan_core import db as dbm
-    from bonescan_core.ingest import add_demo_studies
-
     if args.studies < 1:
         raise CommandError("--studies must be at least 1")
-    from bonescan_core.phantom import OTHER_SCANNER
-
     with dbm.opened(args.db) as db:
-        outcomes = add_demo_studies(db, args.studies, args.seed, progress=_progress_printer("demo"), cohort=args.cohort,
-                                    shift=OTHER_SCANNER if args.shift else None)
+        outcomes = ingest.add_demo_studies(db, args.studies, args.seed, progress=_progress_printer("demo"), cohort=args.cohort,
+                                           shift=phantom.OTHER_SCANNER if args.shift else None)
     added = sum(o.status == "imported" for o in outcomes)
     print(f"added {added} demo studies ({len(outcomes) - added} already present), seed {args.seed}, cohort {args.cohort}"
           + (", another scanner" if args.shift else ""))
@@ -76,16 +86,13 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_import(args: argparse.Namespace) -> int:
-    from bonescan_core import db as dbm
-    from bonescan_core.ingest import import_files
-
     paths = [Path(p) for p in args.paths]
     if not paths and not args.manifest:
         raise CommandError("name files or folders to import, or a --manifest CSV")
     if args.jobs is not None and args.jobs < 1:
         raise CommandError("--jobs must be at least 1")
     with dbm.opened(args.db) as db:
-        outcomes = import_files(
+        outcomes = ingest.import_files(
             db,
             paths,
             label_from_folder=args.label_from_folder,
@@ -104,9 +111,6 @@ def cmd_import(args: argparse.Namespace) -> int:
 
 
 def cmd_images(args: argparse.Namespace) -> int:
-    from bonescan_core import catalog
-    from bonescan_core import db as dbm
-
     with dbm.opened(args.db) as db:
         rows = catalog.list_images(db)
     _print_rows(rows, args.json, ["id", "study_id", "view", "source", "height", "width"])
@@ -114,9 +118,6 @@ def cmd_images(args: argparse.Namespace) -> int:
 
 
 def cmd_studies(args: argparse.Namespace) -> int:
-    from bonescan_core import catalog
-    from bonescan_core import db as dbm
-
     with dbm.opened(args.db) as db:
         rows = catalog.list_studies(db)
     _print_rows(rows, args.json, ["id", "patient_id", "n_images", "label", "included"])
@@ -128,9 +129,6 @@ def _split_ids(text: str | None) -> tuple[str, ...]:
 
 
 def cmd_label(args: argparse.Namespace) -> int:
-    from bonescan_core import db as dbm
-    from bonescan_core.review import Review, add_review
-
     if args.exclude or (args.not_screening and not (args.metastatic or args.no_metastasis)):
         decision, label = "exclude", None  # not screening and no decision: excluded as non_screening_indication
     elif args.metastatic or args.no_metastasis:
@@ -150,9 +148,6 @@ def cmd_label(args: argparse.Namespace) -> int:
 
 
 def cmd_labels(args: argparse.Namespace) -> int:
-    from bonescan_core import db as dbm
-    from bonescan_core.review import export_reviews_csv, import_reviews_csv
-
     with dbm.opened(args.db) as db:
         if args.action == "export":
             count = export_reviews_csv(db, Path(args.csv))
@@ -168,9 +163,6 @@ def cmd_labels(args: argparse.Namespace) -> int:
 
 
 def cmd_agreement(args: argparse.Namespace) -> int:
-    from bonescan_core import db as dbm
-    from bonescan_core.agreement import pairwise
-
     with dbm.opened(args.db) as db:
         pairs = pairwise(db)
     if args.json:
@@ -188,10 +180,6 @@ def cmd_agreement(args: argparse.Namespace) -> int:
 
 
 def cmd_adjudicator(args: argparse.Namespace) -> int:
-    from bonescan_core import accounts
-    from bonescan_core import db as dbm
-    from bonescan_core.review import set_adjudicator
-
     with dbm.opened(args.db) as db:
         if accounts.sign_in_required(db):
             raise CommandError("sign-in is on, so adjudicators are the accounts with the adjudicator role: "
@@ -202,9 +190,6 @@ def cmd_adjudicator(args: argparse.Namespace) -> int:
 
 
 def cmd_split(args: argparse.Namespace) -> int:
-    from bonescan_core import db as dbm
-    from bonescan_core import splits
-
     with dbm.opened(args.db) as db:
         split_id = splits.make_split(db, seed=args.seed, test=args.test, val=args.val, cohorts=args.cohort)
         result = splits.get_split(db, split_id)
@@ -228,8 +213,6 @@ def parse_size(text: str) -> tuple[int, int]:
 
 def train_config(args: argparse.Namespace):
     """The TrainConfig the train options describe (no Keras import)."""
-    from bonescan_core.runs import TrainConfig
-
     optional = {"augment": {}} if args.no_augment else {}  # default: the paper's augmentation
     return TrainConfig(
         backbone=args.backbone, weights=args.weights, mode=args.mode, epochs=args.epochs, batch_size=args.batch_size,
@@ -242,16 +225,11 @@ def _terminal_progress(fields: dict) -> None:
     """Redraw the run's progress line on stderr (only on a terminal)."""
     if not sys.stderr.isatty():
         return
-    from bonescan_core.results import Progress
-
     sys.stderr.write(f"\r{Progress.from_record(fields).format():<80}")
     sys.stderr.flush()
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from bonescan_core import db as dbm
-    from bonescan_core import jobs, runs
-
     config = train_config(args)
     db_path = dbm.resolve_path(args.db)
     with dbm.opened(db_path) as db:  # the split is fixed now, so backbones queued later share it
@@ -282,9 +260,6 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_predictions(args: argparse.Namespace) -> int:
-    from bonescan_core import db as dbm
-    from bonescan_core import report
-
     with dbm.opened(args.db) as db:
         text = report.predictions_csv(db, args.run)
     Path(args.csv).write_text(text)
@@ -293,9 +268,6 @@ def cmd_predictions(args: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from bonescan_core import db as dbm
-    from bonescan_core import evaluation
-
     with dbm.opened(args.db) as db:
         result = evaluation.evaluate(db, args.run, threshold=args.threshold)
     if args.json:
@@ -306,9 +278,6 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def cmd_explain(args: argparse.Namespace) -> int:
-    from bonescan_core import db as dbm
-    from bonescan_core import explain
-
     db_path = dbm.resolve_path(args.db)
     with dbm.opened(db_path) as db:
         out = explain.explain_png(db, db_path, args.run, args.image, Path(args.out), opacity=args.opacity)
@@ -317,9 +286,6 @@ def cmd_explain(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from bonescan_core import db as dbm
-    from bonescan_core import report
-
     db_path = dbm.resolve_path(args.db)
     with dbm.opened(db_path) as db:
         files = report.export_bundle(db, db_path, args.run, Path(args.out))
@@ -329,9 +295,6 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
-    from bonescan_core import db as dbm
-    from bonescan_core import jobs
-
     def stop(signum: int, frame: object) -> None:
         raise KeyboardInterrupt  # a run in progress is recorded as interrupted, not left "running"
 
@@ -344,9 +307,6 @@ def cmd_worker(args: argparse.Namespace) -> int:
 
 
 def cmd_runs(args: argparse.Namespace) -> int:
-    from bonescan_core import db as dbm
-    from bonescan_core import runs
-
     with dbm.opened(args.db) as db:
         rows = [run.to_json() for run in runs.list_runs(db)]
     _print_rows(rows, args.json, ["id", "backbone", "status", "device", "images_per_second", "threshold", "error"])
@@ -354,9 +314,6 @@ def cmd_runs(args: argparse.Namespace) -> int:
 
 
 def cmd_cancel(args: argparse.Namespace) -> int:
-    from bonescan_core import db as dbm
-    from bonescan_core import jobs
-
     with dbm.opened(args.db) as db:
         status = jobs.request_cancel(db, args.run)
     if status == "cancelled":
@@ -370,8 +327,6 @@ def cmd_cancel(args: argparse.Namespace) -> int:
 
 def _read_new_password(args: argparse.Namespace) -> str:
     """The new password: one line of stdin with ``--password-stdin``, else typed twice at a prompt."""
-    import getpass
-
     if args.password_stdin:
         password = sys.stdin.readline().rstrip("\r\n")
         if not password:
@@ -390,9 +345,6 @@ def _read_new_password(args: argparse.Namespace) -> str:
 
 
 def cmd_account(args: argparse.Namespace) -> int:
-    from bonescan_core import accounts
-    from bonescan_core import db as dbm
-
     with dbm.opened(args.db) as db:
         if args.action == "add":
             account = accounts.add_account(db, args.name, _read_new_password(args), args.role)

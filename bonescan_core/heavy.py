@@ -16,6 +16,7 @@ is hidden.
 from __future__ import annotations
 
 import functools
+import importlib.util
 import os
 import sys
 from types import ModuleType
@@ -62,3 +63,24 @@ def jax_module() -> ModuleType:
     import jax.numpy  # noqa: F401  # binds the submodule as ``jax.numpy``
 
     return jax
+
+
+def lazy_module(name: str) -> ModuleType:
+    """``name`` as a module that is imported on its first attribute access (the same object as ``import name``).
+
+    For the CLI: it names every core module its verbs use at its top, and a light verb never
+    executes the slow ones (pydicom behind ``ingest``, plotly behind ``report``, the training
+    stack behind ``jobs``). The first access must not race another thread (CPython 3.11's
+    ``LazyLoader`` is not thread-safe); the CLI's verbs touch their modules before starting any.
+    """
+    if name in sys.modules:
+        return sys.modules[name]
+    spec = importlib.util.find_spec(name)
+    if spec is None or spec.loader is None:
+        raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+    loader = importlib.util.LazyLoader(spec.loader)
+    spec.loader = loader
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    loader.exec_module(module)
+    return module
