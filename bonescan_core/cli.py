@@ -42,9 +42,6 @@ if TYPE_CHECKING:  # annotations only
     from bonescan_core.ingest import ProgressStep
 
 EXIT_OK, EXIT_SOME_FAILED, EXIT_USAGE = 0, 1, 2
-# Verbs that need no model or table library: they must start in well under a second.
-LIGHT_VERBS = frozenset({"init", "demo", "import", "images", "studies", "label", "labels", "agreement", "adjudicator",
-                         "split", "runs", "cancel", "predictions", "evaluate", "account"})
 
 
 class CommandError(InputError):
