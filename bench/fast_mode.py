@@ -124,7 +124,7 @@ def main() -> None:
     backbones = (args.backbones or ("resnet50" if args.quick else "resnet50,vgg19,densenet121")).split(",")
     n_images = args.images or (120 if args.quick else 570)
     size = tuple(int(v) for v in args.size.split("x"))
-    from bonescan_core.models import keras_module
+    from bonescan_core.heavy import keras_module
 
     keras_module()  # a worker imports TensorFlow once, before its first run: keep that out of the clocks
     for backbone in backbones:

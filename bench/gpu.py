@@ -105,7 +105,7 @@ def main() -> None:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     import pipeline  # bench/pipeline.py: measure, make_demo_db
 
-    from bonescan_core.models import keras_module
+    from bonescan_core.heavy import keras_module
 
     keras = keras_module()
     steps = args.steps or (3 if args.quick else 20)

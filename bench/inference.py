@@ -54,7 +54,7 @@ def make_db(folder: Path, n_studies: int) -> Path:
 def save_run(db_path: Path, backbone: str, size: tuple[int, int]) -> tuple[int, float]:
     """Build a classifier (weights none), save it as a finished run's model; returns (run id, build seconds)."""
     from bonescan_core import db as dbm
-    from bonescan_core import jobs, models, runs
+    from bonescan_core import heavy, jobs, models, runs
 
     started = time.perf_counter()
     model = models.build_model(backbone, "none", size, seed=0)
@@ -64,7 +64,7 @@ def save_run(db_path: Path, backbone: str, size: tuple[int, int]) -> tuple[int, 
     path = folder / f"bench-{backbone}-{size[0]}x{size[1]}.keras"
     model.save(path)
     del model
-    models.keras_module().backend.clear_session()  # the app's model is the one runs.load_model reads back
+    heavy.keras_module().backend.clear_session()  # the app's model is the one runs.load_model reads back
     config = {"backbone": backbone, "weights": "none", "image_size": list(size), "view_mode": "per_image"}
     with dbm.opened(db_path) as db:
         run_id = jobs.enqueue(db, backbone, config, f"bench-inference-{path.name}")
@@ -97,7 +97,7 @@ def one_study(db, db_path: Path, run_id: int, image_ids: list[int]) -> float:
 
 def measure(db_path: Path, study_ids: list[int], backbone: str, size: tuple[int, int]) -> dict:
     from bonescan_core import db as dbm
-    from bonescan_core import models, runs
+    from bonescan_core import heavy, runs
 
     run_id, build_s = save_run(db_path, backbone, size)
     started = time.perf_counter()
@@ -110,7 +110,7 @@ def measure(db_path: Path, study_ids: list[int], backbone: str, size: tuple[int,
         timed = [one_study(db, db_path, run_id, views[study_id]) for study_id in study_ids[1:]]
     runs.clear_model_cache()
     del model
-    models.keras_module().backend.clear_session()
+    heavy.keras_module().backend.clear_session()
     gc.collect()
     study = summary(timed)
     goal = GOALS_S.get(backbone)
@@ -130,7 +130,7 @@ def main() -> None:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     n_studies = args.studies or (5 if args.quick else 20)
     size = tuple(int(v) for v in args.size.split("x"))
-    from bonescan_core.models import keras_module
+    from bonescan_core.heavy import keras_module
 
     keras = keras_module()
     with tempfile.TemporaryDirectory(prefix="bonescan-bench-") as folder:

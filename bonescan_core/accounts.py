@@ -56,10 +56,9 @@ import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 
-import sqlite_utils
-
 from bonescan_core import db as dbm
 from bonescan_core import errors
+from bonescan_core.heavy import sqlite_utils
 
 ROLES: dict[str, str] = {
     "reader": "labels studies and flags them for re-review",

@@ -13,8 +13,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
-import sqlite_utils
 
+from bonescan_core.heavy import sqlite_utils
 from bonescan_core.review import LABELS, study_statuses
 
 Z_95 = 1.959963984540054

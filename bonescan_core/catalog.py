@@ -9,9 +9,9 @@ from __future__ import annotations
 from collections import Counter
 
 import numpy as np
-import sqlite_utils
 
 from bonescan_core import errors, pixelstore
+from bonescan_core.heavy import sqlite_utils
 from bonescan_core.review import StudyStatus, training_labels
 
 

@@ -4,13 +4,16 @@ Exit status: 0 success; 1 the verb ran but some items failed (each reported); 2 
 error or nothing could be done. Errors go to stderr, one line each, saying what to do:
 :func:`main` maps the whole error family (:class:`errors.BonescanError`) to exit 2 in one
 place, so verbs raise and never catch.
-Modules are imported inside each verb so that light verbs start fast (no TensorFlow, no
-pydicom for ``studies``).
+Light verbs start fast: the core modules that are quick to import are imported at the top;
+the slow ones (``ingest``: pydicom; ``report``: plotly; ``jobs`` and ``explain``: the training
+stack) are named at the top too, through :func:`bonescan_core.heavy.lazy_module`, and load only
+when a verb uses them. TensorFlow, Keras and JAX load only through :mod:`bonescan_core.heavy`.
 """
 
 from __future__ import annotations
 
 import argparse
+import getpass
 import json
 import os
 import signal
@@ -19,15 +22,26 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from bonescan_core import accounts, catalog, evaluation, runs, splits
+from bonescan_core import db as dbm
+from bonescan_core.agreement import pairwise
 from bonescan_core.errors import BonescanError, InputError
+from bonescan_core.heavy import lazy_module
+from bonescan_core.results import Progress
+from bonescan_core.review import Review, add_review, export_reviews_csv, import_reviews_csv, set_adjudicator
+from bonescan_core.runs import TrainConfig
 
-if TYPE_CHECKING:  # the CLI starts light: ingest loads only in the verbs that use it
+# The one lazy place: slow to import, loaded on a verb's first use (see the module docstring).
+ingest = lazy_module("bonescan_core.ingest")
+phantom = lazy_module("bonescan_core.phantom")
+report = lazy_module("bonescan_core.report")
+jobs = lazy_module("bonescan_core.jobs")
+explain = lazy_module("bonescan_core.explain")
+
+if TYPE_CHECKING:  # annotations only
     from bonescan_core.ingest import ProgressStep
 
 EXIT_OK, EXIT_SOME_FAILED, EXIT_USAGE = 0, 1, 2
-# Verbs that need no model or table library: they must start in well under a second.
-LIGHT_VERBS = frozenset({"init", "demo", "import", "images", "studies", "label", "labels", "agreement", "adjudicator",
-                         "split", "runs", "cancel", "predictions", "evaluate", "account"})
 
 
 class CommandError(InputError):
@@ -51,24 +65,17 @@ def _progress_printer(label: str):
 
 
 def cmd_init(args: argparse.Namespace) -> int:
-    from bonescan_core import db as dbm
-
     with dbm.opened(args.db) as db:
         print(f"{dbm.resolve_path(args.db)}: schema {dbm.schema_version(db)}")
     return EXIT_OK
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from bonescan_core import db as dbm
-    from bonescan_core.ingest import add_demo_studies
-
     if args.studies < 1:
         raise CommandError("--studies must be at least 1")
-    from bonescan_core.phantom import OTHER_SCANNER
-
     with dbm.opened(args.db) as db:
-        outcomes = add_demo_studies(db, args.studies, args.seed, progress=_progress_printer("demo"), cohort=args.cohort,
-                                    shift=OTHER_SCANNER if args.shift else None)
+        outcomes = ingest.add_demo_studies(db, args.studies, args.seed, progress=_progress_printer("demo"), cohort=args.cohort,
+                                           shift=phantom.OTHER_SCANNER if args.shift else None)
     added = sum(o.status == "imported" for o in outcomes)
     print(f"added {added} demo studies ({len(outcomes) - added} already present), seed {args.seed}, cohort {args.cohort}"
           + (", another scanner" if args.shift else ""))
@@ -76,16 +83,13 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_import(args: argparse.Namespace) -> int:
-    from bonescan_core import db as dbm
-    from bonescan_core.ingest import import_files
-
     paths = [Path(p) for p in args.paths]
     if not paths and not args.manifest:
         raise CommandError("name files or folders to import, or a --manifest CSV")
     if args.jobs is not None and args.jobs < 1:
         raise CommandError("--jobs must be at least 1")
     with dbm.opened(args.db) as db:
-        outcomes = import_files(
+        outcomes = ingest.import_files(
             db,
             paths,
             label_from_folder=args.label_from_folder,
@@ -104,9 +108,6 @@ def cmd_import(args: argparse.Namespace) -> int:
 
 
 def cmd_images(args: argparse.Namespace) -> int:
-    from bonescan_core import catalog
-    from bonescan_core import db as dbm
-
     with dbm.opened(args.db) as db:
         rows = catalog.list_images(db)
     _print_rows(rows, args.json, ["id", "study_id", "view", "source", "height", "width"])
@@ -114,9 +115,6 @@ def cmd_images(args: argparse.Namespace) -> int:
 
 
 def cmd_studies(args: argparse.Namespace) -> int:
-    from bonescan_core import catalog
-    from bonescan_core import db as dbm
-
     with dbm.opened(args.db) as db:
         rows = catalog.list_studies(db)
     _print_rows(rows, args.json, ["id", "patient_id", "n_images", "label", "included"])
@@ -128,9 +126,6 @@ def _split_ids(text: str | None) -> tuple[str, ...]:
 
 
 def cmd_label(args: argparse.Namespace) -> int:
-    from bonescan_core import db as dbm
-    from bonescan_core.review import Review, add_review
-
     if args.exclude or (args.not_screening and not (args.metastatic or args.no_metastasis)):
         decision, label = "exclude", None  # not screening and no decision: excluded as non_screening_indication
     elif args.metastatic or args.no_metastasis:
@@ -150,9 +145,6 @@ def cmd_label(args: argparse.Namespace) -> int:
 
 
 def cmd_labels(args: argparse.Namespace) -> int:
-    from bonescan_core import db as dbm
-    from bonescan_core.review import export_reviews_csv, import_reviews_csv
-
     with dbm.opened(args.db) as db:
         if args.action == "export":
             count = export_reviews_csv(db, Path(args.csv))
@@ -168,9 +160,6 @@ def cmd_labels(args: argparse.Namespace) -> int:
 
 
 def cmd_agreement(args: argparse.Namespace) -> int:
-    from bonescan_core import db as dbm
-    from bonescan_core.agreement import pairwise
-
     with dbm.opened(args.db) as db:
         pairs = pairwise(db)
     if args.json:
@@ -188,10 +177,6 @@ def cmd_agreement(args: argparse.Namespace) -> int:
 
 
 def cmd_adjudicator(args: argparse.Namespace) -> int:
-    from bonescan_core import accounts
-    from bonescan_core import db as dbm
-    from bonescan_core.review import set_adjudicator
-
     with dbm.opened(args.db) as db:
         if accounts.sign_in_required(db):
             raise CommandError("sign-in is on, so adjudicators are the accounts with the adjudicator role: "
@@ -202,9 +187,6 @@ def cmd_adjudicator(args: argparse.Namespace) -> int:
 
 
 def cmd_split(args: argparse.Namespace) -> int:
-    from bonescan_core import db as dbm
-    from bonescan_core import splits
-
     with dbm.opened(args.db) as db:
         split_id = splits.make_split(db, seed=args.seed, test=args.test, val=args.val, cohorts=args.cohort)
         result = splits.get_split(db, split_id)
@@ -228,8 +210,6 @@ def parse_size(text: str) -> tuple[int, int]:
 
 def train_config(args: argparse.Namespace):
     """The TrainConfig the train options describe (no Keras import)."""
-    from bonescan_core.runs import TrainConfig
-
     optional = {"augment": {}} if args.no_augment else {}  # default: the paper's augmentation
     return TrainConfig(
         backbone=args.backbone, weights=args.weights, mode=args.mode, epochs=args.epochs, batch_size=args.batch_size,
@@ -242,16 +222,11 @@ def _terminal_progress(fields: dict) -> None:
     """Redraw the run's progress line on stderr (only on a terminal)."""
     if not sys.stderr.isatty():
         return
-    from bonescan_core.results import Progress
-
     sys.stderr.write(f"\r{Progress.from_record(fields).format():<80}")
     sys.stderr.flush()
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from bonescan_core import db as dbm
-    from bonescan_core import jobs, runs
-
     config = train_config(args)
     db_path = dbm.resolve_path(args.db)
     with dbm.opened(db_path) as db:  # the split is fixed now, so backbones queued later share it
@@ -282,9 +257,6 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_predictions(args: argparse.Namespace) -> int:
-    from bonescan_core import db as dbm
-    from bonescan_core import report
-
     with dbm.opened(args.db) as db:
         text = report.predictions_csv(db, args.run)
     Path(args.csv).write_text(text)
@@ -293,9 +265,6 @@ def cmd_predictions(args: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from bonescan_core import db as dbm
-    from bonescan_core import evaluation
-
     with dbm.opened(args.db) as db:
         result = evaluation.evaluate(db, args.run, threshold=args.threshold)
     if args.json:
@@ -306,9 +275,6 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def cmd_explain(args: argparse.Namespace) -> int:
-    from bonescan_core import db as dbm
-    from bonescan_core import explain
-
     db_path = dbm.resolve_path(args.db)
     with dbm.opened(db_path) as db:
         out = explain.explain_png(db, db_path, args.run, args.image, Path(args.out), opacity=args.opacity)
@@ -317,9 +283,6 @@ def cmd_explain(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from bonescan_core import db as dbm
-    from bonescan_core import report
-
     db_path = dbm.resolve_path(args.db)
     with dbm.opened(db_path) as db:
         files = report.export_bundle(db, db_path, args.run, Path(args.out))
@@ -329,9 +292,6 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
-    from bonescan_core import db as dbm
-    from bonescan_core import jobs
-
     def stop(signum: int, frame: object) -> None:
         raise KeyboardInterrupt  # a run in progress is recorded as interrupted, not left "running"
 
@@ -344,9 +304,6 @@ def cmd_worker(args: argparse.Namespace) -> int:
 
 
 def cmd_runs(args: argparse.Namespace) -> int:
-    from bonescan_core import db as dbm
-    from bonescan_core import runs
-
     with dbm.opened(args.db) as db:
         rows = [run.to_json() for run in runs.list_runs(db)]
     _print_rows(rows, args.json, ["id", "backbone", "status", "device", "images_per_second", "threshold", "error"])
@@ -354,9 +311,6 @@ def cmd_runs(args: argparse.Namespace) -> int:
 
 
 def cmd_cancel(args: argparse.Namespace) -> int:
-    from bonescan_core import db as dbm
-    from bonescan_core import jobs
-
     with dbm.opened(args.db) as db:
         status = jobs.request_cancel(db, args.run)
     if status == "cancelled":
@@ -370,8 +324,6 @@ def cmd_cancel(args: argparse.Namespace) -> int:
 
 def _read_new_password(args: argparse.Namespace) -> str:
     """The new password: one line of stdin with ``--password-stdin``, else typed twice at a prompt."""
-    import getpass
-
     if args.password_stdin:
         password = sys.stdin.readline().rstrip("\r\n")
         if not password:
@@ -390,9 +342,6 @@ def _read_new_password(args: argparse.Namespace) -> str:
 
 
 def cmd_account(args: argparse.Namespace) -> int:
-    from bonescan_core import accounts
-    from bonescan_core import db as dbm
-
     with dbm.opened(args.db) as db:
         if args.action == "add":
             account = accounts.add_account(db, args.name, _read_new_password(args), args.role)
@@ -606,23 +555,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _import_sqlite_utils_without_pandas() -> None:
-    """Import sqlite-utils with pandas hidden, then unhide it.
-
-    sqlite-utils imports pandas at import time when it is installed (Streamlit brings it), only
-    to map ``pandas.Timestamp`` columns, which bonescan never stores; that costs ~0.4 s of a
-    light verb's start. pandas is hidden for that one import only, so any later ``import
-    pandas`` in the process works as usual.
-    """
-    if "sqlite_utils" in sys.modules or "pandas" in sys.modules:
-        return
-    sys.modules["pandas"] = None  # type: ignore[assignment]  # makes ``import pandas`` raise ImportError
-    try:
-        import sqlite_utils  # noqa: F401
-    finally:
-        del sys.modules["pandas"]
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``bonescan`` and ``python -m bonescan_core``; returns the exit status."""
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TensorFlow's C++ start-up chatter is not for users
@@ -631,8 +563,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = parser.parse_args(argv)
     except SystemExit as exit_:  # argparse exits 2 on usage errors, 0 on --help
         return int(exit_.code or 0)
-    if args.verb in LIGHT_VERBS:
-        _import_sqlite_utils_without_pandas()
     try:
         return args.func(args)
     except (BonescanError, FileNotFoundError) as error:  # FileNotFoundError: a path given on the command line

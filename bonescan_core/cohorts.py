@@ -11,9 +11,8 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable
 
-import sqlite_utils
-
 from bonescan_core.errors import InputError
+from bonescan_core.heavy import sqlite_utils
 
 DEFAULT_COHORT = "default"
 # Short, printable, no commas (``--cohort a,b`` lists several) and no leading space or dot.

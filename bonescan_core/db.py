@@ -23,9 +23,8 @@ import sqlite3
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-import sqlite_utils
-
 from bonescan_core import errors
+from bonescan_core.heavy import sqlite_utils
 
 DEFAULT_DB = "labels.db"
 ENV_VAR = "BONESCAN_DB"

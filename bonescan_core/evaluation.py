@@ -37,10 +37,11 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
-import sqlite_utils
 
 from bonescan_core import errors, runs
+from bonescan_core.heavy import sqlite_utils
 from bonescan_core.results import EvaluationResult, LevelResult, decision_threshold
+from bonescan_core.review import latest_reviews
 
 METRICS = ("accuracy", "recall", "precision", "f1", "specificity", "npv", "auc", "pr_auc", "brier")
 """Every metric :func:`point_metrics` returns, in display order (the paper's four first)."""
@@ -852,7 +853,6 @@ def explorer_rows(db: sqlite_utils.Database, run_id: int, threshold: float) -> l
         readers' current ``verdicts`` ("reader: verdict; ..."), ``criteria`` (ids, ";"-joined)
         and ``notes``.
     """
-    from bonescan_core.review import latest_reviews  # local: keeps evaluation's import light
 
     rows = []
     for subset in ("val", "test"):

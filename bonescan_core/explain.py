@@ -33,11 +33,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
-import sqlite_utils
 from PIL import Image
 
 from bonescan_core import errors, pixelstore, plots, runs
 from bonescan_core.gradcam import BATCH_SIZE, gradcam_with_probabilities
+from bonescan_core.heavy import sqlite_utils
 from bonescan_core.models import DEFAULT_SIZE, Backbone, get_backbone
 from bonescan_core.preprocess import (
     compose_views,

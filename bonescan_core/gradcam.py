@@ -35,7 +35,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from bonescan_core.models import keras_module
+from bonescan_core.heavy import jax_module, keras_module, tensorflow_module
 
 if TYPE_CHECKING:  # pragma: no cover - typing only; keras is imported lazily
     import keras
@@ -125,7 +125,7 @@ class GradCam:
         return z + ops.cast(bias[0], "float32") if bias is not None else z
 
     def _tensorflow_step(self, model: keras.Model) -> Any:
-        import tensorflow as tf
+        tf = tensorflow_module()
 
         dense = self._dense
         spec = tf.TensorSpec((None, *model.inputs[0].shape[1:]), tf.float32)
@@ -158,8 +158,8 @@ class GradCam:
         return step
 
     def _jax_step(self) -> Any:
-        import jax
-        import jax.numpy as jnp
+        jax = jax_module()
+        jnp = jax.numpy
 
         features, head = self._features, self._head
 
@@ -254,8 +254,8 @@ def cams_from(features: np.ndarray, grads: np.ndarray) -> np.ndarray:
     """
     a = np.nan_to_num(np.asarray(features, dtype=np.float32), nan=0.0, posinf=0.0, neginf=0.0)
     g = np.nan_to_num(np.asarray(grads, dtype=np.float32), nan=0.0, posinf=0.0, neginf=0.0)
-    weights = g.mean(axis=(1, 2))  # (N, C): each channel's importance
-    cam = np.maximum(np.einsum("nhwc,nc->nhw", a, weights), 0.0)
+    channel_weights = g.mean(axis=(1, 2))  # (N, C): each channel's importance
+    cam = np.maximum(np.einsum("nhwc,nc->nhw", a, channel_weights), 0.0)
     peak = cam.max(axis=(1, 2), keepdims=True)
     usable = np.isfinite(peak) & (peak > 0.0)
     cam = np.where(usable, cam / np.where(usable, peak, 1.0), 0.0)

@@ -56,7 +56,6 @@ from pathlib import Path
 from typing import BinaryIO
 
 import numpy as np
-import sqlite_utils
 
 from bonescan_core import db as dbm
 from bonescan_core import pixelstore
@@ -64,6 +63,7 @@ from bonescan_core.cohorts import DEFAULT_COHORT, CohortError, check_cohort
 from bonescan_core.csvfile import read_rows
 from bonescan_core.deidentify import DicomFacts, stored_file_name
 from bonescan_core.errors import BonescanError, InputError, Unavailable
+from bonescan_core.heavy import sqlite_utils
 from bonescan_core.imaging import EXTENSIONS, RejectedFile, read_scan
 from bonescan_core.phantom import VIEWS, PhantomStudy, ScannerShift, make_studies
 from bonescan_core.review import Review, add_review

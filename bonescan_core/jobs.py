@@ -25,13 +25,13 @@ import time
 import traceback
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
+from datetime import datetime
 from pathlib import Path
 from typing import Any, NamedTuple
 
-import sqlite_utils
-
 from bonescan_core import db as dbm
-from bonescan_core import errors, runs, splits
+from bonescan_core import errors, explain, runs, splits, training
+from bonescan_core.heavy import sqlite_utils
 
 STATUSES = ("queued", "running", "done", "failed", "cancelled", "interrupted")
 ACTIVE = ("queued", "running")
@@ -53,8 +53,6 @@ class DuplicateRun(errors.Conflict):
 def _seconds_since(timestamp: str | None) -> float:
     if not timestamp:
         return float("inf")
-    from datetime import datetime
-
     then = datetime.fromisoformat(timestamp.replace("Z", "+00:00"))
     now = datetime.fromisoformat(dbm.utc_now().replace("Z", "+00:00"))
     return (now - then).total_seconds()
@@ -300,7 +298,6 @@ def execute_run(db_path: Path, run: runs.Run, echo: Callable[[dict], None] | Non
     """Train one claimed run and store what training returned (``runs.record_result``); then,
     for a done run, precompute its Grad-CAM maps (the run is already ``done`` meanwhile: maps
     are only a cache). Returns the final status."""
-    from bonescan_core import training  # TensorFlow/Keras load here, in the worker only
 
     reporter = DatabaseReporter(Path(db_path), run.id, echo=echo)
     status, error = "done", None
@@ -334,7 +331,6 @@ def precompute_explanations(db_path: Path, run_id: int, reporter: DatabaseReport
     early, between studies, on cancel and as soon as another run is queued (training comes
     first; a missing map is computed on first view). Returns how many predicted images were
     explained."""
-    from bonescan_core import explain
 
     with dbm.opened(db_path) as db:
         studies = runs.unexplained_by_study(db, run_id)

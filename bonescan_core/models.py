@@ -21,7 +21,6 @@ URL.
 
 from __future__ import annotations
 
-import functools
 import os
 import socket
 import threading
@@ -33,6 +32,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from bonescan_core import errors
+from bonescan_core.heavy import keras_module
 
 if TYPE_CHECKING:  # pragma: no cover - typing only; keras is imported lazily
     import keras
@@ -50,15 +50,6 @@ class WeightsUnavailable(errors.Unavailable):
 
 class WeightsIncompatible(errors.InputError):
     """A weights file does not fit the model being built (other backbone, size or head)."""
-
-
-@functools.cache
-def keras_module() -> Any:
-    """Import and return ``keras`` (quietening TensorFlow's C++ start-up logs first)."""
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    import keras
-
-    return keras
 
 
 @dataclass(frozen=True)

@@ -35,11 +35,11 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-import sqlite_utils
 from PIL import Image
 
 from bonescan_core import pixelstore
-from bonescan_core.models import Backbone, get_backbone, keras_module
+from bonescan_core.heavy import keras_module, sqlite_utils
+from bonescan_core.models import Backbone, get_backbone
 
 VIEW_MODES = ("per_image", "composite")
 

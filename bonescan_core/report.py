@@ -16,10 +16,9 @@ import zipfile
 from pathlib import Path
 from typing import Any
 
-import sqlite_utils
-
 from bonescan_core import errors, evaluation, plots, runs
 from bonescan_core.csvfile import write_rows
+from bonescan_core.heavy import sqlite_utils
 from bonescan_core.results import LevelResult
 
 PREDICTION_COLUMNS = ("image_id", "study_id", "patient_id", "view", "subset", "label", "probability")

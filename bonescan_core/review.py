@@ -13,11 +13,10 @@ from collections.abc import Iterable
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-import sqlite_utils
-
 from bonescan_core import accounts, errors, runs
 from bonescan_core import db as dbm
 from bonescan_core.csvfile import read_rows, unescape_cell, write_rows
+from bonescan_core.heavy import sqlite_utils
 
 LABELS = ("metastatic", "non_metastatic")
 

@@ -34,11 +34,11 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import sqlite_utils
 
 from bonescan_core import db as dbm
 from bonescan_core import errors, pixelstore
-from bonescan_core.models import BACKBONES, DEFAULT_SIZE, MODES, Backbone, get_backbone, keras_module
+from bonescan_core.heavy import keras_module, sqlite_utils
+from bonescan_core.models import BACKBONES, DEFAULT_SIZE, MODES, Backbone, get_backbone
 from bonescan_core.preprocess import AUGMENT_KEYS, PAPER_AUGMENT, VIEW_MODES
 from bonescan_core.results import DEFAULT_THRESHOLD
 

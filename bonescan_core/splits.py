@@ -24,11 +24,11 @@ from collections import Counter
 from collections.abc import Iterable, Mapping
 
 import numpy as np
-import sqlite_utils
 
 from bonescan_core import db as dbm
 from bonescan_core import errors
 from bonescan_core.cohorts import list_cohorts, parse_cohorts
+from bonescan_core.heavy import sqlite_utils
 from bonescan_core.review import LABELS, study_statuses
 
 SUBSETS = ("train", "val", "test")

@@ -41,10 +41,11 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
-import sqlite_utils
 
-from bonescan_core import errors, runs
+from bonescan_core import errors, models, preprocess, runs
 from bonescan_core import splits as splitting
+from bonescan_core.evaluation import youden_threshold
+from bonescan_core.heavy import jax_module, keras_module, sqlite_utils, tensorflow_module
 from bonescan_core.models import weights_kind
 from bonescan_core.preprocess import Sample
 from bonescan_core.runs import THRESHOLD_RULES, Prediction, RunResult, TrainConfig, file_sha256
@@ -119,8 +120,6 @@ def choose_threshold(rule: str, labels: np.ndarray, probabilities: np.ndarray) -
         return 0.5
     if rule != "youden":
         raise ValueError(f"unknown threshold rule {rule!r}; one of {', '.join(THRESHOLD_RULES)}")
-    from bonescan_core.evaluation import youden_threshold
-
     return youden_threshold(np.asarray(labels), np.asarray(probabilities))
 
 
@@ -139,8 +138,6 @@ def _atomic_save(model: Any, target: Path) -> str:
         # An uncompiled model over the same layers: the .keras format would otherwise also
         # store the optimizer's state (Adam: two moments per weight, three times the file),
         # which inference never needs. (clone_model would copy the compile state too.)
-        from bonescan_core.models import keras_module
-
         bare = keras_module().Model(model.inputs, model.outputs, name=model.name)
         bare.save(temp)
         digest = file_sha256(Path(temp))
@@ -154,15 +151,12 @@ def _atomic_save(model: Any, target: Path) -> str:
 
 def _backend_facts() -> tuple[str, str, int, dict[str, str]]:
     """(backend, device description, number of GPUs, versions)."""
-    from bonescan_core.models import keras_module
-
     keras = keras_module()
     backend = keras.backend.backend()
     versions = {"python": platform.python_version(), "keras": keras.__version__, "numpy": np.__version__}
     device, n_gpus = "CPU", 0
     if backend == "tensorflow":
-        import tensorflow as tf
-
+        tf = tensorflow_module()
         versions["tensorflow"] = tf.__version__
         gpus = tf.config.list_physical_devices("GPU")
         n_gpus = len(gpus)
@@ -175,8 +169,7 @@ def _backend_facts() -> tuple[str, str, int, dict[str, str]]:
                     names.append(gpu.name)
             device = names[0] if len(names) == 1 else f"{len(names)} x {names[0]}"
     elif backend == "jax":
-        import jax
-
+        jax = jax_module()
         versions["jax"] = jax.__version__
         default = jax.devices()[0]
         if default.platform != "cpu":
@@ -191,8 +184,6 @@ def _backend_facts() -> tuple[str, str, int, dict[str, str]]:
 @contextlib.contextmanager
 def _precision_and_strategy(backend: str, n_gpus: int) -> Iterator[tuple[Any, str]]:
     """Mixed precision and a MirroredStrategy on TensorFlow GPUs; the global policy is restored on exit."""
-    from bonescan_core.models import keras_module
-
     keras = keras_module()
     previous = keras.mixed_precision.global_policy().name
     strategy_scope: Any = contextlib.nullcontext()
@@ -201,8 +192,7 @@ def _precision_and_strategy(backend: str, n_gpus: int) -> Iterator[tuple[Any, st
         keras.mixed_precision.set_global_policy("mixed_float16")
         precision = "mixed_float16"
         if n_gpus > 1:
-            import tensorflow as tf
-
+            tf = tensorflow_module()
             strategy_scope = tf.distribute.MirroredStrategy().scope()
     try:
         with strategy_scope:
@@ -346,8 +336,6 @@ class _Data:
 
 def _select_samples(db: sqlite_utils.Database, split_id: int, config: TrainConfig, rng: np.random.Generator) -> _Data:
     """The split's samples per subset (labels as stored with the split); training capped at ``max_train_images``."""
-    from bonescan_core import preprocess
-
     members = splitting.split_labels(db, split_id)
     samples: dict[str, list[Sample]] = {}
     for subset in splitting.SUBSETS:
@@ -367,8 +355,6 @@ def _select_samples(db: sqlite_utils.Database, split_id: int, config: TrainConfi
 
 
 def _load(db: sqlite_utils.Database, data: _Data, config: TrainConfig, tracker: _Progress, subsets: tuple[str, ...]) -> None:
-    from bonescan_core import preprocess
-
     for subset in subsets:
         tracker.send({"phase": "loading", "subset": subset, "images": len(data.samples[subset])}, force=True)
         try:
@@ -382,14 +368,12 @@ def _load(db: sqlite_utils.Database, data: _Data, config: TrainConfig, tracker: 
 def _fit_phases(keras: Any, model: Any, config: TrainConfig, data: _Data, tracker: _Progress, rng: np.random.Generator,
                 workers: int) -> tuple[dict[str, int], dict[int, float] | None]:
     """Train a full image model by mode and phase; returns (epochs run per phase, class weights)."""
-    from bonescan_core import models, preprocess
-
     bb = models.get_backbone(config.backbone)
-    weights = class_weights_for(data.labels["train"]) if config.class_weights else None
+    class_weights = class_weights_for(data.labels["train"]) if config.class_weights else None
     # Augmentation and input scaling run inside the compiled train step (the batches are plain grey arrays).
     trainer = preprocess.with_input_pipeline(model, bb, preprocess.make_augmenter(config.augment, seed=config.seed))
     train_ds = preprocess.image_batches(data.images["train"], data.labels["train"], config.batch_size, rng=rng,
-                                        class_weights=weights, workers=workers)
+                                        class_weights=class_weights, workers=workers)
     val_ds = preprocess.image_batches(data.images["val"], data.labels["val"], config.batch_size, workers=workers)
     sizes = _batch_sizes(len(data.labels["train"]), config.batch_size)
     done, ran = 0, {}
@@ -407,14 +391,12 @@ def _fit_phases(keras: Any, model: Any, config: TrainConfig, data: _Data, tracke
                             callbacks=[_callback(keras, tracker, phase, sizes, done + budget), stopper])
         ran[phase] = len(history.epoch)
         done += ran[phase]
-    return ran, weights
+    return ran, class_weights
 
 
 def _predict_images(keras: Any, model: Any, config: TrainConfig, data: _Data, subsets: tuple[str, ...], tracker: _Progress,
                     workers: int) -> dict[str, np.ndarray]:
     """{subset: (N,) float64 probabilities}; one wrapped predictor, so its predict step is traced once."""
-    from bonescan_core import preprocess
-
     predictor = preprocess.with_input_pipeline(model, config.backbone)
     probabilities = {}
     for subset in subsets:
@@ -437,8 +419,6 @@ def _features(keras: Any, db: sqlite_utils.Database, model: Any, config: TrainCo
         ({subset: (N, n_features) float32}, facts: features_cached, features_computed,
         feature_images_per_second).
     """
-    from bonescan_core import models, preprocess
-
     bb = models.get_backbone(config.backbone)
     key = _feature_key(config)
     cached = runs.cached_features(db, bb.name, key, config.image_size, {s.key for items in data.samples.values() for s in items})
@@ -475,24 +455,22 @@ def _features(keras: Any, db: sqlite_utils.Database, model: Any, config: TrainCo
 def _fit_fast(keras: Any, model: Any, config: TrainConfig, data: _Data, features: dict[str, np.ndarray],
               tracker: _Progress) -> tuple[Any, dict[str, int], dict[int, float] | None]:
     """Train the head on cached features; copy it into the full model. Returns (head, epochs run, class weights)."""
-    from bonescan_core import models
-
     keras.utils.set_random_seed(config.seed)  # the head's own randomness follows the run's seed
     bb = models.get_backbone(config.backbone)
     head = models.head_model(bb.n_features, config.dropout, config.seed)
-    weights = class_weights_for(data.labels["train"]) if config.class_weights else None
+    class_weights = class_weights_for(data.labels["train"]) if config.class_weights else None
     _compile(keras, head, config.learning_rate)
     sizes = _batch_sizes(len(data.labels["train"]), config.batch_size)
     stopper = keras.callbacks.EarlyStopping(monitor="val_loss", patience=config.patience, restore_best_weights=True)
     tracker.send({"phase": "head", "epoch": 1, "batch": 0, "batches": len(sizes), "eta_s": None}, force=True)
     history = head.fit(
         features["train"], data.labels["train"].astype(np.float32).reshape(-1, 1),
-        batch_size=config.batch_size, epochs=config.epochs, shuffle=True, verbose=0, class_weight=weights,
+        batch_size=config.batch_size, epochs=config.epochs, shuffle=True, verbose=0, class_weight=class_weights,
         validation_data=(features["val"], data.labels["val"].astype(np.float32).reshape(-1, 1)),
         callbacks=[_callback(keras, tracker, "head", sizes, config.epochs), stopper],
     )
     models.transplant_head(head, model)
-    return head, {"head": len(history.epoch)}, weights
+    return head, {"head": len(history.epoch)}, class_weights
 
 
 def train_run(db: sqlite_utils.Database, config: TrainConfig, reporter: Reporter, model_file: Path) -> RunResult:
@@ -515,9 +493,6 @@ def train_run(db: sqlite_utils.Database, config: TrainConfig, reporter: Reporter
         splits.SplitError: no split can be made (too few labels) or ``split_id`` is unknown.
         models.WeightsUnavailable / models.WeightsIncompatible: weights cannot be loaded.
     """
-    from bonescan_core import models
-    from bonescan_core.models import keras_module
-
     keras = keras_module()
     model_file = Path(model_file)
     tracker = _Progress(reporter, config.epochs)
@@ -548,7 +523,7 @@ def train_run(db: sqlite_utils.Database, config: TrainConfig, reporter: Reporter
             model = models.build_model(bb, config.weights, config.image_size, config.dropout, seed=FEATURE_SEED)
             features, feature_facts = _features(keras, db, model, config, data, tracker)
             facts.update(feature_facts)
-            head, ran, weights = _fit_fast(keras, model, config, data, features, tracker)
+            head, ran, class_weights = _fit_fast(keras, model, config, data, features, tracker)
             probabilities = {
                 subset: np.asarray(keras.ops.convert_to_numpy(head(features[subset], training=False)), dtype=np.float64).reshape(-1)
                 for subset in ("val", "test")
@@ -556,7 +531,7 @@ def train_run(db: sqlite_utils.Database, config: TrainConfig, reporter: Reporter
         else:
             _load(db, data, config, tracker, ("train", "val", "test"))
             model = models.build_model(bb, config.weights, config.image_size, config.dropout, seed=config.seed)
-            ran, weights = _fit_phases(keras, model, config, data, tracker, rng, workers)
+            ran, class_weights = _fit_phases(keras, model, config, data, tracker, rng, workers)
             probabilities = _predict_images(keras, model, config, data, ("val", "test"), tracker, workers)
     tracker.check()
     threshold = choose_threshold(config.threshold_rule, data.labels["val"], probabilities["val"])
@@ -572,7 +547,7 @@ def train_run(db: sqlite_utils.Database, config: TrainConfig, reporter: Reporter
     ips = tracker.train_images / tracker.train_seconds if tracker.train_seconds > 0 else 0.0
     facts.update({
         "phase_epochs": ran, "precision": precision, "notes": notes,
-        "class_weights": {str(k): round(v, 6) for k, v in weights.items()} if weights else None,
+        "class_weights": {str(k): round(v, 6) for k, v in class_weights.items()} if class_weights else None,
     })
     return RunResult(
         threshold=float(threshold), images_per_second=round(ips, 3), model_file=model_file, weights_sha256=sha,

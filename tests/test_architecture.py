@@ -302,3 +302,24 @@ def test_cli_verbs_leave_errors_to_main():
     assert len(verbs) >= 15
     catching = sorted(f"{verb.name}:{node.lineno}" for verb in verbs for node in ast.walk(verb) if isinstance(node, ast.Try))
     assert catching == []
+
+
+def test_heavy_libraries_are_imported_only_through_the_boundary():
+    """Only bonescan_core/heavy.py imports tensorflow, jax, keras, pandas or sqlite_utils (at any
+    level, inside functions too); the rest reach them through its accessors. Imports under
+    ``if TYPE_CHECKING:`` are for annotations only and never run."""
+    guarded = {"tensorflow", "jax", "keras", "pandas", "sqlite_utils"}
+    offenders = []
+    for path in sorted((REPO / "bonescan_core").rglob("*.py")):
+        if path.name == "heavy.py":
+            continue
+        tree = ast.parse(path.read_text(), filename=str(path))
+        typing_only = {id(inner) for node in ast.walk(tree)
+                       if isinstance(node, ast.If) and ast.unparse(node.test) == "TYPE_CHECKING"
+                       for inner in ast.walk(node)}
+        for node in ast.walk(tree):
+            if id(node) in typing_only or not isinstance(node, ast.Import | ast.ImportFrom):
+                continue
+            names = [alias.name for alias in node.names] if isinstance(node, ast.Import) else [node.module or ""]
+            offenders += [f"{path.name}:{node.lineno} {name}" for name in names if name.split(".")[0] in guarded]
+    assert offenders == [], "import these through bonescan_core.heavy: " + "; ".join(offenders)

@@ -24,7 +24,8 @@ from PIL import Image
 
 from bonescan_core import db as dbm
 from bonescan_core import errors, explain, gradcam, ingest, jobs, pixelstore, plots, preprocess, runs
-from bonescan_core.models import BACKBONES, build_model, keras_module
+from bonescan_core.heavy import keras_module
+from bonescan_core.models import BACKBONES, build_model
 from bonescan_core.phantom import make_study
 from bonescan_core.preprocess import compose_views, content_box, prepare_image, to_model_input
 

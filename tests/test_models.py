@@ -5,14 +5,14 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from bonescan_core import models
+from bonescan_core import heavy, models
 
 SIZE = (64, 32)  # the smallest useful input: fast on 2 CPU cores
 
 
 @pytest.fixture(scope="module")
 def keras():
-    return models.keras_module()
+    return heavy.keras_module()
 
 
 @pytest.fixture(scope="module")

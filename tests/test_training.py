@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from bonescan_core import db as dbm
-from bonescan_core import errors, jobs, models, preprocess, runs, splits, training
+from bonescan_core import errors, heavy, jobs, models, preprocess, runs, splits, training
 from bonescan_core.ingest import add_demo_studies
 
 SIZE = (64, 32)
@@ -98,7 +98,7 @@ def assert_predictions_cover_val_and_test(db, run_id: int, split_id: int) -> dic
 
 def saved_model_probabilities(db, result: training.RunResult, config: training.TrainConfig, image_ids):
     """Probabilities the saved model.keras gives the images (per-image view mode)."""
-    keras = models.keras_module()
+    keras = heavy.keras_module()
     path = result.model_file
     assert training.file_sha256(path) == result.weights_sha256
     model = keras.models.load_model(path)

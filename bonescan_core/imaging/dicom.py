@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import pydicom
+import pydicom.pixels
 from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
 from pydicom.encaps import generate_frames
@@ -72,8 +73,6 @@ _JPIP_TS = ("1.2.840.10008.1.2.4.94", "1.2.840.10008.1.2.4.95", "1.2.840.10008.1
 
 def _ts_rejection(ts: UID) -> RejectedFile | None:
     """Why the pixel data of transfer syntax ``ts`` cannot be decoded here, or None if it can."""
-    from pydicom.pixels import get_decoder
-
     name = _TS_NAMES.get(str(ts)) or (ts.name if ts.name != str(ts) else "unknown")
     label = f"transfer syntax {name} ({ts})"
     if str(ts).startswith(_VIDEO_TS_PREFIXES):
@@ -81,7 +80,7 @@ def _ts_rejection(ts: UID) -> RejectedFile | None:
     if str(ts) in _JPIP_TS:
         return RejectedFile(f"{label} keeps the pixels on a JPIP server, not in the file; export it uncompressed")
     try:
-        decoder = get_decoder(ts)
+        decoder = pydicom.pixels.get_decoder(ts)
     except NotImplementedError:
         return RejectedFile(
             f"{label} cannot be decoded here (no decoder for it in pydicom {pydicom.__version__}); export it uncompressed"
@@ -495,9 +494,7 @@ def _decode_dicom_pixels(ds: Dataset, ts: UID, facts: DicomFacts) -> _Decoded:
     notes: list[str] = []
     colour: str | None = None
     if photometric == "PALETTE COLOR":
-        from pydicom.pixels import apply_color_lut
-
-        data = apply_color_lut(data, ds)
+        data = pydicom.pixels.apply_color_lut(data, ds)
         colour = "palette"
     elif samples == 3:
         colour = "RGB"  # pydicom converts YBR to RGB by default
