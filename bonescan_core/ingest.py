@@ -46,7 +46,6 @@ import re
 import secrets
 import shutil
 import tempfile
-import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ProcessPoolExecutor
@@ -661,33 +660,31 @@ def _decoded_in_order(pending: Iterable[_Pending], total: int, jobs: int) -> Ite
     """(pending, decoded) in the planned order; decoded is None for settled files.
 
     With ``jobs`` > 1 and at least :data:`MIN_POOL_FILES` files, decoding runs in that many
-    worker processes (:func:`_pool_context`; they import only the readers, never TensorFlow),
+    worker processes (spawned; they import only the readers, never TensorFlow),
     at most ``jobs`` × :data:`WINDOW_PER_JOB` files ahead.
     """
     if jobs <= 1 or total < MIN_POOL_FILES:
         for item in pending:
             yield item, None if item.outcome else decode_file(item.plan, item.resolved)  # type: ignore[arg-type]
         return
-    pool = ProcessPoolExecutor(max_workers=jobs, mp_context=_pool_context())
+    # Always 'spawn': a forked worker copies every other thread's held locks, and by the time
+    # an import runs the process may hold native threads (TensorFlow's, the app's) that
+    # threading cannot see; a fork then crashed workers. Spawned workers import the readers once.
+    pool = ProcessPoolExecutor(max_workers=jobs, mp_context=multiprocessing.get_context("spawn"))
     try:
         window: collections.deque[tuple[_Pending, Future[DecodedFile] | None]] = collections.deque()
         for item in pending:
-            window.append((item, None if item.outcome else pool.submit(decode_file, item.plan, item.resolved)))
+            try:
+                future = None if item.outcome else pool.submit(decode_file, item.plan, item.resolved)
+            except BrokenProcessPool as error:  # a worker died before this file could be handed out
+                raise _decoder_stopped(item) from error
+            window.append((item, future))
             while len(window) > jobs * WINDOW_PER_JOB or (window and window[0][1] is None):
                 yield _settle(window.popleft())
         while window:
             yield _settle(window.popleft())
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
-
-
-def _pool_context() -> multiprocessing.context.BaseContext:
-    """'fork' when this process runs one thread (the CLI): workers start in milliseconds with
-    the readers already imported. 'spawn' otherwise (the app: Streamlit runs threads, and a
-    fork copies another thread's held locks), and where fork does not exist."""
-    if threading.active_count() == 1 and "fork" in multiprocessing.get_all_start_methods():
-        return multiprocessing.get_context("fork")
-    return multiprocessing.get_context("spawn")
 
 
 def _settle(entry: tuple[_Pending, Future[DecodedFile] | None]) -> tuple[_Pending, DecodedFile | None]:
@@ -697,9 +694,13 @@ def _settle(entry: tuple[_Pending, Future[DecodedFile] | None]) -> tuple[_Pendin
     try:
         return item, future.result()
     except BrokenProcessPool as error:
-        raise DecoderStopped(
-            f"a process decoding {item.plan.path.name} or a file near it stopped unexpectedly (out of memory, or "
-            "killed); the files before it are stored: run the import again with --jobs 1, which skips them") from error
+        raise _decoder_stopped(item) from error
+
+
+def _decoder_stopped(item: _Pending) -> DecoderStopped:
+    return DecoderStopped(
+        f"a process decoding {item.plan.path.name} or a file near it stopped unexpectedly (out of memory, or "
+        "killed); the files before it are stored: run the import again with --jobs 1, which skips them")
 
 
 def _import_plans(
