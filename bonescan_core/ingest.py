@@ -669,7 +669,8 @@ def _decoded_in_order(pending: Iterable[_Pending], total: int, jobs: int) -> Ite
         return
     # Always 'spawn': a forked worker copies every other thread's held locks, and by the time
     # an import runs the process may hold native threads (TensorFlow's, the app's) that
-    # threading cannot see; a fork then crashed workers. Spawned workers import the readers once.
+    # threading.active_count() cannot see, so a fork risks hung or crashed workers (a pool broke
+    # once in the test suite while fork was chosen). Spawned workers import the readers once.
     pool = ProcessPoolExecutor(max_workers=jobs, mp_context=multiprocessing.get_context("spawn"))
     try:
         window: collections.deque[tuple[_Pending, Future[DecodedFile] | None]] = collections.deque()
