@@ -415,6 +415,17 @@ def _log_loss(y: np.ndarray, z: np.ndarray) -> float:
     return float(np.mean(np.logaddexp(0.0, z) - y * z))
 
 
+def _validation_labels_and_logits(labels: Any, logits: Any, method: str) -> tuple[np.ndarray, np.ndarray]:
+    """(y, z) as float64 (n,) arrays, or InputError naming ``method`` when they cannot be fitted."""
+    y = np.asarray(labels, dtype=np.float64)
+    z = np.asarray(logits, dtype=np.float64)
+    if y.ndim != 1 or y.shape != z.shape or y.size == 0 or not np.isfinite(z).all():
+        raise InputError("labels and logits must be non-empty, 1-D, equally long and finite")
+    if not np.isin(y, (0.0, 1.0)).all() or y.min() == y.max():
+        raise InputError(f"{method} needs 0/1 validation labels of both classes")
+    return y, z
+
+
 def fit_temperature(labels: Any, logits: Any, bounds: tuple[float, float] = TEMPERATURE_BOUNDS) -> float:
     """Temperature scaling (Guo et al. 2017): the T minimising validation log loss of sigmoid(z / T).
 
@@ -432,12 +443,7 @@ def fit_temperature(labels: Any, logits: Any, bounds: tuple[float, float] = TEMP
     Returns:
         T, a float within ``bounds``.
     """
-    y = np.asarray(labels, dtype=np.float64)
-    z = np.asarray(logits, dtype=np.float64)
-    if y.ndim != 1 or y.shape != z.shape or y.size == 0 or not np.isfinite(z).all():
-        raise InputError("labels and logits must be non-empty, 1-D, equally long and finite")
-    if not np.isin(y, (0.0, 1.0)).all() or y.min() == y.max():
-        raise InputError("temperature scaling needs 0/1 validation labels of both classes")
+    y, z = _validation_labels_and_logits(labels, logits, "temperature scaling")
     low, high = math.log(bounds[0]), math.log(bounds[1])
     ratio = (math.sqrt(5.0) - 1.0) / 2.0
     a, b = low + (1 - ratio) * (high - low), low + ratio * (high - low)
@@ -477,12 +483,7 @@ def fit_platt(labels: Any, logits: Any) -> Platt:
         :class:`Platt` (intercept a, slope b), floats; nan when the data are perfectly
         separated (the maximum-likelihood fit does not exist).
     """
-    y = np.asarray(labels, dtype=np.float64)
-    z = np.asarray(logits, dtype=np.float64)
-    if y.ndim != 1 or y.shape != z.shape or y.size == 0 or not np.isfinite(z).all():
-        raise InputError("labels and logits must be non-empty, 1-D, equally long and finite")
-    if not np.isin(y, (0.0, 1.0)).all() or y.min() == y.max():
-        raise InputError("Platt scaling needs 0/1 validation labels of both classes")
+    y, z = _validation_labels_and_logits(labels, logits, "Platt scaling")
     beta, _ = _logistic_fit(y, np.column_stack([np.ones_like(z), z]), np.zeros_like(z))
     return Platt(float(beta[0]), float(beta[1]))
 
