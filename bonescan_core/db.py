@@ -433,6 +433,49 @@ def _m009_imported_files(db: sqlite_utils.Database) -> None:
         )""")
 
 
+def _m010_predictions_v2(db: sqlite_utils.Database) -> None:
+    """Predictions for studies a run never saw and for the study as the unit.
+
+    ``predictions`` is rebuilt (SQLite cannot change a CHECK in place): subset ``external``
+    joins train/val/test (a run's model applied to studies outside its split; their label is
+    NULL when the study has none yet), and ``raw_probability`` keeps the model's output before
+    calibration (NULL: the run is not calibrated, ``probability`` is the raw output).
+    ``study_predictions`` holds one row per study: the run's study-level probability (the
+    aggregate over a per-image run's views, or the one output of a run that sees a study whole).
+    """
+    for statement in _PREDICTIONS_V2_SQL:
+        db.execute(statement)
+
+
+_PREDICTIONS_V2_SQL = [
+    """CREATE TABLE predictions_v2 (
+            run_id INTEGER NOT NULL REFERENCES runs(id),
+            image_id INTEGER NOT NULL REFERENCES images(id),
+            subset TEXT NOT NULL CHECK (subset IN ('train', 'val', 'test', 'external')),
+            label INTEGER CHECK (label IN (0, 1)),            -- 1 = metastatic; NULL only for external
+            probability REAL NOT NULL,                        -- calibrated when the run is
+            raw_probability REAL,                             -- before calibration; NULL: not calibrated
+            CHECK (label IS NOT NULL OR subset = 'external'),
+            PRIMARY KEY (run_id, image_id)
+        )""",
+    """INSERT INTO predictions_v2 (run_id, image_id, subset, label, probability)
+        SELECT run_id, image_id, subset, label, probability FROM predictions""",
+    "DROP TABLE predictions",
+    "ALTER TABLE predictions_v2 RENAME TO predictions",
+    """CREATE TABLE study_predictions (
+            run_id INTEGER NOT NULL REFERENCES runs(id),
+            study_id INTEGER NOT NULL REFERENCES studies(id),
+            subset TEXT NOT NULL CHECK (subset IN ('train', 'val', 'test', 'external')),
+            label INTEGER CHECK (label IN (0, 1)),            -- NULL only for external
+            probability REAL NOT NULL,                        -- calibrated when the run is
+            raw_probability REAL,                             -- before calibration; NULL: not calibrated
+            CHECK (label IS NOT NULL OR subset = 'external'),
+            PRIMARY KEY (run_id, study_id)
+        )""",
+    "CREATE INDEX study_predictions_study ON study_predictions(study_id)",
+]
+
+
 MIGRATIONS: list[tuple[str, Callable[[sqlite_utils.Database], None]]] = [
     ("001_foundation", _m001_foundation),
     ("002_training", _m002_training),
@@ -443,6 +486,7 @@ MIGRATIONS: list[tuple[str, Callable[[sqlite_utils.Database], None]]] = [
     ("007_cohorts", _m007_cohorts),
     ("008_run_results", _m008_run_results),
     ("009_imported_files", _m009_imported_files),
+    ("010_predictions_v2", _m010_predictions_v2),
 ]
 
 

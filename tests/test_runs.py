@@ -4,6 +4,7 @@ old databases, stored results and predictions, and the runs folder keyed by data
 from __future__ import annotations
 
 import json
+import sqlite3
 
 import pytest
 from conftest import add_bare_studies
@@ -96,3 +97,32 @@ def test_a_stored_model_path_outside_runs_is_refused(db_path, db):
         db["runs"].update(run_id, {"status": "done", "weights_path": "../../elsewhere/model.keras"})
     with pytest.raises(runs.ModelUnavailable, match="points outside"):
         runs.weights_file(db_path, runs.get(db, run_id))
+
+
+def test_predictions_stored_before_010_survive_its_rebuild_and_external_ones_may_lack_a_label(tmp_path, monkeypatch):
+    """010 rebuilds ``predictions`` to admit subset ``external`` (label NULL allowed there only)
+    and a ``raw_probability``; rows stored before it are kept as they were."""
+    path = tmp_path / "old.db"
+    with monkeypatch.context() as patch:
+        patch.setattr(dbm, "MIGRATIONS", [m for m in dbm.MIGRATIONS if m[0] < "010"])
+        with dbm.opened(path) as old:
+            (study,) = add_bare_studies(old, 1)
+            add_split(old)
+            with dbm.write(old):
+                image = old["images"].insert({"study_id": study, "view": "anterior", "source": "x", "format": "png",
+                                              "height": 1, "width": 1, "dtype": "uint16", "pixels": b"",
+                                              "pixel_sha256": "a", "thumbnail": b"", "display_max": 1.0,
+                                              "created_at": dbm.utc_now()}).last_pk
+                old["runs"].insert({"backbone": "densenet121", "status": "done", "config": SETTINGS.to_json(),
+                                    "config_hash": "x", "split_id": 1, "created_at": dbm.utc_now()})
+                old["predictions"].insert({"run_id": 1, "image_id": image, "subset": "test", "label": 1,
+                                           "probability": 0.75})
+    with dbm.opened(path) as db:
+        assert [tuple(row) for row in db.execute("SELECT * FROM predictions")] == [(1, image, "test", 1, 0.75, None)]
+        with dbm.write(db):
+            db["study_predictions"].insert({"run_id": 1, "study_id": study, "subset": "external", "label": None,
+                                            "probability": 0.5})
+            db.execute("DELETE FROM study_predictions")
+        with pytest.raises(sqlite3.IntegrityError, match="CHECK"), dbm.write(db):
+            db["study_predictions"].insert({"run_id": 1, "study_id": study, "subset": "test", "label": None,
+                                            "probability": 0.5})
