@@ -399,6 +399,61 @@ def predictions(db: sqlite_utils.Database, run_id: int, subset: str | None = Non
     }
 
 
+def study_predictions(db: sqlite_utils.Database, run_id: int, subset: str | None = None,
+                      aggregate: str = "max") -> dict[str, np.ndarray]:
+    """A run's study-level predictions: one row per study, the study as the unit of analysis.
+
+    Rows of ``study_predictions`` when the run stored them (runs trained since migration 010,
+    and predictions on external studies); otherwise (older runs) each study's image
+    predictions collapsed with ``aggregate`` (``max``: the most suspicious view decides;
+    ``mean``), so a study written once per image counts once.
+
+    Args:
+        subset: ``"train"``, ``"val"``, ``"test"`` or ``"external"``; None for every subset.
+        aggregate: ``"max"`` or ``"mean"``, used only for runs without stored study rows.
+
+    Returns:
+        ``{"study_id", "patient_id"}``: (s,) int64; ``"subset"``: (s,) object; ``"label"``:
+        (s,) float64 0/1, nan where the study has no label (external studies only);
+        ``"probability"``: (s,) float64 in [0, 1]; ``"raw_probability"``: (s,) float64, the
+        output before calibration (equal to ``probability`` for an uncalibrated run);
+        ordered by subset (train, val, test, external) then study id.
+
+    Raises:
+        errors.RunNotFound: no such run.
+        errors.InputError: unknown ``aggregate``.
+    """
+    if aggregate not in ("max", "mean"):
+        raise errors.InputError(f"study aggregation must be max or mean; got {aggregate!r}")
+    if db.execute("SELECT 1 FROM runs WHERE id = ?", [run_id]).fetchone() is None:
+        raise _not_found(run_id)
+    stored = db.execute("SELECT 1 FROM study_predictions WHERE run_id = ? LIMIT 1", [run_id]).fetchone() is not None
+    if stored:
+        sql = """SELECT p.study_id, s.patient_id, p.subset, p.label, p.probability,
+                        COALESCE(p.raw_probability, p.probability)
+                 FROM study_predictions p JOIN studies s ON s.id = p.study_id
+                 WHERE p.run_id = ? AND (? IS NULL OR p.subset = ?)"""
+    else:
+        # label is constant within a study (a study has one label), so MAX(label) is that label.
+        how = "MAX" if aggregate == "max" else "AVG"
+        sql = f"""SELECT i.study_id, s.patient_id, p.subset, MAX(p.label), {how}(p.probability),
+                         {how}(COALESCE(p.raw_probability, p.probability))
+                  FROM predictions p JOIN images i ON i.id = p.image_id JOIN studies s ON s.id = i.study_id
+                  WHERE p.run_id = ? AND (? IS NULL OR p.subset = ?)
+                  GROUP BY i.study_id, s.patient_id, p.subset"""
+    order = " ORDER BY CASE p.subset WHEN 'train' THEN 0 WHEN 'val' THEN 1 WHEN 'test' THEN 2 ELSE 3 END, 1"
+    rows = db.execute(sql + order, [run_id, subset, subset]).fetchall()
+    columns = list(zip(*rows, strict=True)) if rows else [()] * 6
+    return {
+        "study_id": np.asarray(columns[0], dtype=np.int64),
+        "patient_id": np.asarray(columns[1], dtype=np.int64),
+        "subset": np.asarray(columns[2], dtype=object),
+        "label": np.asarray([np.nan if v is None else v for v in columns[3]], dtype=np.float64),
+        "probability": np.asarray(columns[4], dtype=np.float64),
+        "raw_probability": np.asarray(columns[5], dtype=np.float64),
+    }
+
+
 def studies_by_margin(db: sqlite_utils.Database, run_id: int) -> list[int]:
     """Study ids with a prediction of the run, closest to its decision first: ordered by the
     smallest |probability - threshold| over the study's images (the default threshold of

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import math
 import statistics
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -492,6 +492,34 @@ def apply_platt(logits: Any, platt: Platt) -> np.ndarray:
     """Calibrated probabilities sigmoid(a + b z); (n,) float64 in (0, 1)."""
     z = platt.intercept + platt.slope * np.asarray(logits, dtype=np.float64)
     return 0.5 * (1.0 + np.tanh(0.5 * z))
+
+
+def apply_calibration(calibration: Mapping[str, Any] | None, raw_probabilities: Any) -> np.ndarray:
+    """A run's stored calibration applied to raw model probabilities: the one way every caller
+    (training, prediction on new studies, the standalone model) turns raw outputs into
+    calibrated ones.
+
+    Args:
+        calibration: ``None`` or ``{"method": "none"}`` (identity);
+            ``{"method": "temperature", "temperature": T}``;
+            ``{"method": "platt", "intercept": a, "slope": b}`` (as stored in a run's results).
+        raw_probabilities: (n,) float in [0, 1].
+
+    Returns:
+        (n,) float64 in [0, 1] (a copy; the input is not changed).
+
+    Raises:
+        InputError: an unknown method.
+    """
+    p = np.asarray(raw_probabilities, dtype=np.float64).copy()
+    method = (calibration or {}).get("method", "none")
+    if method == "none":
+        return p
+    if method == "temperature":
+        return apply_temperature(logit(p), float(calibration["temperature"]))
+    if method == "platt":
+        return apply_platt(logit(p), Platt(float(calibration["intercept"]), float(calibration["slope"])))
+    raise InputError(f"unknown calibration method {method!r} (known: none, temperature, platt)")
 
 
 def ece_equal_mass(labels: Any, probabilities: Any, n_bins: int = 10) -> dict[str, Any]:

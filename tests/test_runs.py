@@ -76,6 +76,18 @@ def test_a_finished_runs_result_and_predictions_are_stored_and_read_typed(db_pat
     assert list(zip(every["subset"].tolist(), every["image_id"].tolist(), strict=True)) == [
         ("val", images[0]), ("test", images[1]), ("test", images[2])]
     assert runs.studies_by_margin(db, run_id) == [study_a, study_b]  # |0.2 - 0.3| < |0.6 - 0.3|
+    # No study rows stored: each study's images collapse to one row (max over views, or mean).
+    by_max = runs.study_predictions(db, run_id)
+    assert by_max["study_id"].tolist() == [study_a, study_b] and by_max["subset"].tolist() == ["val", "test"]
+    assert by_max["probability"].tolist() == [0.2, 0.9] and by_max["label"].tolist() == [0.0, 1.0]
+    assert runs.study_predictions(db, run_id, "test", aggregate="mean")["probability"].tolist() == [pytest.approx(0.75)]
+    # Stored study rows win (a run that sees a study whole stores its one output once).
+    with dbm.write(db):
+        db["study_predictions"].insert_all([
+            {"run_id": run_id, "study_id": study_a, "subset": "val", "label": 0, "probability": 0.25, "raw_probability": 0.1},
+            {"run_id": run_id, "study_id": study_b, "subset": "test", "label": 1, "probability": 0.7}])
+    stored = runs.study_predictions(db, run_id)
+    assert stored["probability"].tolist() == [0.25, 0.7] and stored["raw_probability"].tolist() == [0.1, 0.7]
     with pytest.raises(errors.RunNotFound, match="run 99 does not exist"):
         runs.get(db, 99)
     with pytest.raises(errors.RunNotFound):

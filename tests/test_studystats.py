@@ -488,3 +488,16 @@ def test_writing_every_study_twice_changes_neither_n_nor_any_p():
     image_once = ev.delong(rows["label"], rows["pa"], rows["pb"])["p_value"]
     image_twice = ev.delong(doubled["label"], doubled["pa"], doubled["pb"])["p_value"]
     assert image_twice < image_once
+
+
+def test_a_stored_calibration_is_applied_the_one_way_and_unknown_methods_are_refused():
+    raw = np.array([0.1, 0.5, 0.9])
+    assert np.array_equal(ss.apply_calibration(None, raw), raw)
+    assert np.array_equal(ss.apply_calibration({"method": "none"}, raw), raw)
+    softened = ss.apply_calibration({"method": "temperature", "temperature": 2.0}, raw)
+    expected = 1.0 / (1.0 + np.exp(-np.log(raw / (1 - raw)) / 2.0))
+    assert np.allclose(softened, expected) and softened[1] == pytest.approx(0.5)
+    shifted = ss.apply_calibration({"method": "platt", "intercept": -1.0, "slope": 1.0}, raw)
+    assert np.allclose(shifted, 1.0 / (1.0 + np.exp(1.0 - np.log(raw / (1 - raw)))))
+    with pytest.raises(InputError, match="unknown calibration method"):
+        ss.apply_calibration({"method": "isotonic"}, raw)
