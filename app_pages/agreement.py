@@ -7,15 +7,15 @@ from urllib.parse import quote
 import pandas as pd
 import streamlit as st
 
-from app_pages.common import md, open_db, reviewer, sign_in_on
-from bonescan_core import agreement, catalog
+from app_pages.common import cached_reader_pairs, cached_study_statuses, md, open_db, reviewer, sign_in_on
+from bonescan_core import catalog
 from bonescan_core import review as rv
 
 st.title("Agreement")
 
+pairs = cached_reader_pairs()
+statuses = cached_study_statuses()
 with open_db() as db:
-    pairs = agreement.pairwise(db)
-    statuses = rv.study_statuses(db)
     judges = rv.adjudicators(db)
 
 counts = catalog.label_counts(statuses)

@@ -5,12 +5,15 @@ from __future__ import annotations
 import base64
 import os
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any, NamedTuple
 
 import streamlit as st
 
-from bonescan_core import accounts, catalog, devices, errors, pixelstore
+from bonescan_core import accounts, agreement, catalog, devices, errors, pixelstore
 from bonescan_core import db as dbm
+from bonescan_core import review as rv
 
 
 def db_path() -> Path:
@@ -239,6 +242,58 @@ def scan_viewer(images: list[dict], key: str) -> None:
 def _study_images(database: str, study_id: int) -> list[dict]:
     with dbm.opened(database) as db:
         return catalog.study_images(db, study_id)
+
+
+def data_version() -> int:
+    """The database's data version (``db.data_version``): what the study caches below are keyed by."""
+    with open_db() as db:
+        return dbm.data_version(db)
+
+
+class StudyCatalog(NamedTuple):
+    """The Scans page's whole-database view, computed once per data version: every study row
+    (``catalog.study_table``), the filters' choices and the unfiltered characteristics."""
+
+    table: tuple[dict, ...]
+    options: dict[str, list[str]]
+    characteristics: dict[str, dict[str, int]]
+
+
+def _study_catalog(db) -> StudyCatalog:
+    table = catalog.study_table(db)
+    return StudyCatalog(tuple(table), catalog.filter_options(table), catalog.characteristics(table))
+
+
+# What pages derive from the studies' tables, by name: recomputed only when the data version moved.
+_DERIVED: dict[str, Callable[[Any], Any]] = {
+    "study_catalog": _study_catalog,
+    "study_statuses": rv.study_statuses,
+    "reader_pairs": agreement.pairwise,
+}
+
+
+# cache_resource, not cache_data: no copy on each hit (unpickling 50,000 rows would cost more
+# than a page's whole budget), so callers must not change what they get. The key holds the data
+# version: any stored change makes a new entry, so a page never shows a stale label.
+@st.cache_resource(max_entries=2 * len(_DERIVED), show_spinner=False)
+def _derived(database: str, version: int, name: str) -> Any:
+    with dbm.opened(database) as db:
+        return _DERIVED[name](db)
+
+
+def cached_study_catalog() -> StudyCatalog:
+    """Every study with its label and patient details (read-only), recomputed only after a stored change."""
+    return _derived(str(db_path()), data_version(), "study_catalog")
+
+
+def cached_study_statuses() -> dict[int, rv.StudyStatus]:
+    """``review.study_statuses`` of every study (read-only), recomputed only after a stored change."""
+    return _derived(str(db_path()), data_version(), "study_statuses")
+
+
+def cached_reader_pairs() -> list[agreement.PairAgreement]:
+    """``agreement.pairwise`` (read-only), recomputed only after a stored change."""
+    return _derived(str(db_path()), data_version(), "reader_pairs")
 
 
 def cached_study_images(study_id: int) -> list[dict]:

@@ -7,7 +7,17 @@ from pathlib import Path
 import pandas as pd
 import streamlit as st
 
-from app_pages.common import allowed, cached_study_images, data_url, db_path, denial, md, open_db, scan_viewer
+from app_pages.common import (
+    allowed,
+    cached_study_catalog,
+    cached_study_images,
+    data_url,
+    db_path,
+    denial,
+    md,
+    open_db,
+    scan_viewer,
+)
 from bonescan_core import catalog, ingest
 from bonescan_core.cohorts import ALLOWED as COHORT_ALLOWED
 from bonescan_core.cohorts import DEFAULT_COHORT, CohortError
@@ -124,15 +134,15 @@ with demo_tab:
         finally:
             bar.empty()
 
-with open_db() as db:
-    table = catalog.study_table(db)
+known = cached_study_catalog()
+table = known.table
 
 st.subheader(f"Studies ({len(table)})")
 if not table:
     st.info("No studies yet: upload files, import a folder, or load the demo dataset above.")
     st.stop()
 
-options = catalog.filter_options(table)
+options = known.options
 filters = st.columns(5)
 chosen = {
     "label": filters[0].multiselect("Training label", options["label"], key="filter_label"),
@@ -141,9 +151,9 @@ chosen = {
     "origin": filters[3].multiselect("Origin", options["origin"], key="filter_origin"),
     "cohort": filters[4].multiselect("Cohort", options["cohort"], key="filter_cohort"),
 }
-rows = catalog.filter_studies(table, chosen)
-
-summary = catalog.characteristics(rows)
+filtered = any(chosen.values())
+rows = catalog.filter_studies(table, chosen) if filtered else table
+summary = catalog.characteristics(rows) if filtered else known.characteristics
 with st.expander(f"Patient characteristics ({len({r['patient_id'] for r in rows})} patients, {len(rows)} studies)", expanded=True):
     columns = st.columns(4)
     for column, (title, counts) in zip(columns, [("Sex", summary["sex"]), ("Age band", summary["age_band"]),

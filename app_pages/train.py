@@ -8,9 +8,8 @@ from __future__ import annotations
 
 import streamlit as st
 
-from app_pages.common import allowed, db_path, denial, md, open_db, still_signed_in
+from app_pages.common import allowed, cached_study_statuses, db_path, denial, md, open_db, still_signed_in
 from bonescan_core import catalog, jobs, plots, runs, splits, training
-from bonescan_core import review as rv
 from bonescan_core.cohorts import list_cohorts
 from bonescan_core.models import BACKBONES, DEFAULT_SIZE, MODES
 from bonescan_core.preprocess import PAPER_AUGMENT
@@ -26,8 +25,8 @@ LIVE_EVERY_S = 2
 
 st.title("Train")
 
+statuses = cached_study_statuses()
 with open_db() as db:
-    statuses = rv.study_statuses(db)
     split_id = splits.latest_split(db)
     split = splits.get_split(db, split_id) if split_id else None
     cohort_names = list_cohorts(db)

@@ -476,6 +476,29 @@ _PREDICTIONS_V2_SQL = [
 ]
 
 
+# The tables whose rows decide what the Scans, Review and Agreement pages show (studies, their
+# images and patients, reads, readers' roles, flags): any change to them bumps the data version.
+DATA_VERSION_TABLES = ("patients", "studies", "images", "reviews", "reviewers", "flags")
+
+
+def _m011_data_version(db: sqlite_utils.Database) -> None:
+    """A counter that every insert, update or delete of :data:`DATA_VERSION_TABLES` bumps (by
+    triggers, so no writer can forget it): pages cache what they derive from those tables under
+    it and recompute only when it moved, never showing a stale label (:func:`data_version`)."""
+    db.execute("CREATE TABLE data_version (id INTEGER PRIMARY KEY CHECK (id = 1), value INTEGER NOT NULL)")
+    db.execute("INSERT INTO data_version (id, value) VALUES (1, 0)")
+    for table in DATA_VERSION_TABLES:
+        for operation in ("INSERT", "UPDATE", "DELETE"):
+            db.execute(f"""CREATE TRIGGER data_version_{table}_{operation.lower()} AFTER {operation} ON {table}
+                BEGIN UPDATE data_version SET value = value + 1 WHERE id = 1; END""")
+
+
+def data_version(db: sqlite_utils.Database) -> int:
+    """The data version: it changes whenever a row of :data:`DATA_VERSION_TABLES` changes, in
+    the same transaction (one indexed read; a cache keyed by it is never stale)."""
+    return int(db.execute("SELECT value FROM data_version WHERE id = 1").fetchone()[0])
+
+
 MIGRATIONS: list[tuple[str, Callable[[sqlite_utils.Database], None]]] = [
     ("001_foundation", _m001_foundation),
     ("002_training", _m002_training),
@@ -487,6 +510,7 @@ MIGRATIONS: list[tuple[str, Callable[[sqlite_utils.Database], None]]] = [
     ("008_run_results", _m008_run_results),
     ("009_imported_files", _m009_imported_files),
     ("010_predictions_v2", _m010_predictions_v2),
+    ("011_data_version", _m011_data_version),
 ]
 
 

@@ -222,3 +222,24 @@ def test_train_and_agreement_cards_count_through_catalog(db_path, monkeypatch):
     app.switch_page("app_pages/agreement.py").run()
     cards = {m.label: m.value for m in app.metric}
     assert (cards["Studies"], cards["With a training label"], cards["Excluded"]) == ("16", "15", "0")
+
+
+def test_cached_study_pages_never_show_a_stale_label(db_path):
+    """The Scans, Agreement and Train pages cache what they derive from every study under the
+    data version: a review stored between two reruns shows on the next one."""
+    with dbm.opened(db_path) as db:
+        add_demo_studies(db, 3, seed=2)
+    app = run_page(PAGES[0])
+    labels = app.dataframe[-1].value.set_index("study")["label"]
+    first = int(labels.index[0])
+    flipped = "non_metastatic" if labels.loc[first] == "metastatic" else "metastatic"
+    app.switch_page("app_pages/agreement.py").run()
+    assert {m.label: m.value for m in app.metric}["Waiting for adjudication"] == "0"
+    with dbm.opened(db_path) as db:  # a second reader disagrees with the reference on one study
+        criterion = "typical_pattern" if flipped == "metastatic" else "no_abnormal_uptake"
+        rv.add_review(db, rv.Review(study_id=first, reviewer="bob", decision="include", label=flipped,
+                                    criteria=(criterion,)))
+    app.run()
+    assert {m.label: m.value for m in app.metric}["Waiting for adjudication"] == "1"
+    app.switch_page(PAGES[0]).run()
+    assert app.dataframe[-1].value.set_index("study")["label"].loc[first] == ""  # no training label while they disagree

@@ -135,3 +135,38 @@ def test_upgrading_keeps_open_flags_open_and_answered_ones_answered(tmp_path, mo
     with dbm.opened(path) as db:
         assert dbm.schema_version(db) == dbm.MIGRATIONS[-1][0]
         assert rv.open_flags(db) == {open_: [f"flag {open_}"]}
+
+
+def test_the_data_version_moves_with_every_change_pages_derive_from(tmp_path):
+    """Pages cache studies' labels under the data version: every insert, update or delete of a
+    study, image, patient, review, reader or flag must move it (else a page shows a stale label),
+    and unrelated writes must not (else the cache is useless)."""
+    from conftest import add_bare_studies
+
+    from bonescan_core import review as rv
+
+    with dbm.opened(tmp_path / "v.db") as db:
+        seen = [dbm.data_version(db)]
+
+        def moved() -> bool:
+            seen.append(dbm.data_version(db))
+            return seen[-1] != seen[-2]
+
+        (study,) = add_bare_studies(db, 1)
+        assert moved()
+        rv.add_review(db, rv.Review(study, "ann", "include", label="metastatic", criteria=("typical_pattern",)))
+        assert moved()
+        with dbm.write(db):
+            db.execute("UPDATE patients SET sex = 'F'")
+        assert moved()
+        rv.set_adjudicator(db, "ann")
+        assert moved()
+        rv.set_adjudicator(db, "ann", adjudicator=False)
+        assert moved()
+        with dbm.write(db):
+            db["settings"].insert({"key": "unrelated", "value": "x"})
+        assert not moved()
+        with dbm.write(db):
+            db.execute("DELETE FROM studies WHERE id NOT IN (SELECT study_id FROM reviews)")
+            db.execute("INSERT INTO flags (study_id, reason, flagged_by, created_at) VALUES (?, 'r', 'b', 'now')", [study])
+        assert moved()
