@@ -240,7 +240,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         return EXIT_OK
     with dbm.opened(db_path) as db:
         run = jobs.claim_next(db, run_id)
-    status = jobs.execute_run(db_path, run, echo=_terminal_progress)
+    status = jobs.execute_run(db_path, run, echo=_terminal_progress, explain_maps=args.maps == "wait")
     if sys.stderr.isatty():
         sys.stderr.write("\n")
     with dbm.opened(db_path) as db:
@@ -252,6 +252,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     elif run.error:
         summary += f": {run.error}"
     print(summary, file=sys.stderr)
+    if status == "done" and args.maps == "later":
+        print(f"run {run_id}: Grad-CAM maps follow: made on first view, or by a running `bonescan worker`",
+              file=sys.stderr)
     print(run_id)
     return EXIT_OK if status == "done" else EXIT_SOME_FAILED
 
@@ -482,6 +485,8 @@ def build_parser() -> argparse.ArgumentParser:
     verb.add_argument("--no-augment", action="store_true", help="switch augmentation off")
     verb.add_argument("--max-train-images", type=int, default=None, metavar="N")
     verb.add_argument("--queue", action="store_true", help="only enqueue for the worker")
+    verb.add_argument("--maps", choices=["later", "wait"], default="later",
+                      help="later: return once trained (maps on first view or from the worker); wait: make every map first")
     verb.set_defaults(func=cmd_train)
 
     verb = verbs.add_parser("predictions", help="a run's predictions as CSV")

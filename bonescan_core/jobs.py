@@ -23,7 +23,7 @@ import sys
 import threading
 import time
 import traceback
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from datetime import datetime
 from pathlib import Path
@@ -294,10 +294,12 @@ class DatabaseReporter:
         return self._cancelled
 
 
-def execute_run(db_path: Path, run: runs.Run, echo: Callable[[dict], None] | None = None) -> str:
+def execute_run(db_path: Path, run: runs.Run, echo: Callable[[dict], None] | None = None,
+                explain_maps: bool = True) -> str:
     """Train one claimed run and store what training returned (``runs.record_result``); then,
-    for a done run, precompute its Grad-CAM maps (the run is already ``done`` meanwhile: maps
-    are only a cache). Returns the final status."""
+    for a done run and ``explain_maps``, precompute its Grad-CAM maps (the run is already
+    ``done`` meanwhile: maps are only a cache; without them the maps follow on first view or
+    from an idle worker, :func:`run_to_explain`). Returns the final status."""
 
     reporter = DatabaseReporter(Path(db_path), run.id, echo=echo)
     status, error = "done", None
@@ -315,7 +317,7 @@ def execute_run(db_path: Path, run: runs.Run, echo: Callable[[dict], None] | Non
     with dbm.opened(db_path) as db:
         runs.finish(db, run.id, status, error)
     try:
-        if status == "done":
+        if status == "done" and explain_maps:
             precompute_explanations(db_path, run.id, reporter)
     except Exception:  # noqa: BLE001 - a map that fails here is computed (and its error shown) on first view
         traceback.print_exc()
@@ -346,6 +348,40 @@ def precompute_explanations(db_path: Path, run_id: int, reporter: DatabaseReport
     return computed
 
 
+def run_to_explain(db: sqlite_utils.Database, skip: Iterable[int] = ()) -> int | None:
+    """The newest done run with a predicted image that has no Grad-CAM map yet (not in
+    ``skip``), or None: what an idle worker explains while nothing is queued."""
+    skipped = sorted(set(skip))
+    marks = ", ".join("?" for _ in skipped) or "NULL"
+    row = db.execute(
+        f"""SELECT r.id FROM runs r WHERE r.status = 'done' AND r.id NOT IN ({marks}) AND EXISTS (
+                SELECT 1 FROM predictions p WHERE p.run_id = r.id AND NOT EXISTS (
+                    SELECT 1 FROM explanations e WHERE e.run_id = p.run_id AND e.image_id = p.image_id))
+            ORDER BY r.id DESC LIMIT 1""", skipped).fetchone()
+    return None if row is None else int(row[0])
+
+
+def explain_pending(db_path: Path, skip: set[int]) -> int | None:
+    """Explain one done run's missing maps (:func:`run_to_explain`); returns its id, or None if
+    there is none. A run none of whose maps could be made is added to ``skip`` (tried once per
+    worker); one interrupted by a queued run is resumed on a later call."""
+    with dbm.opened(db_path) as db:
+        run_id = run_to_explain(db, skip)
+    if run_id is None:
+        return None
+    reporter = DatabaseReporter(Path(db_path), run_id)
+    computed = 0
+    try:
+        computed = precompute_explanations(db_path, run_id, reporter)
+    except Exception:  # noqa: BLE001 - the map that fails is computed (and its error shown) on first view
+        traceback.print_exc()
+    finally:
+        reporter.close()
+    if computed == 0:
+        skip.add(run_id)
+    return run_id
+
+
 def run_worker(db_path: Path, once: bool = False, idle_exit_s: float | None = None, poll_s: float = 2.0,
                echo: Callable[[str], None] = print) -> int:
     """The worker loop: one run at a time until the queue is empty (``once``) or forever
@@ -356,6 +392,7 @@ def run_worker(db_path: Path, once: bool = False, idle_exit_s: float | None = No
             echo(f"run {run_id}: interrupted (its worker is gone)")
     done = 0
     idle_since = time.monotonic()
+    explained: set[int] = set()
     try:
         while True:
             with dbm.opened(db_path) as db:
@@ -363,6 +400,11 @@ def run_worker(db_path: Path, once: bool = False, idle_exit_s: float | None = No
                 _worker_heartbeat(db, "idle")
                 run = claim_next(db)
             if run is None:
+                # Nothing to train: make the maps a run trained without them still lacks (e.g. by
+                # `bonescan train`, which returns as soon as the model is trained).
+                if not once and explain_pending(db_path, explained) is not None:
+                    idle_since = time.monotonic()
+                    continue
                 if once or (idle_exit_s is not None and time.monotonic() - idle_since > idle_exit_s):
                     return done
                 time.sleep(poll_s)

@@ -119,3 +119,26 @@ def test_map_precomputation_yields_to_a_queued_run(tmp_path):
     (first_predicted, first_maps), (second_predicted, second_maps) = counts
     assert first_predicted > 0 and first_maps == 0, "the first run's maps waited for the queued run"
     assert second_maps == second_predicted > 0
+
+
+def test_cli_train_returns_once_trained_and_an_idle_worker_makes_the_maps(tmp_path):
+    """`bonescan train` waited for every Grad-CAM map before it returned (44 s for a cached fast
+    re-run whose training took seconds): it now reports the run once trained, and the maps
+    follow from an idle worker (or on first view)."""
+    db_path = tmp_path / "labels.db"
+    with dbm.opened(db_path) as db:
+        add_demo_studies(db, 16, seed=21)
+    done = run_cli("train", "--backbone", "resnet50", "--weights", "none", "--mode", "full", "--epochs", "1",
+                   "--batch-size", "8", "--image-size", "64x32", db_path=db_path)
+    assert done.returncode == 0, done.stderr
+    run_id = int(done.stdout.strip())
+    assert f"run {run_id}: Grad-CAM maps follow" in done.stderr
+    count = "SELECT (SELECT COUNT(*) FROM predictions WHERE run_id = ?), (SELECT COUNT(*) FROM explanations WHERE run_id = ?)"
+    with dbm.opened(db_path) as db:
+        predicted, explained = db.execute(count, [run_id, run_id]).fetchone()
+        assert predicted > 0 and explained == 0
+        assert jobs.run_to_explain(db) == run_id and jobs.run_to_explain(db, skip=[run_id]) is None
+    assert jobs.explain_pending(db_path, set()) == run_id  # what the worker does while nothing is queued
+    with dbm.opened(db_path) as db:
+        assert db.execute(count, [run_id, run_id]).fetchone() == (predicted, predicted)
+        assert jobs.run_to_explain(db) is None
