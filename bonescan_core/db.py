@@ -485,12 +485,17 @@ def _m011_data_version(db: sqlite_utils.Database) -> None:
     """A counter that every insert, update or delete of :data:`DATA_VERSION_TABLES` bumps (by
     triggers, so no writer can forget it): pages cache what they derive from those tables under
     it and recompute only when it moved, never showing a stale label (:func:`data_version`)."""
-    db.execute("CREATE TABLE data_version (id INTEGER PRIMARY KEY CHECK (id = 1), value INTEGER NOT NULL)")
-    db.execute("INSERT INTO data_version (id, value) VALUES (1, 0)")
-    for table in DATA_VERSION_TABLES:
-        for operation in ("INSERT", "UPDATE", "DELETE"):
-            db.execute(f"""CREATE TRIGGER data_version_{table}_{operation.lower()} AFTER {operation} ON {table}
-                BEGIN UPDATE data_version SET value = value + 1 WHERE id = 1; END""")
+    for statement in _DATA_VERSION_SQL:
+        db.execute(statement)
+
+
+_DATA_VERSION_SQL = [
+    "CREATE TABLE data_version (id INTEGER PRIMARY KEY CHECK (id = 1), value INTEGER NOT NULL)",
+    "INSERT INTO data_version (id, value) VALUES (1, 0)",
+    *(f"""CREATE TRIGGER data_version_{table}_{operation.lower()} AFTER {operation} ON {table}
+            BEGIN UPDATE data_version SET value = value + 1 WHERE id = 1; END"""
+      for table in DATA_VERSION_TABLES for operation in ("INSERT", "UPDATE", "DELETE")),
+]
 
 
 def data_version(db: sqlite_utils.Database) -> int:

@@ -399,6 +399,20 @@ def predictions(db: sqlite_utils.Database, run_id: int, subset: str | None = Non
     }
 
 
+_SUBSET_ORDER = "CASE p.subset WHEN 'train' THEN 0 WHEN 'val' THEN 1 WHEN 'test' THEN 2 ELSE 3 END"
+_STORED_STUDY_ROWS_SQL = f"""
+    SELECT p.study_id, s.patient_id, p.subset, p.label, p.probability, COALESCE(p.raw_probability, p.probability)
+    FROM study_predictions p JOIN studies s ON s.id = p.study_id
+    WHERE p.run_id = ? AND (? IS NULL OR p.subset = ?) ORDER BY {_SUBSET_ORDER}, p.study_id"""
+# A study's images collapsed to one row; its label is the same on every image, so MAX(label) is it.
+_COLLAPSED_STUDY_ROWS_SQL = {how: f"""
+    SELECT i.study_id, s.patient_id, p.subset, MAX(p.label), {function}(p.probability),
+           {function}(COALESCE(p.raw_probability, p.probability))
+    FROM predictions p JOIN images i ON i.id = p.image_id JOIN studies s ON s.id = i.study_id
+    WHERE p.run_id = ? AND (? IS NULL OR p.subset = ?)
+    GROUP BY i.study_id, s.patient_id, p.subset ORDER BY {_SUBSET_ORDER}, i.study_id""" for how, function in (("max", "MAX"), ("mean", "AVG"))}
+
+
 def study_predictions(db: sqlite_utils.Database, run_id: int, subset: str | None = None,
                       aggregate: str = "max") -> dict[str, np.ndarray]:
     """A run's study-level predictions: one row per study, the study as the unit of analysis.
@@ -428,21 +442,8 @@ def study_predictions(db: sqlite_utils.Database, run_id: int, subset: str | None
     if db.execute("SELECT 1 FROM runs WHERE id = ?", [run_id]).fetchone() is None:
         raise _not_found(run_id)
     stored = db.execute("SELECT 1 FROM study_predictions WHERE run_id = ? LIMIT 1", [run_id]).fetchone() is not None
-    if stored:
-        sql = """SELECT p.study_id, s.patient_id, p.subset, p.label, p.probability,
-                        COALESCE(p.raw_probability, p.probability)
-                 FROM study_predictions p JOIN studies s ON s.id = p.study_id
-                 WHERE p.run_id = ? AND (? IS NULL OR p.subset = ?)"""
-    else:
-        # label is constant within a study (a study has one label), so MAX(label) is that label.
-        how = "MAX" if aggregate == "max" else "AVG"
-        sql = f"""SELECT i.study_id, s.patient_id, p.subset, MAX(p.label), {how}(p.probability),
-                         {how}(COALESCE(p.raw_probability, p.probability))
-                  FROM predictions p JOIN images i ON i.id = p.image_id JOIN studies s ON s.id = i.study_id
-                  WHERE p.run_id = ? AND (? IS NULL OR p.subset = ?)
-                  GROUP BY i.study_id, s.patient_id, p.subset"""
-    order = " ORDER BY CASE p.subset WHEN 'train' THEN 0 WHEN 'val' THEN 1 WHEN 'test' THEN 2 ELSE 3 END, 1"
-    rows = db.execute(sql + order, [run_id, subset, subset]).fetchall()
+    sql = _STORED_STUDY_ROWS_SQL if stored else _COLLAPSED_STUDY_ROWS_SQL[aggregate]
+    rows = db.execute(sql, [run_id, subset, subset]).fetchall()
     columns = list(zip(*rows, strict=True)) if rows else [()] * 6
     return {
         "study_id": np.asarray(columns[0], dtype=np.int64),
