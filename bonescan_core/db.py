@@ -476,6 +476,15 @@ _PREDICTIONS_V2_SQL = [
 ]
 
 
+def _m011_repeat_groups(db: sqlite_utils.Database) -> None:
+    """Runs trained as repeats (``train --repeats K``: K seeds, or K splits) form a group:
+    ``runs.repeat_group`` is the id of the group's first run (NULL: a run trained alone).
+    A column rather than a setting: it says how runs were queued together, not how one is
+    trained, so it stays out of the settings and of their identity hash."""
+    db.execute("ALTER TABLE runs ADD COLUMN repeat_group INTEGER REFERENCES runs(id)")
+    db.execute("CREATE INDEX runs_repeat_group ON runs(repeat_group)")
+
+
 MIGRATIONS: list[tuple[str, Callable[[sqlite_utils.Database], None]]] = [
     ("001_foundation", _m001_foundation),
     ("002_training", _m002_training),
@@ -487,6 +496,7 @@ MIGRATIONS: list[tuple[str, Callable[[sqlite_utils.Database], None]]] = [
     ("008_run_results", _m008_run_results),
     ("009_imported_files", _m009_imported_files),
     ("010_predictions_v2", _m010_predictions_v2),
+    ("011_repeat_groups", _m011_repeat_groups),
 ]
 
 
