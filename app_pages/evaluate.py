@@ -45,12 +45,12 @@ def cached_repeats(database: str, group: int, finished: int) -> dict:
         return comparison.repeat_summary(db, group)
 
 
-def show_repeats(summary: dict) -> None:
+def show_repeats(summary: dict, where: str) -> None:
     """A repeat group's every repeat and its mean ± SD (study level, each at its study threshold)."""
     st.markdown(f"**Repeats of {evaluation.run_label(summary['backbone'], summary['group'])} "
                 f"(group {summary['group']}, {summary['n']} finished runs)**: per study, each repeat at its own "
                 "study threshold; the spread between seeds is the noise floor of any comparison.")
-    st.dataframe(pd.DataFrame(comparison.repeat_table(summary)), hide_index=True, key=f"ev_repeats_{summary['group']}")
+    st.dataframe(pd.DataFrame(comparison.repeat_table(summary)), hide_index=True, key=f"ev_repeats_{where}_{summary['group']}")
 
 
 def heatmap(run_id: int, image_id: int) -> np.ndarray:
@@ -117,7 +117,7 @@ with metrics_tab:
             group_runs = runs.repeat_group_runs(db, run.repeat_group)
         finished = sum(r.status == "done" for r in group_runs)
         if finished >= 2:
-            show_repeats(cached_repeats(database, run.repeat_group, finished))
+            show_repeats(cached_repeats(database, run.repeat_group, finished), "metrics")
     with st.expander("Configuration"):
         st.json(run.config_record())
 
@@ -149,7 +149,7 @@ with compare_tab:
                        f"({comparison_result['bootstrap']['n_resamples']} resamples, the same for both runs); McNemar on "
                        "studies. Holm p: adjusted over every p in this table.")
             for summary in comparison_result.get("repeats", []):
-                show_repeats(summary)
+                show_repeats(summary, "compare")
 
 with explorer_tab:
     threshold_now = st.session_state.get(f"ev_threshold_{run_id}", stored_threshold)

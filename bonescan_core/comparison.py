@@ -186,8 +186,7 @@ def compare_runs(db: sqlite_utils.Database, run_ids: Sequence[int], n_resamples:
                                         "the labels changed between runs: train them again on one split")
     y, patients = reference["label"], reference["patient_id"]
     thresholds = {run.id: study_threshold(db, run) for run in chosen}
-    backbones = [run.backbone for run in chosen]
-    labels = {run.id: run_label(run.backbone, run.id, with_id=backbones.count(run.backbone) > 1) for run in chosen}
+    labels = {run.id: run_label(run.backbone, run.id, with_id=True) for run in chosen}
 
     pairs, shown = [], []  # shown: every result carrying a p, in the order Holm's output is read back
     for a, b in itertools.combinations(ids, 2):
@@ -337,7 +336,7 @@ def format_text(result: Mapping[str, Any]) -> str:
              f"bootstrap {result['bootstrap']['n_resamples']} resamples (seed {result['bootstrap']['seed']}); "
              "Holm over every p below."]
     for run in result["runs"]:
-        lines.append(f"  {run['label']} (run {run['run']}): study threshold {run['threshold']:.3f} ({run['threshold_source']}), "
+        lines.append(f"  {run['label']}: study threshold {run['threshold']:.3f} ({run['threshold_source']}), "
                      f"AUC {_number(run['auc'])}, sensitivity {_number(run['sensitivity'])}, "
                      f"specificity {_number(run['specificity'])}")
     for row in pair_table(result):
