@@ -346,7 +346,8 @@ def format_text(result: Mapping[str, Any]) -> str:
         lines.append(f"Repeat group {summary['group']} ({run_label(summary['backbone'], summary['group'])}, "
                      f"{summary['n']} finished runs):")
         for row in repeat_table(summary):
-            lines.append(f"  {row['run']}: AUC {row['auc']}, sensitivity {row['sensitivity']}, specificity {row['specificity']}")
+            name = row["run"] if row["run"] == "mean ± SD" else f"run {row['run']} (seed {row['seed']}, split {row['split']})"
+            lines.append(f"  {name}: AUC {row['auc']}, sensitivity {row['sensitivity']}, specificity {row['specificity']}")
     return "\n".join(lines)
 
 
