@@ -142,8 +142,12 @@ with compare_tab:
             st.dataframe(pd.DataFrame([
                 {"run": row["label"], "study threshold": row["threshold"], "threshold from": row["threshold_source"],
                  **{plots.metric_name(key): row[name] for name, key in comparison.HEADLINE}}
-                for row in comparison_result["runs"]]), hide_index=True, key="ev_compare_runs")
-            st.dataframe(pd.DataFrame(comparison.pair_table(comparison_result)), hide_index=True, key="ev_compare_pairs")
+                for row in comparison_result["runs"]]), hide_index=True, key="ev_compare_runs",
+                column_config={name: st.column_config.NumberColumn(format="%.3f")
+                               for name in ["study threshold", *(plots.metric_name(key) for _, key in comparison.HEADLINE)]})
+            pair_rows = comparison.pair_table(comparison_result)
+            st.dataframe(pd.DataFrame(pair_rows), hide_index=True, key="ev_compare_pairs",
+                         height=35 * (len(pair_rows) + 1) + 3)  # every row in view: the Holm family is the whole table
             st.caption(f"Differences are the first run minus the second. ΔAUC: clustered DeLong (Obuchowski), patients as "
                        f"clusters; Δsensitivity and Δspecificity: paired patient bootstrap "
                        f"({comparison_result['bootstrap']['n_resamples']} resamples, the same for both runs); McNemar on "

@@ -296,7 +296,8 @@ def _value_text(value: float | None) -> str:
 
 def pair_table(result: Mapping[str, Any]) -> list[dict[str, Any]]:
     """One row per pair and quantity, for the page's table: ``pair``, ``quantity``, ``difference``,
-    ``95% CI``, ``p``, ``Holm p``, ``method`` (strings, as printed)."""
+    ``95% CI``, ``p``, ``Holm p``, ``method``, ``bootstrap check`` (ΔAUC's bootstrap interval and
+    p, outside the Holm family; empty on the other rows). Strings, as printed."""
     rows = []
     for pair in result["pairs"]:
         name = f"{pair['label_a']} − {pair['label_b']}"
@@ -304,29 +305,37 @@ def pair_table(result: Mapping[str, Any]) -> list[dict[str, Any]]:
                                       ("delta_sensitivity", "Δsensitivity", "paired bootstrap"),
                                       ("delta_specificity", "Δspecificity", "paired bootstrap")):
             part = pair[key]
+            check = part.get("bootstrap")
             rows.append({"pair": name, "quantity": quantity, "difference": _value_text(part["value"]),
                          "95% CI": _ci_text(part["ci95"]), "p": _p_text(part["p"]), "Holm p": _p_text(part["p_holm"]),
-                         "method": method if key != "delta_auc"
-                         else f"{method} (bootstrap {_ci_text(part['bootstrap']['ci95'])})"})
+                         "method": method,
+                         "bootstrap check": f"{_ci_text(check['ci95'])}, {_p_text(check['p'])}" if check else ""})
         test = pair["mcnemar"]
         rows.append({"pair": name, "quantity": "McNemar", "difference": f"{test['b']} vs {test['c']} discordant",
-                     "95% CI": "", "p": _p_text(test["p"]), "Holm p": _p_text(test["p_holm"]), "method": test["method"]})
+                     "95% CI": "", "p": _p_text(test["p"]), "Holm p": _p_text(test["p_holm"]), "method": test["method"],
+                     "bootstrap check": ""})
     return rows
+
+
+REPEAT_COLUMNS = {"auc": "AUC", "sensitivity": "Sensitivity", "specificity": "Specificity"}
+"""Display names of :func:`repeat_table`'s metric columns."""
 
 
 def repeat_table(summary: Mapping[str, Any]) -> list[dict[str, Any]]:
     """Every repeat of a :func:`repeat_summary` and a last ``mean ± SD`` row: ``run``, ``seed``,
-    ``split``, ``AUC``, ``sensitivity``, ``specificity`` (strings)."""
+    ``split``, ``AUC``, ``Sensitivity``, ``Specificity`` (strings)."""
     def number(value: float | None) -> str:
         return "undefined" if value is None else f"{value:.3f}"
 
+    def spread(part: Mapping[str, Any]) -> str:
+        if part["mean"] is None:
+            return "undefined"
+        return f"{part['mean']:.3f} ± {'n/a' if part['sd'] is None else format(part['sd'], '.3f')}"
+
     rows = [{"run": str(run), "seed": str(seed), "split": str(split),
-             **{name: number(summary[name]["values"][i]) for name, _ in HEADLINE}}
+             **{REPEAT_COLUMNS[name]: number(summary[name]["values"][i]) for name, _ in HEADLINE}}
             for i, (run, seed, split) in enumerate(zip(summary["runs"], summary["seeds"], summary["split_ids"], strict=True))]
-    rows.append({"run": "mean ± SD", "seed": "", "split": "",
-                 **{name: "undefined" if summary[name]["mean"] is None else
-                    f"{summary[name]['mean']:.3f} ± {'n/a' if summary[name]['sd'] is None else format(summary[name]['sd'], '.3f')}"
-                    for name, _ in HEADLINE}})
+    rows.append({"run": "mean ± SD", "seed": "", "split": "", **{REPEAT_COLUMNS[name]: spread(summary[name]) for name, _ in HEADLINE}})
     return rows
 
 
@@ -341,13 +350,15 @@ def format_text(result: Mapping[str, Any]) -> str:
                      f"specificity {_number(run['specificity'])}")
     for row in pair_table(result):
         ci = f", {row['95% CI']}" if row["95% CI"] else ""
-        lines.append(f"{row['pair']}: {row['quantity']} {row['difference']}{ci}, {row['p']} (Holm {row['Holm p']}); {row['method']}")
+        check = f" (bootstrap check: {row['bootstrap check']})" if row["bootstrap check"] else ""
+        lines.append(f"{row['pair']}: {row['quantity']} {row['difference']}{ci}, {row['p']} (Holm {row['Holm p']}); "
+                     f"{row['method']}{check}")
     for summary in result.get("repeats", []):
         lines.append(f"Repeat group {summary['group']} ({run_label(summary['backbone'], summary['group'])}, "
                      f"{summary['n']} finished runs):")
         for row in repeat_table(summary):
             name = row["run"] if row["run"] == "mean ± SD" else f"run {row['run']} (seed {row['seed']}, split {row['split']})"
-            lines.append(f"  {name}: AUC {row['auc']}, sensitivity {row['sensitivity']}, specificity {row['specificity']}")
+            lines.append(f"  {name}: AUC {row['AUC']}, sensitivity {row['Sensitivity']}, specificity {row['Specificity']}")
     return "\n".join(lines)
 
 

@@ -196,8 +196,8 @@ def test_evaluate_page_shows_every_repeat_and_their_mean_and_sd(db_path, two_run
     table = metrics_tab
     aucs = [roc_auc_score(*study_rows(two_runs[b]["rows"], "test")) for b in ("resnet50", "densenet121")]
     assert table["run"].tolist() == [str(two_runs["resnet50"]["id"]), str(two_runs["densenet121"]["id"]), "mean ± SD"]
-    assert table["auc"].tolist()[:2] == [f"{a:.3f}" for a in aucs]
-    assert table["auc"].iloc[2] == f"{np.mean(aucs):.3f} ± {np.std(aucs, ddof=1):.3f}"
+    assert table["AUC"].tolist()[:2] == [f"{a:.3f}" for a in aucs]
+    assert table["AUC"].iloc[2] == f"{np.mean(aucs):.3f} ± {np.std(aucs, ddof=1):.3f}"
 
 
 def test_evaluate_page_explorer_lists_filters_and_shows_the_top_loss(db_path, two_runs):
