@@ -8,8 +8,8 @@ import pandas as pd
 import streamlit as st
 
 from app_pages.common import allowed, cached_study_images, db_path, denial, open_db, reviewer
+from bonescan_core import comparison, evaluation, pixelstore, plots, report, runs
 from bonescan_core import db as dbm
-from bonescan_core import evaluation, pixelstore, plots, report, runs
 from bonescan_core import review as rv
 from bonescan_core.results import EvaluationResult, decision_threshold
 
@@ -29,6 +29,28 @@ def cached_evaluation(database: str, run_id: int, threshold: float | None) -> Ev
 def cached_predictions(database: str, run_id: int, subset: str) -> dict:
     with dbm.opened(database) as db:
         return runs.predictions(db, run_id, subset)
+
+
+@st.cache_data(max_entries=16, show_spinner=False)
+def cached_comparison(database: str, run_ids: tuple[int, ...]) -> dict:
+    """comparison.compare_runs of these runs (2,000 resamples, seed 0); finished runs do not change."""
+    with dbm.opened(database) as db:
+        return comparison.compare_runs(db, list(run_ids))
+
+
+@st.cache_data(max_entries=16, show_spinner=False)
+def cached_repeats(database: str, group: int, finished: int) -> dict:
+    """comparison.repeat_summary of a repeat group (``finished``, its count of done runs, keys the cache)."""
+    with dbm.opened(database) as db:
+        return comparison.repeat_summary(db, group)
+
+
+def show_repeats(summary: dict, where: str) -> None:
+    """A repeat group's every repeat and its mean ± SD (study level, each at its study threshold)."""
+    st.markdown(f"**Repeats of {evaluation.run_label(summary['backbone'], summary['group'])} "
+                f"(group {summary['group']}, {summary['n']} finished runs)**: per study, each repeat at its own "
+                "study threshold; the spread between seeds is the noise floor of any comparison.")
+    st.dataframe(pd.DataFrame(comparison.repeat_table(summary)), hide_index=True, key=f"ev_repeats_{where}_{summary['group']}")
 
 
 def heatmap(run_id: int, image_id: int) -> np.ndarray:
@@ -90,31 +112,48 @@ with metrics_tab:
     left.plotly_chart(figures["pr"], key="ev_pr")
     right.plotly_chart(figures["calibration"], key="ev_calibration")
     st.plotly_chart(figures["training"], key="ev_training")
+    if run.repeat_group is not None:
+        with open_db() as db:
+            group_runs = runs.repeat_group_runs(db, run.repeat_group)
+        finished = sum(r.status == "done" for r in group_runs)
+        if finished >= 2:
+            show_repeats(cached_repeats(database, run.repeat_group, finished), "metrics")
     with st.expander("Configuration"):
         st.json(run.config_record())
 
 with compare_tab:
     same_split = [r.id for r in done_runs if r.split_id == run.split_id]
-    chosen = st.multiselect("Runs on the same split (the same test images)", same_split,
+    chosen = st.multiselect("Runs on the same split (the same test studies)", same_split,
                             default=[i for i in same_split][:3], format_func=lambda i: label_of(by_id[i]), key="ev_compare")
     if len(chosen) < 2:
         st.info("Choose two or more runs to compare.")
     else:
         try:
-            with open_db() as db:
-                comparison = evaluation.compare_runs(db, chosen)
-        except evaluation.IncomparableRunsError as error:
+            comparison_result = cached_comparison(database, tuple(chosen))
+        except (comparison.IncomparableRunsError, evaluation.NoPredictionsError) as error:
             st.error(str(error))
         else:
             results = {evaluation.run_label(by_id[i].backbone, i, with_id=True): cached_evaluation(database, i, None)
                        for i in chosen}
             st.plotly_chart(plots.forest_plot(results), key="ev_forest")
+            st.markdown(f"**Per study, paired by patient**: {comparison_result['n_studies']} test studies of "
+                        f"{comparison_result['n_patients']} patients, each run at its own study threshold chosen on "
+                        "validation.")
             st.dataframe(pd.DataFrame([
-                {"run": label, **{plots.metric_name(m): value.metrics[m].value for m in ("accuracy", "recall", "precision", "f1", "auc")}}
-                for label, value in results.items()]), hide_index=True)
-            st.markdown("**Paired tests on the same test images** (DeLong for AUC, McNemar for decisions):")
-            for pair in comparison["pairs"]:
-                st.markdown(f"- {pair['summary']}  \n  {pair['accuracy_summary']}")
+                {"run": row["label"], "study threshold": row["threshold"], "threshold from": row["threshold_source"],
+                 **{plots.metric_name(key): row[name] for name, key in comparison.HEADLINE}}
+                for row in comparison_result["runs"]]), hide_index=True, key="ev_compare_runs",
+                column_config={name: st.column_config.NumberColumn(format="%.3f")
+                               for name in ["study threshold", *(plots.metric_name(key) for _, key in comparison.HEADLINE)]})
+            pair_rows = comparison.pair_table(comparison_result)
+            st.dataframe(pd.DataFrame(pair_rows), hide_index=True, key="ev_compare_pairs",
+                         height=35 * (len(pair_rows) + 1) + 3)  # every row in view: the Holm family is the whole table
+            st.caption(f"Differences are the first run minus the second. ΔAUC: clustered DeLong (Obuchowski), patients as "
+                       f"clusters; Δsensitivity and Δspecificity: paired patient bootstrap "
+                       f"({comparison_result['bootstrap']['n_resamples']} resamples, the same for both runs); McNemar on "
+                       "studies. Holm p: adjusted over every p in this table.")
+            for summary in comparison_result.get("repeats", []):
+                show_repeats(summary, "compare")
 
 with explorer_tab:
     threshold_now = st.session_state.get(f"ev_threshold_{run_id}", stored_threshold)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import streamlit as st
 
 from app_pages.common import allowed, cached_study_statuses, db_path, denial, md, open_db, still_signed_in
-from bonescan_core import catalog, jobs, plots, runs, splits, training
+from bonescan_core import catalog, errors, jobs, plots, runs, splits, training
 from bonescan_core.cohorts import list_cohorts
 from bonescan_core.models import BACKBONES, DEFAULT_SIZE, MODES
 from bonescan_core.preprocess import PAPER_AUGMENT
@@ -69,6 +69,14 @@ with st.form("train_form"):
     for column, (name, default) in zip(switches, PAPER_AUGMENT.items(), strict=True):
         if column.toggle(name.replace("_", " "), value=True, key=f"tr_aug_{name}"):
             augment[name] = default
+    repeat_left, repeat_right = st.columns(2)
+    repeats = repeat_left.number_input("Repeats (seeds S, S+1, ...)", 1, 20, 1, key="tr_repeats",
+                                       help="Train each backbone this many times as one repeat group: Evaluate and "
+                                            "compare show every repeat and their mean ± SD, the seed-to-seed noise "
+                                            "floor a difference between backbones must exceed.")
+    resplit = repeat_right.checkbox("A new patient-grouped split per repeat", key="tr_resplit",
+                                    help="Repeat k trains on the split made with seed S+k (otherwise every repeat "
+                                         "uses the one split of seed S).")
     chosen_cohorts = st.multiselect("Cohorts (the split is made from their studies; the others stay external)",
                                     cohort_names, default=cohort_names, key="tr_cohorts",
                                     help="None chosen: every cohort.")
@@ -91,10 +99,11 @@ if submitted:  # never True while disabled (no trainer role): Streamlit drops a 
                 image_size=(int(height), int(width)), seed=int(seed), augment=augment,
             )
             with open_db() as db:
-                messages = [queued.message for queued in jobs.enqueue_backbones(db, chosen, config, cohorts=chosen_cohorts or None)]
+                messages = [queued.message for queued in jobs.enqueue_backbones(
+                    db, chosen, config, cohorts=chosen_cohorts or None, repeats=int(repeats), resplit=resplit)]
             started = jobs.ensure_worker(db_path())
             st.success("; ".join(messages) + (". Started a background worker." if started else "."))
-        except (splits.SplitError, ValueError) as error:
+        except (errors.InputError, ValueError) as error:  # splits.SplitError is an InputError
             st.error(str(error))
 
 
@@ -117,7 +126,8 @@ def live_runs() -> None:
             jobs.ensure_worker(db_path())
     for run in shown:
         title = (f"Run {run.id} · {run.backbone} · {run.settings.mode} · {run.status}"
-                 + (f" · {run.results.device}" if run.results.device else ""))
+                 + (f" · {run.results.device}" if run.results.device else "")
+                 + (f" · seed {run.settings.seed}, repeat group {run.repeat_group}" if run.repeat_group is not None else ""))
         with st.expander(title, expanded=run.status == "running"):
             progress = Progress.from_record(run.progress, run.settings.epochs)
             if run.status == "running":

@@ -22,7 +22,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from bonescan_core import accounts, catalog, evaluation, runs, splits
+from bonescan_core import accounts, catalog, comparison, evaluation, runs, splits
 from bonescan_core import db as dbm
 from bonescan_core.agreement import pairwise
 from bonescan_core.errors import BonescanError, InputError
@@ -227,20 +227,34 @@ def _terminal_progress(fields: dict) -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    if args.repeats < 1:
+        raise CommandError("--repeats must be at least 1")
     config = train_config(args)
     db_path = dbm.resolve_path(args.db)
     with dbm.opened(db_path) as db:  # the split is fixed now, so backbones queued later share it
-        (queued,) = jobs.enqueue_backbones(db, [config.backbone], config)
-    if queued.duplicate:
-        raise queued.duplicate
-    run_id = queued.run_id
+        queued = jobs.enqueue_backbones(db, [config.backbone], config, repeats=args.repeats, resplit=args.resplit)
+    new = [q for q in queued if q.run_id is not None]
+    if not new:  # every run has an identical one waiting
+        raise queued[0].duplicate
+    for q in queued:
+        if q.duplicate:
+            print(f"seed {q.seed}: {q.duplicate}", file=sys.stderr)
     if args.queue:
-        print(f"queued run {run_id}; `bonescan worker` trains it", file=sys.stderr)
-        print(run_id)
+        for q in new:
+            print(f"queued run {q.run_id}" + (f" (seed {q.seed}, repeat group {q.repeat_group})" if q.repeat_group else "")
+                  + "; `bonescan worker` trains it", file=sys.stderr)
+            print(q.run_id)
         return EXIT_OK
+    statuses = [_train_in_foreground(db_path, q.run_id, explain_maps=args.maps == "wait") for q in new]
+    return EXIT_OK if all(status == "done" for status in statuses) else EXIT_SOME_FAILED
+
+
+def _train_in_foreground(db_path: Path, run_id: int, explain_maps: bool) -> str:
+    """Train one queued run here with a progress line; print its summary (stderr) and id (stdout).
+    Without ``explain_maps`` it returns once the run is stored: the Grad-CAM maps follow."""
     with dbm.opened(db_path) as db:
         run = jobs.claim_next(db, run_id)
-    status = jobs.execute_run(db_path, run, echo=_terminal_progress, explain_maps=args.maps == "wait")
+    status = jobs.execute_run(db_path, run, echo=_terminal_progress, explain_maps=explain_maps)
     if sys.stderr.isatty():
         sys.stderr.write("\n")
     with dbm.opened(db_path) as db:
@@ -252,11 +266,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     elif run.error:
         summary += f": {run.error}"
     print(summary, file=sys.stderr)
-    if status == "done" and args.maps == "later":
-        print(f"run {run_id}: Grad-CAM maps follow: made on first view, or by a running `bonescan worker`",
-              file=sys.stderr)
-    print(run_id)
-    return EXIT_OK if status == "done" else EXIT_SOME_FAILED
+    print(run_id, flush=True)
+    return status
 
 
 def cmd_predictions(args: argparse.Namespace) -> int:
@@ -274,6 +285,16 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         _print_json(result.as_json())
         return EXIT_OK
     print(result.format_text())
+    return EXIT_OK
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    with dbm.opened(args.db) as db:
+        result = comparison.compare_runs(db, args.runs, n_resamples=args.resamples, seed=args.seed)
+    if args.json:
+        _print_json(result)
+        return EXIT_OK
+    print(comparison.format_text(result))
     return EXIT_OK
 
 
@@ -487,6 +508,10 @@ def build_parser() -> argparse.ArgumentParser:
     verb.add_argument("--queue", action="store_true", help="only enqueue for the worker")
     verb.add_argument("--maps", choices=["later", "wait"], default="later",
                       help="later: return once trained (maps on first view or from the worker); wait: make every map first")
+    verb.add_argument("--repeats", type=int, default=1, metavar="K",
+                      help="train K runs as one repeat group, with seeds S, S+1, ... (default 1)")
+    verb.add_argument("--resplit", action="store_true",
+                      help="with --repeats: each repeat on its own patient-grouped split, made with its seed")
     verb.set_defaults(func=cmd_train)
 
     verb = verbs.add_parser("predictions", help="a run's predictions as CSV")
@@ -499,6 +524,14 @@ def build_parser() -> argparse.ArgumentParser:
     verb.add_argument("--threshold", type=float, default=None, help="default: the run's validation-chosen threshold")
     verb.add_argument("--json", action="store_true")
     verb.set_defaults(func=cmd_evaluate)
+
+    verb = verbs.add_parser("compare", help="paired comparison of runs on the same test studies (clustered by patient)")
+    verb.add_argument("runs", type=int, nargs="+", metavar="RUN")
+    verb.add_argument("--resamples", type=int, default=comparison.DEFAULT_RESAMPLES, metavar="B",
+                      help=f"bootstrap resamples (default {comparison.DEFAULT_RESAMPLES}, at least {comparison.MIN_RESAMPLES})")
+    verb.add_argument("--seed", type=int, default=0, help="seed of the bootstrap (default 0)")
+    verb.add_argument("--json", action="store_true")
+    verb.set_defaults(func=cmd_compare)
 
     verb = verbs.add_parser("explain", help="Grad-CAM overlay of one image for one run")
     verb.add_argument("run", type=int, metavar="RUN")

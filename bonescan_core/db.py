@@ -502,6 +502,13 @@ def data_version(db: sqlite_utils.Database) -> int:
     """The data version: it changes whenever a row of :data:`DATA_VERSION_TABLES` changes, in
     the same transaction (one indexed read; a cache keyed by it is never stale)."""
     return int(db.execute("SELECT value FROM data_version WHERE id = 1").fetchone()[0])
+def _m012_repeat_groups(db: sqlite_utils.Database) -> None:
+    """Runs trained as repeats (``train --repeats K``: K seeds, or K splits) form a group:
+    ``runs.repeat_group`` is the id of the group's first run (NULL: a run trained alone).
+    A column rather than a setting: it says how runs were queued together, not how one is
+    trained, so it stays out of the settings and of their identity hash."""
+    db.execute("ALTER TABLE runs ADD COLUMN repeat_group INTEGER REFERENCES runs(id)")
+    db.execute("CREATE INDEX runs_repeat_group ON runs(repeat_group)")
 
 
 MIGRATIONS: list[tuple[str, Callable[[sqlite_utils.Database], None]]] = [
@@ -516,6 +523,7 @@ MIGRATIONS: list[tuple[str, Callable[[sqlite_utils.Database], None]]] = [
     ("009_imported_files", _m009_imported_files),
     ("010_predictions_v2", _m010_predictions_v2),
     ("011_data_version", _m011_data_version),
+    ("012_repeat_groups", _m012_repeat_groups),
 ]
 
 

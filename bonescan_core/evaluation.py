@@ -30,7 +30,6 @@ all 1000 bootstrap resamples at once. Youden's threshold uses :func:`roc_points`
 
 from __future__ import annotations
 
-import itertools
 import math
 import statistics
 from collections.abc import Mapping, Sequence
@@ -55,16 +54,8 @@ BACKBONE_NAMES = {"resnet50": "ResNet50", "vgg19": "VGG19", "densenet121": "Dens
 ROUND_DIGITS = 4
 """Decimals kept in :func:`evaluate`'s JSON (far finer than any CI width at n ~ 200)."""
 
-ALPHA = 0.05
-"""Significance level of the sentences :func:`compare_runs` writes."""
-
-
 class NoPredictionsError(errors.NotFound):
     """The run has no stored predictions for the requested subset."""
-
-
-class IncomparableRunsError(errors.InputError):
-    """Runs that cannot be compared pairwise (different split or different test images)."""
 
 
 # --- input checks -----------------------------------------------------------------------
@@ -720,120 +711,6 @@ def run_label(backbone: str, run_id: int, with_id: bool = False) -> str:
     """Display name of a run: "DenseNet121", or "DenseNet121 (run 3)" with ``with_id``."""
     name = BACKBONE_NAMES.get(backbone, backbone)
     return f"{name} (run {run_id})" if with_id else name
-
-
-def _format_p(p: float) -> str:
-    if math.isnan(p):
-        return "p undefined"
-    if p < 0.001:
-        return "p < 0.001"
-    return f"p = {p:.2g}"
-
-
-def _auc_sentence(name_a: str, name_b: str, result: Mapping[str, Any], p_holm: float | None) -> str:
-    """One sentence, e.g. DenseNet121's AUC is higher than VGG19's by 0.06 (95% CI 0.01 to 0.11), p = 0.03: significant at 0.05."""
-    difference, p = result["difference"], result["p_value"]
-    if math.isnan(difference):
-        return f"The AUCs of {name_a} and {name_b} are undefined on these images (one class only)."
-    if difference < 0:  # state the higher one first; the interval flips with it
-        name_a, name_b, difference = name_b, name_a, -difference
-        low, high = -result["ci95"][1], -result["ci95"][0]
-    else:
-        low, high = result["ci95"]
-    adjusted = f"; Holm-adjusted {_format_p(p_holm)}" if p_holm is not None and not math.isnan(p_holm) else ""
-    verdict_p = p_holm if p_holm is not None and not math.isnan(p_holm) else p
-    verdict = "undefined" if math.isnan(verdict_p) else ("significant" if verdict_p < ALPHA else "not significant")
-    if difference == 0:
-        return f"{name_a}'s and {name_b}'s AUCs are equal ({result['auc_a']:.2f}), {_format_p(p)}{adjusted}: {verdict} at {ALPHA:g}."
-    ci = "" if math.isnan(low) else f" (95% CI {low:.2f} to {high:.2f})"
-    return f"{name_a}'s AUC is higher than {name_b}'s by {difference:.2f}{ci}, {_format_p(p)}{adjusted}: {verdict} at {ALPHA:g}."
-
-
-def _accuracy_sentence(name_a: str, name_b: str, acc_a: float, acc_b: float, result: Mapping[str, Any]) -> str:
-    verdict = "significant" if result["p_value"] < ALPHA else "not significant"
-    return (
-        f"Accuracy at each run's threshold: {name_a} {acc_a:.0%}, {name_b} {acc_b:.0%}; "
-        f"{result['b']} images only {name_a} got right, {result['c']} only {name_b}; "
-        f"McNemar ({result['method']}) {_format_p(result['p_value'])}: {verdict} at {ALPHA:g}."
-    )
-
-
-def compare_runs(db: sqlite_utils.Database, run_ids: Sequence[int], threshold: float | None = None, subset: str = "test") -> dict[str, Any]:
-    """Paired comparison of runs on the same test images: McNemar and DeLong per pair.
-
-    Args:
-        db: open database.
-        run_ids: two or more distinct run ids, trained on the same split.
-        threshold: one threshold for all runs; None uses each run's own stored threshold
-            (0.5 when it has none), i.e. compares the runs as they would be deployed.
-        subset: the images compared (``"test"``).
-
-    Returns:
-        ``{"subset", "n_images", "runs": [{"run", "backbone", "label", "threshold", "auc",
-        "accuracy"}], "pairs": [{"run_a", "run_b", "label_a", "label_b", "mcnemar":
-        mcnemar(...), "delong": delong(...) + "p_value_holm", "summary": AUC sentence,
-        "accuracy_summary": McNemar sentence}]}``; pairs in the order of ``run_ids``.
-        With more than one pair, DeLong p-values are also Holm-adjusted across the pairs and
-        the sentence's verdict uses the adjusted p. Floats unrounded; nan where undefined.
-
-    Raises:
-        ValueError: fewer than two distinct runs.
-        errors.RunNotFound, NoPredictionsError: as :func:`evaluate`.
-        IncomparableRunsError: runs from different splits, or on different images.
-    """
-    ids = list(dict.fromkeys(int(r) for r in run_ids))
-    if len(ids) < 2:
-        raise errors.InputError("compare needs at least two different runs")
-    chosen = [runs.get(db, r) for r in ids]
-    splits = {run.id: run.split_id for run in chosen}
-    if len(set(splits.values())) != 1:
-        detail = ", ".join(f"run {r}: split {s}" for r, s in splits.items())
-        raise IncomparableRunsError(f"runs were trained on different splits ({detail}); compare runs of one split")
-    data = {}
-    for run in chosen:
-        data[run.id] = runs.predictions(db, run.id, subset)
-        if data[run.id]["label"].size == 0:
-            raise NoPredictionsError(f"run {run.id} ({run.status}) has no {subset} predictions; compare finished runs")
-    reference = data[ids[0]]
-    for r in ids[1:]:
-        if not np.array_equal(data[r]["image_id"], reference["image_id"]):
-            raise IncomparableRunsError(
-                f"runs {ids[0]} and {r} have predictions on different {subset} images; re-run prediction so both cover the same images"
-            )
-        if not np.array_equal(data[r]["label"], reference["label"]):
-            raise IncomparableRunsError(f"runs {ids[0]} and {r} disagree on the labels of the same images; the labels changed between runs")
-    backbones = [run.backbone for run in chosen]
-    labels = {run.id: run_label(run.backbone, run.id, with_id=backbones.count(run.backbone) > 1) for run in chosen}
-    thresholds = {run.id: decision_threshold(threshold, run.threshold)[0] for run in chosen}
-    y = reference["label"]
-    predicted = {r: data[r]["probability"] >= thresholds[r] for r in ids}
-    summaries = {r: point_metrics(y, data[r]["probability"], thresholds[r]) for r in ids}
-    pairs = []
-    for a, b in itertools.combinations(ids, 2):
-        pairs.append({
-            "run_a": a,
-            "run_b": b,
-            "label_a": labels[a],
-            "label_b": labels[b],
-            "mcnemar": mcnemar(y, predicted[a], predicted[b]),
-            "delong": delong(y, data[a]["probability"], data[b]["probability"]),
-        })
-    adjusted = holm([pair["delong"]["p_value"] for pair in pairs]) if len(pairs) > 1 else [None] * len(pairs)
-    for pair, p_holm in zip(pairs, adjusted, strict=True):
-        a, b = pair["run_a"], pair["run_b"]
-        pair["delong"]["p_value_holm"] = p_holm if p_holm is not None else pair["delong"]["p_value"]
-        pair["summary"] = _auc_sentence(labels[a], labels[b], pair["delong"], p_holm)
-        pair["accuracy_summary"] = _accuracy_sentence(labels[a], labels[b], summaries[a]["accuracy"], summaries[b]["accuracy"], pair["mcnemar"])
-    return {
-        "subset": subset,
-        "n_images": int(y.size),
-        "runs": [
-            {"run": r, "backbone": run.backbone, "label": labels[r], "threshold": thresholds[r],
-             "auc": summaries[r]["auc"], "accuracy": summaries[r]["accuracy"]}
-            for r, run in zip(ids, chosen, strict=True)
-        ],
-        "pairs": pairs,
-    }
 
 
 def outcome(label: int, probability: float, threshold: float) -> str:

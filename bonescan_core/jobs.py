@@ -94,45 +94,76 @@ def enqueue(db: sqlite_utils.Database, backbone: str, config: Mapping[str, Any],
 
 
 class Queued(NamedTuple):
-    """One backbone of :func:`enqueue_backbones`: its new run, or the identical run already waiting."""
+    """One run of :func:`enqueue_backbones`: its new run, or the identical run already waiting."""
 
     backbone: str
     run_id: int | None  # None when ``duplicate``
     duplicate: DuplicateRun | None = None
+    seed: int | None = None  # the run's seed (repeats differ by it)
+    repeat_group: int | None = None  # the group's first run id, when queued as one of several repeats
 
     @property
     def message(self) -> str:
-        """``run 7 (vgg19) queued`` or ``vgg19: an identical run is already queued (run 5); ...``."""
-        return f"{self.backbone}: {self.duplicate}" if self.duplicate else f"run {self.run_id} ({self.backbone}) queued"
+        """``run 7 (vgg19) queued``, ``run 8 (vgg19, seed 1, repeat group 7) queued``, or
+        ``vgg19: an identical run is already queued (run 5); ...``."""
+        if self.duplicate:
+            return f"{self.backbone}: {self.duplicate}"
+        group = f", seed {self.seed}, repeat group {self.repeat_group}" if self.repeat_group is not None else ""
+        return f"run {self.run_id} ({self.backbone}{group}) queued"
 
 
 def enqueue_backbones(db: sqlite_utils.Database, backbones: Sequence[str], config: runs.TrainConfig,
-                      split_id: int | None = None, cohorts: Sequence[str] | None = None) -> list[Queued]:
-    """Fix the split, then queue one run per backbone with ``config``'s other settings.
+                      split_id: int | None = None, cohorts: Sequence[str] | None = None,
+                      repeats: int = 1, resplit: bool = False) -> list[Queued]:
+    """Fix the split(s), then queue ``repeats`` runs per backbone with ``config``'s other settings.
 
     The split is fixed before any run is queued, so the backbones train and are compared on
     the same images: ``split_id``, else ``config.split_id``, else the latest split of the
     current labels with ``config.seed`` from ``cohorts`` (None: every cohort; made now if there
     is none).
 
+    Repeats (issue 11: seed variability is the noise floor of any comparison): repeat k
+    (0-based) trains with seed ``config.seed + k``. Without ``resplit`` every repeat uses the one
+    split above, so only the model's seed varies; with ``resplit`` repeat k uses the
+    patient-grouped split made with seed ``config.seed + k`` (found or made as above), so the
+    split varies too. Each backbone's new runs form one repeat group (``runs.repeat_group``, the
+    id of its first new run) when there are at least two; repeat k of every backbone shares a
+    split, so backbones stay comparable repeat by repeat.
+
     Returns:
-        One :class:`Queued` per backbone, in order; a backbone whose identical run is
-        already queued or running gets that duplicate instead of a new run.
+        One :class:`Queued` per (repeat, backbone), repeat by repeat; a run whose identical
+        run is already queued or running gets that duplicate instead (and is not in the group).
 
     Raises:
+        errors.InputError: ``repeats`` below 1, or ``resplit`` with a fixed split.
         splits.SplitError: too few labelled studies to split.
     """
-    split = split_id if split_id is not None else config.split_id
-    if split is None:
-        split = splits.ensure_split(db, seed=config.seed, cohorts=cohorts)
+    if repeats < 1:
+        raise errors.InputError(f"repeats must be at least 1; got {repeats}")
+    fixed = split_id if split_id is not None else config.split_id
+    if resplit and fixed is not None:
+        raise errors.InputError("resplit makes one split per repeat: drop the fixed split (--split), or drop --resplit")
+    seeds = [config.seed + k for k in range(repeats)]
+    if resplit:  # every split is made before any run is queued: a seed that cannot split queues nothing
+        split_of = [splits.ensure_split(db, seed=seed, cohorts=cohorts) for seed in seeds]
+    else:
+        split_of = [fixed if fixed is not None else splits.ensure_split(db, seed=config.seed, cohorts=cohorts)] * repeats
     queued = []
+    for seed, split in zip(seeds, split_of, strict=True):
+        for backbone in backbones:
+            run_config = replace(config, backbone=backbone, split_id=split, seed=seed)
+            try:
+                queued.append(Queued(backbone, enqueue(db, backbone, run_config.to_dict(), run_config.identity_hash()), seed=seed))
+            except DuplicateRun as duplicate:
+                queued.append(Queued(backbone, None, duplicate, seed=seed))
+    if repeats < 2:
+        return queued
+    groups = {}
     for backbone in backbones:
-        run_config = replace(config, backbone=backbone, split_id=split)
-        try:
-            queued.append(Queued(backbone, enqueue(db, backbone, run_config.to_dict(), run_config.identity_hash())))
-        except DuplicateRun as duplicate:
-            queued.append(Queued(backbone, None, duplicate))
-    return queued
+        new = [q.run_id for q in queued if q.backbone == backbone and q.run_id is not None]
+        if len(new) >= 2:
+            groups[backbone] = runs.set_repeat_group(db, new)
+    return [q._replace(repeat_group=groups.get(q.backbone)) if q.run_id is not None else q for q in queued]
 
 
 def request_cancel(db: sqlite_utils.Database, run_id: int) -> str:

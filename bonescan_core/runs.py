@@ -261,6 +261,8 @@ class Run:
         error: why it failed or was interrupted (one line), or None.
         created_at, started_at, finished_at, heartbeat_at: ISO 8601 UTC times (or None).
         worker_pid: the worker process that claimed it.
+        repeat_group: the id of the first run of its repeat group (``train --repeats K``; the
+            first run's own id for that run), or None for a run trained alone.
     """
 
     id: int
@@ -278,6 +280,7 @@ class Run:
     finished_at: str | None = None
     heartbeat_at: str | None = None
     worker_pid: int | None = None
+    repeat_group: int | None = None
 
     @property
     def threshold(self) -> float | None:
@@ -291,12 +294,13 @@ class Run:
 
     def to_json(self) -> dict[str, Any]:
         """``bonescan runs --json``: id, backbone, status, device, images_per_second, config,
-        error, threshold, split_id, created/started/finished times and progress."""
+        error, threshold, split_id, created/started/finished times, progress and repeat_group."""
         return {
             "id": self.id, "backbone": self.backbone, "status": self.status, "device": self.results.device,
             "images_per_second": self.results.images_per_second, "config": self.config_record(), "error": self.error,
             "threshold": self.results.threshold, "split_id": self.split_id, "created_at": self.created_at,
             "started_at": self.started_at, "finished_at": self.finished_at, "progress": self.progress,
+            "repeat_group": self.repeat_group,
         }
 
 
@@ -314,7 +318,7 @@ def _run(row: Mapping[str, Any]) -> Run:
         progress=json.loads(row["progress"]) if row["progress"] else None,
         cancel_requested=bool(row["cancel_requested"]), error=row["error"], created_at=row["created_at"],
         started_at=row["started_at"], finished_at=row["finished_at"], heartbeat_at=row["heartbeat_at"],
-        worker_pid=row["worker_pid"],
+        worker_pid=row["worker_pid"], repeat_group=row.get("repeat_group"),
     )
 
 
@@ -341,6 +345,11 @@ def list_runs(db: sqlite_utils.Database, status: str | None = None) -> list[Run]
     if status is None:
         return [_run(row) for row in db.query("SELECT * FROM runs ORDER BY id DESC")]
     return [_run(row) for row in db.query("SELECT * FROM runs WHERE status = ? ORDER BY id DESC", [status])]
+
+
+def repeat_group_runs(db: sqlite_utils.Database, group: int) -> list[Run]:
+    """The runs of a repeat group (any status), in id order (the first is the group's id)."""
+    return [_run(row) for row in db.query("SELECT * FROM runs WHERE repeat_group = ? ORDER BY id", [int(group)])]
 
 
 def newest_done(db: sqlite_utils.Database) -> int | None:
@@ -485,6 +494,24 @@ def insert_queued(db: sqlite_utils.Database, settings: TrainConfig | Mapping[str
         "backbone": config.backbone, "status": "queued", "config": config.to_json(), "config_hash": config_hash,
         "split_id": config.split_id, "created_at": dbm.utc_now(), "results": "{}",
     }).last_pk
+
+
+def set_repeat_group(db: sqlite_utils.Database, run_ids: Iterable[int]) -> int:
+    """Make these runs one repeat group, identified by the smallest (first) id; returns it.
+
+    Opens its own transaction unless one is open.
+    """
+    ids = sorted(int(r) for r in run_ids)
+    if not ids:
+        raise errors.InputError("a repeat group needs at least one run")
+    marks = ", ".join("?" for _ in ids)
+    sql = f"UPDATE runs SET repeat_group = ? WHERE id IN ({marks})"
+    if db.conn.in_transaction:
+        db.execute(sql, [ids[0], *ids])
+    else:
+        with dbm.write(db):
+            db.execute(sql, [ids[0], *ids])
+    return ids[0]
 
 
 def status_of(db: sqlite_utils.Database, run_id: int) -> str:

@@ -107,6 +107,28 @@ def test_train_page_enqueues_one_run_per_backbone_and_refuses_duplicates(db_path
         assert len(runs.list_runs(db)) == 2
 
 
+def test_train_page_queues_repeats_as_one_group_per_backbone(db_path, monkeypatch):
+    monkeypatch.setenv("BONESCAN_AUTOSTART_WORKER", "0")
+    with dbm.opened(db_path) as db:
+        add_demo_studies(db, 16, seed=4)
+    app = run_page("app_pages/train.py", reviewer="ann")
+    app.multiselect(key="tr_backbones").set_value(["resnet50", "vgg19"])
+    app.radio(key="tr_weights").set_value("none")
+    app.selectbox(key="tr_mode").set_value("full")
+    app.number_input(key="tr_seed").set_value(5)
+    app.number_input(key="tr_repeats").set_value(2)
+    app.checkbox(key="tr_resplit").check()
+    app.get("form_submit_button")[0].click()
+    app.run()
+    assert not app.exception, [e.value for e in app.exception]
+    with dbm.opened(db_path) as db:
+        queued = sorted(runs.list_runs(db), key=lambda r: r.id)
+    assert [(r.backbone, r.settings.seed) for r in queued] == [("resnet50", 5), ("vgg19", 5), ("resnet50", 6), ("vgg19", 6)]
+    assert [r.repeat_group for r in queued] == [queued[0].id, queued[1].id, queued[0].id, queued[1].id]
+    assert queued[0].split_id == queued[1].split_id != queued[2].split_id == queued[3].split_id  # a split per repeat
+    assert any(f"repeat group {queued[0].id}" in s.value for s in app.success)
+
+
 def test_train_page_shows_passes_by_their_own_count_and_maps_still_to_come(db_path, monkeypatch):
     monkeypatch.setenv("BONESCAN_AUTOSTART_WORKER", "0")
     with dbm.opened(db_path) as db:

@@ -10,7 +10,7 @@ import re
 import numpy as np
 import pytest
 from conftest import REPO
-from sklearn.metrics import roc_auc_score
+from sklearn.metrics import roc_auc_score, roc_curve
 from streamlit.testing.v1 import AppTest
 
 from bonescan_core import db as dbm
@@ -142,17 +142,62 @@ def test_evaluate_page_shows_the_runs_numbers(db_path, two_runs):
     assert confusion_shown(app) == counts(rows, 0.7)
 
 
-def test_evaluate_page_compares_the_runs_of_one_split(db_path, two_runs):
+def study_rows(rows, subset: str) -> tuple[np.ndarray, np.ndarray]:
+    """(labels, max probability over the views) of the run's studies of ``subset``, by study id."""
+    studies = sorted({r[1] for r in rows if r[4] == subset})
+    label = np.array([next(r[5] for r in rows if r[1] == s) for s in studies])
+    top = np.array([max(r[6] for r in rows if r[1] == s) for s in studies])
+    return label, top
+
+
+def youden(label: np.ndarray, score: np.ndarray) -> float:
+    """Youden's threshold by scikit-learn's ROC (0.5 when nothing beats chance, as documented)."""
+    fpr, tpr, thresholds = roc_curve(label, score)
+    best = int(np.argmax(tpr - fpr))
+    return float(thresholds[best]) if tpr[best] - fpr[best] > 0 else 0.5
+
+
+def test_evaluate_page_compares_the_runs_of_one_split_per_study(db_path, two_runs):
     app = open_evaluate(db_path)
-    (table,) = [frame.value for frame in app.dataframe if "run" in frame.value.columns]
+    assert any(m.value.startswith(f"**Per study, paired by patient**: {TEST_STUDIES} test studies") for m in app.markdown)
+    (table,) = [frame.value for frame in app.dataframe if "study threshold" in frame.value.columns]
     assert len(table) == 2
+    auc = {}
     for backbone, run in two_runs.items():
-        c = counts(run["rows"], run["threshold"])  # each run at its own threshold
-        accuracy = (c["tp"] + c["tn"]) / sum(c.values())
-        row = table[table["run"].str.contains(f"run {run['id']}")]
-        assert row["Accuracy"].item() == pytest.approx(accuracy, abs=1e-4), backbone
-    pairs = [m.value for m in app.markdown if "ResNet50" in m.value and "DenseNet121" in m.value]
-    assert len(pairs) == 1, "one paired comparison: DeLong and McNemar sentences"
+        # No study threshold stored: each run's is chosen on its validation studies (Youden).
+        threshold = youden(*study_rows(run["rows"], "val"))
+        label, top = study_rows(run["rows"], "test")
+        auc[backbone] = roc_auc_score(label, top)
+        row = table[table["run"] == f"{'DenseNet121' if backbone == 'densenet121' else 'ResNet50'} (run {run['id']})"]
+        assert row["study threshold"].item() == pytest.approx(threshold, abs=1e-4), backbone
+        assert row["threshold from"].item() == "validation"
+        assert row["Recall (sensitivity)"].item() == pytest.approx(np.mean(top[label == 1] >= threshold), abs=1e-4)
+        assert row["Specificity"].item() == pytest.approx(np.mean(top[label == 0] < threshold), abs=1e-4)
+        assert row["ROC AUC"].item() == pytest.approx(auc[backbone], abs=1e-4)
+    (pairs,) = [frame.value for frame in app.dataframe if "Holm p" in frame.value.columns]
+    assert pairs["quantity"].tolist() == ["ΔAUC", "Δsensitivity", "Δspecificity", "McNemar"]
+    newest, oldest = two_runs["densenet121"]["id"], two_runs["resnet50"]["id"]
+    assert set(pairs["pair"]) == {f"DenseNet121 (run {newest}) − ResNet50 (run {oldest})"}  # newest first, as listed
+    assert float(pairs["difference"].iloc[0]) == pytest.approx(auc["densenet121"] - auc["resnet50"], abs=1e-3)
+    assert all(p.startswith("p ") for p in pairs["p"]) and all(p.startswith("p ") for p in pairs["Holm p"])
+
+
+def test_evaluate_page_shows_every_repeat_and_their_mean_and_sd(db_path, two_runs):
+    """Two finished runs of one repeat group: the Metrics tab lists both and their mean ± SD of
+    the study-level AUC (computed here from the inserted rows)."""
+    from bonescan_core import runs
+
+    with dbm.opened(db_path) as db:
+        group = runs.set_repeat_group(db, [run["id"] for run in two_runs.values()])
+    app = open_evaluate(db_path)
+    assert any(m.value.startswith("**Repeats of ResNet50") and f"group {group}, 2 finished runs" in m.value for m in app.markdown)
+    metrics_tab, compare_tab = [frame.value for frame in app.dataframe if "seed" in frame.value.columns]
+    assert metrics_tab.equals(compare_tab)  # the compare tab shows the group of its runs too
+    table = metrics_tab
+    aucs = [roc_auc_score(*study_rows(two_runs[b]["rows"], "test")) for b in ("resnet50", "densenet121")]
+    assert table["run"].tolist() == [str(two_runs["resnet50"]["id"]), str(two_runs["densenet121"]["id"]), "mean ± SD"]
+    assert table["AUC"].tolist()[:2] == [f"{a:.3f}" for a in aucs]
+    assert table["AUC"].iloc[2] == f"{np.mean(aucs):.3f} ± {np.std(aucs, ddof=1):.3f}"
 
 
 def test_evaluate_page_explorer_lists_filters_and_shows_the_top_loss(db_path, two_runs):

@@ -1,5 +1,6 @@
 """Metrics against scikit-learn, the patient bootstrap, paired tests against references,
-study-level collapse, and evaluate()/compare_runs() end to end on a populated database."""
+study-level collapse, and evaluate() end to end (runs are compared in
+test_comparison.py) on a populated database."""
 
 from __future__ import annotations
 
@@ -557,49 +558,6 @@ def test_evaluate_says_what_is_missing(db):
         ev.evaluate(db, 999)
     with pytest.raises(ev.NoPredictionsError, match=f"run {run} \\(done\\) has no val predictions"):
         ev.evaluate(db, run, subset="val")
-
-
-def test_compare_runs_pairs_runs_on_the_same_images(db):
-    (a, b), _, _ = populate(db, n_patients=40)
-    result = ev.compare_runs(db, [a, b])
-    assert [r["run"] for r in result["runs"]] == [a, b]
-    (pair,) = result["pairs"]
-    data_a, data_b = run_store.predictions(db, a, "test"), run_store.predictions(db, b, "test")
-    y = data_a["label"]
-    assert pair["delong"]["auc_a"] == pytest.approx(skm.roc_auc_score(y, data_a["probability"]))
-    expected = ev.delong(y, data_a["probability"], data_b["probability"])
-    assert pair["delong"]["p_value"] == pytest.approx(expected["p_value"])
-    # Each run at its own threshold (b has none stored: 0.5).
-    assert pair["mcnemar"] == ev.mcnemar(y, data_a["probability"] >= 0.45, data_b["probability"] >= 0.5)
-    # DenseNet121 was given far better separation than VGG19.
-    assert pair["summary"].startswith("DenseNet121's AUC is higher than VGG19's by ")
-    assert pair["summary"].endswith("significant at 0.05.")
-    verdict = "not significant" if pair["delong"]["p_value"] >= 0.05 else "significant"
-    assert f": {verdict} at 0.05." in pair["summary"]
-    assert "McNemar" in pair["accuracy_summary"]
-
-
-def test_compare_runs_three_way_holm_and_same_backbone_labels(db):
-    runs, _, _ = populate(db, n_patients=20, runs=(("densenet121", 0.5, 1.0), ("densenet121", 0.5, 0.8), ("resnet50", 0.5, 0.9)))
-    result = ev.compare_runs(db, runs)
-    assert len(result["pairs"]) == 3
-    holm = ev.holm([pair["delong"]["p_value"] for pair in result["pairs"]])
-    assert [pair["delong"]["p_value_holm"] for pair in result["pairs"]] == pytest.approx(holm)
-    assert result["runs"][0]["label"] == f"DenseNet121 (run {runs[0]})" and result["runs"][2]["label"] == "ResNet50"
-    assert all("Holm-adjusted" in pair["summary"] for pair in result["pairs"])
-
-
-def test_compare_runs_refuses_other_splits_or_images(db):
-    (a, b), _, rows = populate(db, n_patients=10)
-    (c, _), _, _ = populate(db, n_patients=10, seed=1)
-    with pytest.raises(ev.IncomparableRunsError, match="different splits"):
-        ev.compare_runs(db, [a, c])
-    with dbm.write(db):
-        db.execute("DELETE FROM predictions WHERE run_id = ? AND image_id = ?", [b, rows[0][0]])
-    with pytest.raises(ev.IncomparableRunsError, match="different test images"):
-        ev.compare_runs(db, [a, b])
-    with pytest.raises(ValueError, match="at least two"):
-        ev.compare_runs(db, [a, a])
 
 
 def test_youden_falls_back_to_half_when_nothing_separates():
