@@ -7,18 +7,16 @@ from urllib.parse import quote
 import pandas as pd
 import streamlit as st
 
-from app_pages.common import cached_reader_pairs, cached_study_statuses, md, open_db, reviewer, sign_in_on
-from bonescan_core import catalog
+from app_pages.common import cached, md, open_db, reviewer, sign_in_on
 from bonescan_core import review as rv
 
 st.title("Agreement")
 
-pairs = cached_reader_pairs()
-statuses = cached_study_statuses()
+pairs = cached("reader_pairs")
+counts = cached("label_counts")
 with open_db() as db:
     judges = rv.adjudicators(db)
 
-counts = catalog.label_counts(statuses)
 cards = st.columns(4)
 cards[0].metric("Studies", counts["studies"])
 cards[1].metric("With a training label", counts["labelled"])

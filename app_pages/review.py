@@ -11,7 +11,7 @@ import time
 import pandas as pd
 import streamlit as st
 
-from app_pages.common import allowed, cached_study_images, denial, md, open_db, reviewer, scan_viewer, still_signed_in
+from app_pages.common import allowed, cached, cached_study_images, denial, md, open_db, reviewer, scan_viewer, still_signed_in
 from bonescan_core import catalog
 from bonescan_core import review as rv
 
@@ -89,7 +89,7 @@ order = top[0].selectbox("Queue", orders, format_func=lambda o: rv.QUEUE_ORDERS[
 blind = top[1].toggle("Blind mode", value=True, key="rv_blind", help="Hide other readers' labels until you have read the study.")
 
 with open_db() as db:
-    mine = rv.read_by(db, name)
+    mine = cached("read_by", name)
     total = catalog.count_studies(db)
     adjudicator = rv.is_adjudicator(db, name)
     # The queue is a snapshot, taken when the order, the reader or the number of studies
@@ -128,7 +128,7 @@ nav[3].markdown(f"**Study {study_id}** · {position + 1} of {len(queue)} in this
 
 viewer_column, form_column = st.columns([1, 1])
 with viewer_column:
-    scan_viewer(cached_study_images(study_id), key="rv_viewer")
+    scan_viewer(study_id, key="rv_viewer")
 if next_study is not None:
     cached_study_images(next_study)  # decode the next study now, so it shows at once after a save
 

@@ -8,9 +8,9 @@ import pandas as pd
 import streamlit as st
 
 from app_pages.common import (
+    StudyCatalog,
     allowed,
-    cached_study_catalog,
-    cached_study_images,
+    cached,
     data_url,
     db_path,
     denial,
@@ -134,7 +134,7 @@ with demo_tab:
         finally:
             bar.empty()
 
-known = cached_study_catalog()
+known: StudyCatalog = cached("study_catalog")
 table = known.table
 
 st.subheader(f"Studies ({len(table)})")
@@ -154,7 +154,8 @@ chosen = {
 filtered = any(chosen.values())
 rows = catalog.filter_studies(table, chosen) if filtered else table
 summary = catalog.characteristics(rows) if filtered else known.characteristics
-with st.expander(f"Patient characteristics ({len({r['patient_id'] for r in rows})} patients, {len(rows)} studies)", expanded=True):
+patients = len({r["patient_id"] for r in rows}) if filtered else known.patients
+with st.expander(f"Patient characteristics ({patients} patients, {len(rows)} studies)", expanded=True):
     columns = st.columns(4)
     for column, (title, counts) in zip(columns, [("Sex", summary["sex"]), ("Age band", summary["age_band"]),
                                                 ("Primary cancer", summary["primary_cancer"]), ("Training label (studies)", summary["label"])],
@@ -198,4 +199,4 @@ selected_rows = selection.selection.rows if selection else []
 study_id = int(frame["study"].iloc[selected_rows[0]]) if selected_rows else int(frame["study"].iloc[0])
 st.subheader(f"Study {study_id}")
 st.caption("Select a row in the table to view another study.")
-scan_viewer(cached_study_images(study_id), key="scans_viewer")
+scan_viewer(study_id, key="scans_viewer")

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import streamlit as st
 
-from app_pages.common import allowed, cached_study_statuses, db_path, denial, md, open_db, still_signed_in
+from app_pages.common import allowed, cached, db_path, denial, md, open_db, still_signed_in
 from bonescan_core import catalog, errors, jobs, plots, runs, splits, training
 from bonescan_core.cohorts import list_cohorts
 from bonescan_core.models import BACKBONES, DEFAULT_SIZE, MODES
@@ -25,13 +25,13 @@ LIVE_EVERY_S = 2
 
 st.title("Train")
 
-statuses = cached_study_statuses()
+statuses = cached("study_statuses")
 with open_db() as db:
     split_id = splits.latest_split(db)
     split = splits.get_split(db, split_id) if split_id else None
     cohort_names = list_cohorts(db)
 
-counts = catalog.label_counts(statuses)
+counts = cached("label_counts")
 cards = st.columns(4)
 cards[0].metric("Included, metastatic", counts["metastatic"])
 cards[1].metric("Included, no metastasis", counts["non_metastatic"])

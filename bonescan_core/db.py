@@ -511,6 +511,12 @@ def _m012_repeat_groups(db: sqlite_utils.Database) -> None:
     db.execute("CREATE INDEX runs_repeat_group ON runs(repeat_group)")
 
 
+def _m013_reviews_by_reader(db: sqlite_utils.Database) -> None:
+    """An index of reviews by reader: the Review page asks for one reader's read studies on
+    every rerun (``review.read_by``), a scan of every review without it."""
+    db.execute("CREATE INDEX reviews_reader ON reviews(reviewer, study_id)")
+
+
 MIGRATIONS: list[tuple[str, Callable[[sqlite_utils.Database], None]]] = [
     ("001_foundation", _m001_foundation),
     ("002_training", _m002_training),
@@ -524,6 +530,7 @@ MIGRATIONS: list[tuple[str, Callable[[sqlite_utils.Database], None]]] = [
     ("010_predictions_v2", _m010_predictions_v2),
     ("011_data_version", _m011_data_version),
     ("012_repeat_groups", _m012_repeat_groups),
+    ("013_reviews_by_reader", _m013_reviews_by_reader),
 ]
 
 
