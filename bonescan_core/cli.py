@@ -214,7 +214,8 @@ def train_config(args: argparse.Namespace):
     return TrainConfig(
         backbone=args.backbone, weights=args.weights, mode=args.mode, epochs=args.epochs, batch_size=args.batch_size,
         learning_rate=args.lr, image_size=args.image_size, seed=args.seed, split_id=args.split,
-        view_mode=args.view_mode, max_train_images=args.max_train_images, **optional,
+        view_mode=args.view_mode, max_train_images=args.max_train_images, class_weights=args.class_weights,
+        calibration=args.calibration, deterministic=args.deterministic, **optional,
     )
 
 
@@ -481,6 +482,10 @@ def build_parser() -> argparse.ArgumentParser:
     verb.add_argument("--view-mode", default="per_image", choices=["per_image", "composite"])
     verb.add_argument("--no-augment", action="store_true", help="switch augmentation off")
     verb.add_argument("--max-train-images", type=int, default=None, metavar="N")
+    verb.add_argument("--class-weights", action="store_true", help="weight the loss by inverse class frequency (default off)")
+    verb.add_argument("--calibration", default="temperature", choices=["temperature", "platt", "none"],
+                      help="recalibration fitted on validation (default temperature)")
+    verb.add_argument("--deterministic", action="store_true", help="deterministic TensorFlow ops (slower on a GPU)")
     verb.add_argument("--queue", action="store_true", help="only enqueue for the worker")
     verb.set_defaults(func=cmd_train)
 
