@@ -8,8 +8,8 @@ import pandas as pd
 import streamlit as st
 
 from app_pages.common import allowed, cached_study_images, db_path, denial, open_db, reviewer
+from bonescan_core import calibration, evaluation, pixelstore, plots, report, runs
 from bonescan_core import db as dbm
-from bonescan_core import evaluation, pixelstore, plots, report, runs
 from bonescan_core import review as rv
 from bonescan_core.results import EvaluationResult, decision_threshold
 
@@ -29,6 +29,13 @@ def cached_evaluation(database: str, run_id: int, threshold: float | None) -> Ev
 def cached_predictions(database: str, run_id: int, subset: str) -> dict:
     with dbm.opened(database) as db:
         return runs.predictions(db, run_id, subset)
+
+
+@st.cache_data(max_entries=16, show_spinner=False)
+def cached_calibration_curves(database: str, run_id: int) -> dict | None:
+    """Reliability (raw vs calibrated) and decision-curve points of the run's test studies."""
+    with dbm.opened(database) as db:
+        return calibration.run_curves(db, run_id, "test")
 
 
 def heatmap(run_id: int, image_id: int) -> np.ndarray:
@@ -90,6 +97,22 @@ with metrics_tab:
     left.plotly_chart(figures["pr"], key="ev_pr")
     right.plotly_chart(figures["calibration"], key="ev_calibration")
     st.plotly_chart(figures["training"], key="ev_training")
+    st.subheader("Calibration (test studies)")
+    curves = cached_calibration_curves(database, run_id)
+    if result.calibration is None or curves is None:
+        st.info("No labelled test studies to assess calibration on.")
+    else:
+        st.caption(calibration.summary_text(result.calibration))
+        left, right = st.columns(2)
+        left.plotly_chart(plots.reliability_before_after(curves["reliability"]), key="ev_reliability")
+        right.plotly_chart(plots.decision_curve_figure(curves["decision"]), key="ev_decision")
+    st.subheader("Subgroups (test set)")
+    if result.subgroups:
+        st.caption("AUC, sensitivity and specificity at the run's threshold; hollow grey: fewer than 10 positive "
+                   "or negative units, too small to read. Sex, age band, primary cancer, cohort: studies; view: images.")
+        st.plotly_chart(plots.subgroup_forest(result.subgroups), key="ev_subgroups")
+    else:
+        st.info("No subgroup has a second group to compare with (sex, age band, primary cancer, cohort and view unknown or uniform).")
     with st.expander("Configuration"):
         st.json(run.config_record())
 
