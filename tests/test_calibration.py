@@ -218,6 +218,7 @@ def test_training_calibrates_on_validation_then_thresholds_on_calibrated_probabi
         rows = db.execute("SELECT subset, label, probability, raw_probability FROM predictions WHERE run_id = ? ORDER BY image_id",
                           [run_id]).fetchall()
         run = runs.get(db, run_id)
+        labels_hash = splits.split_info(db, split_id)["labels_hash"]
 
     y_val = seen["val_labels"]
     assert (y_val == 1).sum() >= 2 and (y_val == 0).sum() >= 2
@@ -234,7 +235,9 @@ def test_training_calibrates_on_validation_then_thresholds_on_calibrated_probabi
     assert result.threshold == pytest.approx(evaluation.youden_threshold(np.array([v[0] for v in val]), calibrated_val))
     assert np.isclose(calibrated_val, result.threshold).any()
     assert not np.isclose([0.95, 0.05, 0.4, 0.6], result.threshold).any()
-    assert run.to_json()["config"]["reproducibility"]["split_id"] == split_id
+    record = run.to_json()["config"]["reproducibility"]  # what `runs --json` shows
+    assert (record["split_id"], record["seeds"]["run"], record["weights_sha256"], record["deterministic"]) == (split_id, 0, None, False)
+    assert record["labels_hash"] == labels_hash
 
 
 def test_a_run_asked_for_no_calibration_stores_raw_outputs_only(train_file, tmp_path, monkeypatch):
