@@ -218,14 +218,17 @@ class RunResult:
             ``runs/``).
         weights_sha256: hex sha256 of that file.
         device: ``CPU`` or the GPU name(s) the backend reports.
-        predictions: every validation and test image's :class:`Prediction`.
+        predictions: every validation and test image's :class:`Prediction` (calibrated
+            probability, and the raw one when the run is calibrated).
         facts: what training learned, stored in ``runs.results``: ``split_id``,
             ``labels_hash``, ``n_train`` / ``n_val`` / ``n_test`` (samples: images, or
             studies for composites), ``sample_unit`` (``image`` | ``study``),
             ``phase_epochs`` (epochs run per phase, after early stopping),
             ``class_weights`` ({"0": w0, "1": w1} or None), ``backend``, ``device``,
             ``versions`` (python, keras, tensorflow or jax, numpy), ``precision``
-            (``float32`` | ``mixed_float16``), ``notes`` (list of strings), and in fast
+            (``float32`` | ``mixed_float16``), ``notes`` (list of strings), ``calibration``
+            (the fitted recalibration, ``calibration.fit``), ``reproducibility``
+            (``reproducibility.record``), and in fast
             mode ``features_cached`` / ``features_computed`` (samples) and, when some were
             computed, ``feature_images_per_second``.
     """

@@ -1,4 +1,4 @@
-"""Train one run: split, data, model, phases, threshold, predictions, saved model.
+"""Train one run: split, data, model, phases, calibration, threshold, predictions, saved model.
 
 ``train_run(db, config, reporter, model_file)`` does one run from start to end in the
 calling process (the worker, or ``bonescan train`` in the foreground), saves the model to
@@ -23,6 +23,13 @@ Modes (``docs/cli.md``):
   the head phase runs.
 * ``full``: every layer trains from the start at ``learning_rate`` (what ``weights=none``
   needs).
+
+After the phases the model predicts validation and test; the recalibration
+(``TrainConfig.calibration``, :mod:`bonescan_core.calibration`) is fitted on the validation
+outputs only and applied to both, and only then is the threshold chosen, on the calibrated
+validation probabilities. ``results["reproducibility"]`` records versions, commit, the
+weights file's sha256, split and seeds; ``TrainConfig.deterministic`` runs the whole run
+under deterministic ops (:mod:`bonescan_core.reproducibility`).
 
 Importing this module does not import Keras. The settings (``TrainConfig``) and the result
 (``RunResult``) are defined in :mod:`bonescan_core.runs` and importable from here too.
