@@ -317,9 +317,13 @@ class Run:
         }
 
 
+# What a stored settings record without a key meant: runs trained before calibration existed were not calibrated.
+_ABSENT_SETTINGS = {"calibration": "none"}
+
+
 def _run(row: Mapping[str, Any]) -> Run:
     # The backbone column is the run's backbone; a settings record without it still reads.
-    settings = TrainConfig.from_json({"backbone": row["backbone"], **json.loads(row["config"] or "{}")})
+    settings = TrainConfig.from_json({"backbone": row["backbone"], **_ABSENT_SETTINGS, **json.loads(row["config"] or "{}")})
     return Run(
         id=int(row["id"]), backbone=row["backbone"], status=row["status"], settings=settings,
         results=RunResults(
