@@ -195,6 +195,7 @@ def designed_raw(labels: np.ndarray) -> np.ndarray:
     return raw
 
 
+@pytest.mark.slow
 def test_training_calibrates_on_validation_then_thresholds_on_calibrated_probabilities(train_file, tmp_path, monkeypatch):
     path = tmp_path / "train.db"
     shutil.copy(train_file, path)
@@ -240,6 +241,7 @@ def test_training_calibrates_on_validation_then_thresholds_on_calibrated_probabi
     assert record["labels_hash"] == labels_hash
 
 
+@pytest.mark.slow
 def test_a_run_asked_for_no_calibration_stores_raw_outputs_only(train_file, tmp_path, monkeypatch):
     path = tmp_path / "train.db"
     shutil.copy(train_file, path)
