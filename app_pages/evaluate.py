@@ -8,7 +8,7 @@ import pandas as pd
 import streamlit as st
 
 from app_pages.common import allowed, cached_study_images, db_path, denial, open_db, reviewer
-from bonescan_core import calibration, evaluation, pixelstore, plots, report, runs
+from bonescan_core import assessment, calibration, evaluation, pixelstore, plots, report, runs
 from bonescan_core import db as dbm
 from bonescan_core import review as rv
 from bonescan_core.results import EvaluationResult, decision_threshold
@@ -22,7 +22,7 @@ CARD_METRICS = ("accuracy", "recall", "precision", "f1", "specificity", "npv", "
 def cached_evaluation(database: str, run_id: int, threshold: float | None) -> EvaluationResult:
     """The run evaluated at ``threshold`` (None: the run's own, see results.decision_threshold)."""
     with dbm.opened(database) as db:  # the database is part of the cache key, so read that one
-        return evaluation.evaluate(db, run_id, threshold=threshold)
+        return assessment.evaluate(db, run_id, threshold=threshold)
 
 
 @st.cache_data(max_entries=16, show_spinner=False)

@@ -22,7 +22,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from bonescan_core import accounts, catalog, evaluation, runs, splits
+from bonescan_core import accounts, assessment, catalog, runs, splits
 from bonescan_core import db as dbm
 from bonescan_core.agreement import pairwise
 from bonescan_core.errors import BonescanError, InputError
@@ -267,7 +267,7 @@ def cmd_predictions(args: argparse.Namespace) -> int:
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
     with dbm.opened(args.db) as db:
-        result = evaluation.evaluate(db, args.run, threshold=args.threshold)
+        result = assessment.evaluate(db, args.run, threshold=args.threshold)
     if args.json:
         _print_json(result.as_json())
         return EXIT_OK

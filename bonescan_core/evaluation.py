@@ -685,9 +685,8 @@ def evaluate(
         of images, studies and patients, every metric of :data:`METRICS` as a ``MetricCI``
         (95% patient-bootstrap interval) and the confusion counts, at image level and at
         study level (one row per study, probability = max over its views, see
-        :func:`study_level`; same threshold), the calibration on the subset's studies
-        (``calibration.run_calibration``) and the subgroup rows (``subgroups.run_subgroups``).
-        Values rounded to 4 decimals; undefined None.
+        :func:`study_level`; same threshold). Values rounded to 4 decimals; undefined None.
+        ``calibration`` and ``subgroups`` stay None here: ``assessment.evaluate`` adds them.
 
     Raises:
         errors.RunNotFound: no such run.
@@ -715,18 +714,7 @@ def evaluate(
         study_level=_level(studies["label"], studies["probability"], studies["patient_id"], used, n_resamples, seed),
         study_n_patients=int(np.unique(studies["patient_id"]).size),
         bootstrap={"unit": "patient", "interval": "percentile", "level": 0.95, "n_resamples": n_resamples, "seed": seed},
-        **_calibration_and_subgroups(db, run_id, threshold, subset, n_resamples, seed),
     )
-
-
-def _calibration_and_subgroups(db: sqlite_utils.Database, run_id: int, threshold: float | None, subset: str,
-                               n_resamples: int, seed: int) -> dict[str, Any]:
-    """``calibration`` (on the subset's studies) and ``subgroups`` of :class:`EvaluationResult`."""
-    # Imported here: both build on studystats, which imports this module.
-    from bonescan_core import calibration, subgroups
-
-    return {"calibration": calibration.run_calibration(db, run_id, subset),
-            "subgroups": subgroups.run_subgroups(db, run_id, threshold, subset, n_resamples, seed)}
 
 
 def run_label(backbone: str, run_id: int, with_id: bool = False) -> str:

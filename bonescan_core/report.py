@@ -16,7 +16,7 @@ import zipfile
 from pathlib import Path
 from typing import Any
 
-from bonescan_core import calibration, errors, evaluation, plots, runs
+from bonescan_core import assessment, calibration, errors, evaluation, plots, runs
 from bonescan_core.csvfile import write_rows
 from bonescan_core.heavy import sqlite_utils
 from bonescan_core.results import LevelResult
@@ -84,7 +84,7 @@ def report_html(db: sqlite_utils.Database, run_id: int, threshold: float | None 
     the full configuration.
     """
     run = runs.get(db, run_id)
-    result = evaluation.evaluate(db, run_id, threshold=threshold)
+    result = assessment.evaluate(db, run_id, threshold=threshold)
     data = runs.predictions(db, run_id, "test")
     name = evaluation.run_label(run.backbone, run_id, with_id=True)
     figures = plots.run_figures(name, data["label"], data["probability"], result.threshold, result.confusion,
@@ -128,7 +128,7 @@ def export_bundle(db: sqlite_utils.Database, db_path: Path, run_id: int, out_dir
     out_dir.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(runs.weights_file(db_path, run), out_dir / "model.keras")
     (out_dir / "config.json").write_text(json.dumps(run.config_record(), indent=2, sort_keys=True))
-    (out_dir / "metrics.json").write_text(evaluation.evaluate(db, run_id).to_json_text())
+    (out_dir / "metrics.json").write_text(assessment.evaluate(db, run_id).to_json_text())
     (out_dir / "predictions.csv").write_text(predictions_csv(db, run_id))
     (out_dir / "report.html").write_text(report_html(db, run_id), encoding="utf-8")
     return [out_dir / name for name in BUNDLE_FILES]

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from bonescan_core import models, runs
-from bonescan_core.heavy import keras_module, tensorflow_module
+from bonescan_core.heavy import keras_module, tensorflow_framework_config, tensorflow_module
 
 PACKAGE = "bonescan"
 PACKAGE_DIR = Path(__file__).resolve().parent
@@ -103,8 +103,7 @@ def deterministic_ops(enabled: bool, seed: int) -> Iterator[None]:
     restore = None
     if keras.backend.backend() == "tensorflow":
         tf = tensorflow_module()
-        from tensorflow.python.framework import config as tf_config  # the only place that can switch it off again
-
+        tf_config = tensorflow_framework_config()
         was_on = bool(getattr(tf_config, "is_op_determinism_enabled", lambda: False)())
         tf.config.experimental.enable_op_determinism()
         if not was_on:

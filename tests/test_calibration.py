@@ -13,7 +13,7 @@ import pytest
 from conftest import REPO
 from streamlit.testing.v1 import AppTest
 
-from bonescan_core import calibration, cli, evaluation, plots, runs, splits, studystats, training
+from bonescan_core import assessment, calibration, cli, evaluation, plots, runs, splits, studystats, training
 from bonescan_core import db as dbm
 from bonescan_core.ingest import add_demo_studies
 
@@ -139,7 +139,8 @@ def test_evaluate_reports_calibration_on_test_studies_not_images(demo_db, capsys
     run_id, studies = insert_run(demo_db, stored)
     y = np.array([v[0] for v in studies.values()])
     p, raw = np.array([v[1] for v in studies.values()]), np.array([v[2] for v in studies.values()])
-    out = evaluation.evaluate(demo_db, run_id).as_json()["calibration"]
+    out = assessment.evaluate(demo_db, run_id).as_json()["calibration"]
+    assert evaluation.evaluate(demo_db, run_id).calibration is None  # assessment adds it
     assert out["n"] == 40  # studies: the 80 images collapse to one row each
     assert out["method"] == "temperature" and out["temperature"] == 0.6 and out["fitted"] == stored
     assert out["ece"] == pytest.approx(studystats.ece_equal_mass(y, p)["ece"], abs=1e-4)
