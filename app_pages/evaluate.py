@@ -8,7 +8,7 @@ import pandas as pd
 import streamlit as st
 
 from app_pages.common import allowed, cached_study_images, db_path, denial, open_db, reviewer
-from bonescan_core import comparison, evaluation, pixelstore, plots, report, runs
+from bonescan_core import assessment, calibration, comparison, evaluation, pixelstore, plots, report, runs
 from bonescan_core import db as dbm
 from bonescan_core import review as rv
 from bonescan_core.results import EvaluationResult, decision_threshold
@@ -22,7 +22,7 @@ CARD_METRICS = ("accuracy", "recall", "precision", "f1", "specificity", "npv", "
 def cached_evaluation(database: str, run_id: int, threshold: float | None) -> EvaluationResult:
     """The run evaluated at ``threshold`` (None: the run's own, see results.decision_threshold)."""
     with dbm.opened(database) as db:  # the database is part of the cache key, so read that one
-        return evaluation.evaluate(db, run_id, threshold=threshold)
+        return assessment.evaluate(db, run_id, threshold=threshold)
 
 
 @st.cache_data(max_entries=16, show_spinner=False)
@@ -51,6 +51,10 @@ def show_repeats(summary: dict, where: str) -> None:
                 f"(group {summary['group']}, {summary['n']} finished runs)**: per study, each repeat at its own "
                 "study threshold; the spread between seeds is the noise floor of any comparison.")
     st.dataframe(pd.DataFrame(comparison.repeat_table(summary)), hide_index=True, key=f"ev_repeats_{where}_{summary['group']}")
+def cached_calibration_curves(database: str, run_id: int) -> dict | None:
+    """Reliability (raw vs calibrated) and decision-curve points of the run's test studies."""
+    with dbm.opened(database) as db:
+        return calibration.run_curves(db, run_id, "test")
 
 
 def heatmap(run_id: int, image_id: int) -> np.ndarray:
@@ -118,6 +122,22 @@ with metrics_tab:
         finished = sum(r.status == "done" for r in group_runs)
         if finished >= 2:
             show_repeats(cached_repeats(database, run.repeat_group, finished), "metrics")
+    st.subheader("Calibration (test studies)")
+    curves = cached_calibration_curves(database, run_id)
+    if result.calibration is None or curves is None:
+        st.info("No labelled test studies to assess calibration on.")
+    else:
+        st.caption(calibration.summary_text(result.calibration))
+        left, right = st.columns(2)
+        left.plotly_chart(plots.reliability_before_after(curves["reliability"]), key="ev_reliability")
+        right.plotly_chart(plots.decision_curve_figure(curves["decision"]), key="ev_decision")
+    st.subheader("Subgroups (test set)")
+    if result.subgroups:
+        st.caption("AUC, sensitivity and specificity at the run's threshold; hollow grey: fewer than 10 positive "
+                   "or negative units, too small to read. Sex, age band, primary cancer, cohort: studies; view: images.")
+        st.plotly_chart(plots.subgroup_forest(result.subgroups), key="ev_subgroups")
+    else:
+        st.info("No subgroup has a second group to compare with (sex, age band, primary cancer, cohort and view unknown or uniform).")
     with st.expander("Configuration"):
         st.json(run.config_record())
 

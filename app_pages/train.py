@@ -77,6 +77,17 @@ with st.form("train_form"):
     resplit = repeat_right.checkbox("A new patient-grouped split per repeat", key="tr_resplit",
                                     help="Repeat k trains on the split made with seed S+k (otherwise every repeat "
                                          "uses the one split of seed S).")
+    options = st.columns(3)
+    class_weights = options[0].checkbox(
+        "Class weights", value=False, key="tr_class_weights",
+        help="Weight the loss by inverse class frequency. Off by default: the threshold chosen on validation handles the "
+             "imbalance, and the weights shift the probabilities (by about log(w1/w0) on the log-odds scale).")
+    calibration = options[1].selectbox(
+        "Calibration (fitted on validation)", list(runs.CALIBRATION_METHODS), key="tr_calibration",
+        help="temperature: one temperature on the logit; platt: intercept and slope; none: raw outputs. "
+             "Fitted on the validation predictions only; the threshold is chosen after it.")
+    deterministic = options[2].checkbox("Deterministic ops", value=False, key="tr_deterministic",
+                                        help="Repeatable kernels for this run (TensorFlow); slower on a GPU.")
     chosen_cohorts = st.multiselect("Cohorts (the split is made from their studies; the others stay external)",
                                     cohort_names, default=cohort_names, key="tr_cohorts",
                                     help="None chosen: every cohort.")
@@ -96,7 +107,8 @@ if submitted:  # never True while disabled (no trainer role): Streamlit drops a 
             config = training.TrainConfig(
                 backbone=chosen[0], weights=weights_file.strip() if weights == "file" else weights, mode=mode,
                 epochs=int(epochs), batch_size=int(batch_size), learning_rate=float(learning_rate),
-                image_size=(int(height), int(width)), seed=int(seed), augment=augment,
+                image_size=(int(height), int(width)), seed=int(seed), augment=augment, class_weights=class_weights,
+                calibration=calibration, deterministic=deterministic,
             )
             with open_db() as db:
                 messages = [queued.message for queued in jobs.enqueue_backbones(

@@ -22,7 +22,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from bonescan_core import accounts, catalog, comparison, evaluation, runs, splits
+from bonescan_core import accounts, assessment, catalog, comparison, runs, splits
 from bonescan_core import db as dbm
 from bonescan_core.agreement import pairwise
 from bonescan_core.errors import BonescanError, InputError
@@ -214,7 +214,8 @@ def train_config(args: argparse.Namespace):
     return TrainConfig(
         backbone=args.backbone, weights=args.weights, mode=args.mode, epochs=args.epochs, batch_size=args.batch_size,
         learning_rate=args.lr, image_size=args.image_size, seed=args.seed, split_id=args.split,
-        view_mode=args.view_mode, max_train_images=args.max_train_images, **optional,
+        view_mode=args.view_mode, max_train_images=args.max_train_images, class_weights=args.class_weights,
+        calibration=args.calibration, deterministic=args.deterministic, **optional,
     )
 
 
@@ -280,7 +281,7 @@ def cmd_predictions(args: argparse.Namespace) -> int:
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
     with dbm.opened(args.db) as db:
-        result = evaluation.evaluate(db, args.run, threshold=args.threshold)
+        result = assessment.evaluate(db, args.run, threshold=args.threshold)
     if args.json:
         _print_json(result.as_json())
         return EXIT_OK
@@ -505,6 +506,10 @@ def build_parser() -> argparse.ArgumentParser:
     verb.add_argument("--view-mode", default="per_image", choices=["per_image", "composite"])
     verb.add_argument("--no-augment", action="store_true", help="switch augmentation off")
     verb.add_argument("--max-train-images", type=int, default=None, metavar="N")
+    verb.add_argument("--class-weights", action="store_true", help="weight the loss by inverse class frequency (default off)")
+    verb.add_argument("--calibration", default="temperature", choices=["temperature", "platt", "none"],
+                      help="recalibration fitted on validation (default temperature)")
+    verb.add_argument("--deterministic", action="store_true", help="deterministic TensorFlow ops (slower on a GPU)")
     verb.add_argument("--queue", action="store_true", help="only enqueue for the worker")
     verb.add_argument("--maps", choices=["later", "wait"], default="later",
                       help="later: return once trained (maps on first view or from the worker); wait: make every map first")

@@ -677,6 +677,7 @@ def evaluate(
         (95% patient-bootstrap interval) and the confusion counts, at image level and at
         study level (one row per study, probability = max over its views, see
         :func:`study_level`; same threshold). Values rounded to 4 decimals; undefined None.
+        ``calibration`` and ``subgroups`` stay None here: ``assessment.evaluate`` adds them.
 
     Raises:
         errors.RunNotFound: no such run.

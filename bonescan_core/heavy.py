@@ -57,6 +57,15 @@ def tensorflow_module() -> ModuleType:
 
 
 @functools.cache
+def tensorflow_framework_config() -> ModuleType:
+    """TensorFlow's ``tensorflow.python.framework.config``: the one place that can tell whether op
+    determinism is on and switch it off again (``tf.config.experimental`` only switches it on)."""
+    from tensorflow.python.framework import config
+
+    return config
+
+
+@functools.cache
 def jax_module() -> ModuleType:
     """Import and return ``jax`` (only on the JAX backend's code paths); ``jax_module().numpy`` is jax.numpy."""
     import jax

@@ -474,6 +474,109 @@ def forest_plot(
     return fig
 
 
+# --- calibration and decision curve (issue 11) ------------------------------------------
+
+def reliability_before_after(reliability: Mapping[str, Mapping[str, Any]], title: str | None = None,
+                             unit: str = "studies") -> go.Figure:
+    """Reliability diagram over equal-mass bins, before (raw) and after calibration.
+
+    Args:
+        reliability: ``calibration.reliability(...)``: ``{"raw": ..., "calibrated": ...}``, each
+            ``studystats.ece_equal_mass``'s ``{"ece", "mean_predicted", "observed", "count"}``.
+        title: overrides the default title.
+        unit: what the bins count, for the hover text.
+    """
+    fig = go.Figure()
+    fig.add_trace(go.Scatter(x=[0, 1], y=[0, 1], mode="lines", name="Perfectly calibrated",
+                             line={"color": GREY, "dash": "dash", "width": 1}, hoverinfo="skip"))
+    styles = {"raw": ("Before calibration (raw)", colour(1), "dot"), "calibrated": ("After calibration", colour(0), "solid")}
+    for key, (name, line_colour, dash) in styles.items():
+        points = reliability.get(key)
+        if not points:
+            continue
+        predicted = np.asarray(points["mean_predicted"], dtype=float)
+        observed = np.asarray(points["observed"], dtype=float)
+        count = np.asarray(points["count"])
+        hover = [f"{c} {unit}<br>mean predicted {p:.3f}<br>observed {o:.3f}"
+                 for c, p, o in zip(count, predicted, observed, strict=True)]
+        fig.add_trace(go.Scatter(
+            x=predicted, y=observed, mode="lines+markers", name=f"{name}, ECE {_fmt(points.get('ece'), 3)}",
+            line={"color": line_colour, "width": 2, "dash": dash}, marker={"size": 8}, text=hover,
+            hovertemplate=f"<b>{name}</b><br>%{{text}}<extra></extra>",
+        ))
+    _layout(fig, title or f"Reliability, equal-mass bins ({unit})", width=560, height=560,
+            legend={"x": 0.98, "y": 0.02, "xanchor": "right", "yanchor": "bottom", "bgcolor": "rgba(255,255,255,0.8)"})
+    _unit_square(fig, "Mean predicted probability of metastasis", "Observed frequency")
+    return fig
+
+
+def decision_curve_figure(curve: Mapping[str, Any], title: str | None = None) -> go.Figure:
+    """Decision curve (Vickers & Elkin 2006): net benefit of the model, treat-all and treat-none vs threshold probability.
+
+    Args:
+        curve: ``studystats.decision_curve``'s ``{"threshold", "net_benefit", "treat_all", "treat_none"}``.
+        title: overrides the default title.
+    """
+    t = np.asarray(curve["threshold"], dtype=float)
+    model, treat_all = np.asarray(curve["net_benefit"], dtype=float), np.asarray(curve["treat_all"], dtype=float)
+    fig = go.Figure()
+    for name, values, line in (("Model", model, {"color": colour(0), "width": 2.5}),
+                               ("Treat all", treat_all, {"color": colour(1), "width": 1.5, "dash": "dot"}),
+                               ("Treat none", np.asarray(curve["treat_none"], dtype=float), {"color": GREY, "width": 1.5})):
+        fig.add_trace(go.Scatter(x=t, y=values, mode="lines", name=name, line=line,
+                                 hovertemplate=f"<b>{name}</b><br>threshold %{{x:.2f}}<br>net benefit %{{y:.3f}}<extra></extra>"))
+    finite = model[np.isfinite(model)]
+    top = max(float(finite.max()) if finite.size else 0.0, float(treat_all[0]) if t.size else 0.0, 0.05)
+    fig.update_xaxes(title="Threshold probability", range=[0, 1], tick0=0, dtick=0.1, zeroline=False)
+    fig.update_yaxes(title="Net benefit", range=[-0.05 * top - 0.01, top * 1.1], zeroline=False)
+    _layout(fig, title or "Decision curve (studies)", width=640, height=460,
+            legend={"x": 0.98, "y": 0.98, "xanchor": "right", "yanchor": "top", "bgcolor": "rgba(255,255,255,0.8)"})
+    return fig
+
+
+SUBGROUP_NAMES = {"sex": "Sex", "age_band": "Age band", "primary_cancer": "Primary cancer", "cohort": "Cohort", "view": "View"}
+
+
+def subgroup_forest(rows: Sequence[Mapping[str, Any]], metrics: Sequence[str] = ("auc", "sensitivity", "specificity"),
+                    title: str | None = None) -> go.Figure:
+    """Forest plot of subgroup metrics: one row per group (``subgroups.run_subgroups`` rows), one
+    column per metric, the point estimate with its 95% CI; groups marked ``small`` (fewer than
+    10 positives or negatives) are drawn hollow and labelled "(small)"."""
+    rows = list(rows)
+    labels = [f"{SUBGROUP_NAMES.get(r['by'], r['by'])}: {r['group']} (n={r['n']}, {r['n_positive']}+)"
+              + (" (small)" if r["small"] else "") for r in rows]
+    fig = make_subplots(rows=1, cols=len(metrics), shared_yaxes=True, horizontal_spacing=0.03,
+                        subplot_titles=[{"auc": "ROC AUC", "sensitivity": "Sensitivity", "specificity": "Specificity"}.get(m, m)
+                                        for m in metrics])
+    for c, metric in enumerate(metrics, start=1):
+        for small in (False, True):
+            picked = [i for i, r in enumerate(rows) if bool(r["small"]) == small]
+            if not picked:
+                continue
+            xs, plus, minus, hover = [], [], [], []
+            for i in picked:
+                entry = rows[i]["metrics"].get(metric) or {}
+                value, (low, high) = entry.get("value"), (entry.get("ci95") or [None, None])[:2]
+                xs.append(value)
+                plus.append(0.0 if value is None or high is None else high - value)
+                minus.append(0.0 if value is None or low is None else value - low)
+                hover.append(f"<b>{labels[i]}</b><br>{metric}: {_fmt(value)} (95% CI {_fmt(low)}–{_fmt(high)})")
+            fig.add_trace(go.Scatter(
+                x=xs, y=[labels[i] for i in picked], mode="markers", text=hover, hovertemplate="%{text}<extra></extra>",
+                name="fewer than 10 positives or negatives" if small else "group", legendgroup=str(small), showlegend=c == 1,
+                marker={"color": GREY if small else colour(0), "size": 9, "symbol": "circle-open" if small else "circle",
+                        "line": {"width": 2}},
+                error_x={"type": "data", "symmetric": False, "array": plus, "arrayminus": minus,
+                         "color": GREY if small else colour(0), "thickness": 1.5, "width": 4},
+            ), row=1, col=c)
+        fig.update_xaxes(range=[0, 1.02], dtick=0.25, row=1, col=c)
+    fig.update_yaxes(autorange="reversed", categoryorder="array", categoryarray=labels)
+    _layout(fig, title or "Subgroups (test set, 95% patient-bootstrap CIs)", width=900,
+            height=max(320, 120 + 28 * len(rows)), margin={"l": 290, "r": 30, "t": 80, "b": 70},
+            legend={"orientation": "h", "x": 0.0, "y": -0.08, "xanchor": "left", "yanchor": "top"})
+    return fig
+
+
 # --- Grad-CAM overlays (RGB arrays) --------------------------------------------------------------
 
 DEFAULT_OPACITY = 0.4

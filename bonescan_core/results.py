@@ -183,6 +183,8 @@ class EvaluationResult:
     study_level: LevelResult | None = None
     study_n_patients: int | None = None
     bootstrap: dict[str, Any] = field(default_factory=dict)
+    calibration: dict[str, Any] | None = None  # calibration.summary on the subset's studies
+    subgroups: list[dict[str, Any]] | None = None  # subgroups.run_subgroups rows
 
     STUDY_AGGREGATION = "max probability over the study's views"
 
@@ -205,7 +207,8 @@ class EvaluationResult:
     def as_json(self) -> dict[str, Any]:
         """The ``evaluate --json`` object (``docs/cli.md``): ``run, backbone, threshold,
         threshold_source, subset, n_images, n_studies, n_patients, metrics {name: {value,
-        ci95}}, confusion {tp, fp, tn, fn}``, then ``study_level`` and ``bootstrap``."""
+        ci95}}, confusion {tp, fp, tn, fn}``, then ``study_level``, ``bootstrap``,
+        ``calibration`` (``calibration.summary``) and ``subgroups`` (``subgroups.run_subgroups``)."""
         out: dict[str, Any] = {
             "run": self.run, "backbone": self.backbone, "threshold": self.threshold,
             "threshold_source": self.threshold_source, "subset": self.subset, "n_images": self.n_images,
@@ -217,6 +220,10 @@ class EvaluationResult:
                                   **self.study_level.as_json()}
         if self.bootstrap:
             out["bootstrap"] = dict(self.bootstrap)
+        if self.calibration is not None:
+            out["calibration"] = dict(self.calibration)
+        if self.subgroups is not None:
+            out["subgroups"] = [dict(row) for row in self.subgroups]
         return out
 
     def to_json_text(self) -> str:

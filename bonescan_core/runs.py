@@ -43,6 +43,7 @@ from bonescan_core.preprocess import AUGMENT_KEYS, PAPER_AUGMENT, VIEW_MODES
 from bonescan_core.results import DEFAULT_THRESHOLD
 
 THRESHOLD_RULES = ("youden", "fixed")
+CALIBRATION_METHODS = ("temperature", "platt", "none")
 RUNS_FOLDER = "runs"
 MODEL_CACHE_SIZE = 2  # loaded run models kept in memory (a DenseNet121 ~30 MB, a ResNet50 ~100 MB)
 SUBSETS = ("train", "val", "test")
@@ -80,8 +81,15 @@ class TrainConfig:
         threshold_rule: ``youden`` (on the validation subset) or ``fixed`` (0.5).
         patience: early stopping patience in epochs, on val_loss (best weights restored).
         dropout: rate before the last Dense layer.
-        class_weights: weight the loss by inverse class frequency of the training subset.
+        class_weights: weight the loss by inverse class frequency of the training subset
+            (off by default: the validation-chosen threshold handles the imbalance, and the
+            weights would shift the output's log-odds by about log(w1 / w0)).
         max_train_images: use at most this many training samples (seeded choice); None: all.
+        calibration: ``temperature`` (default), ``platt`` or ``none``: the recalibration fitted
+            on the validation predictions after training (``calibration`` module); thresholds
+            are chosen on the calibrated validation probabilities.
+        deterministic: seed every library and switch on TensorFlow's deterministic ops
+            (slower on a GPU; the same run repeats exactly on the same machine and versions).
     """
 
     backbone: str
@@ -99,8 +107,10 @@ class TrainConfig:
     threshold_rule: str = "youden"
     patience: int = 5
     dropout: float = 0.3
-    class_weights: bool = True
+    class_weights: bool = False
     max_train_images: int | None = None
+    calibration: str = "temperature"
+    deterministic: bool = False
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "image_size", tuple(int(v) for v in self.image_size))
@@ -115,6 +125,8 @@ class TrainConfig:
             problems.append(f"view_mode must be one of {', '.join(VIEW_MODES)}")
         if self.threshold_rule not in THRESHOLD_RULES:
             problems.append(f"threshold_rule must be one of {', '.join(THRESHOLD_RULES)}")
+        if self.calibration not in CALIBRATION_METHODS:
+            problems.append(f"calibration must be one of {', '.join(CALIBRATION_METHODS)}")
         if len(self.image_size) != 2 or min(self.image_size) < 32:
             problems.append("image_size must be (height, width), each at least 32")
         if self.epochs < 1 or self.batch_size < 1 or self.patience < 0:
@@ -182,13 +194,15 @@ def file_sha256(path: Path) -> str:
 @dataclass(frozen=True)
 class Prediction:
     """One stored prediction: the image, its subset, its 0/1 label (1 = metastatic) and the
-    model's probability of metastasis in [0, 1]. A composite sample's probability belongs to
-    both of its images."""
+    model's probability of metastasis in [0, 1] (calibrated when the run is). A composite
+    sample's probability belongs to both of its images. ``raw_probability``: the model's
+    output before calibration, None when the run was not calibrated."""
 
     image_id: int
     subset: str
     label: int
     probability: float
+    raw_probability: float | None = None
 
 
 @dataclass(frozen=True)
@@ -204,14 +218,17 @@ class RunResult:
             ``runs/``).
         weights_sha256: hex sha256 of that file.
         device: ``CPU`` or the GPU name(s) the backend reports.
-        predictions: every validation and test image's :class:`Prediction`.
+        predictions: every validation and test image's :class:`Prediction` (calibrated
+            probability, and the raw one when the run is calibrated).
         facts: what training learned, stored in ``runs.results``: ``split_id``,
             ``labels_hash``, ``n_train`` / ``n_val`` / ``n_test`` (samples: images, or
             studies for composites), ``sample_unit`` (``image`` | ``study``),
             ``phase_epochs`` (epochs run per phase, after early stopping),
             ``class_weights`` ({"0": w0, "1": w1} or None), ``backend``, ``device``,
             ``versions`` (python, keras, tensorflow or jax, numpy), ``precision``
-            (``float32`` | ``mixed_float16``), ``notes`` (list of strings), and in fast
+            (``float32`` | ``mixed_float16``), ``notes`` (list of strings), ``calibration``
+            (the fitted recalibration, ``calibration.fit``), ``reproducibility``
+            (``reproducibility.record``), and in fast
             mode ``features_cached`` / ``features_computed`` (samples) and, when some were
             computed, ``feature_images_per_second``.
     """
@@ -304,9 +321,13 @@ class Run:
         }
 
 
+# What a stored settings record without a key meant: runs trained before calibration existed were not calibrated.
+_ABSENT_SETTINGS = {"calibration": "none"}
+
+
 def _run(row: Mapping[str, Any]) -> Run:
     # The backbone column is the run's backbone; a settings record without it still reads.
-    settings = TrainConfig.from_json({"backbone": row["backbone"], **json.loads(row["config"] or "{}")})
+    settings = TrainConfig.from_json({"backbone": row["backbone"], **_ABSENT_SETTINGS, **json.loads(row["config"] or "{}")})
     return Run(
         id=int(row["id"]), backbone=row["backbone"], status=row["status"], settings=settings,
         results=RunResults(
@@ -606,7 +627,7 @@ def record_result(db: sqlite_utils.Database, db_path: str | os.PathLike[str], ru
     predictions (replacing any)."""
     weights_path = stored_path(db_path, result.model_file)
     rows = [{"run_id": run_id, "image_id": p.image_id, "subset": p.subset, "label": int(p.label),
-             "probability": float(p.probability)} for p in result.predictions]
+             "probability": float(p.probability), "raw_probability": _float(p.raw_probability)} for p in result.predictions]
     with dbm.write(db):
         if db.execute("SELECT 1 FROM runs WHERE id = ?", [run_id]).fetchone() is None:
             raise _not_found(run_id)

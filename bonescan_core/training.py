@@ -1,4 +1,4 @@
-"""Train one run: split, data, model, phases, threshold, predictions, saved model.
+"""Train one run: split, data, model, phases, calibration, threshold, predictions, saved model.
 
 ``train_run(db, config, reporter, model_file)`` does one run from start to end in the
 calling process (the worker, or ``bonescan train`` in the foreground), saves the model to
@@ -24,6 +24,13 @@ Modes (``docs/cli.md``):
 * ``full``: every layer trains from the start at ``learning_rate`` (what ``weights=none``
   needs).
 
+After the phases the model predicts validation and test; the recalibration
+(``TrainConfig.calibration``, :mod:`bonescan_core.calibration`) is fitted on the validation
+outputs only and applied to both, and only then is the threshold chosen, on the calibrated
+validation probabilities. ``results["reproducibility"]`` records versions, commit, the
+weights file's sha256, split and seeds; ``TrainConfig.deterministic`` runs the whole run
+under deterministic ops (:mod:`bonescan_core.reproducibility`).
+
 Importing this module does not import Keras. The settings (``TrainConfig``) and the result
 (``RunResult``) are defined in :mod:`bonescan_core.runs` and importable from here too.
 """
@@ -31,6 +38,7 @@ Importing this module does not import Keras. The settings (``TrainConfig``) and 
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import platform
 import tempfile
@@ -42,7 +50,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from bonescan_core import errors, models, preprocess, runs
+from bonescan_core import calibration, errors, models, preprocess, reproducibility, runs
 from bonescan_core import splits as splitting
 from bonescan_core.evaluation import youden_threshold
 from bonescan_core.heavy import jax_module, keras_module, sqlite_utils, tensorflow_module
@@ -473,6 +481,32 @@ def _fit_fast(keras: Any, model: Any, config: TrainConfig, data: _Data, features
     return head, {"head": len(history.epoch)}, class_weights
 
 
+def _deterministic_if_asked(function: Any) -> Any:
+    """Run ``train_run`` inside ``reproducibility.deterministic_ops(config.deterministic, config.seed)``:
+    deterministic kernels for this run only (the worker trains later runs in the same process)."""
+
+    @functools.wraps(function)
+    def wrapper(db: sqlite_utils.Database, config: TrainConfig, reporter: Reporter, model_file: Path) -> RunResult:
+        with reproducibility.deterministic_ops(config.deterministic, config.seed):
+            return function(db, config, reporter, model_file)
+
+    return wrapper
+
+
+def _calibrate(config: TrainConfig, val_labels: np.ndarray, raw: dict[str, np.ndarray],
+               notes: list[str]) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+    """Fit ``config.calibration`` on the validation samples' raw outputs only and apply it to every subset.
+
+    Returns ({subset: (N,) calibrated probabilities}, the calibration record stored as
+    ``results["calibration"]``); a fit that falls back to none adds its reason to ``notes``.
+    """
+    record, note = calibration.fit(config.calibration, val_labels, raw["val"])
+    if note:
+        notes.append(note)
+    return calibration.calibrated_subsets(record, raw), record
+
+
+@_deterministic_if_asked
 def train_run(db: sqlite_utils.Database, config: TrainConfig, reporter: Reporter, model_file: Path) -> RunResult:
     """Train, threshold, predict and save one run (see the module docstring for the modes).
 
@@ -534,20 +568,28 @@ def train_run(db: sqlite_utils.Database, config: TrainConfig, reporter: Reporter
             ran, class_weights = _fit_phases(keras, model, config, data, tracker, rng, workers)
             probabilities = _predict_images(keras, model, config, data, ("val", "test"), tracker, workers)
     tracker.check()
+    # Calibration first, on validation only: thresholds are chosen on calibrated validation probabilities.
+    raw_probabilities = probabilities
+    probabilities, calibration_record = _calibrate(config, data.labels["val"], raw_probabilities, notes)
+    calibrated = calibration_record["method"] != "none"
     threshold = choose_threshold(config.threshold_rule, data.labels["val"], probabilities["val"])
 
     tracker.send({"phase": "saving", "eta_s": None}, force=True)
     sha = _atomic_save(model, model_file)
     predictions = tuple(
-        Prediction(image_id=image_id, subset=subset, label=int(sample.label), probability=float(probability))
+        Prediction(image_id=image_id, subset=subset, label=int(sample.label), probability=float(probability),
+                   raw_probability=float(raw) if calibrated else None)
         for subset in ("val", "test")
-        for sample, probability in zip(data.samples[subset], probabilities[subset], strict=True)
+        for sample, probability, raw in zip(data.samples[subset], probabilities[subset], raw_probabilities[subset], strict=True)
         for image_id in sample.image_ids  # a composite's probability belongs to both of its images
     )
     ips = tracker.train_images / tracker.train_seconds if tracker.train_seconds > 0 else 0.0
     facts.update({
         "phase_epochs": ran, "precision": precision, "notes": notes,
         "class_weights": {str(k): round(v, 6) for k, v in class_weights.items()} if class_weights else None,
+        "calibration": calibration_record,
+        "reproducibility": reproducibility.record(config, split_id, info["labels_hash"], info["seed"],
+                                                  FEATURE_SEED if config.mode == "fast" else None),
     })
     return RunResult(
         threshold=float(threshold), images_per_second=round(ips, 3), model_file=model_file, weights_sha256=sha,

@@ -235,7 +235,10 @@ def test_report_is_self_contained_with_the_runs_numbers(db, two_runs):
     html = report.report_html(db, run["id"])
     assert html.count("window.PlotlyConfig") == 1, "plotly.js inlined once"
     assert re.findall(r"<script[^>]*\bsrc=", html) == []  # nothing fetched: opens with no network
-    assert html.count('class="plotly-graph-div"') == 5  # confusion, ROC, PR, calibration, training curves
+    # confusion, ROC, PR, calibration, training curves; reliability before/after and decision curve; subgroups
+    assert html.count('class="plotly-graph-div"') == 8
+    assert "<h2>Calibration (test studies)</h2><p>Fitted on validation: none. Test studies (n = 6)" in html
+    assert "<h2>Reproducibility</h2><p>Not recorded" in html  # these runs were stored without it
     c = counts(run["rows"], run["threshold"])
     accuracy = (c["tp"] + c["tn"]) / sum(c.values())
     assert f"<tr><td>Accuracy</td><td>{accuracy:.3f}</td>" in html

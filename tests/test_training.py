@@ -79,7 +79,9 @@ def train(db, run_id: int, config: training.TrainConfig, reporter) -> training.R
 
 
 def predictions(db, run_id: int) -> dict[int, tuple[str, int, float]]:
-    rows = db.execute("SELECT image_id, subset, label, probability FROM predictions WHERE run_id = ?", [run_id]).fetchall()
+    """{image_id: (subset, label, the model's raw output)}: what the saved model gives, before calibration."""
+    rows = db.execute("SELECT image_id, subset, label, COALESCE(raw_probability, probability) FROM predictions WHERE run_id = ?",
+                      [run_id]).fetchall()
     return {image_id: (subset, label, probability) for image_id, subset, label, probability in rows}
 
 
