@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import base64
 import os
-import sqlite3
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -24,14 +23,9 @@ def db_path() -> Path:
 
 
 @st.cache_resource(show_spinner=False)
-def _wal_keeper(database: str) -> sqlite3.Connection:
-    """One idle connection per database for the server's life. SQLite removes the WAL and its
-    index when the last connection closes, so without it every short-lived connection of the
-    next rerun would rebuild them (measured 2-3x the cost of an open at 50,000 studies). It holds
-    no transaction: it never blocks a writer or a checkpoint."""
-    connection = sqlite3.connect(database, check_same_thread=False)
-    connection.execute("SELECT 1 FROM sqlite_master LIMIT 1").fetchall()
-    return connection
+def _wal_keeper(database: str) -> object:
+    """``db.idle_connection`` of the database, held for the server's life (see there why)."""
+    return dbm.idle_connection(database)
 
 
 def open_db():
