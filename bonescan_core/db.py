@@ -476,6 +476,29 @@ _PREDICTIONS_V2_SQL = [
 ]
 
 
+def _m011_prediction_jobs(db: sqlite_utils.Database) -> None:
+    """prediction_jobs: a run's locked model over studies outside its split, queued for the
+    worker beside training runs (``prediction.py``): which studies, progress, heartbeat, cancel
+    and outcome, with the same statuses as runs."""
+    db.execute("""CREATE TABLE prediction_jobs (
+            id INTEGER PRIMARY KEY,
+            run_id INTEGER NOT NULL REFERENCES runs(id),
+            status TEXT NOT NULL CHECK (status IN ('queued', 'running', 'done', 'failed', 'cancelled', 'interrupted')),
+            study_ids TEXT NOT NULL,           -- JSON list of the study ids to predict, sorted
+            selection TEXT NOT NULL,           -- how they were chosen: cohort NAME, studies, unread
+            progress TEXT,                     -- JSON: phase, batch, batches, eta_s
+            result TEXT,                       -- JSON: counts when done
+            cancel_requested INTEGER NOT NULL DEFAULT 0,
+            error TEXT,
+            worker_pid INTEGER,
+            created_at TEXT NOT NULL,
+            started_at TEXT,
+            finished_at TEXT,
+            heartbeat_at TEXT
+        )""")
+    db.execute("CREATE INDEX prediction_jobs_status ON prediction_jobs(status)")
+
+
 MIGRATIONS: list[tuple[str, Callable[[sqlite_utils.Database], None]]] = [
     ("001_foundation", _m001_foundation),
     ("002_training", _m002_training),
@@ -487,6 +510,7 @@ MIGRATIONS: list[tuple[str, Callable[[sqlite_utils.Database], None]]] = [
     ("008_run_results", _m008_run_results),
     ("009_imported_files", _m009_imported_files),
     ("010_predictions_v2", _m010_predictions_v2),
+    ("011_prediction_jobs", _m011_prediction_jobs),
 ]
 
 
