@@ -46,6 +46,27 @@ def _cohort_studies(db: sqlite_utils.Database, cohort: str) -> np.ndarray:
     return np.asarray([r[0] for r in db.execute("SELECT id FROM studies WHERE cohort = ?", [cohort]).fetchall()], dtype=np.int64)
 
 
+def cohort_predictions(db: sqlite_utils.Database, run_id: int, cohort: str) -> dict[str, dict[str, np.ndarray]]:
+    """The run's external predictions on a cohort, labelled ones only, at both levels.
+
+    Returns:
+        ``{"image": runs.predictions columns, "study": runs.study_predictions columns (label
+        as int64)}``, each masked to the cohort's studies that have a label, and
+        ``"n_predicted"`` / ``"n_unlabelled"``: (1,) int64 counts of the cohort's predicted
+        studies and of those without a label.
+    """
+    members = _cohort_studies(db, cohort)
+    images = runs.predictions(db, run_id, "external")
+    studies = runs.study_predictions(db, run_id, "external")
+    in_cohort = np.isin(studies["study_id"], members)
+    labelled = in_cohort & ~np.isnan(studies["label"])
+    image_mask = np.isin(images["study_id"], members) & (images["label"] != runs.UNKNOWN_LABEL)
+    study = {key: values[labelled] for key, values in studies.items()}
+    study["label"] = study["label"].astype(np.int64)
+    return {"image": {key: values[image_mask] for key, values in images.items()}, "study": study,
+            "n_predicted": np.array([in_cohort.sum()]), "n_unlabelled": np.array([(in_cohort & ~labelled).sum()])}
+
+
 def evaluate_cohort(db: sqlite_utils.Database, run_id: int, cohort: str, n_resamples: int = 1000,
                     seed: int = 0) -> EvaluationResult:
     """The run's metrics with CIs on one cohort's external predictions (``evaluate --cohort --json``).
@@ -68,24 +89,18 @@ def evaluate_cohort(db: sqlite_utils.Database, run_id: int, cohort: str, n_resam
     """
     name = cohorts.check_cohort(cohort)
     run = runs.get(db, run_id)
-    members = _cohort_studies(db, name)
-    images = runs.predictions(db, run_id, "external")
-    studies = runs.study_predictions(db, run_id, "external")
-    in_cohort = np.isin(studies["study_id"], members)
-    if not in_cohort.any():
+    data = cohort_predictions(db, run_id, name)
+    n_unlabelled = int(data["n_unlabelled"][0])
+    if not data["n_predicted"][0]:
         raise evaluation.NoPredictionsError(
             f"run {run_id} has no predictions on cohort {name!r}; make them with `bonescan predict {run_id} --cohort {name}`")
-    labelled = in_cohort & ~np.isnan(studies["label"])
-    n_unlabelled = int((in_cohort & ~labelled).sum())
-    if not labelled.any():
+    if not data["study"]["study_id"].size:
         raise evaluation.NoPredictionsError(
             f"none of the {n_unlabelled} studies of cohort {name!r} predicted by run {run_id} has a label; "
             "label them on the Review page (or `bonescan label`) to validate on them")
-    image_mask = np.isin(images["study_id"], members) & (images["label"] != runs.UNKNOWN_LABEL)
     thresholds = run_thresholds(run)
-    y_img, p_img, g_img = images["label"][image_mask], images["probability"][image_mask], images["patient_id"][image_mask]
-    y_study = studies["label"][labelled].astype(np.int64)
-    p_study, g_study = studies["probability"][labelled], studies["patient_id"][labelled]
+    y_img, p_img, g_img = (data["image"][key] for key in ("label", "probability", "patient_id"))
+    y_study, p_study, g_study = (data["study"][key] for key in ("label", "probability", "patient_id"))
     return EvaluationResult(
         run=int(run.id), backbone=run.backbone, threshold=evaluation._clean(thresholds["image"]),
         threshold_source=thresholds["source"], subset="external", n_images=int(y_img.size),

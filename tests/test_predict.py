@@ -16,8 +16,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import run_cli
+from conftest import REPO, run_cli
 from PIL import Image
+from streamlit.testing.v1 import AppTest
 
 from bonescan_core import db as dbm
 from bonescan_core import (
@@ -396,3 +397,32 @@ def test_dataset_shift_sets_the_cohort_beside_the_test_set(db_file):
 def test_no_prediction_on_a_cohort_says_how_to_make_them(db_file):
     with dbm.opened(db_file) as db, pytest.raises(errors.NotFound, match=f"bonescan predict 1 --cohort {OTHER}"):
         external.evaluate_cohort(db, 1, OTHER)
+
+
+# --- the Evaluate page --------------------------------------------------------------------------
+
+def test_evaluate_page_predicts_a_cohort_and_validates_on_it_with_the_shift_panel(db_file, monkeypatch):
+    monkeypatch.setenv("BONESCAN_AUTOSTART_WORKER", "0")  # the test runs the worker itself
+    app = AppTest.from_file(str(REPO / "streamlit_app.py"), default_timeout=180)
+    app.query_params["reviewer"] = "ann"
+    app.run()
+    app.switch_page("app_pages/evaluate.py").run()
+    assert not app.exception, [e.value for e in app.exception]
+    app.selectbox(key="pr_target").set_value(OTHER).run()
+    app.button(key="pr_start").click().run()
+    assert not app.exception, [e.value for e in app.exception]
+    assert any("Prediction job 1 queued" in s.value for s in app.success)
+    assert any(b.key == "pr_cancel_1" for b in app.button)  # a queued job can be cancelled
+    assert jobs.run_worker(db_file, once=True, poll_s=0.1, echo=lambda line: None) == 1
+
+    app.run()
+    assert any(c.value.startswith(f"Prediction job 1 · cohort {OTHER} · 6 studies · done") for c in app.caption)
+    app.selectbox(key="ev_cohort").set_value(OTHER).run()
+    assert not app.exception, [e.value for e in app.exception]
+    with dbm.opened(db_file) as db:
+        threshold = runs.get(db, 1).threshold
+    assert any(c.value.startswith(f"Cohort {OTHER} (external): 12 images, 6 studies, 6 patients; 0 unlabelled studies "
+                                  f"left out. Thresholds chosen on the run's validation set: image {threshold:.3f}")
+               for c in app.caption)
+    titles = [json.loads(chart.proto.spec)["layout"]["title"]["text"] for chart in app.get("plotly_chart")]
+    assert "Intensity histograms" in titles and "Image sizes" in titles
