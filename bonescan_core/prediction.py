@@ -33,8 +33,10 @@ and the job's body; the worker loop, the reporter and the interrupted-job sweep 
 
 from __future__ import annotations
 
+import collections
 import json
 import os
+import threading
 import time
 from collections.abc import Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -317,10 +319,28 @@ def study_chunks(samples: Sequence[preprocess.Sample], size: int) -> list[list[p
     return chunks
 
 
+_PREDICTORS: collections.OrderedDict[int, tuple[Any, Any]] = collections.OrderedDict()  # id(model): (model, wrapper)
+_PREDICTORS_LOCK = threading.Lock()
+
+
 def predictor_for(model: Any, backbone: Any) -> Any:
     """The run's model behind the input pipeline it was trained with: (N, H, W, 1) grey in
-    [0, 1] → (N, 1) probability. Build it once per job: each wrapper traces its own step."""
-    return preprocess.with_input_pipeline(model, backbone)
+    [0, 1] → (N, 1) probability.
+
+    Kept for the last ``runs.MODEL_CACHE_SIZE`` models (as ``runs.load_model`` keeps them):
+    each new wrapper traces its predict step again (tens of seconds for a DenseNet121 on a
+    CPU), which a second job on the same run need not pay. The wrapper holds its model, so
+    the cache is bounded rather than weak.
+    """
+    with _PREDICTORS_LOCK:
+        entry = _PREDICTORS.get(id(model))
+        if entry is None or entry[0] is not model:
+            entry = (model, preprocess.with_input_pipeline(model, backbone))
+            _PREDICTORS[id(model)] = entry
+        _PREDICTORS.move_to_end(id(model))
+        while len(_PREDICTORS) > runs.MODEL_CACHE_SIZE:
+            _PREDICTORS.popitem(last=False)
+        return entry[1]
 
 
 def predict_chunk(predictor: Any, images: np.ndarray, batch_size: int) -> np.ndarray:
