@@ -35,13 +35,9 @@ def cached_predictions(database: str, run_id: int, subset: str) -> dict:
 
 
 def external_stamp(database: str, run_id: int) -> tuple[int, int]:
-    """(external study rows, newest finished job) of a run: changes when a prediction lands,
-    so the cached external results below are recomputed then and only then."""
+    """Changes when a prediction of the run lands: the cached external results below are keyed on it."""
     with dbm.opened(database) as db:
-        rows = db.execute("SELECT COUNT(*) FROM study_predictions WHERE run_id = ? AND subset = 'external'", [run_id]).fetchone()[0]
-        newest = db.execute("SELECT COALESCE(MAX(id), 0) FROM prediction_jobs WHERE run_id = ? AND status NOT IN "
-                            "('queued', 'running')", [run_id]).fetchone()[0]
-    return int(rows), int(newest)
+        return prediction.external_stamp(db, run_id)
 
 
 @st.cache_data(max_entries=16, show_spinner=False)

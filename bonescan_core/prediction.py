@@ -68,7 +68,11 @@ class DuplicatePrediction(errors.Conflict):
 
 
 class PredictionCancelled(Exception):
-    """The reporter asked to stop (control flow, like ``training.TrainingCancelled``)."""
+    """The reporter asked to stop; the job ends as ``cancelled`` (what it stored so far stays).
+
+    Control flow, not an error (as ``training.TrainingCancelled``): outside
+    :class:`errors.BonescanError`, so no catch of the error family can swallow a cancellation.
+    """
 
 
 class Reporter(Protocol):
@@ -494,3 +498,12 @@ def external_studies(db: sqlite_utils.Database, run_id: int, cohort: str | None 
         "SELECT p.study_id FROM study_predictions p JOIN studies s ON s.id = p.study_id "
         "WHERE p.run_id = ? AND p.subset = 'external' AND (? IS NULL OR s.cohort = ?) ORDER BY p.study_id",
         [run_id, cohort, cohort]).fetchall()]
+
+
+def external_stamp(db: sqlite_utils.Database, run_id: int) -> tuple[int, int]:
+    """(the run's external study rows, its newest finished prediction job id): changes whenever
+    a prediction lands, so a page can cache what it derives from them on this key."""
+    rows = db.execute("SELECT COUNT(*) FROM study_predictions WHERE run_id = ? AND subset = 'external'", [run_id]).fetchone()[0]
+    newest = db.execute("SELECT COALESCE(MAX(id), 0) FROM prediction_jobs WHERE run_id = ? AND status NOT IN "
+                        "('queued', 'running')", [run_id]).fetchone()[0]
+    return int(rows), int(newest)

@@ -401,6 +401,31 @@ def predictions(db: sqlite_utils.Database, run_id: int, subset: str | None = Non
     }
 
 
+def _study_rows_sql(how: str) -> str:
+    """The query of :func:`study_predictions` with image rows collapsed by ``how`` (MAX or AVG).
+
+    Stored study rows per subset: an older run that later predicted external studies has study
+    rows for ``external`` only, and its val/test studies still come from their image rows.
+    """
+    return f"""SELECT * FROM (
+                SELECT p.study_id, s.patient_id, p.subset, p.label, p.probability,
+                       COALESCE(p.raw_probability, p.probability)
+                FROM study_predictions p JOIN studies s ON s.id = p.study_id
+                WHERE p.run_id = ? AND (? IS NULL OR p.subset = ?)
+              UNION ALL
+                -- label is constant within a study (a study has one label), so MAX(label) is that label.
+                SELECT i.study_id, s.patient_id, p.subset, MAX(p.label), {how}(p.probability),
+                       {how}(COALESCE(p.raw_probability, p.probability))
+                FROM predictions p JOIN images i ON i.id = p.image_id JOIN studies s ON s.id = i.study_id
+                WHERE p.run_id = ? AND (? IS NULL OR p.subset = ?)
+                  AND p.subset NOT IN (SELECT DISTINCT subset FROM study_predictions WHERE run_id = ?)
+                GROUP BY i.study_id, s.patient_id, p.subset) p
+              ORDER BY CASE p.subset WHEN 'train' THEN 0 WHEN 'val' THEN 1 WHEN 'test' THEN 2 ELSE 3 END, 1"""
+
+
+_STUDY_ROWS_SQL = {"max": _study_rows_sql("MAX"), "mean": _study_rows_sql("AVG")}
+
+
 def study_predictions(db: sqlite_utils.Database, run_id: int, subset: str | None = None,
                       aggregate: str = "max") -> dict[str, np.ndarray]:
     """A run's study-level predictions: one row per study, the study as the unit of analysis.
@@ -429,24 +454,7 @@ def study_predictions(db: sqlite_utils.Database, run_id: int, subset: str | None
         raise errors.InputError(f"study aggregation must be max or mean; got {aggregate!r}")
     if db.execute("SELECT 1 FROM runs WHERE id = ?", [run_id]).fetchone() is None:
         raise _not_found(run_id)
-    # Stored rows per subset: an older run that later predicted external studies has study rows
-    # for ``external`` only, and its val/test studies still come from their image rows.
-    how = "MAX" if aggregate == "max" else "AVG"
-    sql = f"""SELECT * FROM (
-                SELECT p.study_id, s.patient_id, p.subset, p.label, p.probability,
-                       COALESCE(p.raw_probability, p.probability)
-                FROM study_predictions p JOIN studies s ON s.id = p.study_id
-                WHERE p.run_id = ? AND (? IS NULL OR p.subset = ?)
-              UNION ALL
-                -- label is constant within a study (a study has one label), so MAX(label) is that label.
-                SELECT i.study_id, s.patient_id, p.subset, MAX(p.label), {how}(p.probability),
-                       {how}(COALESCE(p.raw_probability, p.probability))
-                FROM predictions p JOIN images i ON i.id = p.image_id JOIN studies s ON s.id = i.study_id
-                WHERE p.run_id = ? AND (? IS NULL OR p.subset = ?)
-                  AND p.subset NOT IN (SELECT DISTINCT subset FROM study_predictions WHERE run_id = ?)
-                GROUP BY i.study_id, s.patient_id, p.subset) p"""
-    order = " ORDER BY CASE p.subset WHEN 'train' THEN 0 WHEN 'val' THEN 1 WHEN 'test' THEN 2 ELSE 3 END, 1"
-    rows = db.execute(sql + order, [run_id, subset, subset, run_id, subset, subset, run_id]).fetchall()
+    rows = db.execute(_STUDY_ROWS_SQL[aggregate], [run_id, subset, subset, run_id, subset, subset, run_id]).fetchall()
     columns = list(zip(*rows, strict=True)) if rows else [()] * 6
     return {
         "study_id": np.asarray(columns[0], dtype=np.int64),

@@ -426,3 +426,15 @@ def test_evaluate_page_predicts_a_cohort_and_validates_on_it_with_the_shift_pane
                for c in app.caption)
     titles = [json.loads(chart.proto.spec)["layout"]["title"]["text"] for chart in app.get("plotly_chart")]
     assert "Intensity histograms" in titles and "Image sizes" in titles
+
+
+def test_a_run_without_stored_study_rows_keeps_its_test_studies_after_predicting(db_file):
+    """Runs trained before study rows were stored (as this tiny one) get study rows for
+    ``external`` only: their test studies must still come from their image rows."""
+    with dbm.opened(db_file) as db:
+        test_ids = sorted(s for s, subset in split_studies(db).items() if subset == "test")
+        assert db.execute("SELECT COUNT(*) FROM study_predictions WHERE subset = 'test'").fetchone()[0] == 0
+        prediction.predict_studies(db, db_file, runs.get(db, 1), cohort_studies(db, OTHER)[:2])
+        assert runs.study_predictions(db, 1, "test")["study_id"].tolist() == test_ids
+        every = runs.study_predictions(db, 1)
+    assert every["subset"].tolist() == ["val"] * (len(every["subset"]) - len(test_ids) - 2) + ["test"] * len(test_ids) + ["external"] * 2
