@@ -12,7 +12,8 @@ prediction job does next) is a separate figure.
 The model is built with ``models.build_model(..., weights)`` (``none``: offline; the weights'
 values do not change the cost), saved as a finished run's model in a temp database of N
 demo studies (two views each, 1024 x 256) and loaded by ``runs.load_model``, as a job loads
-it. Both paths are warmed up on the first chunk (tracing) before they are timed.
+it. Every path is warmed up on the first study (tracing) before it is timed; Grad-CAM is
+timed over the other N - 1 studies (the first one's maps are stored by the warm-up).
 
     python bench/predict.py                                    # densenet121, 646x220, 1000 studies
     python bench/predict.py --studies 10 --image-size 128x64   # a quick check
@@ -105,12 +106,11 @@ def main() -> None:
             chunk = 4 * args.batch_size  # predict_studies' default chunk
             samples = preprocess.list_samples(db, dict.fromkeys(study_ids, 0), "per_image")
             parts = prediction.study_chunks(samples, chunk)
-            warm = sorted({s.study_id for s in parts[0]})
+            warm = study_ids[:1]
 
-            # Warm-up: both paths trace their predict step on the first chunk.
+            # Warm-up on the first study: each path traces its step (predict, bare, Grad-CAM) once.
             prediction.predict_studies(db, db_path, run, warm)
-            first = preprocess.load_images(db, parts[0], size)
-            bare_seconds(model, backbone, [first], args.batch_size)
+            bare_seconds(model, backbone, [preprocess.load_images(db, parts[0][:2], size)], args.batch_size)
 
             counts = prediction.predict_studies(db, db_path, run, study_ids)
             predict_s = counts["predict_seconds"]
@@ -119,8 +119,9 @@ def main() -> None:
             del images
             gradcam = None
             if not args.no_gradcam:
+                prediction.explain_studies(db, db_path, run_id, warm)
                 started = time.perf_counter()
-                explained = prediction.explain_studies(db, db_path, run_id, study_ids)
+                explained = prediction.explain_studies(db, db_path, run_id, study_ids[1:])
                 seconds = time.perf_counter() - started
                 gradcam = {"images": explained, "seconds": round(seconds, 3), "images_per_second": round(explained / seconds, 3)}
     n_images = counts["n_images"]

@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from bonescan_core import accounts, catalog, evaluation, runs, splits
+from bonescan_core import accounts, catalog, errors, evaluation, runs, splits
 from bonescan_core import db as dbm
 from bonescan_core.agreement import pairwise
 from bonescan_core.errors import BonescanError, InputError
@@ -303,6 +303,9 @@ def cmd_predict(args: argparse.Namespace) -> int:
         return EXIT_OK
     with dbm.opened(db_path) as db:
         job = prediction.claim_next(db, job_id)
+    if job is None:  # a worker that was already running took it between the two steps
+        raise errors.Conflict(f"prediction job {job_id} was taken by a running worker; it runs there "
+                              "(follow it on the Evaluate page's External cohort tab)")
     status = jobs.execute_prediction(db_path, job, echo=_terminal_progress)
     if sys.stderr.isatty():
         sys.stderr.write("\n")
