@@ -12,8 +12,9 @@ prediction job does next) is a separate figure.
 The model is built with ``models.build_model(..., weights)`` (``none``: offline; the weights'
 values do not change the cost), saved as a finished run's model in a temp database of N
 demo studies (two views each, 1024 x 256) and loaded by ``runs.load_model``, as a job loads
-it. Every path is warmed up on the first study (tracing) before it is timed; Grad-CAM is
-timed over the other N - 1 studies (the first one's maps are stored by the warm-up).
+it. Every path is warmed up (tracing) before it is timed: predict and bare on the first
+chunk, Grad-CAM on the first study, then timed over the other N - 1 studies (the first
+one's maps are stored by the warm-up).
 
     python bench/predict.py                                    # densenet121, 646x220, 1000 studies
     python bench/predict.py --studies 10 --image-size 128x64   # a quick check
@@ -108,9 +109,10 @@ def main() -> None:
             parts = prediction.study_chunks(samples, chunk)
             warm = study_ids[:1]
 
-            # Warm-up on the first study: each path traces its step (predict, bare, Grad-CAM) once.
-            prediction.predict_studies(db, db_path, run, warm)
-            bare_seconds(model, backbone, [preprocess.load_images(db, parts[0][:2], size)], args.batch_size)
+            # Warm-up: predict and bare trace their step on the first chunk (full and last batch
+            # shapes), Grad-CAM on the first study (below).
+            prediction.predict_studies(db, db_path, run, sorted({s.study_id for s in parts[0]}))
+            bare_seconds(model, backbone, [preprocess.load_images(db, parts[0], size)], args.batch_size)
 
             counts = prediction.predict_studies(db, db_path, run, study_ids)
             predict_s = counts["predict_seconds"]
