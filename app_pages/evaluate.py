@@ -1,5 +1,6 @@
 """Evaluate: metrics with CIs at any threshold, curves, backbone comparison, the per-image
-explorer with Grad-CAM, and exports."""
+explorer with Grad-CAM, external validation (predict another cohort, its metrics at the run's
+validation thresholds, the dataset-shift panel), and exports."""
 
 from __future__ import annotations
 
@@ -7,15 +8,30 @@ import numpy as np
 import pandas as pd
 import streamlit as st
 
-from app_pages.common import allowed, cached_study_images, db_path, denial, open_db, reviewer
-from bonescan_core import assessment, calibration, comparison, evaluation, pixelstore, plots, report, runs
+from app_pages.common import allowed, cached_study_images, db_path, denial, open_db, reviewer, still_signed_in
+from bonescan_core import (
+    assessment,
+    calibration,
+    comparison,
+    errors,
+    evaluation,
+    external,
+    jobs,
+    pixelstore,
+    plots,
+    prediction,
+    report,
+    runs,
+)
 from bonescan_core import db as dbm
 from bonescan_core import review as rv
-from bonescan_core.results import EvaluationResult, decision_threshold
+from bonescan_core.cohorts import list_cohorts
+from bonescan_core.results import EvaluationResult, Progress, decision_threshold
 
 # The explorer table's columns (of evaluation.explorer_rows).
 EXPLORER_COLUMNS = ["image_id", "study_id", "view", "subset", "label", "probability", "outcome", "loss", "verdicts", "criteria"]
 CARD_METRICS = ("accuracy", "recall", "precision", "f1", "specificity", "npv", "auc", "pr_auc", "brier")
+LIVE_EVERY_S = 2  # prediction jobs' progress
 
 
 @st.cache_data(max_entries=32, show_spinner=False)
@@ -51,10 +67,38 @@ def show_repeats(summary: dict, where: str) -> None:
                 f"(group {summary['group']}, {summary['n']} finished runs)**: per study, each repeat at its own "
                 "study threshold; the spread between seeds is the noise floor of any comparison.")
     st.dataframe(pd.DataFrame(comparison.repeat_table(summary)), hide_index=True, key=f"ev_repeats_{where}_{summary['group']}")
+
+
+@st.cache_data(max_entries=16, show_spinner=False)
 def cached_calibration_curves(database: str, run_id: int) -> dict | None:
     """Reliability (raw vs calibrated) and decision-curve points of the run's test studies."""
     with dbm.opened(database) as db:
         return calibration.run_curves(db, run_id, "test")
+
+
+def external_stamp(database: str, run_id: int) -> tuple[int, int]:
+    """Changes when a prediction of the run lands: the cached external results below are keyed on it."""
+    with dbm.opened(database) as db:
+        return prediction.external_stamp(db, run_id)
+
+
+@st.cache_data(max_entries=16, show_spinner=False)
+def cached_external(database: str, run_id: int, cohort: str, stamp: tuple[int, int]) -> EvaluationResult:
+    """The run on a cohort's external predictions, at its validation thresholds (``stamp``: see external_stamp)."""
+    with dbm.opened(database) as db:
+        return external.evaluate_cohort(db, run_id, cohort)
+
+
+@st.cache_data(max_entries=16, show_spinner=False)
+def cached_cohort_predictions(database: str, run_id: int, cohort: str, stamp: tuple[int, int]) -> dict:
+    with dbm.opened(database) as db:
+        return external.cohort_predictions(db, run_id, cohort)
+
+
+@st.cache_data(max_entries=8, show_spinner="Reading both sets' images...")
+def cached_shift(database: str, run_id: int, cohort: str, stamp: tuple[int, int]) -> dict:
+    with dbm.opened(database) as db:
+        return external.dataset_shift(db, run_id, cohort)
 
 
 def heatmap(run_id: int, image_id: int) -> np.ndarray:
@@ -84,7 +128,8 @@ run = by_id[run_id]
 database = str(db_path())
 stored_threshold, _ = decision_threshold(None, run.threshold)
 
-metrics_tab, compare_tab, explorer_tab, export_tab = st.tabs(["Metrics", "Compare backbones", "Per-image explorer", "Export"])
+metrics_tab, compare_tab, explorer_tab, external_tab, export_tab = st.tabs(
+    ["Metrics", "Compare backbones", "Per-image explorer", "External cohort", "Export"])
 
 with metrics_tab:
     threshold = st.slider("Decision threshold (metastatic when probability >= threshold)", 0.0, 1.0,
@@ -233,6 +278,105 @@ with explorer_tab:
             with open_db() as db:
                 rv.add_flag(db, study_id, reason, reviewer() or "evaluate")
             st.success(f"Study {study_id} is in the Review queue's flagged list.")
+
+def start_prediction(run_id: int, cohort: str | None) -> None:
+    """Queue a prediction job of the run (a cohort, or the unread studies with None) and start a worker."""
+    if not allowed("train"):
+        return
+    try:
+        with open_db() as db:
+            job_id = prediction.enqueue(db, run_id, cohort=cohort, unread=cohort is None)
+    except errors.BonescanError as error:
+        st.session_state["pr_message"] = ("error", str(error))
+        return
+    started = jobs.ensure_worker(db_path())
+    st.session_state["pr_message"] = ("success", f"Prediction job {job_id} queued" + ("; started a background worker." if started else "."))
+
+
+def cancel_prediction(job_id: int) -> None:
+    if allowed("train"):
+        with open_db() as db:
+            prediction.request_cancel(db, job_id)
+
+
+@st.fragment(run_every=LIVE_EVERY_S)
+def live_predictions(run_id: int) -> None:
+    """The run's prediction jobs, newest first: status, progress, cancel. Polls the database."""
+    if not still_signed_in():  # a fragment rerun skips the router's gate
+        st.rerun(scope="app")
+    with open_db() as db:
+        shown = prediction.list_jobs(db, run_id)[:5]
+    for job in shown:
+        line = f"Prediction job {job.id} · {job.selection} · {len(job.study_ids)} studies · {job.status}"
+        if job.status == "running":
+            progress = Progress.from_record(job.progress)
+            st.progress(progress.fraction(), text=f"{line} · {progress.format()}")
+        else:
+            st.caption(line + (f": {job.error}" if job.error else ""))
+        if job.status in ("queued", "running") and allowed("train"):
+            st.button("Cancel", key=f"pr_cancel_{job.id}", on_click=cancel_prediction, args=(job.id,))
+
+
+with external_tab:
+    with open_db() as db:
+        cohort_list = list_cohorts(db)
+    st.markdown("The run's locked model (its calibration and validation thresholds) over studies outside its split: "
+                "another cohort, or the scans nobody has read yet. Predictions are stored as subset `external`, "
+                "with their Grad-CAM maps; predicting again replaces them.")
+    columns = st.columns([2, 1])
+    target = columns[0].selectbox("Predict", ["unread", *cohort_list], key="pr_target",
+                                  format_func=lambda c: "the unread studies" if c == "unread" else f"cohort {c}")
+    may_predict = allowed("train")  # it runs in the training worker
+    columns[1].button("Predict", key="pr_start", disabled=not may_predict, on_click=start_prediction,
+                      args=(run_id, None if target == "unread" else target))
+    if not may_predict:
+        st.caption(denial("train"))
+    if "pr_message" in st.session_state:
+        kind, text = st.session_state.pop("pr_message")
+        (st.error if kind == "error" else st.success)(text)
+    live_predictions(run_id)
+
+    cohort = st.selectbox("Validate on cohort", cohort_list, index=None, key="ev_cohort",
+                          placeholder="choose a cohort with external predictions")
+    if cohort is not None:
+        stamp = external_stamp(database, run_id)
+        try:
+            ext = cached_external(database, run_id, cohort, stamp)
+        except evaluation.NoPredictionsError as error:
+            st.info(str(error))
+        else:
+            study_threshold = ext.study_threshold if ext.study_threshold is not None else ext.threshold
+            st.caption(f"Cohort {cohort} (external): {ext.n_images} images, {ext.n_studies} studies, {ext.n_patients} "
+                       f"patients; {ext.n_unlabelled} unlabelled studies left out. Thresholds chosen on the run's "
+                       f"validation set: image {ext.threshold:.3f}, study {study_threshold:.3f}. "
+                       "95% CIs: bootstrap over patients.")
+            ext_level = st.radio("Level", ["study", "image"], horizontal=True, key="ex_level")
+            shown_ext = ext.level(ext_level)
+            for row_start in range(0, len(CARD_METRICS), 5):
+                cells = st.columns(5)
+                for cell, name in zip(cells, CARD_METRICS[row_start:row_start + 5], strict=False):
+                    metric = shown_ext.metrics[name]
+                    cell.metric(plots.metric_name(name), metric.value_text(),
+                                help=f"95% CI {metric.interval_text()}" if metric.interval_text() else None)
+            rows = cached_cohort_predictions(database, run_id, cohort, stamp)[ext_level]
+            used = study_threshold if ext_level == "study" else ext.threshold
+            name = evaluation.run_label(run.backbone, run_id)
+            left, right = st.columns(2)
+            left.plotly_chart(plots.confusion_heatmap(shown_ext.confusion, used, unit="studies" if ext_level == "study" else "images"),
+                              key="ex_confusion")
+            right.plotly_chart(plots.roc_figure({name: evaluation.roc_points(rows["label"], rows["probability"])},
+                                                {name: used}), key="ex_roc")
+        st.subheader(f"Dataset shift: the run's test set vs cohort {cohort}")
+        try:
+            shift = cached_shift(database, run_id, cohort, stamp)
+        except errors.BonescanError as error:
+            st.info(str(error))
+        else:
+            shift_plots = plots.shift_figures(shift)
+            st.plotly_chart(shift_plots["intensity"], key="ex_shift_intensity")
+            left, right = st.columns(2)
+            left.plotly_chart(shift_plots["sizes"], key="ex_shift_sizes")
+            right.plotly_chart(shift_plots["summary"], key="ex_shift_summary")
 
 with export_tab:
     def metrics_json(database: str = database, run_id: int = run_id) -> str:

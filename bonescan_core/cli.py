@@ -22,7 +22,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from bonescan_core import accounts, assessment, catalog, comparison, runs, splits
+import numpy as np
+
+from bonescan_core import accounts, assessment, catalog, comparison, errors, runs, splits
 from bonescan_core import db as dbm
 from bonescan_core.agreement import pairwise
 from bonescan_core.errors import BonescanError, InputError
@@ -37,6 +39,8 @@ phantom = lazy_module("bonescan_core.phantom")
 report = lazy_module("bonescan_core.report")
 jobs = lazy_module("bonescan_core.jobs")
 explain = lazy_module("bonescan_core.explain")
+prediction = lazy_module("bonescan_core.prediction")
+external = lazy_module("bonescan_core.external")
 
 if TYPE_CHECKING:  # annotations only
     from bonescan_core.ingest import ProgressStep
@@ -271,6 +275,75 @@ def _train_in_foreground(db_path: Path, run_id: int, explain_maps: bool) -> str:
     return status
 
 
+def _study_id_list(text: str) -> list[int]:
+    try:
+        return [int(part) for part in _split_ids(text)]
+    except ValueError as error:
+        raise CommandError(f"--studies takes study ids separated by commas, e.g. 12,13; got {text!r}") from error
+
+
+def prediction_rows(db, job) -> list[dict]:
+    """One dict per study of a finished prediction job: ``study_id, cohort, label`` (1, 0 or None),
+    ``probability``, ``raw_probability`` (None: the run is not calibrated) and ``predicted``
+    (1 when probability >= the run's study threshold)."""
+    run = runs.get(db, job.run_id)
+    threshold = external.run_thresholds(run)["study"]
+    wanted = set(job.study_ids)
+    cohort_of = dict(db.execute("SELECT id, cohort FROM studies").fetchall())
+    data = runs.study_predictions(db, job.run_id, "external")
+    calibrated = (run.results.facts.get("calibration") or {}).get("method", "none") != "none"
+    rows = []
+    for i, study_id in enumerate(data["study_id"].tolist()):
+        if study_id not in wanted:
+            continue
+        label, probability = data["label"][i], float(data["probability"][i])
+        rows.append({"study_id": study_id, "cohort": cohort_of[study_id], "label": None if np.isnan(label) else int(label),
+                     "probability": round(probability, 6),
+                     "raw_probability": round(float(data["raw_probability"][i]), 6) if calibrated else None,
+                     "predicted": int(probability >= threshold)})
+    return rows
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    db_path = dbm.resolve_path(args.db)
+    study_ids = _study_id_list(args.studies) if args.studies is not None else None
+    with dbm.opened(db_path) as db:
+        job_id = prediction.enqueue(db, args.run, cohort=args.cohort, study_ids=study_ids, unread=args.unread)
+    if args.queue:
+        print(f"queued prediction job {job_id}; `bonescan worker` runs it", file=sys.stderr)
+        if args.json:
+            _print_json({"job": job_id, "status": "queued"})
+        else:
+            print(job_id)
+        return EXIT_OK
+    with dbm.opened(db_path) as db:
+        job = prediction.claim_next(db, job_id)
+    if job is None:  # a worker that was already running took it between the two steps
+        raise errors.Conflict(f"prediction job {job_id} was taken by a running worker; it runs there "
+                              "(follow it on the Evaluate page's External cohort tab)")
+    status = jobs.execute_prediction(db_path, job, echo=_terminal_progress)
+    if sys.stderr.isatty():
+        sys.stderr.write("\n")
+    with dbm.opened(db_path) as db:
+        job = prediction.get_job(db, job_id)
+        rows = prediction_rows(db, job)
+        thresholds = external.run_thresholds(runs.get(db, job.run_id))
+    result = job.result or {}
+    summary = f"prediction job {job_id}: {status}"
+    if status == "done":
+        summary += (f", {result['n_studies']} studies ({result['n_images']} images, {result['n_labelled']} labelled), "
+                    f"{result['images_per_second']} images/s, {result['explained']} Grad-CAM maps")
+    elif job.error:
+        summary += f": {job.error}"
+    print(summary, file=sys.stderr)
+    if args.json:
+        _print_json({"job": job_id, "run": job.run_id, "status": status, "selection": job.selection,
+                     "thresholds": thresholds, **result, "studies": rows})
+    else:
+        _print_rows(rows, False, ["study_id", "cohort", "label", "probability", "predicted"])
+    return EXIT_OK if status == "done" else EXIT_SOME_FAILED
+
+
 def cmd_predictions(args: argparse.Namespace) -> int:
     with dbm.opened(args.db) as db:
         text = report.predictions_csv(db, args.run)
@@ -280,8 +353,13 @@ def cmd_predictions(args: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
+    if args.cohort is not None and args.threshold is not None:
+        raise CommandError("--cohort always evaluates at the thresholds chosen on the run's validation set; leave out --threshold")
     with dbm.opened(args.db) as db:
-        result = assessment.evaluate(db, args.run, threshold=args.threshold)
+        if args.cohort is not None:
+            result = external.evaluate_cohort(db, args.run, args.cohort)
+        else:
+            result = assessment.evaluate(db, args.run, threshold=args.threshold)
     if args.json:
         _print_json(result.as_json())
         return EXIT_OK
@@ -527,6 +605,8 @@ def build_parser() -> argparse.ArgumentParser:
     verb = verbs.add_parser("evaluate", help="metrics with 95%% CIs on a run's test subset")
     verb.add_argument("run", type=int, metavar="RUN")
     verb.add_argument("--threshold", type=float, default=None, help="default: the run's validation-chosen threshold")
+    verb.add_argument("--cohort", default=None, metavar="NAME",
+                      help="that cohort's external predictions (from `predict`), at the run's validation thresholds")
     verb.add_argument("--json", action="store_true")
     verb.set_defaults(func=cmd_evaluate)
 
@@ -537,6 +617,15 @@ def build_parser() -> argparse.ArgumentParser:
     verb.add_argument("--seed", type=int, default=0, help="seed of the bootstrap (default 0)")
     verb.add_argument("--json", action="store_true")
     verb.set_defaults(func=cmd_compare)
+    verb = verbs.add_parser("predict", help="a finished run's model over studies outside its split (subset external)")
+    verb.add_argument("run", type=int, metavar="RUN")
+    which = verb.add_mutually_exclusive_group(required=True)
+    which.add_argument("--cohort", metavar="NAME", help="every study of this cohort")
+    which.add_argument("--studies", metavar="ID,...", help="these studies (comma-separated ids)")
+    which.add_argument("--unread", action="store_true", help="every study no reader has read yet, outside the run's split")
+    verb.add_argument("--queue", action="store_true", help="only enqueue for the worker")
+    verb.add_argument("--json", action="store_true")
+    verb.set_defaults(func=cmd_predict)
 
     verb = verbs.add_parser("explain", help="Grad-CAM overlay of one image for one run")
     verb.add_argument("run", type=int, metavar="RUN")

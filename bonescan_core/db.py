@@ -513,6 +513,8 @@ def data_version(db: sqlite_utils.Database) -> int:
     """The data version: it changes whenever a row of :data:`DATA_VERSION_TABLES` changes, in
     the same transaction (one indexed read; a cache keyed by it is never stale)."""
     return int(db.execute("SELECT value FROM data_version WHERE id = 1").fetchone()[0])
+
+
 def _m012_repeat_groups(db: sqlite_utils.Database) -> None:
     """Runs trained as repeats (``train --repeats K``: K seeds, or K splits) form a group:
     ``runs.repeat_group`` is the id of the group's first run (NULL: a run trained alone).
@@ -526,6 +528,29 @@ def _m013_reviews_by_reader(db: sqlite_utils.Database) -> None:
     """An index of reviews by reader: the Review page asks for one reader's read studies on
     every rerun (``review.read_by``), a scan of every review without it."""
     db.execute("CREATE INDEX reviews_reader ON reviews(reviewer, study_id)")
+
+
+def _m014_prediction_jobs(db: sqlite_utils.Database) -> None:
+    """prediction_jobs: a run's locked model over studies outside its split, queued for the
+    worker beside training runs (``prediction.py``): which studies, progress, heartbeat, cancel
+    and outcome, with the same statuses as runs."""
+    db.execute("""CREATE TABLE prediction_jobs (
+            id INTEGER PRIMARY KEY,
+            run_id INTEGER NOT NULL REFERENCES runs(id),
+            status TEXT NOT NULL CHECK (status IN ('queued', 'running', 'done', 'failed', 'cancelled', 'interrupted')),
+            study_ids TEXT NOT NULL,           -- JSON list of the study ids to predict, sorted
+            selection TEXT NOT NULL,           -- how they were chosen: cohort NAME, studies, unread
+            progress TEXT,                     -- JSON: phase, batch, batches, eta_s
+            result TEXT,                       -- JSON: counts when done
+            cancel_requested INTEGER NOT NULL DEFAULT 0,
+            error TEXT,
+            worker_pid INTEGER,
+            created_at TEXT NOT NULL,
+            started_at TEXT,
+            finished_at TEXT,
+            heartbeat_at TEXT
+        )""")
+    db.execute("CREATE INDEX prediction_jobs_status ON prediction_jobs(status)")
 
 
 MIGRATIONS: list[tuple[str, Callable[[sqlite_utils.Database], None]]] = [
@@ -542,6 +567,7 @@ MIGRATIONS: list[tuple[str, Callable[[sqlite_utils.Database], None]]] = [
     ("011_data_version", _m011_data_version),
     ("012_repeat_groups", _m012_repeat_groups),
     ("013_reviews_by_reader", _m013_reviews_by_reader),
+    ("014_prediction_jobs", _m014_prediction_jobs),
 ]
 
 

@@ -4,7 +4,9 @@ The Streamlit app never trains in its own process: it enqueues a run and, if no 
 alive, starts ``bonescan worker`` in the background. The worker claims the oldest queued
 run, writes progress and a heartbeat to the database, honours cancel within a few batches,
 and records the outcome. A run whose worker died is marked ``interrupted`` once its
-heartbeat is older than ``STALE_AFTER_S`` or when a new worker starts.
+heartbeat is older than ``STALE_AFTER_S`` or when a new worker starts. Prediction jobs
+(:mod:`bonescan_core.prediction`: a finished run's model over studies outside its split)
+share the worker, the reporter and these rules; a queued prediction goes before queued runs.
 
 Runs are read and written through the run store (:mod:`bonescan_core.runs`); this module
 holds the queue's rules (duplicates, claiming, cancel, orphaned runs) and the worker: it
@@ -30,7 +32,7 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 from bonescan_core import db as dbm
-from bonescan_core import errors, explain, runs, splits, training
+from bonescan_core import errors, explain, prediction, runs, splits, training
 from bonescan_core.heavy import sqlite_utils
 
 STATUSES = ("queued", "running", "done", "failed", "cancelled", "interrupted")
@@ -197,6 +199,18 @@ def mark_interrupted(db: sqlite_utils.Database, worker_starting: bool = False) -
     return orphaned
 
 
+def mark_predictions_interrupted(db: sqlite_utils.Database, worker_starting: bool = False) -> list[int]:
+    """:func:`mark_interrupted` for prediction jobs; returns their ids."""
+    orphaned = []
+    with dbm.write(db):
+        for job_id, heartbeat_at, pid in prediction.running(db):
+            if _seconds_since(heartbeat_at) > STALE_AFTER_S or (worker_starting and not _pid_alive(pid)):
+                prediction.finish(db, job_id, "interrupted", "the worker stopped while predicting (killed, crashed or the "
+                                  "machine restarted); predict again: studies already stored are replaced")
+                orphaned.append(job_id)
+    return orphaned
+
+
 def claim_next(db: sqlite_utils.Database, run_id: int | None = None) -> runs.Run | None:
     """Take the oldest queued run (or the given one) and mark it running by this process."""
     with dbm.write(db):
@@ -212,7 +226,7 @@ def claim_next(db: sqlite_utils.Database, run_id: int | None = None) -> runs.Run
 def worker_alive(db: sqlite_utils.Database) -> bool:
     """Whether a worker process is alive: one is training (a running run's heartbeat is
     fresh), or an idle worker's heartbeat is fresh and its pid exists."""
-    for _, heartbeat_at, _ in runs.running(db):
+    for _, heartbeat_at, _ in [*runs.running(db), *prediction.running(db)]:
         if _seconds_since(heartbeat_at) < STALE_AFTER_S:
             return True
     row = db.execute("SELECT value FROM settings WHERE key = ?", [WORKER_KEY]).fetchone()
@@ -267,7 +281,9 @@ def ensure_worker(db_path: Path, idle_exit_s: float = 600.0) -> bool:
 
 @dataclass
 class DatabaseReporter:
-    """Training progress into the run store (``training.Reporter`` protocol).
+    """Training progress into the run store (``training.Reporter`` protocol), or a prediction
+    job's into its rows (``store=prediction``: the same ``heartbeat``, ``set_progress`` and
+    ``cancel_requested`` functions, keyed by the job's id as ``run_id``).
 
     Progress is written at most every ``every_s`` seconds; cancel is read as often.
     A separate thread keeps the heartbeat fresh while a long step (model build, feature
@@ -278,6 +294,7 @@ class DatabaseReporter:
     run_id: int
     every_s: float = 0.5
     echo: Callable[[dict], None] | None = None  # e.g. a terminal progress bar
+    store: Any = runs  # the module that keeps the rows: runs, or prediction for prediction jobs
 
     def __post_init__(self) -> None:
         self._last_write = 0.0
@@ -291,7 +308,7 @@ class DatabaseReporter:
         while not self._stop.wait(HEARTBEAT_EVERY_S):
             try:
                 with dbm.opened(self.db_path) as db:
-                    runs.heartbeat(db, self.run_id)
+                    self.store.heartbeat(db, self.run_id)
             except Exception:  # noqa: BLE001 - a missed beat must never kill training
                 continue
 
@@ -308,8 +325,8 @@ class DatabaseReporter:
             return
         self._last_write = now
         with dbm.opened(self.db_path) as db:
-            runs.set_progress(db, self.run_id, fields)
-            self._cancelled = runs.cancel_requested(db, self.run_id)
+            self.store.set_progress(db, self.run_id, fields)
+            self._cancelled = self.store.cancel_requested(db, self.run_id)
 
     def epoch_done(self, epoch: int, phase: str, logs: dict, seconds: float, train_images_per_second: float) -> None:
         with dbm.opened(self.db_path) as db:
@@ -321,7 +338,7 @@ class DatabaseReporter:
             if now - self._last_cancel_check >= self.every_s:
                 self._last_cancel_check = now
                 with dbm.opened(self.db_path) as db:
-                    self._cancelled = runs.cancel_requested(db, self.run_id)
+                    self._cancelled = self.store.cancel_requested(db, self.run_id)
         return self._cancelled
 
 
@@ -361,15 +378,15 @@ def precompute_explanations(db_path: Path, run_id: int, reporter: DatabaseReport
     """Grad-CAM maps of every predicted (validation and test) image, cached, so the
     Evaluate page's explorer never waits for one. One study at a time: its images go through
     the model together (``explain.explain_images``: one batched pass, one write). Stops
-    early, between studies, on cancel and as soon as another run is queued (training comes
-    first; a missing map is computed on first view). Returns how many predicted images were
+    early, between studies, on cancel and as soon as another run or a prediction job is queued
+    (they come first; a missing map is computed on first view). Returns how many predicted images were
     explained."""
 
     with dbm.opened(db_path) as db:
         studies = runs.unexplained_by_study(db, run_id)
         computed = done = 0
         for image_ids in studies.values():
-            if reporter.cancelled() or runs.any_queued(db):
+            if reporter.cancelled() or runs.any_queued(db) or prediction.any_queued(db):
                 break
             explain.explain_images(db, db_path, run_id, image_ids)
             computed, done = computed + len(image_ids), done + 1
@@ -411,16 +428,40 @@ def explain_pending(db_path: Path, skip: set[int]) -> int | None:
     if computed == 0:
         skip.add(run_id)
     return run_id
+def execute_prediction(db_path: Path, job: prediction.PredictionJob, echo: Callable[[dict], None] | None = None) -> str:
+    """Run one claimed prediction job (``prediction.run_job``: predictions, then Grad-CAM maps)
+    and record its outcome; returns the final status (``done``, ``cancelled``, ``failed`` or
+    ``interrupted``)."""
+    reporter = DatabaseReporter(Path(db_path), job.id, echo=echo, store=prediction)
+    status, error, result = "done", None, None
+    try:
+        with dbm.opened(db_path) as db:
+            result = prediction.run_job(db, db_path, job, reporter)
+    except prediction.PredictionCancelled:
+        status = "cancelled"
+    except KeyboardInterrupt:
+        status, error = "interrupted", "stopped by the user (Ctrl-C or SIGTERM); predict again"
+    except Exception as exc:  # noqa: BLE001 - recorded on the job, with the traceback in the worker log
+        traceback.print_exc()
+        status, error = "failed", f"{type(exc).__name__}: {exc}".splitlines()[0][:500]
+    finally:
+        reporter.close()
+    with dbm.opened(db_path) as db:
+        prediction.finish(db, job.id, status, error, result)
+    return status
 
 
 def run_worker(db_path: Path, once: bool = False, idle_exit_s: float | None = None, poll_s: float = 2.0,
                echo: Callable[[str], None] = print) -> int:
-    """The worker loop: one run at a time until the queue is empty (``once``) or forever
-    (until ``idle_exit_s`` seconds pass with nothing to do). Returns the number of runs done."""
+    """The worker loop: one run or prediction job at a time until the queue is empty (``once``)
+    or forever (until ``idle_exit_s`` seconds pass with nothing to do). Returns the number of
+    runs and jobs done."""
     db_path = Path(db_path)
     with dbm.opened(db_path) as db:
         for run_id in mark_interrupted(db, worker_starting=True):
             echo(f"run {run_id}: interrupted (its worker is gone)")
+        for job_id in mark_predictions_interrupted(db, worker_starting=True):
+            echo(f"prediction job {job_id}: interrupted (its worker is gone)")
     done = 0
     idle_since = time.monotonic()
     explained: set[int] = set()
@@ -428,8 +469,18 @@ def run_worker(db_path: Path, once: bool = False, idle_exit_s: float | None = No
         while True:
             with dbm.opened(db_path) as db:
                 mark_interrupted(db)
+                mark_predictions_interrupted(db)
                 _worker_heartbeat(db, "idle")
-                run = claim_next(db)
+                job = prediction.claim_next(db)  # short, and someone waits for it: before queued runs
+                run = claim_next(db) if job is None else None
+            if job is not None:
+                echo(f"prediction job {job.id}: run {job.run_id} over {len(job.study_ids)} studies started")
+                with dbm.opened(db_path) as db:
+                    _worker_heartbeat(db, f"predicting {job.id}")
+                echo(f"prediction job {job.id}: {execute_prediction(db_path, job)}")
+                done += 1
+                idle_since = time.monotonic()
+                continue
             if run is None:
                 # Nothing to train: make the maps a run trained without them still lacks (e.g. by
                 # `bonescan train`, which returns as soon as the model is trained).

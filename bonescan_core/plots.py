@@ -575,6 +575,57 @@ def subgroup_forest(rows: Sequence[Mapping[str, Any]], metrics: Sequence[str] = 
             height=max(320, 120 + 28 * len(rows)), margin={"l": 290, "r": 30, "t": 80, "b": 70},
             legend={"orientation": "h", "x": 0.0, "y": -0.08, "xanchor": "left", "yanchor": "top"})
     return fig
+# --- dataset shift ------------------------------------------------------------------------------
+
+def shift_figures(shift: Mapping[str, Any]) -> dict[str, go.Figure]:
+    """The dataset-shift panel: the run's test set (internal) beside an external cohort.
+
+    Args:
+        shift: ``external.dataset_shift(...)``: ``bins``, ``cohort``, and ``internal`` /
+            ``external`` sides with ``histogram``, ``sizes``, ``prevalence``,
+            ``mean_probability``.
+
+    Returns:
+        ``{"intensity": histograms of the scaled counts (log fraction of pixels), "sizes":
+        images per size, "summary": label prevalence and mean predicted probability}``;
+        internal in the first palette colour, external in the second.
+    """
+    edges = np.asarray(shift["bins"], dtype=float)
+    centres = (edges[:-1] + edges[1:]) / 2
+    sides = {"internal (test set)": shift["internal"], f"external ({shift['cohort']})": shift["external"]}
+
+    intensity = go.Figure()
+    for i, (name, side) in enumerate(sides.items()):
+        intensity.add_trace(go.Scatter(
+            x=centres, y=side["histogram"], mode="lines", name=name, line={"color": colour(i), "width": 2, "shape": "hvh"},
+            hovertemplate=f"<b>{name}</b><br>scaled counts %{{x:.3f}}<br>%{{y:.4f}} of pixels<extra></extra>"))
+    intensity.update_xaxes(title="Counts / image's display window (99.5th percentile), clipped at 1", range=[0, 1])
+    intensity.update_yaxes(title="Fraction of pixels (log)", type="log")
+    _layout(intensity, "Intensity histograms", legend={"x": 0.98, "y": 0.98, "xanchor": "right"})
+
+    sizes = go.Figure()
+    every = list(dict.fromkeys([*shift["internal"]["sizes"], *shift["external"]["sizes"]]))
+    for i, (name, side) in enumerate(sides.items()):
+        total = max(1, side["n_images"])
+        sizes.add_trace(go.Bar(
+            x=every, y=[side["sizes"].get(size, 0) / total for size in every], name=name, marker_color=colour(i),
+            text=[str(side["sizes"].get(size, 0)) for size in every], textposition="outside",
+            hovertemplate=f"<b>{name}</b><br>%{{x}}: %{{text}} images<extra></extra>"))
+    sizes.update_xaxes(title="Stored image size (height x width)", type="category")
+    sizes.update_yaxes(title="Share of images", range=[0, 1.15])
+    _layout(sizes, "Image sizes", barmode="group")
+
+    summary = go.Figure()
+    quantities = {"prevalence": "Label prevalence (metastatic)", "mean_probability": "Mean predicted probability"}
+    for i, (name, side) in enumerate(sides.items()):
+        values = [side[key] for key in quantities]
+        summary.add_trace(go.Bar(
+            x=list(quantities.values()), y=[v if v is not None else 0 for v in values], name=name, marker_color=colour(i),
+            text=[_fmt(v) for v in values], textposition="outside",
+            hovertemplate=f"<b>{name}</b><br>%{{x}}: %{{text}}<extra></extra>"))
+    summary.update_yaxes(title="Share / probability", range=[0, 1.1])
+    _layout(summary, "Prevalence and mean predicted probability (studies)", barmode="group")
+    return {"intensity": intensity, "sizes": sizes, "summary": summary}
 
 
 # --- Grad-CAM overlays (RGB arrays) --------------------------------------------------------------

@@ -26,12 +26,14 @@ BUNDLE_FILES = ("model.keras", "config.json", "metrics.json", "predictions.csv",
 
 
 def predictions_rows(db: sqlite_utils.Database, run_id: int) -> list[dict[str, Any]]:
-    """Every stored prediction of a run (validation and test), by subset then image id."""
+    """Every stored prediction of a run (validation, test, then external), by subset then image id;
+    an external study's unknown label is an empty cell."""
     data = runs.predictions(db, run_id)
     return [
         {"image_id": int(data["image_id"][i]), "study_id": int(data["study_id"][i]),
          "patient_id": int(data["patient_id"][i]), "view": data["view"][i] or "", "subset": data["subset"][i],
-         "label": int(data["label"][i]), "probability": round(float(data["probability"][i]), 6)}
+         "label": "" if data["label"][i] == runs.UNKNOWN_LABEL else int(data["label"][i]),
+         "probability": round(float(data["probability"][i]), 6)}
         for i in range(len(data["image_id"]))
     ]
 

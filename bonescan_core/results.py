@@ -169,6 +169,10 @@ class EvaluationResult:
     ``threshold_source``: ``argument``, ``run`` or ``default`` (:func:`decision_threshold`).
     ``study_level``: the same metrics with one row per study (probability = max over its
     views), with ``study_n_patients`` patients; None when not computed.
+    ``study_threshold``: the study level's own threshold when it differs from ``threshold``
+    (external validation at the run's study threshold); None: the same.
+    ``cohort`` and ``n_unlabelled``: on an external cohort (``external.evaluate_cohort``), its
+    name and how many of its predicted studies have no label (left out); None otherwise.
     """
 
     run: int
@@ -185,6 +189,9 @@ class EvaluationResult:
     bootstrap: dict[str, Any] = field(default_factory=dict)
     calibration: dict[str, Any] | None = None  # calibration.summary on the subset's studies
     subgroups: list[dict[str, Any]] | None = None  # subgroups.run_subgroups rows
+    study_threshold: float | None = None
+    cohort: str | None = None
+    n_unlabelled: int | None = None
 
     STUDY_AGGREGATION = "max probability over the study's views"
 
@@ -208,14 +215,16 @@ class EvaluationResult:
         """The ``evaluate --json`` object (``docs/cli.md``): ``run, backbone, threshold,
         threshold_source, subset, n_images, n_studies, n_patients, metrics {name: {value,
         ci95}}, confusion {tp, fp, tn, fn}``, then ``study_level``, ``bootstrap``,
-        ``calibration`` (``calibration.summary``) and ``subgroups`` (``subgroups.run_subgroups``)."""
+        ``calibration`` (``calibration.summary``) and ``subgroups`` (``subgroups.run_subgroups``);
+        on an external cohort also ``cohort`` and ``n_unlabelled``."""
         out: dict[str, Any] = {
             "run": self.run, "backbone": self.backbone, "threshold": self.threshold,
             "threshold_source": self.threshold_source, "subset": self.subset, "n_images": self.n_images,
             "n_studies": self.n_studies, "n_patients": self.n_patients, **self.image_level.as_json(),
         }
         if self.study_level is not None:
-            out["study_level"] = {"aggregation": self.STUDY_AGGREGATION, "threshold": self.threshold,
+            study_threshold = self.threshold if self.study_threshold is None else self.study_threshold
+            out["study_level"] = {"aggregation": self.STUDY_AGGREGATION, "threshold": study_threshold,
                                   "n_studies": self.n_studies, "n_patients": self.study_n_patients,
                                   **self.study_level.as_json()}
         if self.bootstrap:
@@ -224,6 +233,9 @@ class EvaluationResult:
             out["calibration"] = dict(self.calibration)
         if self.subgroups is not None:
             out["subgroups"] = [dict(row) for row in self.subgroups]
+        if self.cohort is not None:
+            out["cohort"] = self.cohort
+            out["n_unlabelled"] = self.n_unlabelled
         return out
 
     def to_json_text(self) -> str:
@@ -232,8 +244,10 @@ class EvaluationResult:
 
     def headline(self) -> str:
         """``run 3 (densenet121), test: 60 images, 30 studies, threshold 0.450``."""
-        return (f"run {self.run} ({self.backbone}), {self.subset}: {self.n_images} images, "
+        where = self.subset if self.cohort is None else f"cohort {self.cohort} (external)"
+        text = (f"run {self.run} ({self.backbone}), {where}: {self.n_images} images, "
                 f"{self.n_studies} studies, threshold {self.threshold:.3f}")
+        return text if self.n_unlabelled is None else f"{text}; {self.n_unlabelled} unlabelled studies left out"
 
     def format_text(self) -> str:
         """What ``bonescan evaluate`` prints without ``--json``."""

@@ -47,6 +47,7 @@ CALIBRATION_METHODS = ("temperature", "platt", "none")
 RUNS_FOLDER = "runs"
 MODEL_CACHE_SIZE = 2  # loaded run models kept in memory (a DenseNet121 ~30 MB, a ResNet50 ~100 MB)
 SUBSETS = ("train", "val", "test")
+UNKNOWN_LABEL = -1  # runs.predictions' label of an external study nobody has labelled (stored as NULL)
 
 
 class ModelUnavailable(errors.Unavailable):
@@ -397,12 +398,13 @@ def predictions(db: sqlite_utils.Database, run_id: int, subset: str | None = Non
     """A run's stored predictions with each image's study, patient and view.
 
     Args:
-        subset: ``"test"``, ``"val"`` or ``"train"``; None (default) for every subset.
+        subset: ``"test"``, ``"val"``, ``"train"`` or ``"external"``; None (default) for every subset.
 
     Returns:
         ``{"image_id", "study_id", "patient_id"}``: (n,) int64; ``"view"``: (n,) object
-        (str or None); ``"subset"``: (n,) object; ``"label"``: (n,) int64 0/1;
-        ``"probability"``: (n,) float64; ordered by subset (train, val, test) then image id.
+        (str or None); ``"subset"``: (n,) object; ``"label"``: (n,) int64 0/1, or
+        :data:`UNKNOWN_LABEL` (-1) for an external study without a label;
+        ``"probability"``: (n,) float64; ordered by subset (train, val, test, external) then image id.
         Empty arrays when there are none.
 
     Raises:
@@ -414,7 +416,7 @@ def predictions(db: sqlite_utils.Database, run_id: int, subset: str | None = Non
         """SELECT p.image_id, i.study_id, s.patient_id, i.view, p.subset, p.label, p.probability
            FROM predictions p JOIN images i ON i.id = p.image_id JOIN studies s ON s.id = i.study_id
            WHERE p.run_id = ? AND (? IS NULL OR p.subset = ?)
-           ORDER BY CASE p.subset WHEN 'train' THEN 0 WHEN 'val' THEN 1 ELSE 2 END, p.image_id""",
+           ORDER BY CASE p.subset WHEN 'train' THEN 0 WHEN 'val' THEN 1 WHEN 'test' THEN 2 ELSE 3 END, p.image_id""",
         [run_id, subset, subset],
     ).fetchall()
     columns = list(zip(*rows, strict=True)) if rows else [()] * 7
@@ -424,31 +426,42 @@ def predictions(db: sqlite_utils.Database, run_id: int, subset: str | None = Non
         "patient_id": np.asarray(columns[2], dtype=np.int64),
         "view": np.asarray(columns[3], dtype=object),
         "subset": np.asarray(columns[4], dtype=object),
-        "label": np.asarray(columns[5], dtype=np.int64),
+        "label": np.asarray([UNKNOWN_LABEL if v is None else v for v in columns[5]], dtype=np.int64),
         "probability": np.asarray(columns[6], dtype=np.float64),
     }
 
 
-_SUBSET_ORDER = "CASE p.subset WHEN 'train' THEN 0 WHEN 'val' THEN 1 WHEN 'test' THEN 2 ELSE 3 END"
-_STORED_STUDY_ROWS_SQL = f"""
-    SELECT p.study_id, s.patient_id, p.subset, p.label, p.probability, COALESCE(p.raw_probability, p.probability)
-    FROM study_predictions p JOIN studies s ON s.id = p.study_id
-    WHERE p.run_id = ? AND (? IS NULL OR p.subset = ?) ORDER BY {_SUBSET_ORDER}, p.study_id"""
-# A study's images collapsed to one row; its label is the same on every image, so MAX(label) is it.
-_COLLAPSED_STUDY_ROWS_SQL = {how: f"""
-    SELECT i.study_id, s.patient_id, p.subset, MAX(p.label), {function}(p.probability),
-           {function}(COALESCE(p.raw_probability, p.probability))
-    FROM predictions p JOIN images i ON i.id = p.image_id JOIN studies s ON s.id = i.study_id
-    WHERE p.run_id = ? AND (? IS NULL OR p.subset = ?)
-    GROUP BY i.study_id, s.patient_id, p.subset ORDER BY {_SUBSET_ORDER}, i.study_id""" for how, function in (("max", "MAX"), ("mean", "AVG"))}
+def _study_rows_sql(how: str) -> str:
+    """The query of :func:`study_predictions` with image rows collapsed by ``how`` (MAX or AVG).
+
+    Stored study rows per subset: an older run that later predicted external studies has study
+    rows for ``external`` only, and its val/test studies still come from their image rows.
+    """
+    return f"""SELECT * FROM (
+                SELECT p.study_id, s.patient_id, p.subset, p.label, p.probability,
+                       COALESCE(p.raw_probability, p.probability)
+                FROM study_predictions p JOIN studies s ON s.id = p.study_id
+                WHERE p.run_id = ? AND (? IS NULL OR p.subset = ?)
+              UNION ALL
+                -- label is constant within a study (a study has one label), so MAX(label) is that label.
+                SELECT i.study_id, s.patient_id, p.subset, MAX(p.label), {how}(p.probability),
+                       {how}(COALESCE(p.raw_probability, p.probability))
+                FROM predictions p JOIN images i ON i.id = p.image_id JOIN studies s ON s.id = i.study_id
+                WHERE p.run_id = ? AND (? IS NULL OR p.subset = ?)
+                  AND p.subset NOT IN (SELECT DISTINCT subset FROM study_predictions WHERE run_id = ?)
+                GROUP BY i.study_id, s.patient_id, p.subset) p
+              ORDER BY CASE p.subset WHEN 'train' THEN 0 WHEN 'val' THEN 1 WHEN 'test' THEN 2 ELSE 3 END, 1"""
+
+
+_STUDY_ROWS_SQL = {"max": _study_rows_sql("MAX"), "mean": _study_rows_sql("AVG")}
 
 
 def study_predictions(db: sqlite_utils.Database, run_id: int, subset: str | None = None,
                       aggregate: str = "max") -> dict[str, np.ndarray]:
     """A run's study-level predictions: one row per study, the study as the unit of analysis.
 
-    Rows of ``study_predictions`` when the run stored them (runs trained since migration 010,
-    and predictions on external studies); otherwise (older runs) each study's image
+    Rows of ``study_predictions`` for the subsets where the run stored them (runs trained since
+    migration 010, and predictions on external studies); otherwise (older runs) each study's image
     predictions collapsed with ``aggregate`` (``max``: the most suspicious view decides;
     ``mean``), so a study written once per image counts once.
 
@@ -471,9 +484,7 @@ def study_predictions(db: sqlite_utils.Database, run_id: int, subset: str | None
         raise errors.InputError(f"study aggregation must be max or mean; got {aggregate!r}")
     if db.execute("SELECT 1 FROM runs WHERE id = ?", [run_id]).fetchone() is None:
         raise _not_found(run_id)
-    stored = db.execute("SELECT 1 FROM study_predictions WHERE run_id = ? LIMIT 1", [run_id]).fetchone() is not None
-    sql = _STORED_STUDY_ROWS_SQL if stored else _COLLAPSED_STUDY_ROWS_SQL[aggregate]
-    rows = db.execute(sql, [run_id, subset, subset]).fetchall()
+    rows = db.execute(_STUDY_ROWS_SQL[aggregate], [run_id, subset, subset, run_id, subset, subset, run_id]).fetchall()
     columns = list(zip(*rows, strict=True)) if rows else [()] * 6
     return {
         "study_id": np.asarray(columns[0], dtype=np.int64),
@@ -638,6 +649,28 @@ def record_result(db: sqlite_utils.Database, db_path: str | os.PathLike[str], ru
         })
         db.execute("DELETE FROM predictions WHERE run_id = ?", [run_id])
         db["predictions"].insert_all(rows)
+
+
+def store_external_predictions(db: sqlite_utils.Database, run_id: int, images: Iterable[Mapping[str, Any]],
+                               studies: Iterable[Mapping[str, Any]]) -> None:
+    """Store a run's predictions on studies outside its split (subset ``external``), in one write.
+
+    Rows are keyed (run, image) and (run, study): predicting a study again replaces its rows,
+    so a re-run leaves the same rows, never duplicates.
+
+    Args:
+        images: ``{"image_id", "label", "probability", "raw_probability"}`` per image: label
+            0/1 or None (unlabelled), probability (calibrated when the run is) in [0, 1],
+            raw_probability the model's output, or None when the run is not calibrated.
+        studies: ``{"study_id", "label", "probability", "raw_probability"}`` per study, alike.
+    """
+    image_rows = [{"run_id": run_id, "image_id": int(r["image_id"]), "subset": "external", "label": r["label"],
+                   "probability": float(r["probability"]), "raw_probability": r["raw_probability"]} for r in images]
+    study_rows = [{"run_id": run_id, "study_id": int(r["study_id"]), "subset": "external", "label": r["label"],
+                   "probability": float(r["probability"]), "raw_probability": r["raw_probability"]} for r in studies]
+    with dbm.write(db):
+        db["predictions"].insert_all(image_rows, replace=True)
+        db["study_predictions"].insert_all(study_rows, replace=True)
 
 
 # --- the runs folder --------------------------------------------------------------------------

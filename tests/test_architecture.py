@@ -257,6 +257,7 @@ def test_the_browser_gets_no_error_details():
 # Exceptions that are not errors to report: each says why in its docstring.
 OUTSIDE_THE_ERROR_FAMILY = {
     "TrainingCancelled",  # control flow: unwinds a training run the user stopped; never shown as an error
+    "PredictionCancelled",  # control flow: unwinds a prediction job the user stopped, as TrainingCancelled
     "_AllDuplicates",  # private control flow inside ingest: rolls back a transaction, never leaves the module
     "RejectedFile",  # imaging's per-file rejection; moves onto InputError with the imaging subpackage
 }
