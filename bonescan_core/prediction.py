@@ -471,7 +471,10 @@ def explain_studies(db: sqlite_utils.Database, db_path: str | os.PathLike[str], 
         explain.explain_images(db, db_path, run_id, image_ids)
         explained += len(image_ids)
         if reporter is not None:
-            reporter.progress({"phase": "explaining", "batch": start + len(group), "batches": len(order), "eta_s": None})
+            done = start + len(group)
+            # The last step is always written (progress is throttled), so a finished job reads as complete.
+            reporter.progress({"phase": "explaining", "batch": done, "batches": len(order), "eta_s": None},
+                              force=done == len(order))
     return explained
 
 
