@@ -119,7 +119,7 @@ def export_bundle(db: sqlite_utils.Database, db_path: Path, run_id: int, out_dir
     model, backbone, _ = runs.load_model(db_path, run)  # raises ModelUnavailable with advice
     out_dir.mkdir(parents=True, exist_ok=True)
     exported = out_dir / "model.keras"
-    bundle.standalone_model(model, backbone, run.settings.view_mode).save(exported)
+    bundle.standalone_model(model, backbone, run.settings.view_mode, run.settings.mode).save(exported)
     keras_module().saving.load_model(exported, compile=False, safe_mode=True)
     (out_dir / "config.json").write_text(json.dumps(bundle_config(run), indent=2, sort_keys=True))
     (out_dir / "metrics.json").write_text(evaluation.evaluate(db, run_id).to_json_text())

@@ -78,7 +78,7 @@ def run_bundle(bundle, argv_lists, cwd):
 
 def train(db_path, **settings):
     with dbm.opened(db_path) as db:
-        config = TrainConfig(weights="none", mode="full", epochs=1, batch_size=8, image_size=(64, 32), **settings)
+        config = TrainConfig(**{"weights": "none", "mode": "full", "epochs": 1, "batch_size": 8, "image_size": (64, 32), **settings})
         run_id = jobs.enqueue(db, config.backbone, config.to_dict(), config.identity_hash())
     assert jobs.run_worker(db_path, once=True, echo=lambda line: None) == 1
     with dbm.opened(db_path) as db:
@@ -89,13 +89,19 @@ def train(db_path, **settings):
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
-    """16 demo studies; a per-image ResNet50 run and a composite DenseNet121 run (weights none, 64 x 32, 1 epoch)."""
-    db_path = tmp_path_factory.mktemp("standalone") / "labels.db"
+    """16 demo studies; a per-image ResNet50 run, a composite DenseNet121 run (weights none, 64 x 32,
+    1 epoch) and a fast-mode ResNet50 run, each exported once: (db path, (run, its bundle) of each)."""
+    folder = tmp_path_factory.mktemp("standalone")
+    db_path = folder / "labels.db"
     with dbm.opened(db_path) as db:
         add_demo_studies(db, 16, seed=21)
     per_image = train(db_path, backbone="resnet50")
     composite = train(db_path, backbone="densenet121", view_mode="composite")
-    return db_path, per_image, composite
+    fast = train(db_path, backbone="resnet50", mode="fast", epochs=3)
+    with dbm.opened(db_path) as db:  # in this process: no fresh interpreter needed for the in-process check
+        report.export_bundle(db, db_path, fast, folder / "fast")
+    return (db_path, (per_image, export(db_path, per_image, folder / "per-image")),
+            (composite, export(db_path, composite, folder / "composite")), (fast, folder / "fast"))
 
 
 def stored(db_path, run_id):
@@ -119,8 +125,8 @@ def write_files(folder, name, pixels):
     return tiff, png
 
 
-def export(db_path, run_id, folder):
-    bundle = folder / "bundle"
+def export(db_path, run_id, bundle):
+    """``bonescan export RUN --out BUNDLE`` in a fresh process, as a user would."""
     result = run_cli("export", str(run_id), "--out", str(bundle), db_path=db_path)
     assert result.returncode == 0, result.stderr
     assert sorted(p.name for p in bundle.iterdir()) == sorted(report.BUNDLE_FILES)
@@ -129,8 +135,7 @@ def export(db_path, run_id, folder):
 
 @pytest.mark.slow
 def test_per_image_bundle_reproduces_the_app_without_bonescan(trained, tmp_path):
-    db_path, run_id, _ = trained
-    bundle = export(db_path, run_id, tmp_path)
+    db_path, (run_id, bundle), *_ = trained
     config = json.loads((bundle / "config.json").read_text())
     assert config["model_input"]["inputs"] == ["counts"] and "calibration" not in config
 
@@ -181,8 +186,7 @@ def test_per_image_bundle_reproduces_the_app_without_bonescan(trained, tmp_path)
 
 @pytest.mark.slow
 def test_composite_bundle_reproduces_the_app_without_bonescan(trained, tmp_path):
-    db_path, _, run_id = trained
-    bundle = export(db_path, run_id, tmp_path)
+    db_path, _, (run_id, bundle), _ = trained
     assert json.loads((bundle / "config.json").read_text())["model_input"]["inputs"] == ["anterior", "posterior"]
     argv, expected = [], []
     for study_id, items in list(stored(db_path, run_id).items())[:2]:
@@ -203,24 +207,30 @@ def test_composite_bundle_reproduces_the_app_without_bonescan(trained, tmp_path)
 
 
 @pytest.mark.slow
-def test_the_exported_model_loads_safely_and_takes_any_size(trained, tmp_path):
+def test_the_exported_model_loads_safely_and_takes_any_size(trained):
     import keras
 
     from bonescan_core.bundle import bonescan_layers  # noqa: F401  # registers the layers
 
-    db_path, run_id, _ = trained
-    bundle = export(db_path, run_id, tmp_path)
+    db_path, (run_id, bundle), _, (fast_id, fast_bundle) = trained
     model = keras.saving.load_model(bundle / "model.keras", compile=False, safe_mode=True)
     assert model.input_shape == (None, None, None, 1) and model.output_shape == (None, 1)
     assert not any(isinstance(layer, keras.layers.Lambda) for layer in model._flatten_layers())
+    run_model, backbone, size = runs.load_model(db_path, run_id)
     rng = np.random.default_rng(3)
     for shape in ((64, 32), (300, 128), (97, 211)):
         counts = rng.poisson(20, size=shape).astype(np.float32)
         standalone = float(np.asarray(model(counts[None, :, :, None], training=False))[0, 0])
-        run_model, backbone, size = runs.load_model(db_path, run_id)
         grey = preprocess.prepare_image(counts, size).astype(np.float16).astype(np.float32)
-        app = float(np.asarray(run_model(preprocess.to_model_input(grey[None], backbone), training=False))[0, 0])
+        app = float(np.asarray(run_model([preprocess.to_model_input(grey[None], backbone)], training=False))[0, 0])
         assert abs(standalone - app) < 1e-5, shape
+
+    # Fast mode: the stored probabilities come from float16-cached features; the bundle rounds them too.
+    fast = keras.saving.load_model(fast_bundle / "model.keras", compile=False, safe_mode=True)
+    images = [image for items in stored(db_path, fast_id).values() for image in items][:4]
+    ours = [float(np.asarray(fast(pixels.astype(np.float32)[None, :, :, None], training=False))[0, 0])
+            for _, _, pixels, _ in images]
+    np.testing.assert_allclose(ours, [probability for *_, probability in images], atol=1e-4, rtol=0)
 
 
 @pytest.mark.parametrize(("shape", "size"), [

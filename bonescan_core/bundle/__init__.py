@@ -7,7 +7,8 @@ batch (1, h, w, 1) float32 (two such inputs, ``anterior`` and ``posterior``, for
 composite run), and applies min-max, fit-to-size, the float16 rounding of the app's image
 cache, the grey-to-RGB channels and the backbone's ``preprocess_input`` in its own layers
 (:mod:`bonescan_core.bundle.bonescan_layers`). Its output is the app's raw probability of
-the same image within float rounding (``tests/test_standalone.py``).
+the same image within float rounding (``tests/test_standalone.py``); a fast-mode run's
+model also rounds its pooled features to float16, as the app's feature cache does.
 
 The app itself keeps its NumPy/Pillow path (:mod:`bonescan_core.preprocess`): training
 fits every image once into a float16 cache and feeds same-sized batches for many epochs,
@@ -26,13 +27,13 @@ from pathlib import Path
 from typing import Any
 
 from bonescan_core.heavy import keras_module
-from bonescan_core.models import Backbone, get_backbone
+from bonescan_core.models import Backbone, features_of, get_backbone
 
 HERE = Path(__file__).resolve().parent
 CODE_FILES = ("predict.py", "bonescan_layers.py")  # copied into every bundle beside model.keras
 
 
-def standalone_model(model: Any, backbone: str | Backbone, view_mode: str = "per_image") -> Any:
+def standalone_model(model: Any, backbone: str | Backbone, view_mode: str = "per_image", mode: str = "finetune") -> Any:
     """A run's model with the app's whole input pipeline in front of it, in layers that serialise.
 
     Args:
@@ -42,6 +43,8 @@ def standalone_model(model: Any, backbone: str | Backbone, view_mode: str = "per
         view_mode: ``per_image`` (one input ``counts``) or ``composite`` (inputs ``anterior``
             and ``posterior``, each fitted into its half of the frame, W // 2 and W - W // 2
             wide, as ``preprocess.compose_views``).
+        mode: the run's training mode; ``fast`` rounds the pooled features to float16 before
+            the head, since a fast run's stored probabilities come from its float16 feature cache.
 
     Returns:
         A ``keras.Model``: input(s) (N, h, w, 1) float32 raw counts, any h and w (the images
@@ -66,7 +69,12 @@ def standalone_model(model: Any, backbone: str | Backbone, view_mode: str = "per
     else:
         raise ValueError(f"unknown view mode {view_mode!r}; choose per_image or composite")
     x = layers.BackboneInput(module, name="backbone_input")(grey)
-    return keras.Model(inputs if len(inputs) > 1 else inputs[0], model(x), name=f"{model.name}_standalone")
+    if mode == "fast":
+        pooled = layers.Float16Cache(name="feature_cache")(features_of(model)(x))
+        output = model.get_layer("head_dense")(model.get_layer("head_dropout")(pooled))
+    else:
+        output = model(x)
+    return keras.Model(inputs if len(inputs) > 1 else inputs[0], output, name=f"{model.name}_standalone")
 
 
 def write_code(out_dir: Path) -> list[Path]:

@@ -3,7 +3,8 @@
 This file travels in every model bundle beside ``model.keras`` and ``predict.py`` and must
 stay self-contained: it imports Keras and nothing of bonescan. Import it before
 ``keras.saving.load_model(..., safe_mode=True)``: importing registers the layers under the
-package name ``bonescan`` (``bonescan>FitScan``, ``bonescan>BackboneInput``).
+package name ``bonescan`` (``bonescan>FitScan``, ``bonescan>BackboneInput``,
+``bonescan>Float16Cache``).
 
 The layers compute, in the graph and for an image of any size, what the app computes with
 NumPy and Pillow (``bonescan_core.preprocess``) before its model sees an image:
@@ -13,6 +14,9 @@ NumPy and Pillow (``bonescan_core.preprocess``) before its model sees an image:
    frame; values clipped to [0, 1]; rounded to float16 and back, as the app caches images.
 2. :class:`BackboneInput`: x 255, grey repeated on R, G, B, then the backbone's own
    ``keras.applications.<module>.preprocess_input``.
+
+A model trained in fast mode also rounds its pooled features to float16 before the head
+(:class:`Float16Cache`), as the app's feature cache does.
 
 The resize is two matrix products, ``rows @ image @ cols.T``: every output pixel is the
 triangle-filter average Pillow's ``Image.resize(..., BILINEAR)`` computes (filter support
@@ -138,3 +142,19 @@ class BackboneInput(keras.layers.Layer):
 
     def get_config(self) -> dict[str, Any]:
         return {**super().get_config(), "module": self.module}
+
+
+@keras.saving.register_keras_serializable(package="bonescan")
+class Float16Cache(keras.layers.Layer):
+    """Round to float16 and back: what the app's float16 feature cache does to a fast-mode run's
+    pooled features before its head. Input and output: any shape, float32."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        kwargs.setdefault("dtype", "float32")
+        super().__init__(**kwargs)
+
+    def call(self, x: Any) -> Any:
+        return ops.cast(ops.cast(x, "float16"), "float32")
+
+    def compute_output_shape(self, input_shape: tuple[Any, ...]) -> tuple[Any, ...]:
+        return input_shape
