@@ -221,7 +221,7 @@ def thresholds(config: dict[str, Any]) -> list[tuple[str, float]]:
 
 # --- the model --------------------------------------------------------------------------------------
 
-def load_model(bundle: Path) -> Any:
+def load_bundle_model(bundle: Path) -> Any:
     """The bundle's model.keras, loaded in Keras's safe mode (its layers come from bonescan_layers.py)."""
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     sys.path.insert(0, str(bundle))
@@ -261,7 +261,7 @@ def main(argv: list[str] | None = None) -> int:
     if composite and len(args.files) % 2:
         parser.error("this is a two-view run: give the ANTERIOR and POSTERIOR file of each study, in pairs")
     calibration = None if args.raw else config.get("calibration")
-    model = load_model(bundle)
+    model = load_bundle_model(bundle)
     status = EXIT_OK
     groups = [args.files[i : i + 2] for i in range(0, len(args.files), 2)] if composite else [[f] for f in args.files]
     for group in groups:
