@@ -1,5 +1,9 @@
 """Exports of a run: predictions CSV, a self-contained HTML report, and the model bundle.
 
+The bundle's ``model.keras`` stands alone: it takes a scan's raw counts and carries the
+app's input pipeline (:mod:`bonescan_core.bundle`), and the bundle's ``predict.py`` runs it
+without bonescan.
+
 The same functions serve the Evaluate page's downloads and the CLI (``predictions``,
 ``export``). Nothing identifying leaves: rows carry database ids only (patients are the
 pseudonymous ids of this database), and the config holds settings, not file paths of scans.
@@ -10,19 +14,18 @@ from __future__ import annotations
 import html
 import io
 import json
-import shutil
 import tempfile
 import zipfile
 from pathlib import Path
 from typing import Any
 
-from bonescan_core import assessment, calibration, errors, evaluation, plots, runs
+from bonescan_core import assessment, bundle, calibration, errors, evaluation, plots, runs
 from bonescan_core.csvfile import write_rows
-from bonescan_core.heavy import sqlite_utils
+from bonescan_core.heavy import keras_module, sqlite_utils
 from bonescan_core.results import LevelResult
 
 PREDICTION_COLUMNS = ("image_id", "study_id", "patient_id", "view", "subset", "label", "probability")
-BUNDLE_FILES = ("model.keras", "config.json", "metrics.json", "predictions.csv", "report.html")
+BUNDLE_FILES = ("model.keras", "config.json", "metrics.json", "predictions.csv", "report.html", *bundle.CODE_FILES)
 
 
 def predictions_rows(db: sqlite_utils.Database, run_id: int) -> list[dict[str, Any]]:
@@ -116,23 +119,43 @@ Device: {html.escape(str(run.results.device or 'unknown'))}. Status: {html.escap
 """
 
 
+def bundle_config(run: runs.Run) -> dict[str, Any]:
+    """A bundle's ``config.json``: the run's configuration (settings and facts, so also a stored
+    ``calibration`` and ``thresholds``), its decision ``threshold``, and ``model_input``, which
+    says what the exported model takes."""
+    record = run.config_record()
+    record.setdefault("threshold", run.results.threshold)
+    views = ["anterior", "posterior"] if run.settings.view_mode == "composite" else ["counts"]
+    record["model_input"] = {
+        "inputs": views, "shape": [1, None, None, 1], "dtype": "float32",
+        "pixels": "the image's raw counts (negatives set to 0), any size; the model normalises and fits them itself",
+        "output": "probability before calibration",
+    }
+    return record
+
+
 def export_bundle(db: sqlite_utils.Database, db_path: Path, run_id: int, out_dir: Path) -> list[Path]:
     """Write BUNDLE_FILES for a finished run into ``out_dir`` (created); returns the paths.
 
-    The model is copied from ``runs/`` after checking that it loads with
-    ``safe_mode=True`` (``runs.load_model``: Keras loads here, export is a model verb), so
-    a bundle never carries a broken model.
+    The run's model (checked against its sha256 and loaded with ``safe_mode=True`` by
+    ``runs.load_model``: Keras loads here, export is a model verb) is wrapped by
+    :func:`bundle.standalone_model` and saved as ``model.keras``, which is loaded back in safe
+    mode before anything else is written, so a bundle never carries a broken model.
+    ``predict.py`` and ``bonescan_layers.py`` run it without bonescan.
     """
     run = runs.get(db, run_id)
     if run.status != "done":
         raise errors.InputError(f"run {run_id} is {run.status}; only finished runs can be exported")
-    runs.load_model(db_path, run)  # raises ModelUnavailable with advice
+    model, backbone, _ = runs.load_model(db_path, run)  # raises ModelUnavailable with advice
     out_dir.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(runs.weights_file(db_path, run), out_dir / "model.keras")
-    (out_dir / "config.json").write_text(json.dumps(run.config_record(), indent=2, sort_keys=True))
+    exported = out_dir / "model.keras"
+    bundle.standalone_model(model, backbone, run.settings.view_mode, run.settings.mode).save(exported)
+    keras_module().saving.load_model(exported, compile=False, safe_mode=True)
+    (out_dir / "config.json").write_text(json.dumps(bundle_config(run), indent=2, sort_keys=True))
     (out_dir / "metrics.json").write_text(assessment.evaluate(db, run_id).to_json_text())
     (out_dir / "predictions.csv").write_text(predictions_csv(db, run_id))
     (out_dir / "report.html").write_text(report_html(db, run_id), encoding="utf-8")
+    bundle.write_code(out_dir)
     return [out_dir / name for name in BUNDLE_FILES]
 
 

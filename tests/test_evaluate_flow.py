@@ -70,12 +70,14 @@ def test_cli_evaluate_explain_export_round_trip(finished_run, tmp_path):
     exported = run_cli("export", str(run_id), "--out", str(bundle), db_path=db_path)
     assert exported.returncode == 0, exported.stderr
     assert sorted(p.name for p in bundle.iterdir()) == sorted(["model.keras", "config.json", "metrics.json", "predictions.csv",
-                                                               "report.html"])
+                                                               "report.html", "predict.py", "bonescan_layers.py"])
     assert json.loads((bundle / "metrics.json").read_text())["run"] == run_id
     assert json.loads((bundle / "config.json").read_text())["backbone"] == "resnet50"
     report = (bundle / "report.html").read_text()
     assert "<script" in report and 'src="http' not in report and "ResNet50" in report  # self-contained: no network
     import keras
+
+    from bonescan_core.bundle import bonescan_layers  # noqa: F401  # registers the exported model's input layers
 
     model = keras.saving.load_model(bundle / "model.keras", safe_mode=True)
     assert model.output_shape == (None, 1)
