@@ -169,6 +169,8 @@ class EvaluationResult:
     ``threshold_source``: ``argument``, ``run`` or ``default`` (:func:`decision_threshold`).
     ``study_level``: the same metrics with one row per study (probability = max over its
     views), with ``study_n_patients`` patients; None when not computed.
+    ``localisation``: the Grad-CAM pointing game (``evaluation.localisation_summary``:
+    ``hit_rate``, ``ci95``, ``n``, ...), None when no study of the subset has lesion points.
     """
 
     run: int
@@ -183,6 +185,7 @@ class EvaluationResult:
     study_level: LevelResult | None = None
     study_n_patients: int | None = None
     bootstrap: dict[str, Any] = field(default_factory=dict)
+    localisation: dict[str, Any] | None = None
 
     STUDY_AGGREGATION = "max probability over the study's views"
 
@@ -205,7 +208,8 @@ class EvaluationResult:
     def as_json(self) -> dict[str, Any]:
         """The ``evaluate --json`` object (``docs/cli.md``): ``run, backbone, threshold,
         threshold_source, subset, n_images, n_studies, n_patients, metrics {name: {value,
-        ci95}}, confusion {tp, fp, tn, fn}``, then ``study_level`` and ``bootstrap``."""
+        ci95}}, confusion {tp, fp, tn, fn}``, then ``study_level``, ``bootstrap`` and
+        ``localisation`` (null without lesion points)."""
         out: dict[str, Any] = {
             "run": self.run, "backbone": self.backbone, "threshold": self.threshold,
             "threshold_source": self.threshold_source, "subset": self.subset, "n_images": self.n_images,
@@ -217,6 +221,7 @@ class EvaluationResult:
                                   **self.study_level.as_json()}
         if self.bootstrap:
             out["bootstrap"] = dict(self.bootstrap)
+        out["localisation"] = None if self.localisation is None else dict(self.localisation)
         return out
 
     def to_json_text(self) -> str:
@@ -230,4 +235,26 @@ class EvaluationResult:
 
     def format_text(self) -> str:
         """What ``bonescan evaluate`` prints without ``--json``."""
-        return "\n".join([self.headline(), *self.image_level.text_lines()])
+        return "\n".join([self.headline(), *self.image_level.text_lines(), *self.localisation_lines()])
+
+    def localisation_text(self) -> str | None:
+        """The pointing game in one sentence (the Evaluate page, :meth:`format_text`); None
+        without lesion points."""
+        if self.localisation is None:
+            return None
+        loc = self.localisation
+        if loc["hit_rate"] is None:
+            text = "no true-positive study with lesion points to score"
+        else:
+            low, high = loc["ci95"]
+            text = (f"{loc['hit_rate']:.3f} (95% CI {low:.3f} to {high:.3f}): the map peak lies within "
+                    f"{loc['tolerance_px']:g} px (at 1024x256) of a lesion in {loc['hits']} of {loc['n']} "
+                    "true-positive lesion studies")
+        if loc.get("n_without_map"):
+            text += f"; {loc['n_without_map']} left out, their maps not computed yet"
+        return text
+
+    def localisation_lines(self) -> list[str]:
+        """The pointing-game line of :meth:`format_text` (none without lesion points)."""
+        text = self.localisation_text()
+        return [] if text is None else [f"  localisation {text}"]

@@ -719,15 +719,31 @@ def load_model(db_path: str | os.PathLike[str], run: Run | int) -> tuple[Any, Ba
 # --- Grad-CAM maps (explanations) ----------------------------------------------------------------
 
 def cached_heatmap(db: sqlite_utils.Database, run_id: int, image_id: int) -> np.ndarray | None:
-    """The stored heatmap of (run, image) as (H0, W0) float32 in [0, 1], or None if not computed yet."""
-    row = db.execute("SELECT heatmap FROM explanations WHERE run_id = ? AND image_id = ?", [run_id, image_id]).fetchone()
-    return None if row is None else pixelstore.decode_pixels(row[0]).astype(np.float32)
+    """The stored heatmap of (run, image) as (H0, W0) float32 in [0, 1] (divided by its own
+    maximum; ``localisation.shared_scale`` puts it on the display scale), or None if not
+    computed yet."""
+    cached = cached_explanation(db, run_id, image_id)
+    return None if cached is None else cached[0]
 
 
-def store_heatmaps(db: sqlite_utils.Database, run_id: int, heatmaps: Mapping[int, np.ndarray]) -> None:
-    """Store {image id: (H0, W0) map in [0, 1]} of a run as float16, in one write. Another
-    process may have stored the same map meanwhile: same inputs, same map, so it is replaced."""
-    rows = [{"run_id": run_id, "image_id": int(image_id), "heatmap": pixelstore.encode_pixels(np.asarray(heat).astype(np.float16))}
+def cached_explanation(db: sqlite_utils.Database, run_id: int, image_id: int) -> tuple[np.ndarray, float | None] | None:
+    """(heatmap as :func:`cached_heatmap`, the model's probability from the pass that made it,
+    before calibration; None for a map stored before that was kept) of (run, image), or None
+    if not computed yet."""
+    row = db.execute("SELECT heatmap, probability FROM explanations WHERE run_id = ? AND image_id = ?",
+                     [run_id, image_id]).fetchone()
+    return None if row is None else (pixelstore.decode_pixels(row[0]).astype(np.float32), row[1])
+
+
+def store_heatmaps(db: sqlite_utils.Database, run_id: int, heatmaps: Mapping[int, np.ndarray],
+                   probabilities: Mapping[int, float] | None = None) -> None:
+    """Store {image id: (H0, W0) map in [0, 1]} of a run as float16, with {image id: the
+    model's probability (before calibration)} from the same pass where given, in one write.
+    Another process may have stored the same map meanwhile: same inputs, same map, so it is
+    replaced."""
+    probabilities = probabilities or {}
+    rows = [{"run_id": run_id, "image_id": int(image_id), "heatmap": pixelstore.encode_pixels(np.asarray(heat).astype(np.float16)),
+             "probability": None if probabilities.get(image_id) is None else float(probabilities[image_id])}
             for image_id, heat in heatmaps.items()]
     with dbm.write(db):
         db["explanations"].insert_all(rows, replace=True)
