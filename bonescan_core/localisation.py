@@ -20,7 +20,7 @@ computed, and a colour means the same in every run; the price is that two confid
 positives look equally hot whatever their raw Grad-CAM magnitudes (which are in logit units
 per feature cell, not comparable across backbones anyway).
 
-Pointing game (Zhang et al., 2016, "Top-down neural attention by excitation backprop"):
+Pointing game (Zhang et al., "Top-down neural attention by excitation backprop", ECCV 2016, IJCV 2018):
 among the true-positive lesion studies of a subset (reference label metastatic, called
 positive at the decision threshold, with at least one lesion point), the share whose map peak
 lies within :data:`TOLERANCE_PX` pixels of a lesion point. The tolerance is quoted at the
@@ -48,8 +48,8 @@ REFERENCE_SIZE = (1024, 256)
 """(rows, cols) of the nominal whole-body matrix the tolerance is quoted for."""
 
 TOLERANCE_PX = 15.0
-"""Pointing-game tolerance in pixels of :data:`REFERENCE_SIZE`: about two lesion diameters of
-a mid-sized (3-10 px) metastasis, one Grad-CAM cell of a stride-32 backbone at 646 x 220."""
+"""Pointing-game tolerance in pixels of :data:`REFERENCE_SIZE`: about two diameters of a
+mid-sized (3-10 px) phantom metastasis (docs/statistics.md says why)."""
 
 
 def shared_scale(heatmap: np.ndarray, probability: float | None) -> np.ndarray:
