@@ -209,7 +209,7 @@ class EvaluationResult:
         """The ``evaluate --json`` object (``docs/cli.md``): ``run, backbone, threshold,
         threshold_source, subset, n_images, n_studies, n_patients, metrics {name: {value,
         ci95}}, confusion {tp, fp, tn, fn}``, then ``study_level``, ``bootstrap`` and
-        ``localisation`` (null without lesion points)."""
+        ``localisation`` (absent when no study has lesion points)."""
         out: dict[str, Any] = {
             "run": self.run, "backbone": self.backbone, "threshold": self.threshold,
             "threshold_source": self.threshold_source, "subset": self.subset, "n_images": self.n_images,
@@ -221,7 +221,8 @@ class EvaluationResult:
                                   **self.study_level.as_json()}
         if self.bootstrap:
             out["bootstrap"] = dict(self.bootstrap)
-        out["localisation"] = None if self.localisation is None else dict(self.localisation)
+        if self.localisation is not None:  # absent without lesion points: the output is what it was
+            out["localisation"] = dict(self.localisation)
         return out
 
     def to_json_text(self) -> str:

@@ -146,13 +146,13 @@ def test_evaluate_json_reports_localisation_with_a_wilson_interval(db, scored_ru
     assert "localisation 0.500 (95% CI 0.095 to 0.905)" in evaluation.evaluate(db, run_id, n_resamples=50).format_text()
 
 
-def test_localisation_is_null_without_lesion_points_and_unscored_without_true_positives(db, scored_run):
+def test_localisation_is_absent_without_lesion_points_and_unscored_without_true_positives(db, scored_run):
     run_id, _ = scored_run
     high = evaluation.evaluate(db, run_id, threshold=0.99, n_resamples=20).as_json()["localisation"]
     assert (high["hit_rate"], high["ci95"], high["n"]) == (None, [None, None], 0)  # lesions, but no true positive
     with dbm.write(db):
         db.execute("DELETE FROM lesions")
-    assert evaluation.evaluate(db, run_id, n_resamples=20).as_json()["localisation"] is None
+    assert "localisation" not in evaluation.evaluate(db, run_id, n_resamples=20).as_json()
 
 
 def test_evaluate_cli_prints_the_localisation_object(db, db_path, scored_run, capsys):
