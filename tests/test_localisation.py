@@ -394,3 +394,36 @@ def test_maps_depend_on_the_learned_weights_model_randomisation():
     correlations = [spearman(a, b) for a, b in zip(trained_maps, random_maps, strict=True)]
     assert np.median(correlations) < 0.4, correlations  # measured: 0.22 (two trained models agree at 0.45)
     assert spearman(trained_maps[0], trained_maps[0]) == pytest.approx(1.0)  # the statistic can say "same"
+
+
+# --- the Evaluate page ----------------------------------------------------------------------------------
+
+def test_evaluate_page_shows_the_pointing_game(db_path):
+    """Every view of the metastatic test studies has a lesion point (the page test's labels are
+    not the phantoms' truth, so they are placed by hand); maps peak on it in each anterior view
+    and in a corner of each posterior one: a true-positive study is a hit exactly when its
+    anterior view is the more probable."""
+    from test_evaluate_page import insert_runs, open_evaluate
+
+    with dbm.opened(db_path) as db:
+        run = insert_runs(db)["densenet121"]  # the newest run: the page opens on it
+        with dbm.write(db):
+            db.execute("DELETE FROM lesions")
+        maps = {}
+        for image_id, _, _, view, subset, label, _ in run["rows"]:
+            height, width = db.execute("SELECT height, width FROM images WHERE id = ?", [image_id]).fetchone()
+            lesion = (height // 3, width // 2)
+            if subset == "test" and label == 1:
+                add_points(db, image_id, [lesion])
+            maps[image_id] = bump((height, width), *(lesion if view == "anterior" else (height - 5, width - 5)))
+        runs.store_heatmaps(db, run["id"], maps)
+    studies: dict[int, dict[str, float]] = {}
+    for _, study_id, _, view, subset, label, p in run["rows"]:
+        if subset == "test" and label == 1:
+            studies.setdefault(study_id, {})[view] = p
+    scored = [s for s in studies.values() if max(s.values()) >= run["threshold"]]
+    hits = sum(s["anterior"] >= s["posterior"] for s in scored)
+    assert scored and 0 < hits < len(scored), "test setup: hits and misses are both needed"
+    app = open_evaluate(db_path)
+    assert {m.label: m.value for m in app.metric}["Grad-CAM pointing game"] == f"{hits / len(scored):.3f}"
+    assert any(f"in {hits} of {len(scored)} true-positive lesion studies" in c.value for c in app.caption)
