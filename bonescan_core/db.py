@@ -486,6 +486,9 @@ def _m011_localisation(db: sqlite_utils.Database) -> None:
     ``explanations.probability``: the model's probability (before calibration) from the forward
     pass that made the map, so a cached map can be shown on the shared scale and answer with its
     probability; maps stored before take it from the run's prediction of the image, if any.
+    ``explanations.peak_row, peak_col, peak_value``: where the stored map peaks (stored image's
+    pixels) and its maximum, so the pointing game reads three numbers, not a map; NULL for maps
+    stored before (their readers compute them from the map).
     """
     db.execute("""CREATE TABLE lesions (
             id INTEGER PRIMARY KEY,
@@ -505,6 +508,9 @@ def _m011_localisation(db: sqlite_utils.Database) -> None:
                 db.execute("INSERT OR IGNORE INTO lesions (image_id, row, col, source) VALUES (?, ?, ?, 'phantom')",
                            [image_id, float(finding["row"]), float(finding["col"])])
     db.execute("ALTER TABLE explanations ADD COLUMN probability REAL")  # before calibration; NULL: not known
+    db.execute("ALTER TABLE explanations ADD COLUMN peak_row INTEGER")  # NULL: not computed, or no positive value
+    db.execute("ALTER TABLE explanations ADD COLUMN peak_col INTEGER")
+    db.execute("ALTER TABLE explanations ADD COLUMN peak_value REAL")  # the stored map's maximum; NULL: not computed
     db.execute("""UPDATE explanations SET probability = (
             SELECT COALESCE(p.raw_probability, p.probability) FROM predictions p
             WHERE p.run_id = explanations.run_id AND p.image_id = explanations.image_id)""")

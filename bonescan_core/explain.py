@@ -261,8 +261,9 @@ def explain_images(
         else:
             model, bb, size = runs.load_model(db_path, run)
             computed = dict(zip(missing, _explain_per_image(model, bb, [pixels[i] for i in missing], size), strict=True))
-        runs.store_heatmaps(db, run_id, {member: heat for member, (heat, _) in computed.items()},
-                            {member: probability for member, (_, probability) in computed.items()})
+        stored = {member: heat.astype(np.float16) for member, (heat, _) in computed.items()}
+        runs.store_heatmaps(db, run_id, stored, {member: probability for member, (_, probability) in computed.items()},
+                            {member: localisation.map_peak(heat) for member, heat in stored.items()})
         for member, (heat, probability) in computed.items():
             if member in wanted:
                 found[member] = Explained(heat.astype(np.float16).astype(np.float32), probability)

@@ -137,43 +137,56 @@ class StudyPointing:
     hit: bool
 
 
-def study_peak(maps: Mapping[int, tuple[np.ndarray, float | None]]) -> tuple[int | None, tuple[int, int] | None]:
+def map_peak(heatmap: np.ndarray) -> tuple[tuple[int, int] | None, float]:
+    """(:func:`peak_of`, the map's maximum >= 0) of one stored map: what ``explanations`` keeps
+    beside the map (``peak_row``, ``peak_col``, ``peak_value``) so that scoring reads no map."""
+    heat = np.nan_to_num(np.asarray(heatmap, dtype=np.float32), nan=0.0, posinf=0.0, neginf=0.0)
+    return peak_of(heat), max(0.0, float(heat.max()))
+
+
+View = tuple[tuple[int, int] | None, float, float | None]
+"""One view of a study: (its map's peak (row, col) or None, the map's maximum as stored, the
+run's probability for the image or None)."""
+
+
+def study_peak(views: Mapping[int, View]) -> tuple[int | None, tuple[int, int] | None]:
     """(image id, (row, col)) of the maximum over a study's maps on the shared scale.
 
     Args:
-        maps: {image id: (stored map (H, W) in [0, 1], the run's probability for the image)}.
+        views: {image id: :data:`View`}.
 
     Returns:
-        The image holding the hottest shared-scale pixel (ties: the lowest image id) and the
-        peak in its pixels; (None, None) when no map has a positive value.
+        The image whose map reaches the highest shared-scale value (maximum x probability;
+        ties: the lowest image id) and its peak in that image's pixels; (None, None) when no
+        map has a positive value.
     """
     best: tuple[float, int] | None = None
-    for image_id in sorted(maps):
-        heat, probability = maps[image_id]
-        top = float(shared_scale(heat, probability).max()) if np.asarray(heat).size else 0.0
-        if top > 0.0 and (best is None or top > best[0]):
+    for image_id in sorted(views):
+        peak, value, probability = views[image_id]
+        top = value * (1.0 if probability is None else min(1.0, max(0.0, float(probability))))
+        if peak is not None and top > 0.0 and (best is None or top > best[0]):
             best = (top, image_id)
     if best is None:
         return None, None
-    image_id = best[1]
-    return image_id, peak_of(maps[image_id][0])
+    return best[1], views[best[1]][0]
 
 
-def score_study(study_id: int, maps: Mapping[int, tuple[np.ndarray, float | None]],
-                points: Mapping[int, np.ndarray], tolerance: float = TOLERANCE_PX) -> StudyPointing:
+def score_study(study_id: int, views: Mapping[int, View], points: Mapping[int, np.ndarray],
+                shapes: Mapping[int, tuple[int, int]], tolerance: float = TOLERANCE_PX) -> StudyPointing:
     """Score one study: its shared-scale peak against the lesion points of the peak's view.
 
     Args:
-        maps: see :func:`study_peak`.
-        points: {image id: (k, 2) lesion points (row, col)} of the study's images.
+        views: {image id: :data:`View`} of the study's predicted images.
+        points: {image id: (k, 2) lesion points (row, col)}.
+        shapes: {image id: (H, W) of the stored image}.
     """
-    image_id, peak = study_peak(maps)
+    image_id, peak = study_peak(views)
     if image_id is None or peak is None:
         return StudyPointing(study_id, image_id, None, None, False)
     here = points.get(image_id)
     if here is None or len(here) == 0:
         return StudyPointing(study_id, image_id, peak, None, False)
-    distance = float(nominal_distances(peak, here, maps[image_id][0].shape).min())
+    distance = float(nominal_distances(peak, here, shapes[image_id]).min())
     return StudyPointing(study_id, image_id, peak, round(distance, 2), distance <= tolerance)
 
 
@@ -209,7 +222,8 @@ def pointing_game(db: sqlite_utils.Database, run_id: int, threshold: float, subs
 
     A study's probability is the max over its predicted views and its label their label
     (as ``evaluation.study_level``); it is a true positive when its label is metastatic and
-    its probability >= ``threshold``. Only cached maps are read (``runs.cached_heatmap``).
+    its probability >= ``threshold``. Only cached maps are read: the peaks stored with them
+(``runs.cached_peaks``), or the map itself for one stored without (``runs.cached_heatmap``).
 
     Args:
         db: open database.
@@ -226,26 +240,29 @@ def pointing_game(db: sqlite_utils.Database, run_id: int, threshold: float, subs
     by_study: dict[int, list[int]] = {}
     for index, study_id in enumerate(data["study_id"].tolist()):
         by_study.setdefault(study_id, []).append(index)
-    scored, lesion_studies, without_map = [], 0, 0
+    candidates: dict[int, list[int]] = {}  # true-positive lesion studies: their row indices
+    lesion_studies = 0
     for study_id, rows in sorted(by_study.items()):
-        image_ids = [int(data["image_id"][i]) for i in rows]
-        if not any(image_id in points for image_id in image_ids):
+        if not any(int(data["image_id"][i]) in points for i in rows):
             continue
         lesion_studies += 1
-        label = int(max(data["label"][i] for i in rows))
-        probability = float(max(data["probability"][i] for i in rows))
-        if label != 1 or probability < threshold:
+        if int(data["label"][rows].max()) == 1 and float(data["probability"][rows].max()) >= threshold:
+            candidates[study_id] = rows
+    image_ids = [int(data["image_id"][i]) for rows in candidates.values() for i in rows]
+    peaks = runs.cached_peaks(db, run_id, image_ids)
+    for image_id, (_, value) in list(peaks.items()):
+        if value is None:  # a map stored without its peak (before migration 011): read the map
+            peaks[image_id] = map_peak(runs.cached_heatmap(db, run_id, image_id))
+    shapes = {image_id: (int(h), int(w)) for image_id, h, w in db.execute(
+        f"SELECT id, height, width FROM images WHERE id IN ({', '.join('?' for _ in image_ids)})", image_ids).fetchall()}
+    scored, without_map = [], 0
+    for study_id, rows in candidates.items():
+        ids = [int(data["image_id"][i]) for i in rows]
+        if not all(image_id in peaks for image_id in ids):
+            without_map += 1
             continue
-        maps = {}
-        for i, image_id in zip(rows, image_ids, strict=True):
-            heat = runs.cached_heatmap(db, run_id, image_id)
-            if heat is None:
-                break
-            maps[image_id] = (heat, float(data["probability"][i]))
-        else:
-            scored.append(score_study(study_id, maps, points, tolerance))
-            continue
-        without_map += 1
+        views = {image_id: (*peaks[image_id], float(data["probability"][i])) for image_id, i in zip(ids, rows, strict=True)}
+        scored.append(score_study(study_id, views, points, shapes, tolerance))
     return PointingGame(tuple(scored), lesion_studies, without_map, tolerance)
 
 
@@ -264,5 +281,5 @@ def summary(game: PointingGame, interval: Sequence[float | None]) -> dict[str, o
     }
 
 
-__all__ = ["REFERENCE_SIZE", "TOLERANCE_PX", "PointingGame", "StudyPointing", "is_hit", "nominal_distances", "peak_of",
-           "pointing_game", "score_study", "shared_scale", "study_peak", "summary"]
+__all__ = ["REFERENCE_SIZE", "TOLERANCE_PX", "PointingGame", "StudyPointing", "View", "is_hit", "map_peak",
+           "nominal_distances", "peak_of", "pointing_game", "score_study", "shared_scale", "study_peak", "summary"]

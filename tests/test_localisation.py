@@ -134,6 +134,23 @@ def test_pointing_game_scores_true_positive_lesion_studies_at_their_shared_scale
     assert (game.n, game.hits, game.n_lesion_studies, game.n_without_map) == (2, 1, 4, 1)
 
 
+def test_pointing_game_reads_the_peaks_stored_with_the_maps(db, scored_run):
+    """Maps stored with their peaks are scored from those three numbers (no map is read), with
+    the same result as from the maps themselves; a planted stored peak is what counts."""
+    run_id, studies = scored_run
+    before = localisation.pointing_game(db, run_id, threshold=0.5)
+    with dbm.write(db):
+        for image_id, blob in db.execute("SELECT image_id, heatmap FROM explanations WHERE run_id = ?", [run_id]).fetchall():
+            peak, value = localisation.map_peak(pixelstore.decode_pixels(blob))
+            db.execute("UPDATE explanations SET peak_row = ?, peak_col = ?, peak_value = ? WHERE run_id = ? AND image_id = ?",
+                       [peak[0], peak[1], value, run_id, image_id])
+    assert localisation.pointing_game(db, run_id, threshold=0.5) == before
+    with dbm.write(db):  # B's posterior map now claims its peak on B's posterior lesion
+        db.execute("UPDATE explanations SET peak_row = 300, peak_col = 60 WHERE run_id = ? AND image_id = ?",
+                   [run_id, studies["B"][1]["posterior"]])
+    assert localisation.pointing_game(db, run_id, threshold=0.5).hits == 2
+
+
 def test_evaluate_json_reports_localisation_with_a_wilson_interval(db, scored_run):
     run_id, _ = scored_run
     loc = evaluation.evaluate(db, run_id, n_resamples=50).as_json()["localisation"]
@@ -319,6 +336,9 @@ def test_explain_json_prints_the_probability_and_the_peak_in_stored_pixels(db, d
     assert set(out) == {"image_id", "probability", "peak"} and out["image_id"] == image_id
     # 400 x 100 fits the 128 x 64 frame at 0.32: the frame peak near (80, 22) must come back near (250, 70)
     assert math.hypot(out["peak"][0] - 250, out["peak"][1] - 70) <= 8.0
+    stored = db.execute("SELECT peak_row, peak_col, peak_value, heatmap FROM explanations WHERE image_id = ?", [image_id]).fetchone()
+    assert [stored[0], stored[1]] == out["peak"]  # stored with the map, for the pointing game
+    assert stored[2] == pytest.approx(float(pixelstore.decode_pixels(stored[3]).max()))
     own = float(np.asarray(model(to_model_input(prepare_image(pixels, size)[None], "resnet50")))[0, 0])
     assert out["probability"] == pytest.approx(own, abs=1e-4)  # no prediction stored: the model's own output
     with dbm.write(db):
