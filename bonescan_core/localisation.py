@@ -223,7 +223,7 @@ def pointing_game(db: sqlite_utils.Database, run_id: int, threshold: float, subs
     A study's probability is the max over its predicted views and its label their label
     (as ``evaluation.study_level``); it is a true positive when its label is metastatic and
     its probability >= ``threshold``. Only cached maps are read: the peaks stored with them
-(``runs.cached_peaks``), or the map itself for one stored without (``runs.cached_heatmap``).
+    (``runs.cached_peaks``), or the map itself for one stored without (``runs.cached_heatmap``).
 
     Args:
         db: open database.
@@ -253,8 +253,9 @@ def pointing_game(db: sqlite_utils.Database, run_id: int, threshold: float, subs
     for image_id, (_, value) in list(peaks.items()):
         if value is None:  # a map stored without its peak (before migration 011): read the map
             peaks[image_id] = map_peak(runs.cached_heatmap(db, run_id, image_id))
+    marks = ", ".join("?" for _ in image_ids)
     shapes = {image_id: (int(h), int(w)) for image_id, h, w in db.execute(
-        f"SELECT id, height, width FROM images WHERE id IN ({', '.join('?' for _ in image_ids)})", image_ids).fetchall()}
+        f"SELECT id, height, width FROM images WHERE id IN ({marks})", image_ids).fetchall()}
     scored, without_map = [], 0
     for study_id, rows in candidates.items():
         ids = [int(data["image_id"][i]) for i in rows]
