@@ -17,6 +17,7 @@ from bonescan_core import (
     evaluation,
     external,
     jobs,
+    localisation,
     pixelstore,
     plots,
     prediction,
@@ -147,6 +148,11 @@ with metrics_tab:
                           help=f"95% CI {metric.interval_text()}" if interval else None)
             if interval:
                 column.caption(interval)
+    if result.localisation is not None:
+        hit_rate = result.localisation["hit_rate"]
+        st.metric("Grad-CAM pointing game", "n/a" if hit_rate is None else f"{hit_rate:.3f}",
+                  help="Share of true-positive studies with lesion points whose map peak lies on a lesion.")
+        st.caption(result.localisation_text())
     level = st.radio("Level", ["image", "study (max over views)"], horizontal=True, key="ev_level")
     shown = result.level("image" if level == "image" else "study")
     test = cached_predictions(database, run_id, "test")
@@ -249,19 +255,21 @@ with explorer_tab:
                     f"reference label **{'metastatic' if chosen_row['label'] else 'no metastasis'}**")
         opacity = st.slider("Grad-CAM opacity", 0.0, 1.0, 0.45, 0.05, key="ex_opacity")
         images = cached_study_images(study_id)
-        predicted = {row["image_id"] for row in rows if row["study_id"] == study_id}
+        predicted = {row["image_id"]: row["probability"] for row in rows if row["study_id"] == study_id}
         panels, captions = [], []
         try:
             with st.spinner("Computing Grad-CAM..."):
                 for image in images:
                     if image["id"] in predicted:
-                        panels.append(plots.overlay(image["pixels"], heatmap(run_id, image["id"]), opacity=opacity,
-                                                      upper=image["display_max"]))
+                        shared = localisation.shared_scale(heatmap(run_id, image["id"]), predicted[image["id"]])
+                        panels.append(plots.overlay(image["pixels"], shared, opacity=opacity, upper=image["display_max"]))
                     else:
                         grey = pixelstore.to_display(image["pixels"], upper=image["display_max"])
                         panels.append(np.repeat(grey[..., None], 3, axis=2))
                     captions.append(f"{(image['view'] or 'view ?').capitalize()} (image {image['id']})")
             st.image(pixelstore.side_by_side(panels, 700), caption=" | ".join(captions))
+            st.caption("Maps on one scale for every image: evidence relative to the image's strongest, times the "
+                       "probability, so a confident negative stays cold.")
         except Exception as error:  # noqa: BLE001 - a missing model must not break the explorer
             st.error(f"Grad-CAM is not available for this run: {error}")
         with open_db() as db:

@@ -378,10 +378,16 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
 
 def cmd_explain(args: argparse.Namespace) -> int:
+    if not args.out and not args.json:
+        raise CommandError("choose --out FILE.png (the overlay), --json (probability and map peak), or both")
     db_path = dbm.resolve_path(args.db)
     with dbm.opened(db_path) as db:
-        out = explain.explain_png(db, db_path, args.run, args.image, Path(args.out), opacity=args.opacity)
-    print(f"wrote {out}")
+        out = explain.explain_png(db, db_path, args.run, args.image, Path(args.out), opacity=args.opacity) if args.out else None
+        summary = explain.explain_summary(db, db_path, args.run, args.image) if args.json else None
+    if out is not None:
+        print(f"wrote {out}", file=sys.stderr if args.json else sys.stdout)
+    if summary is not None:
+        _print_json(summary)
     return EXIT_OK
 
 
@@ -516,7 +522,7 @@ def build_parser() -> argparse.ArgumentParser:
     verb.add_argument("paths", nargs="*", metavar="PATH")
     verb.add_argument("--label-from-folder", action="store_true", help="record the class folder as a review")
     verb.add_argument("--manifest", metavar="CSV",
-                      help="path, patient_id, study_id, view, label[, sex, age, primary_cancer, cohort]")
+                      help="path, patient_id, study_id, view, label[, sex, age, primary_cancer, cohort, lesions]")
     verb.add_argument("--reviewer", default="import", help="name on folder/manifest label reviews (default import)")
     verb.add_argument("--keep-file-names", action="store_true",
                       help="store each file's original name (no folders), shown in the viewers, instead of a neutral "
@@ -617,6 +623,7 @@ def build_parser() -> argparse.ArgumentParser:
     verb.add_argument("--seed", type=int, default=0, help="seed of the bootstrap (default 0)")
     verb.add_argument("--json", action="store_true")
     verb.set_defaults(func=cmd_compare)
+
     verb = verbs.add_parser("predict", help="a finished run's model over studies outside its split (subset external)")
     verb.add_argument("run", type=int, metavar="RUN")
     which = verb.add_mutually_exclusive_group(required=True)
@@ -627,11 +634,13 @@ def build_parser() -> argparse.ArgumentParser:
     verb.add_argument("--json", action="store_true")
     verb.set_defaults(func=cmd_predict)
 
-    verb = verbs.add_parser("explain", help="Grad-CAM overlay of one image for one run")
+    verb = verbs.add_parser("explain", help="Grad-CAM of one image for one run: overlay PNG and/or probability and map peak")
     verb.add_argument("run", type=int, metavar="RUN")
     verb.add_argument("image", type=int, metavar="IMAGE")
-    verb.add_argument("--out", required=True, metavar="FILE.png")
+    verb.add_argument("--out", metavar="FILE.png", help="write the overlay (the map on the shared scale) here")
     verb.add_argument("--opacity", type=float, default=0.4)
+    verb.add_argument("--json", action="store_true",
+                      help='print {"image_id", "probability", "peak": [row, col]} (peak in the stored image\'s pixels)')
     verb.set_defaults(func=cmd_explain)
 
     verb = verbs.add_parser("export", help="model.keras, config.json, metrics.json, predictions.csv, report.html")

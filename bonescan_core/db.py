@@ -553,6 +553,46 @@ def _m014_prediction_jobs(db: sqlite_utils.Database) -> None:
     db.execute("CREATE INDEX prediction_jobs_status ON prediction_jobs(status)")
 
 
+def _m015_localisation(db: sqlite_utils.Database) -> None:
+    """What Grad-CAM localisation is measured against, and what puts maps on one scale.
+
+    ``lesions``: lesion points, one row per (image, row, col) in the stored image's pixels
+    (``source`` ``phantom`` or ``manifest``; see ``lesions.py``). The metastases of phantoms
+    stored before this migration are copied from ``images.truth`` (its own copy of that rule,
+    so later changes cannot change what it does to an old database).
+    ``explanations.probability``: the model's probability (before calibration) from the forward
+    pass that made the map, so a cached map can be shown on the shared scale and answer with its
+    probability; maps stored before take it from the run's prediction of the image, if any.
+    ``explanations.peak_row, peak_col, peak_value``: where the stored map peaks (stored image's
+    pixels) and its maximum, so the pointing game reads three numbers, not a map; NULL for maps
+    stored before (their readers compute them from the map).
+    """
+    db.execute("""CREATE TABLE lesions (
+            id INTEGER PRIMARY KEY,
+            image_id INTEGER NOT NULL REFERENCES images(id),
+            row REAL NOT NULL CHECK (row >= 0),       -- stored image's pixels, 0 = top row
+            col REAL NOT NULL CHECK (col >= 0),
+            source TEXT NOT NULL CHECK (source IN ('phantom', 'manifest')),
+            UNIQUE (image_id, row, col)
+        )""")
+    for image_id, truth in db.execute("SELECT id, truth FROM images WHERE truth IS NOT NULL").fetchall():
+        try:
+            findings = json.loads(truth)
+        except ValueError:
+            continue
+        for finding in findings if isinstance(findings, list) else []:
+            if isinstance(finding, dict) and finding.get("kind") == "metastasis":
+                db.execute("INSERT OR IGNORE INTO lesions (image_id, row, col, source) VALUES (?, ?, ?, 'phantom')",
+                           [image_id, float(finding["row"]), float(finding["col"])])
+    db.execute("ALTER TABLE explanations ADD COLUMN probability REAL")  # before calibration; NULL: not known
+    db.execute("ALTER TABLE explanations ADD COLUMN peak_row INTEGER")  # NULL: not computed, or no positive value
+    db.execute("ALTER TABLE explanations ADD COLUMN peak_col INTEGER")
+    db.execute("ALTER TABLE explanations ADD COLUMN peak_value REAL")  # the stored map's maximum; NULL: not computed
+    db.execute("""UPDATE explanations SET probability = (
+            SELECT COALESCE(p.raw_probability, p.probability) FROM predictions p
+            WHERE p.run_id = explanations.run_id AND p.image_id = explanations.image_id)""")
+
+
 MIGRATIONS: list[tuple[str, Callable[[sqlite_utils.Database], None]]] = [
     ("001_foundation", _m001_foundation),
     ("002_training", _m002_training),
@@ -568,6 +608,7 @@ MIGRATIONS: list[tuple[str, Callable[[sqlite_utils.Database], None]]] = [
     ("012_repeat_groups", _m012_repeat_groups),
     ("013_reviews_by_reader", _m013_reviews_by_reader),
     ("014_prediction_jobs", _m014_prediction_jobs),
+    ("015_localisation", _m015_localisation),
 ]
 
 

@@ -37,7 +37,7 @@ from typing import Any
 
 import numpy as np
 
-from bonescan_core import errors, runs
+from bonescan_core import errors, localisation, runs
 from bonescan_core.heavy import sqlite_utils
 from bonescan_core.results import EvaluationResult, LevelResult, decision_threshold
 from bonescan_core.review import latest_reviews
@@ -676,8 +676,10 @@ def evaluate(
         of images, studies and patients, every metric of :data:`METRICS` as a ``MetricCI``
         (95% patient-bootstrap interval) and the confusion counts, at image level and at
         study level (one row per study, probability = max over its views, see
-        :func:`study_level`; same threshold). Values rounded to 4 decimals; undefined None.
-        ``calibration`` and ``subgroups`` stay None here: ``assessment.evaluate`` adds them.
+        :func:`study_level`; same threshold), and the Grad-CAM pointing game
+        (:func:`localisation_summary`, None without lesion points). Values rounded to 4
+        decimals; undefined None. ``calibration`` and ``subgroups`` stay None here:
+        ``assessment.evaluate`` adds them.
 
     Raises:
         errors.RunNotFound: no such run.
@@ -705,7 +707,24 @@ def evaluate(
         study_level=_level(studies["label"], studies["probability"], studies["patient_id"], used, n_resamples, seed),
         study_n_patients=int(np.unique(studies["patient_id"]).size),
         bootstrap={"unit": "patient", "interval": "percentile", "level": 0.95, "n_resamples": n_resamples, "seed": seed},
+        localisation=localisation_summary(db, run_id, used, subset),
     )
+
+
+def localisation_summary(db: sqlite_utils.Database, run_id: int, threshold: float, subset: str = "test") -> dict[str, Any] | None:
+    """The pointing game of the run's cached Grad-CAM maps (``localisation.pointing_game``) with a
+    95% Wilson interval over studies, as ``evaluate --json`` shows it; None when no study of
+    the subset has a lesion point.
+
+    Returns:
+        ``{"hit_rate", "ci95": [low, high], "n", "hits", "n_without_map", "tolerance_px",
+        "reference_size"}``; ``hit_rate`` and the interval None when no study is a true positive.
+    """
+    game = localisation.pointing_game(db, run_id, threshold, subset)
+    if game.n_lesion_studies == 0:
+        return None
+    low, high = _wilson(np.array([float(game.hits)]), np.array([game.n]))
+    return localisation.summary(game, [_clean(low[0]), _clean(high[0])])
 
 
 def run_label(backbone: str, run_id: int, with_id: bool = False) -> str:

@@ -15,10 +15,16 @@ exactly over the image it explains. Composite runs (anterior and posterior side 
 one input) are supported: ``preprocess.to_view_geometries`` splits the frame first.
 
 Caching. :func:`explain_images` (and :func:`explain_image`, one image) stores each map in
-the run store (float16) and computes it once per run and image; the images it computes go
-through the model together, in batches, with their probabilities (one study's two views:
-one pass). The worker calls it for every predicted image after a run (``jobs``'s post-run
-step), so the explorer rarely waits.
+the run store (float16) with the model's probability from the same pass, and computes it
+once per run and image; the images it computes go through the model together, in batches,
+with their probabilities (one study's two views: one pass). The worker calls it for every
+predicted image after a run (``jobs``'s post-run step), so the explorer rarely waits.
+
+Scale. Maps are stored divided by their own maximum; they are shown multiplied by the run's
+probability for the image (``localisation.shared_scale``, the reasons are there), so a
+confident negative looks cold: :func:`explain_png` and the Evaluate explorer do that.
+:func:`explain_summary` is ``bonescan explain --json``: the probability and the map's peak in
+the stored image's pixels.
 
 Keras (and TensorFlow or JAX) is imported only when a model is used; this module never
 imports streamlit.
@@ -35,7 +41,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 from PIL import Image
 
-from bonescan_core import errors, pixelstore, plots, runs
+from bonescan_core import errors, localisation, pixelstore, plots, runs, studystats
 from bonescan_core.gradcam import BATCH_SIZE, gradcam_with_probabilities
 from bonescan_core.heavy import sqlite_utils
 from bonescan_core.models import DEFAULT_SIZE, Backbone, get_backbone
@@ -185,11 +191,11 @@ class Explained:
     Attributes:
         heatmap: (H0, W0) float32 in [0, 1] on the image's own geometry, at the float16
             precision it is stored with (the same values whether computed now or cached).
-        probability: the run model's probability of metastasis for the image, from the same
-            forward pass as the map (for a composite run: the probability of the study's
-            composite sample, the same for both views); None when the map came from the
-            ``explanations`` cache, which stores maps only (the run's ``predictions`` hold
-            what training predicted).
+        probability: the run model's probability of metastasis for the image (before any
+            calibration), from the same forward pass as the map (for a composite run: the
+            probability of the study's composite sample, the same for both views), also when
+            the map comes from the ``explanations`` cache; None only for a map cached before
+            probabilities were stored, of an image the run did not predict.
     """
 
     heatmap: np.ndarray
@@ -197,7 +203,8 @@ class Explained:
 
 
 def explain_images(
-    db: sqlite_utils.Database, db_path: str | os.PathLike[str], run_id: int, image_ids: Iterable[int]
+    db: sqlite_utils.Database, db_path: str | os.PathLike[str], run_id: int, image_ids: Iterable[int],
+    *, need_probability: bool = False,
 ) -> dict[int, Explained]:
     """Grad-CAM maps and probabilities of several stored images under one run, in batched passes.
 
@@ -214,6 +221,7 @@ def explain_images(
         db_path: its file (the run's model is in ``runs/`` beside it).
         run_id: a finished run.
         image_ids: images of the database (a repeated id is explained once).
+        need_probability: compute again a cached map that has no probability stored.
 
     Returns:
         {image id: :class:`Explained`} for every id asked for, in the order given.
@@ -227,9 +235,9 @@ def explain_images(
     wanted = list(dict.fromkeys(int(image_id) for image_id in image_ids))
     found: dict[int, Explained] = {}
     for image_id in wanted:
-        cached = runs.cached_heatmap(db, run_id, image_id)
-        if cached is not None:
-            found[image_id] = Explained(cached, None)
+        cached = runs.cached_explanation(db, run_id, image_id)
+        if cached is not None and not (need_probability and cached[1] is None):
+            found[image_id] = Explained(*cached)
     missing = [image_id for image_id in wanted if image_id not in found]
     if missing:
         run = runs.get(db, run_id)
@@ -253,7 +261,9 @@ def explain_images(
         else:
             model, bb, size = runs.load_model(db_path, run)
             computed = dict(zip(missing, _explain_per_image(model, bb, [pixels[i] for i in missing], size), strict=True))
-        runs.store_heatmaps(db, run_id, {member: heat for member, (heat, _) in computed.items()})
+        stored = {member: heat.astype(np.float16) for member, (heat, _) in computed.items()}
+        runs.store_heatmaps(db, run_id, stored, {member: probability for member, (_, probability) in computed.items()},
+                            {member: localisation.map_peak(heat) for member, heat in stored.items()})
         for member, (heat, probability) in computed.items():
             if member in wanted:
                 found[member] = Explained(heat.astype(np.float16).astype(np.float32), probability)
@@ -307,11 +317,50 @@ def explain_png(
     Returns:
         The path written. The image keeps its stored geometry (H0 x W0 pixels).
     """
-    heatmap = explain_image(db, db_path, run_id, image_id)
+    heat, probability = explained_with_probability(db, db_path, run_id, image_id)
+    heatmap = localisation.shared_scale(heat, probability)
     pixels = _pixels(db, image_id)
     path = Path(out_path)
     Image.fromarray(plots.overlay(pixels, heatmap, opacity=opacity), mode="RGB").save(path, format="PNG")
     return path
+
+
+def explained_with_probability(
+    db: sqlite_utils.Database, db_path: str | os.PathLike[str], run_id: int, image_id: int
+) -> tuple[np.ndarray, float]:
+    """The stored Grad-CAM map of an image (:func:`explain_image`) and the run's probability of
+    metastasis for it, as its predictions report it: the stored prediction when the run
+    predicted the image, else the model's output from the map's pass, calibrated as the run
+    calibrates (``studystats.apply_calibration``; a cached map without one is computed again).
+
+    Returns:
+        ((H0, W0) float32 map in [0, 1], divided by its maximum; probability in [0, 1]).
+    """
+    row = db.execute("SELECT probability FROM predictions WHERE run_id = ? AND image_id = ?", [run_id, image_id]).fetchone()
+    explained = explain_images(db, db_path, run_id, [image_id], need_probability=row is None)[int(image_id)]
+    if row is not None:
+        return explained.heatmap, float(row[0])
+    calibration = runs.get(db, run_id).results.facts.get("calibration")
+    return explained.heatmap, float(studystats.apply_calibration(calibration, [explained.probability])[0])
+
+
+def explain_summary(
+    db: sqlite_utils.Database, db_path: str | os.PathLike[str], run_id: int, image_id: int
+) -> dict[str, object]:
+    """``bonescan explain RUN IMAGE --json``: the image, the run's probability for it and the
+    peak of its Grad-CAM map.
+
+    Returns:
+        ``{"image_id": int, "probability": float in [0, 1] (:func:`explained_with_probability`,
+        4 decimals), "peak": [row, col]}``, the peak (``localisation.peak_of``) in the stored
+        image's pixels, or None when the map has no positive evidence.
+
+    Raises:
+        as :func:`explain_image`.
+    """
+    heat, probability = explained_with_probability(db, db_path, run_id, image_id)
+    peak = localisation.peak_of(heat)
+    return {"image_id": int(image_id), "probability": round(probability, 4), "peak": None if peak is None else [peak[0], peak[1]]}
 
 
 __all__ = [
@@ -319,6 +368,8 @@ __all__ = [
     "explain_image",
     "explain_images",
     "explain_png",
+    "explained_with_probability",
+    "explain_summary",
     "heatmap_for_image",
     "heatmaps_for_composite",
 ]

@@ -9,8 +9,12 @@ A rejected file leaves no rows, and one failure never aborts the batch. Rules (`
 * view: tokens A/ANT/anterior and P/POST/posterior in the file name (``A12.png``,
   ``0001-1-A.tif``, ``scan_ANT.png``) or a parent folder (``Anterior/``), or DICOM attributes;
 * study: files whose paths differ only by the view token; DICOM by StudyInstanceUID;
-  a manifest CSV (``path, patient_id, study_id, view, label[, sex, age, primary_cancer, cohort]``)
-  overrides all of it;
+  a manifest CSV (``path, patient_id, study_id, view, label[, sex, age, primary_cancer, cohort,
+  lesions]``) overrides all of it;
+* lesion points: a manifest row's optional ``lesions`` cell, a JSON list of ``[view, row, col]``
+  in the pixels of that row's file (:mod:`bonescan_core.lesions`); a point outside its image,
+  or on a view the file does not hold, rejects the file with a reason that says what to fix.
+  Demo phantoms store their metastases as points;
 * cohort: the import's ``cohort`` (default ``default``), or a manifest row's non-empty
   ``cohort`` cell; a study keeps the cohort it was first stored in (the import line says so).
 
@@ -57,7 +61,7 @@ from typing import BinaryIO
 import numpy as np
 
 from bonescan_core import db as dbm
-from bonescan_core import pixelstore
+from bonescan_core import lesions, pixelstore
 from bonescan_core.cohorts import DEFAULT_COHORT, CohortError, check_cohort
 from bonescan_core.csvfile import read_rows
 from bonescan_core.deidentify import DicomFacts, stored_file_name
@@ -71,10 +75,7 @@ CLASS_FOLDERS = {
     **{name: "metastatic" for name in ("metastatic", "mets", "positive", "1")},
     **{name: "non_metastatic" for name in ("non_metastatic", "no_metastasis", "negative", "normal", "0")},
 }
-VIEW_TOKENS = {
-    "a": "anterior", "ant": "anterior", "anterior": "anterior",
-    "p": "posterior", "post": "posterior", "posterior": "posterior",
-}
+VIEW_TOKENS = lesions.VIEW_TOKENS  # A/ANT/anterior, P/POST/posterior (any case) -> the view
 MANIFEST_COLUMNS = ("path", "patient_id", "study_id", "view", "label")
 _TOKEN_SPLIT = re.compile(r"([^A-Za-z0-9]+)")
 _ZENODO_NAME = re.compile(r"^([AaPp])(\d+)$")  # A12 / P12
@@ -193,6 +194,8 @@ class PlannedFile:
     from_manifest: bool = False
     cohort: str | None = None  # checked name; None: the import's cohort (see import_files)
     ids: tuple[str, ...] = field(default=(), repr=False)  # raw manifest ids: compared with names, never stored
+    lesions: tuple[lesions.LesionPoint, ...] = ()  # the manifest row's lesion points, in this file's pixels
+    where: str = ""  # "manifest.csv line 4": where the row came from, for messages
 
 
 @dataclass(frozen=True)
@@ -329,6 +332,10 @@ def _manifest_row(csv_path: Path, line_number: int, row: dict[str, str]) -> Plan
         cohort = check_cohort(values["cohort"]) if values.get("cohort") else None
     except CohortError as error:
         raise bad(str(error)) from error
+    try:
+        points = lesions.parse_points(values.get("lesions", ""))
+    except lesions.LesionError as error:
+        raise bad(str(error)) from error
     path = Path(values["path"])
     return PlannedFile(
         path=path if path.is_absolute() else csv_path.parent / path,
@@ -343,6 +350,8 @@ def _manifest_row(csv_path: Path, line_number: int, row: dict[str, str]) -> Plan
         from_manifest=True,
         cohort=cohort,
         ids=(values["patient_id"], values["study_id"]),
+        lesions=points,
+        where=f"{csv_path.name} line {line_number}",
     )
 
 
@@ -490,6 +499,10 @@ def store_decoded(
     plan = decoded.plan
     if decoded.rejected is not None:
         return FileOutcome(plan.path, "rejected", decoded.rejected)
+    if plan.lesions:
+        problem = lesions.check_points(plan.lesions, [(f.view or plan.view, f.height, f.width) for f in decoded.frames])
+        if problem is not None:
+            return FileOutcome(plan.path, "rejected", f"{problem} ({plan.where}, lesions)")
     if key is not None and _file_stored(db, key):
         return FileOutcome(plan.path, "duplicate", ALREADY_IMPORTED)
     try:
@@ -538,6 +551,7 @@ def _store_rows(db: sqlite_utils.Database, decoded: DecodedFile, reviewer: str, 
         views.append(view or "view unknown")
         source = stored_file_name(plan.path, decoded.file_format, frame.sha, view, identifiers, keep=keep_file_names)
         image_ids.append(_insert_prepared(db, study_id, frame, view, source, decoded.file_format, frame_index=index))
+        lesions.store_points(db, image_ids[-1], [(p.row, p.col) for p in plan.lesions if p.view == view], "manifest")
     if not image_ids:
         raise _AllDuplicates()
     if record_label and plan.label:
@@ -847,7 +861,8 @@ def add_demo_studies(db: sqlite_utils.Database, n_studies: int, seed: int, progr
     """Add seeded synthetic studies (both views) with reference labels (reviewer ``reference``).
 
     The same seed gives the same studies, so running it twice reports duplicates.
-    Each image keeps its phantom findings (lesion coordinates) as JSON in ``images.truth``.
+    Each image keeps its phantom findings (lesion coordinates) as JSON in ``images.truth``, and
+    its metastases as lesion points (``lesions``, source ``phantom``).
 
     Args:
         cohort: the cohort of the new studies (checked; a study already stored keeps its own).
@@ -879,6 +894,7 @@ def add_demo_studies(db: sqlite_utils.Database, n_studies: int, seed: int, progr
                         raise _AllDuplicates()
                     truth = json.dumps([asdict(f) for f in phantom.findings if f.view == view])
                     image_ids.append(insert_image(db, study_id, pixels, view, f"{name}-{view}", "phantom", sha=sha, truth=truth))
+                    lesions.store_points(db, image_ids[-1], [(r, c) for _, r, c in lesions.points_from_truth(truth)], "phantom")
                 add_review(db, _reference_review(study_id, phantom))
             outcomes.append(FileOutcome(Path(name), "imported", f"study {study_id}", tuple(image_ids)))
         except _AllDuplicates:

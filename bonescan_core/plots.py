@@ -666,7 +666,8 @@ def overlay(
 
     Args:
         pixels: (H, W) raw counts, any numeric dtype.
-        heatmap: (H, W) float in [0, 1] on the same geometry (``explain.heatmap_for_image``).
+        heatmap: (H, W) float in [0, 1] on the same geometry (``explain.heatmap_for_image``), on the
+            shared scale where maps are compared (``localisation.shared_scale``).
         opacity: colour weight where the heatmap is 1, in [0, 1]; 0 gives the plain display.
         upper: display window top in counts (``pixelstore.to_display``); default its 99.5th
             percentile.

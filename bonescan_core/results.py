@@ -173,6 +173,8 @@ class EvaluationResult:
     (external validation at the run's study threshold); None: the same.
     ``cohort`` and ``n_unlabelled``: on an external cohort (``external.evaluate_cohort``), its
     name and how many of its predicted studies have no label (left out); None otherwise.
+    ``localisation``: the Grad-CAM pointing game (``evaluation.localisation_summary``:
+    ``hit_rate``, ``ci95``, ``n``, ...), None when no study of the subset has lesion points.
     """
 
     run: int
@@ -192,6 +194,7 @@ class EvaluationResult:
     study_threshold: float | None = None
     cohort: str | None = None
     n_unlabelled: int | None = None
+    localisation: dict[str, Any] | None = None
 
     STUDY_AGGREGATION = "max probability over the study's views"
 
@@ -215,8 +218,9 @@ class EvaluationResult:
         """The ``evaluate --json`` object (``docs/cli.md``): ``run, backbone, threshold,
         threshold_source, subset, n_images, n_studies, n_patients, metrics {name: {value,
         ci95}}, confusion {tp, fp, tn, fn}``, then ``study_level``, ``bootstrap``,
-        ``calibration`` (``calibration.summary``) and ``subgroups`` (``subgroups.run_subgroups``);
-        on an external cohort also ``cohort`` and ``n_unlabelled``."""
+        ``calibration`` (``calibration.summary``), ``subgroups`` (``subgroups.run_subgroups``) and
+        ``localisation`` (absent when no study has lesion points); on an external cohort also
+        ``cohort`` and ``n_unlabelled``."""
         out: dict[str, Any] = {
             "run": self.run, "backbone": self.backbone, "threshold": self.threshold,
             "threshold_source": self.threshold_source, "subset": self.subset, "n_images": self.n_images,
@@ -236,6 +240,8 @@ class EvaluationResult:
         if self.cohort is not None:
             out["cohort"] = self.cohort
             out["n_unlabelled"] = self.n_unlabelled
+        if self.localisation is not None:  # absent without lesion points: the output is what it was
+            out["localisation"] = dict(self.localisation)
         return out
 
     def to_json_text(self) -> str:
@@ -251,4 +257,26 @@ class EvaluationResult:
 
     def format_text(self) -> str:
         """What ``bonescan evaluate`` prints without ``--json``."""
-        return "\n".join([self.headline(), *self.image_level.text_lines()])
+        return "\n".join([self.headline(), *self.image_level.text_lines(), *self.localisation_lines()])
+
+    def localisation_text(self) -> str | None:
+        """The pointing game in one sentence (the Evaluate page, :meth:`format_text`); None
+        without lesion points."""
+        if self.localisation is None:
+            return None
+        loc = self.localisation
+        if loc["hit_rate"] is None:
+            text = "no true-positive study with lesion points to score"
+        else:
+            low, high = loc["ci95"]
+            text = (f"{loc['hit_rate']:.3f} (95% CI {low:.3f} to {high:.3f}): the map peak lies within "
+                    f"{loc['tolerance_px']:g} px (at 1024x256) of a lesion in {loc['hits']} of {loc['n']} "
+                    "true-positive lesion studies")
+        if loc.get("n_without_map"):
+            text += f"; {loc['n_without_map']} left out, their maps not computed yet"
+        return text
+
+    def localisation_lines(self) -> list[str]:
+        """The pointing-game line of :meth:`format_text` (none without lesion points)."""
+        text = self.localisation_text()
+        return [] if text is None else [f"  localisation {text}"]

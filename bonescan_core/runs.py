@@ -801,18 +801,58 @@ def load_model(db_path: str | os.PathLike[str], run: Run | int) -> tuple[Any, Ba
 # --- Grad-CAM maps (explanations) ----------------------------------------------------------------
 
 def cached_heatmap(db: sqlite_utils.Database, run_id: int, image_id: int) -> np.ndarray | None:
-    """The stored heatmap of (run, image) as (H0, W0) float32 in [0, 1], or None if not computed yet."""
-    row = db.execute("SELECT heatmap FROM explanations WHERE run_id = ? AND image_id = ?", [run_id, image_id]).fetchone()
-    return None if row is None else pixelstore.decode_pixels(row[0]).astype(np.float32)
+    """The stored heatmap of (run, image) as (H0, W0) float32 in [0, 1] (divided by its own
+    maximum; ``localisation.shared_scale`` puts it on the display scale), or None if not
+    computed yet."""
+    cached = cached_explanation(db, run_id, image_id)
+    return None if cached is None else cached[0]
 
 
-def store_heatmaps(db: sqlite_utils.Database, run_id: int, heatmaps: Mapping[int, np.ndarray]) -> None:
-    """Store {image id: (H0, W0) map in [0, 1]} of a run as float16, in one write. Another
-    process may have stored the same map meanwhile: same inputs, same map, so it is replaced."""
-    rows = [{"run_id": run_id, "image_id": int(image_id), "heatmap": pixelstore.encode_pixels(np.asarray(heat).astype(np.float16))}
-            for image_id, heat in heatmaps.items()]
+def cached_explanation(db: sqlite_utils.Database, run_id: int, image_id: int) -> tuple[np.ndarray, float | None] | None:
+    """(heatmap as :func:`cached_heatmap`, the model's probability from the pass that made it,
+    before calibration; None for a map stored before that was kept) of (run, image), or None
+    if not computed yet."""
+    row = db.execute("SELECT heatmap, probability FROM explanations WHERE run_id = ? AND image_id = ?",
+                     [run_id, image_id]).fetchone()
+    return None if row is None else (pixelstore.decode_pixels(row[0]).astype(np.float32), row[1])
+
+
+def store_heatmaps(db: sqlite_utils.Database, run_id: int, heatmaps: Mapping[int, np.ndarray],
+                   probabilities: Mapping[int, float] | None = None,
+                   peaks: Mapping[int, tuple[tuple[int, int] | None, float]] | None = None) -> None:
+    """Store {image id: (H0, W0) map in [0, 1]} of a run as float16 in one write, with where
+    given {image id: the model's probability (before calibration) from the same pass} and
+    {image id: ((row, col) of the stored map's peak or None, its maximum)}
+    (``localisation.map_peak`` of the float16 map). Another process may have stored the same
+    map meanwhile: same inputs, same map, so it is replaced."""
+    probabilities, peaks = probabilities or {}, peaks or {}
+    rows = []
+    for image_id, heat in heatmaps.items():
+        peak, value = peaks.get(image_id, (None, None))
+        rows.append({"run_id": run_id, "image_id": int(image_id),
+                     "heatmap": pixelstore.encode_pixels(np.asarray(heat).astype(np.float16)),
+                     "probability": None if probabilities.get(image_id) is None else float(probabilities[image_id]),
+                     "peak_row": None if peak is None else int(peak[0]), "peak_col": None if peak is None else int(peak[1]),
+                     "peak_value": None if value is None else float(value)})
     with dbm.write(db):
         db["explanations"].insert_all(rows, replace=True)
+
+
+def cached_peaks(db: sqlite_utils.Database, run_id: int, image_ids: Iterable[int]
+                 ) -> dict[int, tuple[tuple[int, int] | None, float | None]]:
+    """{image id: ((row, col) of the stored map's peak or None, the map's maximum; None when
+    not stored with the map)} of the images of ``image_ids`` that have a cached map (others
+    left out)."""
+    wanted = sorted({int(i) for i in image_ids})
+    found: dict[int, tuple[tuple[int, int] | None, float | None]] = {}
+    for start in range(0, len(wanted), 500):
+        chunk = wanted[start:start + 500]
+        marks = ", ".join("?" for _ in chunk)
+        for image_id, row, col, value in db.execute(
+                f"SELECT image_id, peak_row, peak_col, peak_value FROM explanations WHERE run_id = ? AND image_id IN ({marks})",
+                [run_id, *chunk]).fetchall():
+            found[image_id] = (None if row is None else (int(row), int(col)), value)
+    return found
 
 
 def unexplained_by_study(db: sqlite_utils.Database, run_id: int) -> dict[int, list[int]]:

@@ -422,7 +422,9 @@ def test_explain_images_computes_only_what_is_not_cached(db, db_path, demo_image
     found = explain.explain_images(db, db_path, run_id, [front, back, front])
     assert computed == [[image_pixels(db, back).shape]]  # the cached anterior view was not recomputed
     assert list(found) == [front, back]
-    assert np.array_equal(found[front].heatmap, first) and found[front].probability is None
+    # the cache keeps the probability of the pass that made the map (migration 011)
+    stored = db.execute("SELECT probability FROM explanations WHERE run_id = ? AND image_id = ?", [run_id, front]).fetchone()[0]
+    assert np.array_equal(found[front].heatmap, first) and found[front].probability == stored and 0.0 < stored < 1.0
     assert found[back].probability is not None and 0.0 < found[back].probability < 1.0
 
     def no_model(*args, **kwargs):
@@ -431,6 +433,7 @@ def test_explain_images_computes_only_what_is_not_cached(db, db_path, demo_image
     monkeypatch.setattr(runs, "load_model", no_model)
     again = explain.explain_images(db, db_path, run_id, [back, front])
     assert np.array_equal(again[back].heatmap, found[back].heatmap) and computed == [[image_pixels(db, back).shape]]
+    assert again[back].probability == pytest.approx(found[back].probability)
 
 
 def test_explain_images_of_a_composite_run_gives_one_probability_per_study(db, db_path, demo_images):
