@@ -214,7 +214,8 @@ def train_config(args: argparse.Namespace):
     return TrainConfig(
         backbone=args.backbone, weights=args.weights, mode=args.mode, epochs=args.epochs, batch_size=args.batch_size,
         learning_rate=args.lr, image_size=args.image_size, seed=args.seed, split_id=args.split,
-        view_mode=args.view_mode, max_train_images=args.max_train_images, **optional,
+        view_mode=args.view_mode, max_train_images=args.max_train_images, threshold_rule=args.threshold_rule,
+        threshold_target=args.threshold_target, study_aggregate=args.study_aggregate, **optional,
     )
 
 
@@ -258,7 +259,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def cmd_predictions(args: argparse.Namespace) -> int:
     with dbm.opened(args.db) as db:
-        text = report.predictions_csv(db, args.run)
+        text = report.predictions_csv(db, args.run, unit=args.unit)
     Path(args.csv).write_text(text)
     print(f"wrote {text.count(chr(10)) - 1} predictions to {args.csv}")
     return EXIT_OK
@@ -266,7 +267,7 @@ def cmd_predictions(args: argparse.Namespace) -> int:
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
     with dbm.opened(args.db) as db:
-        result = evaluation.evaluate(db, args.run, threshold=args.threshold)
+        result = evaluation.evaluate(db, args.run, threshold=args.threshold, unit=args.unit)
     if args.json:
         _print_json(result.as_json())
         return EXIT_OK
@@ -481,17 +482,25 @@ def build_parser() -> argparse.ArgumentParser:
     verb.add_argument("--view-mode", default="per_image", choices=["per_image", "composite"])
     verb.add_argument("--no-augment", action="store_true", help="switch augmentation off")
     verb.add_argument("--max-train-images", type=int, default=None, metavar="N")
+    verb.add_argument("--threshold-rule", default="youden", choices=["youden", "sensitivity", "npv", "fixed"],
+                      help="how the image and study thresholds are chosen on validation (default youden)")
+    verb.add_argument("--threshold-target", type=float, default=None, metavar="X",
+                      help="target of rule sensitivity or npv, e.g. 0.90")
+    verb.add_argument("--study-aggregate", default="max", choices=["max", "mean"],
+                      help="a study's probability from its views' (default max)")
     verb.add_argument("--queue", action="store_true", help="only enqueue for the worker")
     verb.set_defaults(func=cmd_train)
 
     verb = verbs.add_parser("predictions", help="a run's predictions as CSV")
     verb.add_argument("run", type=int, metavar="RUN")
     verb.add_argument("--csv", required=True, metavar="FILE")
+    verb.add_argument("--unit", default="image", choices=["image", "study"], help="one row per image (default) or per study")
     verb.set_defaults(func=cmd_predictions)
 
     verb = verbs.add_parser("evaluate", help="metrics with 95%% CIs on a run's test subset")
     verb.add_argument("run", type=int, metavar="RUN")
     verb.add_argument("--threshold", type=float, default=None, help="default: the run's validation-chosen threshold")
+    verb.add_argument("--unit", default="study", choices=["study", "image"], help="the unit of analysis (default study)")
     verb.add_argument("--json", action="store_true")
     verb.set_defaults(func=cmd_evaluate)
 

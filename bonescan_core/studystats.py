@@ -29,22 +29,28 @@ import numpy as np
 
 from bonescan_core.errors import InputError
 from bonescan_core.evaluation import (
-    _check,
-    _midranks,
-    _ratio,
-    _weighted_ranking_metrics,
     bootstrap_weights,
+    check_inputs,
     holm,
     mcnemar,
     metrics_at_thresholds,
+    midranks,
+    safe_ratio,
+    weighted_ranking_metrics,
     youden_threshold,
 )
 
 AGGREGATIONS = ("max", "mean")
 """How :func:`study_scores` collapses a study's image probabilities (``max`` is the default)."""
 
-THRESHOLD_RULES = ("youden", "sensitivity", "npv")
-"""Rules :func:`choose_threshold` knows; the last two need a target."""
+THRESHOLD_RULES = ("youden", "sensitivity", "npv", "fixed")
+"""Rules :func:`choose_threshold` knows; ``sensitivity`` and ``npv`` need a target."""
+
+FIXED_THRESHOLD = 0.5
+"""The threshold of rule ``fixed`` (not chosen on data)."""
+
+TARGET_RULES = ("sensitivity", "npv")
+"""The rules that need a target in (0, 1]."""
 
 LOGIT_EPS = 1e-7
 """Probabilities are clipped to [eps, 1 - eps] before taking logits (stored float32 outputs reach 0 and 1)."""
@@ -64,10 +70,10 @@ def _z(level: float) -> float:
 
 
 def _inputs(labels: Any, scores: Any) -> tuple[np.ndarray, np.ndarray]:
-    """:func:`evaluation._check` (labels (n,) int64 0/1, scores (n,) float64 in [0, 1]), its
+    """:func:`evaluation.check_inputs` (labels (n,) int64 0/1, scores (n,) float64 in [0, 1]), its
     ValueError raised as this family's InputError so that the CLI reports it as a user error."""
     try:
-        return _check(labels, scores)
+        return check_inputs(labels, scores)
     except ValueError as error:
         raise InputError(str(error)) from error
 
@@ -137,6 +143,7 @@ def choose_threshold(labels: Any, scores: Any, rule: str = "youden", target: flo
       the ``ceil(target * m)``-th highest positive score, m = number of positives.
     * ``npv``: the highest threshold (among the observed scores) whose NPV is >= ``target``;
       NPV need not be monotone in the threshold, so every candidate is checked.
+    * ``fixed``: :data:`FIXED_THRESHOLD` (0.5), whatever the data (the paper's default).
 
     "Highest" because a higher threshold calls fewer studies metastatic: of all thresholds
     meeting the target, it keeps the most specificity.
@@ -145,7 +152,7 @@ def choose_threshold(labels: Any, scores: Any, rule: str = "youden", target: flo
         labels: (n,) 0/1, both classes present.
         scores: (n,) float in [0, 1].
         rule: one of :data:`THRESHOLD_RULES`.
-        target: in (0, 1]; required for ``sensitivity`` and ``npv``, refused for ``youden``.
+        target: in (0, 1]; required for ``sensitivity`` and ``npv``, refused for ``youden`` and ``fixed``.
 
     Returns:
         :class:`Threshold` (value float in [0, 1], rule name with its target).
@@ -157,11 +164,13 @@ def choose_threshold(labels: Any, scores: Any, rule: str = "youden", target: flo
     y, p = _inputs(labels, scores)
     if rule not in THRESHOLD_RULES:
         raise InputError(f"threshold rule must be one of {', '.join(THRESHOLD_RULES)}; got {rule!r}")
+    if rule not in TARGET_RULES and target is not None:
+        raise InputError(f"the {rule} rule takes no target; drop it or use rule sensitivity or npv")
+    if rule == "fixed":
+        return Threshold(FIXED_THRESHOLD, "fixed")
     if y.size == 0 or y.min() == y.max():
         raise InputError("choosing a threshold needs validation studies of both classes; add metastatic and non-metastatic studies")
     if rule == "youden":
-        if target is not None:
-            raise InputError("the youden rule takes no target; drop it or use rule sensitivity or npv")
         return Threshold(youden_threshold(y, p), "youden")
     if target is None or not 0.0 < target <= 1.0:
         raise InputError(f"rule {rule} needs a target within (0, 1], e.g. 0.90; got {target}")
@@ -209,8 +218,8 @@ def _percentile_ci(values: np.ndarray, level: float) -> tuple[float, float]:
 def _sens_spec(y: np.ndarray, called: np.ndarray, w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Weighted sensitivity and specificity per row of weights w (r, n); nan without positives/negatives."""
     yf, cf = y.astype(np.float64), called.astype(np.float64)
-    sensitivity = _ratio(w @ (yf * cf), w @ yf)
-    specificity = _ratio(w @ ((1 - yf) * (1 - cf)), w @ (1 - yf))
+    sensitivity = safe_ratio(w @ (yf * cf), w @ yf)
+    specificity = safe_ratio(w @ ((1 - yf) * (1 - cf)), w @ (1 - yf))
     return sensitivity, specificity
 
 
@@ -263,8 +272,8 @@ def paired_bootstrap(
     yf = y.astype(np.float64)
 
     def deltas(w: np.ndarray) -> dict[str, np.ndarray]:
-        auc_a, _ = _weighted_ranking_metrics(yf, pa, w)
-        auc_b, _ = _weighted_ranking_metrics(yf, pb, w)
+        auc_a, _ = weighted_ranking_metrics(yf, pa, w)
+        auc_b, _ = weighted_ranking_metrics(yf, pb, w)
         sens_a, spec_a = _sens_spec(y, called_a, w)
         sens_b, spec_b = _sens_spec(y, called_b, w)
         return {"delta_auc": (auc_a, auc_b), "delta_sensitivity": (sens_a, sens_b), "delta_specificity": (spec_a, spec_b)}
@@ -338,10 +347,10 @@ def clustered_delong(labels: Any, scores_a: Any, scores_b: Any, cluster_ids: Any
         return undefined
     scores = np.stack([pa, pb])
     positives, negatives = scores[:, y == 1], scores[:, y == 0]
-    rank_all = _midranks(np.concatenate([positives, negatives], axis=1))
+    rank_all = midranks(np.concatenate([positives, negatives], axis=1))
     auc = (rank_all[:, :m].sum(axis=1) - m * (m + 1) / 2.0) / (m * k)
-    v10 = (rank_all[:, :m] - _midranks(positives)) / k  # (2, m): share of negatives below each positive
-    v01 = 1.0 - (rank_all[:, m:] - _midranks(negatives)) / m  # (2, k): share of positives above each negative
+    v10 = (rank_all[:, :m] - midranks(positives)) / k  # (2, m): share of negatives below each positive
+    v01 = 1.0 - (rank_all[:, m:] - midranks(negatives)) / m  # (2, k): share of positives above each negative
     c_pos, c_neg = cluster[y == 1], cluster[y == 0]
     m_i = np.bincount(c_pos, minlength=n_clusters).astype(np.float64)
     n_i = np.bincount(c_neg, minlength=n_clusters).astype(np.float64)

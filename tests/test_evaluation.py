@@ -342,7 +342,7 @@ def test_explorer_rows_filter_and_sort():
 def test_midranks_equal_scipys_rankdata():
     rng = np.random.default_rng(0)
     x = np.round(rng.random((3, 50)), 1)  # many ties
-    np.testing.assert_array_equal(ev._midranks(x), rankdata(x, axis=-1))
+    np.testing.assert_array_equal(ev.midranks(x), rankdata(x, axis=-1))
 
 
 def test_the_module_imports_neither_sklearn_nor_scipy():
