@@ -190,11 +190,16 @@ def cmd_split(args: argparse.Namespace) -> int:
     with dbm.opened(args.db) as db:
         split_id = splits.make_split(db, seed=args.seed, test=args.test, val=args.val, cohorts=args.cohort)
         result = splits.get_split(db, split_id)
+        result["near_duplicates"] = splits.near_duplicates(db, split_id)
     if args.json:
         _print_json(result)
     else:
         sizes = ", ".join(f"{len(ids)} {name}" for name, ids in result["subsets"].items())
-        print(f"split {split_id}: {sizes} studies (seed {args.seed}, cohorts {', '.join(result['cohorts'])})", file=sys.stderr)
+        print(f"split {split_id}: {sizes} studies (seed {args.seed}, cohorts {', '.join(result['cohorts'])}, "
+              f"grouped by {result['grouping']})", file=sys.stderr)
+        if result["near_duplicates"]:
+            print(f"split {split_id}: {len(result['near_duplicates'])} near-duplicate image pair(s) across subsets "
+                  "(`split --json` lists them); check them before training", file=sys.stderr)
         print(split_id)
     return EXIT_OK
 

@@ -476,6 +476,18 @@ _PREDICTIONS_V2_SQL = [
 ]
 
 
+def _m011_split_grouping(db: sqlite_utils.Database) -> None:
+    """What a split's grouping really is. ``patients.identified``: 1 when the patient's identity
+    is known (a DICOM PatientID, a manifest ``patient_id``, a demo phantom), 0 when it is not
+    (a file without DICOM or manifest: its study is its own patient); NULL for patients stored
+    before this migration, whose key (a salted hash) no longer tells, counted as identified.
+    ``splits.grouping``: ``patient`` (every study's patient known, so a patient's studies share
+    a subset) or ``study`` (some are not: for those the split is by study only); splits made
+    before this migration say ``patient``, as they were made and described."""
+    db.execute("ALTER TABLE patients ADD COLUMN identified INTEGER CHECK (identified IN (0, 1))")
+    db.execute("ALTER TABLE splits ADD COLUMN grouping TEXT NOT NULL DEFAULT 'patient' CHECK (grouping IN ('patient', 'study'))")
+
+
 MIGRATIONS: list[tuple[str, Callable[[sqlite_utils.Database], None]]] = [
     ("001_foundation", _m001_foundation),
     ("002_training", _m002_training),
@@ -487,6 +499,7 @@ MIGRATIONS: list[tuple[str, Callable[[sqlite_utils.Database], None]]] = [
     ("008_run_results", _m008_run_results),
     ("009_imported_files", _m009_imported_files),
     ("010_predictions_v2", _m010_predictions_v2),
+    ("011_split_grouping", _m011_split_grouping),
 ]
 
 

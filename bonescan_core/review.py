@@ -8,8 +8,8 @@ correction is a new review, and a reader's current opinion is their latest revie
 from __future__ import annotations
 
 import contextlib
-import re
 import datetime as dt
+import re
 from collections.abc import Iterable
 from dataclasses import dataclass, replace
 from pathlib import Path
