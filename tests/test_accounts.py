@@ -787,7 +787,7 @@ def done_run_with_predictions(db_path) -> int:
 
 
 def test_flagging_for_re_review_needs_a_reading_role(db_path):
-    run = done_run_with_predictions(db_path)
+    done_run_with_predictions(db_path)
     signed_in_db(db_path, ida=["importer"], bob=["reader"])
     app = sign_in(open_app(), "ida")
     app.switch_page("app_pages/evaluate.py").run()
