@@ -34,7 +34,7 @@ import itertools
 import math
 import statistics
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -276,6 +276,82 @@ def metrics_at_thresholds(labels: Any, probabilities: Any, thresholds: Any) -> d
 
 
 # --- bootstrap --------------------------------------------------------------------------
+
+# --- threshold rules (studystats.choose_threshold) ----------------------------------------
+
+THRESHOLD_RULES = ("youden", "sensitivity", "npv", "fixed")
+"""Rules :func:`choose_threshold` knows; ``sensitivity`` and ``npv`` need a target."""
+
+FIXED_THRESHOLD = 0.5
+"""The threshold of rule ``fixed`` (not chosen on data)."""
+
+TARGET_RULES = ("sensitivity", "npv")
+"""The rules that need a target in (0, 1]."""
+
+
+
+class Threshold(NamedTuple):
+    """A decision threshold and the rule that chose it (``"youden"``, ``"sensitivity>=0.9"``, ``"npv>=0.95"``)."""
+
+    value: float
+    rule: str
+
+
+def choose_threshold(labels: Any, scores: Any, rule: str = "youden", target: float | None = None) -> Threshold:
+    """The operating point chosen on validation studies by a pre-specified rule.
+
+    * ``youden``: maximises sensitivity + specificity - 1 (:func:`youden_threshold`).
+    * ``sensitivity``: the highest threshold whose sensitivity is >= ``target`` (e.g. 0.90):
+      the ``ceil(target * m)``-th highest positive score, m = number of positives.
+    * ``npv``: the highest threshold (among the observed scores) whose NPV is >= ``target``;
+      NPV need not be monotone in the threshold, so every candidate is checked.
+    * ``fixed``: :data:`FIXED_THRESHOLD` (0.5), whatever the data (the paper's default).
+
+    "Highest" because a higher threshold calls fewer studies metastatic: of all thresholds
+    meeting the target, it keeps the most specificity.
+
+    Args:
+        labels: (n,) 0/1, both classes present.
+        scores: (n,) float in [0, 1].
+        rule: one of :data:`THRESHOLD_RULES`.
+        target: in (0, 1]; required for ``sensitivity`` and ``npv``, refused for ``youden`` and ``fixed``.
+
+    Returns:
+        :class:`Threshold` (value float in [0, 1], rule name with its target).
+
+    Raises:
+        errors.InputError: unknown rule, missing/extra/out-of-range target, one class only, or no
+            threshold reaching the NPV target.
+    """
+    try:
+        y, p = check_inputs(labels, scores)
+    except ValueError as error:  # a user's data: the error family's InputError, as the CLI reports it
+        raise errors.InputError(str(error)) from error
+    if rule not in THRESHOLD_RULES:
+        raise errors.InputError(f"threshold rule must be one of {', '.join(THRESHOLD_RULES)}; got {rule!r}")
+    if rule not in TARGET_RULES and target is not None:
+        raise errors.InputError(f"the {rule} rule takes no target; drop it or use rule sensitivity or npv")
+    if rule == "fixed":
+        return Threshold(FIXED_THRESHOLD, "fixed")
+    if y.size == 0 or y.min() == y.max():
+        raise errors.InputError("choosing a threshold needs validation studies of both classes; add metastatic and non-metastatic studies")
+    if rule == "youden":
+        return Threshold(youden_threshold(y, p), "youden")
+    if target is None or not 0.0 < target <= 1.0:
+        raise errors.InputError(f"rule {rule} needs a target within (0, 1], e.g. 0.90; got {target}")
+    name = f"{rule}>={target:g}"
+    if rule == "sensitivity":
+        positives = np.sort(p[y == 1])[::-1]
+        # How many positives must be called; the epsilon keeps 0.7 * 10 = 7.000000000000001 at 7.
+        needed = max(1, math.ceil(target * positives.size - 1e-9))
+        return Threshold(float(positives[needed - 1]), name)
+    candidates = np.unique(p)
+    npv = metrics_at_thresholds(y, p, candidates)["npv"]  # nan at the lowest score: no negative calls
+    reaching = candidates[np.nan_to_num(npv, nan=-1.0) >= target - 1e-12]
+    if reaching.size == 0:
+        raise errors.InputError(f"no threshold reaches an NPV of {target:g} on these validation studies; lower the target or use rule youden")
+    return Threshold(float(reaching.max()), name)
+
 
 def bootstrap_weights(groups: Any, n_resamples: int, seed: int) -> np.ndarray:
     """Cluster-bootstrap weights: how many times each sample is drawn, per resample.
@@ -676,15 +752,13 @@ def run_thresholds(db: sqlite_utils.Database, run: runs.Run) -> tuple[dict[str, 
     Runs trained since study thresholds exist store ``results["thresholds"]`` (``{"image",
     "study", "rule", "target"}``). For an older run the study threshold is chosen now, by the
     run's own rule, on its stored validation predictions collapsed to studies (the same
-    ``studystats.choose_threshold`` training uses); a note says so. Without usable validation
+    :func:`choose_threshold` training uses, as ``studystats.choose_threshold``); a note says so. Without usable validation
     studies the study level falls back to the image threshold, with a note.
 
     Returns:
         (``{"image": t or None, "study": t or None, "rule", "target", "study_source": "run" |
         "derived" | "image"}``, notes).
     """
-    from bonescan_core import studystats  # it builds on this module's metrics: imported on use, not in a cycle
-
     stored = run.results.facts.get("thresholds")
     if isinstance(stored, Mapping) and stored.get("study") is not None:
         return {"image": stored.get("image", run.threshold), "study": stored["study"], "rule": stored.get("rule"),
@@ -693,7 +767,7 @@ def run_thresholds(db: sqlite_utils.Database, run: runs.Run) -> tuple[dict[str, 
     val = runs.study_predictions(db, run.id, "val", aggregate=run.settings.study_aggregate)
     known = np.isfinite(val["label"])
     try:
-        study = studystats.choose_threshold(val["label"][known], val["probability"][known], rule, target).value
+        study = choose_threshold(val["label"][known], val["probability"][known], rule, target).value
     except errors.InputError:
         notes = [f"run {run.id} stores no study-level threshold and has no validation studies of both classes to choose one: "
                  "the study level uses the image-level threshold"]

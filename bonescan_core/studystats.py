@@ -28,9 +28,14 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from bonescan_core.errors import InputError
-from bonescan_core.evaluation import (
+from bonescan_core.evaluation import (  # noqa: F401 - the threshold rules are part of this module's API
+    FIXED_THRESHOLD,
+    TARGET_RULES,
+    THRESHOLD_RULES,
+    Threshold,
     bootstrap_weights,
     check_inputs,
+    choose_threshold,
     holm,
     mcnemar,
     metrics_at_thresholds,
@@ -42,15 +47,6 @@ from bonescan_core.evaluation import (
 
 AGGREGATIONS = ("max", "mean")
 """How :func:`study_scores` collapses a study's image probabilities (``max`` is the default)."""
-
-THRESHOLD_RULES = ("youden", "sensitivity", "npv", "fixed")
-"""Rules :func:`choose_threshold` knows; ``sensitivity`` and ``npv`` need a target."""
-
-FIXED_THRESHOLD = 0.5
-"""The threshold of rule ``fixed`` (not chosen on data)."""
-
-TARGET_RULES = ("sensitivity", "npv")
-"""The rules that need a target in (0, 1]."""
 
 LOGIT_EPS = 1e-7
 """Probabilities are clipped to [eps, 1 - eps] before taking logits (stored float32 outputs reach 0 and 1)."""
@@ -127,66 +123,10 @@ def study_scores(study_ids: Any, probabilities: Any, how: str = "max") -> tuple[
 
 
 # --- 2. threshold rules on validation studies -------------------------------------------
-
-class Threshold(NamedTuple):
-    """A decision threshold and the rule that chose it (``"youden"``, ``"sensitivity>=0.9"``, ``"npv>=0.95"``)."""
-
-    value: float
-    rule: str
-
-
-def choose_threshold(labels: Any, scores: Any, rule: str = "youden", target: float | None = None) -> Threshold:
-    """The operating point chosen on validation studies by a pre-specified rule.
-
-    * ``youden``: maximises sensitivity + specificity - 1 (:func:`evaluation.youden_threshold`).
-    * ``sensitivity``: the highest threshold whose sensitivity is >= ``target`` (e.g. 0.90):
-      the ``ceil(target * m)``-th highest positive score, m = number of positives.
-    * ``npv``: the highest threshold (among the observed scores) whose NPV is >= ``target``;
-      NPV need not be monotone in the threshold, so every candidate is checked.
-    * ``fixed``: :data:`FIXED_THRESHOLD` (0.5), whatever the data (the paper's default).
-
-    "Highest" because a higher threshold calls fewer studies metastatic: of all thresholds
-    meeting the target, it keeps the most specificity.
-
-    Args:
-        labels: (n,) 0/1, both classes present.
-        scores: (n,) float in [0, 1].
-        rule: one of :data:`THRESHOLD_RULES`.
-        target: in (0, 1]; required for ``sensitivity`` and ``npv``, refused for ``youden`` and ``fixed``.
-
-    Returns:
-        :class:`Threshold` (value float in [0, 1], rule name with its target).
-
-    Raises:
-        InputError: unknown rule, missing/extra/out-of-range target, one class only, or no
-            threshold reaching the NPV target.
-    """
-    y, p = _inputs(labels, scores)
-    if rule not in THRESHOLD_RULES:
-        raise InputError(f"threshold rule must be one of {', '.join(THRESHOLD_RULES)}; got {rule!r}")
-    if rule not in TARGET_RULES and target is not None:
-        raise InputError(f"the {rule} rule takes no target; drop it or use rule sensitivity or npv")
-    if rule == "fixed":
-        return Threshold(FIXED_THRESHOLD, "fixed")
-    if y.size == 0 or y.min() == y.max():
-        raise InputError("choosing a threshold needs validation studies of both classes; add metastatic and non-metastatic studies")
-    if rule == "youden":
-        return Threshold(youden_threshold(y, p), "youden")
-    if target is None or not 0.0 < target <= 1.0:
-        raise InputError(f"rule {rule} needs a target within (0, 1], e.g. 0.90; got {target}")
-    name = f"{rule}>={target:g}"
-    if rule == "sensitivity":
-        positives = np.sort(p[y == 1])[::-1]
-        # How many positives must be called; the epsilon keeps 0.7 * 10 = 7.000000000000001 at 7.
-        needed = max(1, math.ceil(target * positives.size - 1e-9))
-        return Threshold(float(positives[needed - 1]), name)
-    candidates = np.unique(p)
-    npv = metrics_at_thresholds(y, p, candidates)["npv"]  # nan at the lowest score: no negative calls
-    reaching = candidates[np.nan_to_num(npv, nan=-1.0) >= target - 1e-12]
-    if reaching.size == 0:
-        raise InputError(f"no threshold reaches an NPV of {target:g} on these validation studies; lower the target or use rule youden")
-    return Threshold(float(reaching.max()), name)
-
+# :func:`choose_threshold` (youden, sensitivity, npv, fixed) lives in ``evaluation``, beside the
+# Youden threshold and the metric sweep it builds on, so that ``evaluation.evaluate`` can choose
+# an older run's study threshold without importing this module (no import cycle); it is
+# imported above and is this module's API as before.
 
 # --- 3. paired patient-level bootstrap ---------------------------------------------------
 
