@@ -61,7 +61,7 @@ if split:
     duplicates = cached_near_duplicates(str(db_path()), split["id"])
     if duplicates:
         st.warning(f"{len(duplicates)} pair(s) of near-duplicate images sit in different subsets of split {split['id']} "
-                   f"(difference hash within {splits.NEAR_DUPLICATE_BITS} of 64 bits): the same scan may be trained on "
+                   f"(difference hash within {splits.NEAR_DUPLICATE_BITS} of 64 bits, block means correlating at {splits.NEAR_DUPLICATE_CORRELATION:g} or more): the same scan may be trained on "
                    "and tested on. Check them on the Scans page before training: "
                    + ", ".join(f"images {d['a']} ({d['subsets'][0]}) and {d['b']} ({d['subsets'][1]})" for d in duplicates[:10])
                    + (" ..." if len(duplicates) > 10 else ""), icon=":material/content_copy:")
