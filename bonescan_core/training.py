@@ -133,17 +133,26 @@ def study_outputs(samples: list[Sample], probabilities: np.ndarray, view_mode: s
 
 
 def run_thresholds(config: TrainConfig, image_labels: np.ndarray, image_probabilities: np.ndarray,
-                   study_labels: np.ndarray, study_probabilities: np.ndarray) -> dict[str, Any]:
+                   study_labels: np.ndarray, study_probabilities: np.ndarray, notes: list[str] | None = None) -> dict[str, Any]:
     """The run's ``results["thresholds"]``: one rule (``config.threshold_rule`` with its
     ``threshold_target``) applied to validation samples (``image``: images, or studies for a
-    composite run) and to validation studies (``study``). (n,) 0/1 labels, probabilities in [0, 1]."""
+    composite run) and to validation studies (``study``). (n,) 0/1 labels, probabilities in [0, 1].
+
+    A level whose rule cannot be applied (one class in validation, an NPV target no threshold
+    reaches) gets ``studystats.FIXED_THRESHOLD`` (0.5) and a sentence in ``notes``: the trained
+    model is kept rather than lost at the last step.
+    """
     rule, target = config.threshold_rule, config.threshold_target
-    try:
-        image = studystats.choose_threshold(image_labels, image_probabilities, rule, target).value
-        study = studystats.choose_threshold(study_labels, study_probabilities, rule, target).value
-    except errors.InputError as error:
-        raise TrainingError(f"the threshold cannot be chosen on the validation subset: {error}") from error
-    return {"image": float(image), "study": float(study), "rule": rule, "target": target}
+    chosen = {}
+    for level, labels, probabilities in (("image", image_labels, image_probabilities), ("study", study_labels, study_probabilities)):
+        try:
+            chosen[level] = float(studystats.choose_threshold(labels, probabilities, rule, target).value)
+        except errors.InputError as error:
+            chosen[level] = studystats.FIXED_THRESHOLD
+            if notes is not None:
+                notes.append(f"the {level} threshold could not be chosen by rule {rule} on the validation subset ({error}); "
+                             f"it is {studystats.FIXED_THRESHOLD}")
+    return {**chosen, "rule": rule, "target": target}
 
 
 def weights_id(weights: str) -> str:
@@ -559,7 +568,7 @@ def train_run(db: sqlite_utils.Database, config: TrainConfig, reporter: Reporter
     tracker.check()
     studies = {subset: study_outputs(data.samples[subset], probabilities[subset], config.view_mode, config.study_aggregate)
                for subset in ("val", "test")}
-    thresholds = run_thresholds(config, data.labels["val"], probabilities["val"], studies["val"][1], studies["val"][2])
+    thresholds = run_thresholds(config, data.labels["val"], probabilities["val"], studies["val"][1], studies["val"][2], notes)
 
     tracker.send({"phase": "saving", "eta_s": None}, force=True)
     sha = _atomic_save(model, model_file)

@@ -122,6 +122,17 @@ def test_one_threshold_implementation_with_four_rules():
     assert runs.TrainConfig.from_json(config.to_json()) == config
 
 
+def test_training_keeps_a_run_whose_rule_cannot_be_applied_and_says_why():
+    from bonescan_core import training
+
+    config = runs.TrainConfig(backbone="vgg19", threshold_rule="npv", threshold_target=0.99)
+    notes: list[str] = []
+    # Validation images of one class: no rule applies; per study an NPV of 1 is reached at 0.7.
+    chosen = training.run_thresholds(config, [1, 1, 1], [0.9, 0.1, 0.8], [0, 1], [0.3, 0.7], notes)
+    assert chosen["image"] == 0.5 and chosen["study"] == pytest.approx(0.7) and len(notes) == 1
+    assert "image threshold could not be chosen by rule npv" in notes[0]
+
+
 def test_threshold_status_marks_a_moved_threshold_exploratory():
     assert evaluation.threshold_status(None, 0.41) == evaluation.PRE_SPECIFIED
     assert evaluation.threshold_status(0.410, 0.4104) == evaluation.PRE_SPECIFIED  # the slider's 3 decimals
