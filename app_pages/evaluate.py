@@ -27,19 +27,26 @@ from bonescan_core import (
 from bonescan_core import db as dbm
 from bonescan_core import review as rv
 from bonescan_core.cohorts import list_cohorts
-from bonescan_core.results import EvaluationResult, Progress, decision_threshold
+from bonescan_core.results import UNIT_LABELS, UNITS, EvaluationResult, Progress, decision_threshold
 
 # The explorer table's columns (of evaluation.explorer_rows).
 EXPLORER_COLUMNS = ["image_id", "study_id", "view", "subset", "label", "probability", "outcome", "loss", "verdicts", "criteria"]
+UNIT_CHOICES = {"per study": "study", "per image (as in the paper)": "image"}
 CARD_METRICS = ("accuracy", "recall", "precision", "f1", "specificity", "npv", "auc", "pr_auc", "brier")
 LIVE_EVERY_S = 2  # prediction jobs' progress
 
 
 @st.cache_data(max_entries=32, show_spinner=False)
-def cached_evaluation(database: str, run_id: int, threshold: float | None) -> EvaluationResult:
-    """The run evaluated at ``threshold`` (None: the run's own, see results.decision_threshold)."""
+def cached_evaluation(database: str, run_id: int, threshold: float | None, unit: str = "study") -> EvaluationResult:
+    """The run evaluated at ``threshold`` (None: the run's own validation-chosen thresholds), per ``unit``."""
     with dbm.opened(database) as db:  # the database is part of the cache key, so read that one
-        return assessment.evaluate(db, run_id, threshold=threshold)
+        return assessment.evaluate(db, run_id, threshold=threshold, unit=unit)
+
+
+@st.cache_data(max_entries=16, show_spinner=False)
+def cached_study_predictions(database: str, run_id: int, subset: str, aggregate: str) -> dict:
+    with dbm.opened(database) as db:
+        return runs.study_predictions(db, run_id, subset, aggregate=aggregate)
 
 
 @st.cache_data(max_entries=16, show_spinner=False)
@@ -127,24 +134,44 @@ by_id = {run.id: run for run in done_runs}
 run_id = st.selectbox("Run", list(by_id), format_func=lambda i: label_of(by_id[i]), key="ev_run")
 run = by_id[run_id]
 database = str(db_path())
-stored_threshold, _ = decision_threshold(None, run.threshold)
+with open_db() as db:
+    chosen_thresholds, _ = evaluation.run_thresholds(db, run)
+# The validation-chosen operating points (0.5 for a run without one): the headline everywhere.
+validation_threshold = {level: decision_threshold(None, chosen_thresholds[level])[0] for level in UNITS}
+stored_threshold = validation_threshold["image"]
+
+unit_choice = st.radio("Unit of analysis", list(UNIT_CHOICES), horizontal=True, key="ev_unit",
+                       help="The study is the unit: one probability per study (its views aggregated). "
+                            "The paper counted images; its figures are one click away.")
+unit = UNIT_CHOICES[unit_choice]
+per = UNIT_LABELS[unit]
 
 metrics_tab, compare_tab, explorer_tab, external_tab, export_tab = st.tabs(
     ["Metrics", "Compare backbones", "Per-image explorer", "External cohort", "Export"])
 
 with metrics_tab:
-    threshold = st.slider("Decision threshold (metastatic when probability >= threshold)", 0.0, 1.0,
-                          round(stored_threshold, 3), 0.005, key=f"ev_threshold_{run_id}",
-                          help=f"The run's threshold, chosen on validation, is {stored_threshold:.3f}.")
-    result = cached_evaluation(database, run_id, round(threshold, 4))
+    headline = validation_threshold[unit]
+    threshold = st.slider(f"Decision threshold, {per} (metastatic when probability >= threshold)", 0.0, 1.0,
+                          round(headline, 3), 0.005, key=f"ev_threshold_{run_id}_{unit}",
+                          help=f"The run's {per} threshold, chosen on validation, is {headline:.3f}.")
+    status = evaluation.threshold_status(threshold, headline)
+    # At the validation-chosen point each level keeps its own threshold; a moved slider is one threshold.
+    result = cached_evaluation(database, run_id, None if status == evaluation.PRE_SPECIFIED else round(threshold, 4), unit)
     st.caption(f"Test subset: {result.n_images} images, {result.n_studies} studies, "
-               f"{result.n_patients} patients. 95% CIs: bootstrap over patients.")
+               f"{result.n_patients} patients. Metrics {per}. 95% CIs: bootstrap over patients.")
+    if status == evaluation.PRE_SPECIFIED:
+        st.caption(f"Operating point {result.threshold:.3f}: {status}, rule {result.threshold_rule or 'stored'}.")
+    else:
+        st.warning(f"Test metrics below are {status}: {threshold:.3f} instead of the validation-chosen {headline:.3f}.")
+    for note in result.notes:
+        st.caption(note)
+    st.subheader(f"Test metrics {per}" + ("" if status == evaluation.PRE_SPECIFIED else f" — {status}"))
     for row_start in range(0, len(CARD_METRICS), 5):
         columns = st.columns(5)
         for column, name in zip(columns, CARD_METRICS[row_start:row_start + 5], strict=False):
             metric = result.metrics[name]
             interval = metric.interval_text(2)
-            column.metric(plots.metric_name(name), metric.value_text(),
+            column.metric(f"{plots.metric_name(name)} ({per})", metric.value_text(),
                           help=f"95% CI {metric.interval_text()}" if interval else None)
             if interval:
                 column.caption(interval)
@@ -153,13 +180,17 @@ with metrics_tab:
         st.metric("Grad-CAM pointing game", "n/a" if hit_rate is None else f"{hit_rate:.3f}",
                   help="Share of true-positive studies with lesion points whose map peak lies on a lesion.")
         st.caption(result.localisation_text())
-    level = st.radio("Level", ["image", "study (max over views)"], horizontal=True, key="ev_level")
-    shown = result.level("image" if level == "image" else "study")
-    test = cached_predictions(database, run_id, "test")
+    if unit == "study":
+        test = cached_study_predictions(database, run_id, "test", run.settings.study_aggregate)
+        known = np.isfinite(test["label"])
+        curve_labels, curve_probabilities = test["label"][known].astype(np.int64), test["probability"][known]
+    else:
+        test = cached_predictions(database, run_id, "test")
+        curve_labels, curve_probabilities = test["label"], test["probability"]
     with open_db() as db:
         epoch_rows = runs.epochs(db, run_id)
-    figures = plots.run_figures(evaluation.run_label(run.backbone, run_id), test["label"], test["probability"],
-                                threshold, shown.confusion, epoch_rows, unit="images" if level == "image" else "studies")
+    figures = plots.run_figures(evaluation.run_label(run.backbone, run_id), curve_labels, curve_probabilities,
+                                result.threshold, result.confusion, epoch_rows, unit="studies" if unit == "study" else "images")
     left, right = st.columns(2)
     left.plotly_chart(figures["confusion"], key="ev_confusion")
     right.plotly_chart(figures["roc"], key="ev_roc")
@@ -204,9 +235,10 @@ with compare_tab:
         except (comparison.IncomparableRunsError, evaluation.NoPredictionsError) as error:
             st.error(str(error))
         else:
-            results = {evaluation.run_label(by_id[i].backbone, i, with_id=True): cached_evaluation(database, i, None)
+            results = {evaluation.run_label(by_id[i].backbone, i, with_id=True): cached_evaluation(database, i, None, unit)
                        for i in chosen}
-            st.plotly_chart(plots.forest_plot(results), key="ev_forest")
+            st.caption(f"Metrics {per}, each run at its own validation-chosen threshold.")
+            st.plotly_chart(plots.forest_plot(results, level=unit), key="ev_forest")
             st.markdown(f"**Per study, paired by patient**: {comparison_result['n_studies']} test studies of "
                         f"{comparison_result['n_patients']} patients, each run at its own study threshold chosen on "
                         "validation.")
@@ -227,7 +259,8 @@ with compare_tab:
                 show_repeats(summary, "compare")
 
 with explorer_tab:
-    threshold_now = st.session_state.get(f"ev_threshold_{run_id}", stored_threshold)
+    # The explorer lists images: the image threshold (the slider's, when it shows the image level).
+    threshold_now = threshold if unit == "image" and status != evaluation.PRE_SPECIFIED else stored_threshold
     with open_db() as db:
         rows = evaluation.explorer_rows(db, run_id, threshold_now)
     filters = st.columns(4)
@@ -277,8 +310,10 @@ with explorer_tab:
         if trail:
             st.dataframe(pd.DataFrame(trail)[["created_at", "reviewer", "decision", "label", "criteria", "artifacts", "note"]],
                          hide_index=True)
-        reason = st.text_input("Reason for re-review", value=f"run {run_id}: {chosen_row['outcome']}, p={chosen_row['probability']:.2f}",
-                               key=f"ex_reason_{image_id}")
+        # The reader reads blind: the flag carries no outcome or probability (review.blind_reason).
+        note = st.text_input("Note for the reader (optional; the model's output is never passed on)", value="",
+                             key=f"ex_reason_{image_id}")
+        reason = rv.blind_reason(note) if note.strip() else rv.BLIND_FLAG_REASON
         may_flag = allowed("flag")  # with sign-in on, a reader, adjudicator or trainer role
         if not may_flag:
             st.caption(denial("flag"))
@@ -387,22 +422,25 @@ with external_tab:
             right.plotly_chart(shift_plots["summary"], key="ex_shift_summary")
 
 with export_tab:
-    def metrics_json(database: str = database, run_id: int = run_id) -> str:
-        return cached_evaluation(database, run_id, None).to_json_text()
+    st.caption(f"Downloads {per} (the unit chosen above); the report shows both units.")
 
-    def predictions_csv(database: str = database, run_id: int = run_id) -> str:
+    def metrics_json(database: str = database, run_id: int = run_id, unit: str = unit) -> str:
+        return cached_evaluation(database, run_id, None, unit).to_json_text()
+
+    def predictions_csv(database: str = database, run_id: int = run_id, unit: str = unit) -> str:
         with dbm.opened(database) as db:
-            return report.predictions_csv(db, run_id)
+            return report.predictions_csv(db, run_id, unit=unit)
 
     # Files are made on click (Streamlit calls these then), not on every rerun of the page.
     columns = st.columns(4)
     columns[0].download_button("metrics.json", metrics_json, f"run-{run_id}-metrics.json", "application/json", key="dl_metrics")
-    columns[1].download_button("predictions.csv", predictions_csv, f"run-{run_id}-predictions.csv", "text/csv", key="dl_predictions")
+    columns[1].download_button(f"predictions.csv ({per})", predictions_csv, f"run-{run_id}-predictions-{unit}.csv", "text/csv",
+                               key="dl_predictions")
     if columns[2].button("Build report.html", key="build_report"):
         with open_db() as db:
-            st.session_state[f"report_{run_id}"] = report.report_html(db, run_id)
-    if f"report_{run_id}" in st.session_state:
-        columns[2].download_button("Download report.html", st.session_state[f"report_{run_id}"], f"run-{run_id}-report.html",
+            st.session_state[f"report_{run_id}_{unit}"] = report.report_html(db, run_id, unit=unit)
+    if f"report_{run_id}_{unit}" in st.session_state:
+        columns[2].download_button("Download report.html", st.session_state[f"report_{run_id}_{unit}"], f"run-{run_id}-report.html",
                                    "text/html", key="dl_report")
     if columns[3].button("Build model bundle", key="build_bundle"):
         try:

@@ -125,6 +125,10 @@ nav[2].button("Refresh queue", key="rv_refresh_button",
               on_click=lambda: st.session_state.update(rv_refresh=st.session_state.get("rv_refresh", 0) + 1))
 nav[3].markdown(f"**Study {study_id}** · {position + 1} of {len(queue)} in this queue"
                 + (" · you have read it" if study_id in mine else ""))
+with open_db() as db:
+    flag_reasons = rv.open_flags(db).get(study_id, [])  # neutral texts: no model outcome or probability (blind_reason)
+if flag_reasons:
+    st.caption("Flagged for re-review: " + "; ".join(dict.fromkeys(flag_reasons)))
 
 viewer_column, form_column = st.columns([1, 1])
 with viewer_column:

@@ -10,6 +10,7 @@ import streamlit as st
 
 from app_pages.common import allowed, cached, db_path, denial, md, open_db, still_signed_in
 from bonescan_core import catalog, errors, jobs, plots, runs, splits, training
+from bonescan_core import db as dbm
 from bonescan_core.cohorts import list_cohorts
 from bonescan_core.models import BACKBONES, DEFAULT_SIZE, MODES
 from bonescan_core.preprocess import PAPER_AUGMENT
@@ -22,6 +23,21 @@ MODE_HELP = {
     "full": "every layer trains from the start (what weights 'none' needs)",
 }
 LIVE_EVERY_S = 2
+GROUPING_TEXT = {"patient": "by patient", "study": "by study: some studies' patients are unknown (no DICOM or manifest), "
+                                                   "so each of those is its own patient"}
+THRESHOLD_RULE_HELP = {
+    "youden": "Youden's J (sensitivity + specificity - 1, maximal)",
+    "sensitivity": "the highest threshold reaching a target sensitivity",
+    "npv": "the highest threshold reaching a target negative predictive value",
+    "fixed": "0.5, not chosen on data",
+}
+
+
+@st.cache_data(max_entries=8, show_spinner="Looking for near-duplicate images across the split's subsets...")
+def cached_near_duplicates(database: str, split_id: int) -> list[dict]:
+    """splits.near_duplicates of a split (its members never change: the id is the key)."""
+    with dbm.opened(database) as db:
+        return splits.near_duplicates(db, split_id)
 
 st.title("Train")
 
@@ -38,9 +54,16 @@ cards[1].metric("Included, no metastasis", counts["non_metastatic"])
 cards[2].metric("Waiting for adjudication", counts["waiting"])
 cards[3].metric("Not used (unread or excluded)", counts["unused"])
 if split:
-    st.caption(f"Current split {split['id']} (by patient, stratified): " + "; ".join(
+    st.caption(f"Current split {split['id']} (grouped {GROUPING_TEXT[split['grouping']]}; stratified): " + "; ".join(
         f"{name} {n['studies']} studies ({n['metastatic']} metastatic)"
         for name, n in catalog.split_label_counts(statuses, split["subsets"]).items()))
+    duplicates = cached_near_duplicates(str(db_path()), split["id"])
+    if duplicates:
+        st.warning(f"{len(duplicates)} pair(s) of near-duplicate images sit in different subsets of split {split['id']} "
+                   f"(difference hash within {splits.NEAR_DUPLICATE_BITS} of 64 bits, block means correlating at {splits.NEAR_DUPLICATE_CORRELATION:g} or more): the same scan may be trained on "
+                   "and tested on. Check them on the Scans page before training: "
+                   + ", ".join(f"images {d['a']} ({d['subsets'][0]}) and {d['b']} ({d['subsets'][1]})" for d in duplicates[:10])
+                   + (" ..." if len(duplicates) > 10 else ""), icon=":material/content_copy:")
 
 can_train = allowed("train")
 if not can_train:
@@ -88,6 +111,14 @@ with st.form("train_form"):
              "Fitted on the validation predictions only; the threshold is chosen after it.")
     deterministic = options[2].checkbox("Deterministic ops", value=False, key="tr_deterministic",
                                         help="Repeatable kernels for this run (TensorFlow); slower on a GPU.")
+    rule_column, target_column, aggregate_column = st.columns(3)
+    threshold_rule = rule_column.selectbox("Threshold rule (on validation)", list(THRESHOLD_RULE_HELP), key="tr_rule",
+                                           format_func=lambda r: f"{r}: {THRESHOLD_RULE_HELP[r]}",
+                                           help="Chosen on validation images and, separately, validation studies.")
+    threshold_target = target_column.number_input("Target (sensitivity / npv rules)", 0.01, 1.0, 0.90, 0.01,
+                                                  key="tr_target")
+    study_aggregate = aggregate_column.radio("Study probability from its views", ["max", "mean"], horizontal=True,
+                                             key="tr_aggregate", help="max: the most suspicious view decides")
     chosen_cohorts = st.multiselect("Cohorts (the split is made from their studies; the others stay external)",
                                     cohort_names, default=cohort_names, key="tr_cohorts",
                                     help="None chosen: every cohort.")
@@ -108,7 +139,9 @@ if submitted:  # never True while disabled (no trainer role): Streamlit drops a 
                 backbone=chosen[0], weights=weights_file.strip() if weights == "file" else weights, mode=mode,
                 epochs=int(epochs), batch_size=int(batch_size), learning_rate=float(learning_rate),
                 image_size=(int(height), int(width)), seed=int(seed), augment=augment, class_weights=class_weights,
-                calibration=calibration, deterministic=deterministic,
+                calibration=calibration, deterministic=deterministic, threshold_rule=threshold_rule,
+                threshold_target=float(threshold_target) if threshold_rule in runs.TARGET_RULES else None,
+                study_aggregate=study_aggregate,
             )
             with open_db() as db:
                 messages = [queued.message for queued in jobs.enqueue_backbones(
@@ -149,7 +182,10 @@ def live_runs() -> None:
             if run.error:
                 st.error(md(run.error))  # may quote a typed weights path
             if run.status == "done":
-                st.caption(f"threshold {run.threshold:.3f} · {run.results.images_per_second or 0:.1f} training images/s")
+                chosen = run.results.facts.get("thresholds") or {}
+                study = f", per study {chosen['study']:.3f}" if chosen.get("study") is not None else ""
+                st.caption(f"threshold per image {run.threshold:.3f}{study} ({run.settings.threshold_rule}) · "
+                           f"{run.results.images_per_second or 0:.1f} training images/s")
                 if progress.phase == "explaining" and (progress.batch or 0) < (progress.batches or 0):
                     st.caption(f"Grad-CAM maps ready for {progress.batch} of {progress.batches} studies; "
                                "the others are computed when first viewed in the explorer.")

@@ -194,11 +194,16 @@ def cmd_split(args: argparse.Namespace) -> int:
     with dbm.opened(args.db) as db:
         split_id = splits.make_split(db, seed=args.seed, test=args.test, val=args.val, cohorts=args.cohort)
         result = splits.get_split(db, split_id)
+        result["near_duplicates"] = splits.near_duplicates(db, split_id)
     if args.json:
         _print_json(result)
     else:
         sizes = ", ".join(f"{len(ids)} {name}" for name, ids in result["subsets"].items())
-        print(f"split {split_id}: {sizes} studies (seed {args.seed}, cohorts {', '.join(result['cohorts'])})", file=sys.stderr)
+        print(f"split {split_id}: {sizes} studies (seed {args.seed}, cohorts {', '.join(result['cohorts'])}, "
+              f"grouped by {result['grouping']})", file=sys.stderr)
+        if result["near_duplicates"]:
+            print(f"split {split_id}: {len(result['near_duplicates'])} near-duplicate image pair(s) across subsets "
+                  "(`split --json` lists them); check them before training", file=sys.stderr)
         print(split_id)
     return EXIT_OK
 
@@ -219,7 +224,8 @@ def train_config(args: argparse.Namespace):
         backbone=args.backbone, weights=args.weights, mode=args.mode, epochs=args.epochs, batch_size=args.batch_size,
         learning_rate=args.lr, image_size=args.image_size, seed=args.seed, split_id=args.split,
         view_mode=args.view_mode, max_train_images=args.max_train_images, class_weights=args.class_weights,
-        calibration=args.calibration, deterministic=args.deterministic, **optional,
+        calibration=args.calibration, deterministic=args.deterministic, threshold_rule=args.threshold_rule,
+        threshold_target=args.threshold_target, study_aggregate=args.study_aggregate, **optional,
     )
 
 
@@ -287,7 +293,7 @@ def prediction_rows(db, job) -> list[dict]:
     ``probability``, ``raw_probability`` (None: the run is not calibrated) and ``predicted``
     (1 when probability >= the run's study threshold)."""
     run = runs.get(db, job.run_id)
-    threshold = external.run_thresholds(run)["study"]
+    threshold = external.run_thresholds(db, run)["study"]
     wanted = set(job.study_ids)
     cohort_of = dict(db.execute("SELECT id, cohort FROM studies").fetchall())
     data = runs.study_predictions(db, job.run_id, "external")
@@ -327,7 +333,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     with dbm.opened(db_path) as db:
         job = prediction.get_job(db, job_id)
         rows = prediction_rows(db, job)
-        thresholds = external.run_thresholds(runs.get(db, job.run_id))
+        thresholds = external.run_thresholds(db, runs.get(db, job.run_id))
     result = job.result or {}
     summary = f"prediction job {job_id}: {status}"
     if status == "done":
@@ -346,7 +352,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
 def cmd_predictions(args: argparse.Namespace) -> int:
     with dbm.opened(args.db) as db:
-        text = report.predictions_csv(db, args.run)
+        text = report.predictions_csv(db, args.run, unit=args.unit)
     Path(args.csv).write_text(text)
     print(f"wrote {text.count(chr(10)) - 1} predictions to {args.csv}")
     return EXIT_OK
@@ -357,9 +363,9 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         raise CommandError("--cohort always evaluates at the thresholds chosen on the run's validation set; leave out --threshold")
     with dbm.opened(args.db) as db:
         if args.cohort is not None:
-            result = external.evaluate_cohort(db, args.run, args.cohort)
+            result = external.evaluate_cohort(db, args.run, args.cohort, unit=args.unit)
         else:
-            result = assessment.evaluate(db, args.run, threshold=args.threshold)
+            result = assessment.evaluate(db, args.run, threshold=args.threshold, unit=args.unit)
     if args.json:
         _print_json(result.as_json())
         return EXIT_OK
@@ -594,6 +600,12 @@ def build_parser() -> argparse.ArgumentParser:
     verb.add_argument("--calibration", default="temperature", choices=["temperature", "platt", "none"],
                       help="recalibration fitted on validation (default temperature)")
     verb.add_argument("--deterministic", action="store_true", help="deterministic TensorFlow ops (slower on a GPU)")
+    verb.add_argument("--threshold-rule", default="youden", choices=["youden", "sensitivity", "npv", "fixed"],
+                      help="how the image and study thresholds are chosen on validation (default youden)")
+    verb.add_argument("--threshold-target", type=float, default=None, metavar="X",
+                      help="target of rule sensitivity or npv, e.g. 0.90")
+    verb.add_argument("--study-aggregate", default="max", choices=["max", "mean"],
+                      help="a study's probability from its views' (default max)")
     verb.add_argument("--queue", action="store_true", help="only enqueue for the worker")
     verb.add_argument("--maps", choices=["later", "wait"], default="later",
                       help="later: return once trained (maps on first view or from the worker); wait: make every map first")
@@ -606,6 +618,7 @@ def build_parser() -> argparse.ArgumentParser:
     verb = verbs.add_parser("predictions", help="a run's predictions as CSV")
     verb.add_argument("run", type=int, metavar="RUN")
     verb.add_argument("--csv", required=True, metavar="FILE")
+    verb.add_argument("--unit", default="image", choices=["image", "study"], help="one row per image (default) or per study")
     verb.set_defaults(func=cmd_predictions)
 
     verb = verbs.add_parser("evaluate", help="metrics with 95%% CIs on a run's test subset")
@@ -613,6 +626,7 @@ def build_parser() -> argparse.ArgumentParser:
     verb.add_argument("--threshold", type=float, default=None, help="default: the run's validation-chosen threshold")
     verb.add_argument("--cohort", default=None, metavar="NAME",
                       help="that cohort's external predictions (from `predict`), at the run's validation thresholds")
+    verb.add_argument("--unit", default="study", choices=["study", "image"], help="the unit of analysis (default study)")
     verb.add_argument("--json", action="store_true")
     verb.set_defaults(func=cmd_evaluate)
 

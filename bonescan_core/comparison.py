@@ -37,7 +37,7 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from bonescan_core import errors, runs, studystats
-from bonescan_core.evaluation import NoPredictionsError, point_metrics, run_label
+from bonescan_core.evaluation import NoPredictionsError, point_metrics, run_label, run_thresholds
 from bonescan_core.heavy import sqlite_utils
 from bonescan_core.results import decision_threshold
 
@@ -83,7 +83,9 @@ class StudyThreshold(NamedTuple):
 
 
 def study_threshold(db: sqlite_utils.Database, run: runs.Run) -> StudyThreshold:
-    """The study-level threshold a run is judged at: stored, else chosen now on its validation studies.
+    """The study-level threshold a run is judged at (``evaluation.run_thresholds``, the one
+    place thresholds are read): stored, else chosen now on its validation studies by the run's
+    rule, else (validation of one class) its image threshold, 0.5 without one.
 
     Args:
         db: open database.
@@ -92,15 +94,9 @@ def study_threshold(db: sqlite_utils.Database, run: runs.Run) -> StudyThreshold:
     Returns:
         :class:`StudyThreshold` (value in [0, 1]).
     """
-    stored = (run.results.facts.get("thresholds") or {}).get("study")
-    if stored is not None:
-        return StudyThreshold(float(stored), "stored")
-    val = runs.study_predictions(db, run.id, "val")
-    labels = val["label"]
-    if labels.size and not np.isnan(labels).any() and labels.min() != labels.max():
-        chosen = studystats.choose_threshold(labels.astype(np.int64), val["probability"], "youden")
-        return StudyThreshold(chosen.value, "validation")
-    return StudyThreshold(decision_threshold(None, run.threshold)[0], "image")
+    chosen, _ = run_thresholds(db, run)
+    source = {"run": "stored", "derived": "validation"}.get(chosen["study_source"], "image")
+    return StudyThreshold(float(decision_threshold(None, chosen["study"])[0]), source)
 
 
 def _round(value: float, digits: int = ROUND_DIGITS) -> float | None:

@@ -593,6 +593,18 @@ def _m015_localisation(db: sqlite_utils.Database) -> None:
             WHERE p.run_id = explanations.run_id AND p.image_id = explanations.image_id)""")
 
 
+def _m016_split_grouping(db: sqlite_utils.Database) -> None:
+    """What a split's grouping really is. ``patients.identified``: 1 when the patient's identity
+    is known (a DICOM PatientID, a manifest ``patient_id``, a demo phantom), 0 when it is not
+    (a file without DICOM or manifest: its study is its own patient); NULL for patients stored
+    before this migration, whose key (a salted hash) no longer tells, counted as identified.
+    ``splits.grouping``: ``patient`` (every study's patient known, so a patient's studies share
+    a subset) or ``study`` (some are not: for those the split is by study only); splits made
+    before this migration say ``patient``, as they were made and described."""
+    db.execute("ALTER TABLE patients ADD COLUMN identified INTEGER CHECK (identified IN (0, 1))")
+    db.execute("ALTER TABLE splits ADD COLUMN grouping TEXT NOT NULL DEFAULT 'patient' CHECK (grouping IN ('patient', 'study'))")
+
+
 MIGRATIONS: list[tuple[str, Callable[[sqlite_utils.Database], None]]] = [
     ("001_foundation", _m001_foundation),
     ("002_training", _m002_training),
@@ -609,6 +621,7 @@ MIGRATIONS: list[tuple[str, Callable[[sqlite_utils.Database], None]]] = [
     ("013_reviews_by_reader", _m013_reviews_by_reader),
     ("014_prediction_jobs", _m014_prediction_jobs),
     ("015_localisation", _m015_localisation),
+    ("016_split_grouping", _m016_split_grouping),
 ]
 
 

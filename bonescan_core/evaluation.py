@@ -33,13 +33,13 @@ from __future__ import annotations
 import math
 import statistics
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
 from bonescan_core import errors, localisation, runs
 from bonescan_core.heavy import sqlite_utils
-from bonescan_core.results import EvaluationResult, LevelResult, decision_threshold
+from bonescan_core.results import UNITS, EvaluationResult, LevelResult, decision_threshold
 from bonescan_core.review import latest_reviews
 
 METRICS = ("accuracy", "recall", "precision", "f1", "specificity", "npv", "auc", "pr_auc", "brier")
@@ -60,7 +60,7 @@ class NoPredictionsError(errors.NotFound):
 
 # --- input checks -----------------------------------------------------------------------
 
-def _check(labels: Any, probabilities: Any) -> tuple[np.ndarray, np.ndarray]:
+def check_inputs(labels: Any, probabilities: Any) -> tuple[np.ndarray, np.ndarray]:
     """Validate and convert: labels -> (n,) int64 in {0, 1}; probabilities -> (n,) float64 in [0, 1]."""
     y = np.asarray(labels)
     p = np.asarray(probabilities, dtype=np.float64)
@@ -73,7 +73,7 @@ def _check(labels: Any, probabilities: Any) -> tuple[np.ndarray, np.ndarray]:
     return y.astype(np.int64), p
 
 
-def _ratio(numerator: np.ndarray, denominator: np.ndarray) -> np.ndarray:
+def safe_ratio(numerator: np.ndarray, denominator: np.ndarray) -> np.ndarray:
     """Elementwise numerator / denominator, nan where the denominator is 0 (metric undefined)."""
     numerator = np.asarray(numerator, dtype=np.float64)
     denominator = np.asarray(denominator, dtype=np.float64)
@@ -85,14 +85,14 @@ def _ratio(numerator: np.ndarray, denominator: np.ndarray) -> np.ndarray:
 def _count_metrics(tp: np.ndarray, fp: np.ndarray, tn: np.ndarray, fn: np.ndarray) -> dict[str, np.ndarray]:
     """The threshold metrics from (possibly weighted) confusion counts of any common shape."""
     return {
-        "accuracy": _ratio(tp + tn, tp + fp + tn + fn),
-        "recall": _ratio(tp, tp + fn),
-        "precision": _ratio(tp, tp + fp),
+        "accuracy": safe_ratio(tp + tn, tp + fp + tn + fn),
+        "recall": safe_ratio(tp, tp + fn),
+        "precision": safe_ratio(tp, tp + fp),
         # 2TP / (2TP + FP + FN): defined (0) when precision is undefined but positives exist,
         # as scikit-learn computes it.
-        "f1": _ratio(2 * tp, 2 * tp + fp + fn),
-        "specificity": _ratio(tn, tn + fp),
-        "npv": _ratio(tn, tn + fn),
+        "f1": safe_ratio(2 * tp, 2 * tp + fp + fn),
+        "specificity": safe_ratio(tn, tn + fp),
+        "npv": safe_ratio(tn, tn + fn),
     }
 
 
@@ -109,7 +109,7 @@ def confusion(labels: Any, probabilities: Any, threshold: float) -> dict[str, in
     Returns:
         ``{"tp", "fp", "tn", "fn"}`` as Python ints (positive = metastatic).
     """
-    y, p = _check(labels, probabilities)
+    y, p = check_inputs(labels, probabilities)
     predicted = p >= threshold
     positive = y == 1
     return {
@@ -137,7 +137,7 @@ def point_metrics(labels: Any, probabilities: Any, threshold: float) -> dict[str
         without positive predictions, NPV without negative predictions, F1 without
         positives or positive predictions, everything on empty input.
     """
-    y, p = _check(labels, probabilities)
+    y, p = check_inputs(labels, probabilities)
     if y.size == 0:
         return dict.fromkeys(METRICS, math.nan)
     # One weighting with all weights 1 is the sample itself.
@@ -157,7 +157,7 @@ def youden_threshold(labels: np.ndarray, probabilities: np.ndarray) -> float:
         class only (J undefined), or when no threshold separates better than chance (best
         J <= 0, e.g. a model that gives every image the same probability), 0.5.
     """
-    y, p = _check(labels, probabilities)
+    y, p = check_inputs(labels, probabilities)
     if y.size == 0 or y.min() == y.max():
         return 0.5
     roc = roc_points(y, p)
@@ -193,13 +193,13 @@ def _weighted_metrics(labels: np.ndarray, probabilities: np.ndarray, threshold: 
     fn = w @ (y * (1 - predicted))
     tn = w @ ((1 - y) * (1 - predicted))
     out = _count_metrics(tp, fp, tn, fn)
-    auc, ap = _weighted_ranking_metrics(y, probabilities, w)
+    auc, ap = weighted_ranking_metrics(y, probabilities, w)
     out["auc"], out["pr_auc"] = auc, ap
-    out["brier"] = _ratio(w @ (probabilities - y) ** 2, w.sum(axis=1))
+    out["brier"] = safe_ratio(w @ (probabilities - y) ** 2, w.sum(axis=1))
     return out
 
 
-def _weighted_ranking_metrics(y: np.ndarray, p: np.ndarray, w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def weighted_ranking_metrics(y: np.ndarray, p: np.ndarray, w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """ROC AUC and average precision for each row of weights, from one sort of the scores.
 
     Samples are sorted by descending score once and grouped by tied score; per resample we
@@ -226,12 +226,12 @@ def _weighted_ranking_metrics(y: np.ndarray, p: np.ndarray, w: np.ndarray) -> tu
     # AUC = P(score_pos > score_neg) + 0.5 P(tie): for the positives of a group, the
     # negatives strictly below are n_neg - fps, the tied ones group_neg.
     concordant = np.sum(group_pos * (n_neg[:, None] - fps + 0.5 * group_neg), axis=1)
-    auc = _ratio(concordant, n_pos * n_neg)
+    auc = safe_ratio(concordant, n_pos * n_neg)
     # Average precision = sum over thresholds of (recall step) x (precision there), as in
     # scikit-learn; a group with no weight adds nothing (its recall step is 0).
     precision = np.zeros_like(tps)
     np.divide(tps, tps + fps, out=precision, where=(tps + fps) > 0)
-    ap = _ratio(np.sum(group_pos * precision, axis=1), n_pos)
+    ap = safe_ratio(np.sum(group_pos * precision, axis=1), n_pos)
     return auc, ap
 
 
@@ -251,7 +251,7 @@ def metrics_at_thresholds(labels: Any, probabilities: Any, thresholds: Any) -> d
         ones, auc, pr_auc and brier, repeated), nan where undefined, plus ``"tp"``,
         ``"fp"``, ``"tn"``, ``"fn"``: (t,) int64 counts.
     """
-    y, p = _check(labels, probabilities)
+    y, p = check_inputs(labels, probabilities)
     t = np.atleast_1d(np.asarray(thresholds, dtype=np.float64))
     positives, negatives = np.sort(p[y == 1]), np.sort(p[y == 0])
     # Predicted positive when p >= t: everything from the first index with p >= t onwards.
@@ -267,6 +267,82 @@ def metrics_at_thresholds(labels: Any, probabilities: Any, thresholds: Any) -> d
 
 
 # --- bootstrap --------------------------------------------------------------------------
+
+# --- threshold rules (studystats.choose_threshold) ----------------------------------------
+
+THRESHOLD_RULES = ("youden", "sensitivity", "npv", "fixed")
+"""Rules :func:`choose_threshold` knows; ``sensitivity`` and ``npv`` need a target."""
+
+FIXED_THRESHOLD = 0.5
+"""The threshold of rule ``fixed`` (not chosen on data)."""
+
+TARGET_RULES = ("sensitivity", "npv")
+"""The rules that need a target in (0, 1]."""
+
+
+
+class Threshold(NamedTuple):
+    """A decision threshold and the rule that chose it (``"youden"``, ``"sensitivity>=0.9"``, ``"npv>=0.95"``)."""
+
+    value: float
+    rule: str
+
+
+def choose_threshold(labels: Any, scores: Any, rule: str = "youden", target: float | None = None) -> Threshold:
+    """The operating point chosen on validation studies by a pre-specified rule.
+
+    * ``youden``: maximises sensitivity + specificity - 1 (:func:`youden_threshold`).
+    * ``sensitivity``: the highest threshold whose sensitivity is >= ``target`` (e.g. 0.90):
+      the ``ceil(target * m)``-th highest positive score, m = number of positives.
+    * ``npv``: the highest threshold (among the observed scores) whose NPV is >= ``target``;
+      NPV need not be monotone in the threshold, so every candidate is checked.
+    * ``fixed``: :data:`FIXED_THRESHOLD` (0.5), whatever the data (the paper's default).
+
+    "Highest" because a higher threshold calls fewer studies metastatic: of all thresholds
+    meeting the target, it keeps the most specificity.
+
+    Args:
+        labels: (n,) 0/1, both classes present.
+        scores: (n,) float in [0, 1].
+        rule: one of :data:`THRESHOLD_RULES`.
+        target: in (0, 1]; required for ``sensitivity`` and ``npv``, refused for ``youden`` and ``fixed``.
+
+    Returns:
+        :class:`Threshold` (value float in [0, 1], rule name with its target).
+
+    Raises:
+        errors.InputError: unknown rule, missing/extra/out-of-range target, one class only, or no
+            threshold reaching the NPV target.
+    """
+    try:
+        y, p = check_inputs(labels, scores)
+    except ValueError as error:  # a user's data: the error family's InputError, as the CLI reports it
+        raise errors.InputError(str(error)) from error
+    if rule not in THRESHOLD_RULES:
+        raise errors.InputError(f"threshold rule must be one of {', '.join(THRESHOLD_RULES)}; got {rule!r}")
+    if rule not in TARGET_RULES and target is not None:
+        raise errors.InputError(f"the {rule} rule takes no target; drop it or use rule sensitivity or npv")
+    if rule == "fixed":
+        return Threshold(FIXED_THRESHOLD, "fixed")
+    if y.size == 0 or y.min() == y.max():
+        raise errors.InputError("choosing a threshold needs validation studies of both classes; add metastatic and non-metastatic studies")
+    if rule == "youden":
+        return Threshold(youden_threshold(y, p), "youden")
+    if target is None or not 0.0 < target <= 1.0:
+        raise errors.InputError(f"rule {rule} needs a target within (0, 1], e.g. 0.90; got {target}")
+    name = f"{rule}>={target:g}"
+    if rule == "sensitivity":
+        positives = np.sort(p[y == 1])[::-1]
+        # How many positives must be called; the epsilon keeps 0.7 * 10 = 7.000000000000001 at 7.
+        needed = max(1, math.ceil(target * positives.size - 1e-9))
+        return Threshold(float(positives[needed - 1]), name)
+    candidates = np.unique(p)
+    npv = metrics_at_thresholds(y, p, candidates)["npv"]  # nan at the lowest score: no negative calls
+    reaching = candidates[np.nan_to_num(npv, nan=-1.0) >= target - 1e-12]
+    if reaching.size == 0:
+        raise errors.InputError(f"no threshold reaches an NPV of {target:g} on these validation studies; lower the target or use rule youden")
+    return Threshold(float(reaching.max()), name)
+
 
 def bootstrap_weights(groups: Any, n_resamples: int, seed: int) -> np.ndarray:
     """Cluster-bootstrap weights: how many times each sample is drawn, per resample.
@@ -321,7 +397,7 @@ def bootstrap_ci(
         metric is undefined (e.g. no positive patient drawn) are left out of that metric's
         percentiles; ``(nan, nan)`` when it is undefined in all of them.
     """
-    y, p = _check(labels, probabilities)
+    y, p = check_inputs(labels, probabilities)
     if not 0.0 < level < 1.0:
         raise ValueError("level must be within (0, 1), e.g. 0.95")
     if groups is None:
@@ -368,7 +444,7 @@ def study_level(study_ids: Any, patient_ids: Any, labels: Any, probabilities: An
     Raises:
         ValueError: a study whose images name different patients.
     """
-    y, p = _check(labels, probabilities)
+    y, p = check_inputs(labels, probabilities)
     studies, patients = np.asarray(study_ids), np.asarray(patient_ids)
     if studies.shape != y.shape or patients.shape != y.shape:
         raise ValueError("study_ids, patient_ids, labels and probabilities must be equally long")
@@ -419,7 +495,7 @@ def roc_points(labels: Any, probabilities: Any) -> dict[str, Any]:
         decreasing thresholds (the first is ``inf``: nothing predicted positive); and
         ``"auc"``: float. With one class only the curve is undefined: empty arrays, auc nan.
     """
-    y, p = _check(labels, probabilities)
+    y, p = check_inputs(labels, probabilities)
     if y.size == 0 or y.min() == y.max():
         empty = np.empty(0)
         return {"fpr": empty, "tpr": empty, "thresholds": empty, "auc": math.nan}
@@ -442,7 +518,7 @@ def pr_points(labels: Any, probabilities: Any) -> dict[str, Any]:
         precision; ``"prevalence"``: fraction of positives (the curve of a random
         classifier). Without positives: empty arrays, ap nan.
     """
-    y, p = _check(labels, probabilities)
+    y, p = check_inputs(labels, probabilities)
     prevalence = float(y.mean()) if y.size else math.nan
     if y.size == 0 or not y.any():
         empty = np.empty(0)
@@ -483,7 +559,7 @@ def calibration_points(labels: Any, probabilities: Any, n_bins: int = 10) -> dic
         frequency. ``"ece"``: expected calibration error (count-weighted mean
         |observed - predicted|); ``"brier"``; ``"n"``.
     """
-    y, p = _check(labels, probabilities)
+    y, p = check_inputs(labels, probabilities)
     if n_bins < 1:
         raise ValueError("n_bins must be at least 1")
     edges = np.linspace(0.0, 1.0, n_bins + 1)
@@ -491,7 +567,7 @@ def calibration_points(labels: Any, probabilities: Any, n_bins: int = 10) -> dic
     count = np.bincount(bins, minlength=n_bins)
     predicted_sum = np.bincount(bins, weights=p, minlength=n_bins)
     positive_sum = np.bincount(bins, weights=y.astype(np.float64), minlength=n_bins)
-    mean_predicted, observed = _ratio(predicted_sum, count), _ratio(positive_sum, count)
+    mean_predicted, observed = safe_ratio(predicted_sum, count), safe_ratio(positive_sum, count)
     low, high = _wilson(positive_sum, count)
     filled = count > 0
     ece = float(np.sum(count[filled] * np.abs(observed[filled] - mean_predicted[filled])) / y.size) if y.size else math.nan
@@ -552,7 +628,7 @@ def mcnemar(labels: Any, pred_a: Any, pred_b: Any) -> dict[str, Any]:
     return {"b": b, "c": c, "statistic": statistic, "p_value": p_value, "method": method}
 
 
-def _midranks(x: np.ndarray) -> np.ndarray:
+def midranks(x: np.ndarray) -> np.ndarray:
     """Midranks of each row: 1-based ranks, tied values sharing their average rank.
 
     Args:
@@ -593,8 +669,8 @@ def delong(labels: Any, prob_a: Any, prob_b: Any, level: float = 0.95) -> dict[s
         undefined (one class; fewer than 2 of a class). When the two are identical in
         ranking (variance 0, difference 0): z 0, p 1.
     """
-    y, pa = _check(labels, prob_a)
-    _, pb = _check(labels, prob_b)
+    y, pa = check_inputs(labels, prob_a)
+    _, pb = check_inputs(labels, prob_b)
     nan = math.nan
     m, k = int(y.sum()), int((1 - y).sum())
     if m == 0 or k == 0:
@@ -602,8 +678,8 @@ def delong(labels: Any, prob_a: Any, prob_b: Any, level: float = 0.95) -> dict[s
     scores = np.stack([pa, pb])  # (2, n)
     positives, negatives = scores[:, y == 1], scores[:, y == 0]
     combined = np.concatenate([positives, negatives], axis=1)
-    rank_all = _midranks(combined)
-    rank_pos, rank_neg = _midranks(positives), _midranks(negatives)
+    rank_all = midranks(combined)
+    rank_pos, rank_neg = midranks(positives), midranks(negatives)
     auc = (rank_all[:, :m].sum(axis=1) - m * (m + 1) / 2.0) / (m * k)
     v10 = (rank_all[:, :m] - rank_pos) / k  # (2, m): P(negative scored lower) per positive
     v01 = 1.0 - (rank_all[:, m:] - rank_neg) / m  # (2, k): P(positive scored higher) per negative
@@ -653,6 +729,65 @@ def _level(labels: np.ndarray, probabilities: np.ndarray, groups: np.ndarray, th
     )
 
 
+AGGREGATION_TEXT = {
+    "max": "max probability over the study's views",
+    "mean": "mean probability over the study's views",
+    "composite": "the run's one output per study",
+}
+"""How a run's study probability was made, as :func:`evaluate` states it (``study_level.aggregation``)."""
+
+
+def run_thresholds(db: sqlite_utils.Database, run: runs.Run) -> tuple[dict[str, Any], list[str]]:
+    """A run's validation-chosen thresholds, and notes for the reader.
+
+    Runs trained since study thresholds exist store ``results["thresholds"]`` (``{"image",
+    "study", "rule", "target"}``). For an older run the study threshold is chosen now, by the
+    run's own rule, on its stored validation predictions collapsed to studies (the same
+    :func:`choose_threshold` training uses, as ``studystats.choose_threshold``); a note says so. Without usable validation
+    studies the study level falls back to the image threshold, with a note.
+
+    Returns:
+        (``{"image": t or None, "study": t or None, "rule", "target", "study_source": "run" |
+        "derived" | "image"}``, notes).
+    """
+    stored = run.results.facts.get("thresholds")
+    if isinstance(stored, Mapping) and stored.get("study") is not None:
+        return {"image": stored.get("image", run.threshold), "study": stored["study"], "rule": stored.get("rule"),
+                "target": stored.get("target"), "study_source": "run"}, []
+    rule, target = run.settings.threshold_rule, run.settings.threshold_target
+    val = runs.study_predictions(db, run.id, "val", aggregate=run.settings.study_aggregate)
+    known = np.isfinite(val["label"])
+    try:
+        study = choose_threshold(val["label"][known], val["probability"][known], rule, target).value
+    except errors.InputError:
+        notes = [f"run {run.id} stores no study-level threshold and has no validation studies of both classes to choose one: "
+                 "the study level uses the image-level threshold"]
+        return {"image": run.threshold, "study": run.threshold, "rule": rule, "target": target, "study_source": "image"}, notes
+    notes = [f"run {run.id} was trained before study-level thresholds were stored: its study threshold {study:.3f} was "
+             f"chosen now by rule {rule} on its {int(known.sum())} stored validation studies"]
+    return {"image": run.threshold, "study": float(study), "rule": rule, "target": target, "study_source": "derived"}, notes
+
+
+PRE_SPECIFIED = "pre-specified (threshold chosen on validation)"
+EXPLORATORY = "exploratory (threshold not chosen on validation)"
+"""How test numbers are marked: at the validation-chosen operating point, or anywhere else."""
+
+THRESHOLD_TOLERANCE = 5e-4
+"""A threshold this close to the validation-chosen one is that one (the slider shows 3 decimals)."""
+
+
+def threshold_status(threshold: float | None, chosen: float | None) -> str:
+    """:data:`PRE_SPECIFIED` when test numbers are computed at the validation-chosen threshold
+    (``threshold`` None, or within :data:`THRESHOLD_TOLERANCE` of ``chosen``), else
+    :data:`EXPLORATORY`; also exploratory when the run has no validation-chosen threshold
+    (``chosen`` None: the 0.5 default was not chosen on validation)."""
+    if chosen is None:
+        return EXPLORATORY
+    if threshold is None or abs(float(threshold) - float(chosen)) <= THRESHOLD_TOLERANCE + 1e-12:
+        return PRE_SPECIFIED
+    return EXPLORATORY
+
+
 def evaluate(
     db: sqlite_utils.Database,
     run_id: int,
@@ -660,31 +795,39 @@ def evaluate(
     subset: str = "test",
     n_resamples: int = 1000,
     seed: int = 0,
+    unit: str = "study",
 ) -> EvaluationResult:
-    """One run's metrics with CIs on a subset, at image and study level (``evaluate --json`` is its ``as_json()``).
+    """One run's metrics with CIs on a subset, per study and per image (``evaluate --json`` is its ``as_json()``).
 
     Args:
         db: open database.
         run_id: ``runs.id``.
-        threshold: decision threshold; None uses the run's stored (validation-chosen)
-            ``runs.threshold``, or 0.5 when the run has none (:func:`results.decision_threshold`).
+        threshold: one decision threshold for both levels; None uses the run's
+            validation-chosen ones: the image level at the image threshold (``runs.threshold``),
+            the study level at the study threshold chosen on validation studies
+            (:func:`run_thresholds`); 0.5 when the run has none (:func:`results.decision_threshold`).
         subset: ``"test"`` (default), ``"val"`` or ``"train"``.
         n_resamples, seed: of the patient bootstrap behind every ``ci95``.
+        unit: ``"study"`` (default, the primary unit) or ``"image"`` (the paper's): the level
+            the result's ``metrics``, ``confusion`` and ``threshold`` describe.
 
     Returns:
-        An :class:`~bonescan_core.results.EvaluationResult`: threshold and its source, counts
-        of images, studies and patients, every metric of :data:`METRICS` as a ``MetricCI``
-        (95% patient-bootstrap interval) and the confusion counts, at image level and at
-        study level (one row per study, probability = max over its views, see
-        :func:`study_level`; same threshold), and the Grad-CAM pointing game
-        (:func:`localisation_summary`, None without lesion points). Values rounded to 4
-        decimals; undefined None. ``calibration`` and ``subgroups`` stay None here:
-        ``assessment.evaluate`` adds them.
+        An :class:`~bonescan_core.results.EvaluationResult`: thresholds and their source and
+        rule, counts of images, studies and patients, every metric of :data:`METRICS` as a
+        ``MetricCI`` (95% patient-bootstrap interval) and the confusion counts, at image level
+        and at study level (``runs.study_predictions``: the run's stored study rows, or for an
+        older run its views collapsed by its ``study_aggregate``), and the Grad-CAM pointing
+        game (:func:`localisation_summary` at the study threshold, None without lesion points).
+        Values rounded to 4 decimals; undefined None. ``calibration`` and ``subgroups`` stay
+        None here: ``assessment.evaluate`` adds them.
 
     Raises:
+        errors.InputError: unknown ``unit``.
         errors.RunNotFound: no such run.
         NoPredictionsError: the run has no predictions on ``subset``.
     """
+    if unit not in UNITS:
+        raise errors.InputError(f"unit must be one of {', '.join(UNITS)}; got {unit!r}")
     run = runs.get(db, run_id)
     data = runs.predictions(db, run_id, subset)
     if data["label"].size == 0:
@@ -692,22 +835,37 @@ def evaluate(
             f"run {run_id} ({run.status}) has no {subset} predictions; evaluate a run that finished training "
             "(`bonescan runs --json`, status done) or train one with `bonescan train`"
         )
-    used, source = decision_threshold(threshold, run.threshold)
-    studies = study_level(data["study_id"], data["patient_id"], data["label"], data["probability"])
+    chosen, notes = run_thresholds(db, run)
+    image_used, image_source = decision_threshold(threshold, chosen["image"])
+    study_used, study_source = decision_threshold(threshold, chosen["study"])
+    if study_source == "run" and chosen["study_source"] == "derived":
+        study_source = "derived"
+    studies = runs.study_predictions(db, run_id, subset, aggregate=run.settings.study_aggregate)
+    labelled = np.isfinite(studies["label"])
+    study_labels, study_probabilities = studies["label"][labelled].astype(np.int64), studies["probability"][labelled]
+    study_patients = studies["patient_id"][labelled]
+    aggregation = "composite" if run.settings.view_mode == "composite" else run.settings.study_aggregate
     return EvaluationResult(
         run=int(run.id),
         backbone=run.backbone,
-        threshold=_clean(used),
-        threshold_source=source,
+        threshold=_clean(study_used if unit == "study" else image_used),
+        threshold_source=study_source if unit == "study" else image_source,
         subset=subset,
         n_images=int(data["label"].size),
-        n_studies=int(studies["study_id"].size),
+        n_studies=int(study_labels.size),
         n_patients=int(np.unique(data["patient_id"]).size),
-        image_level=_level(data["label"], data["probability"], data["patient_id"], used, n_resamples, seed),
-        study_level=_level(studies["label"], studies["probability"], studies["patient_id"], used, n_resamples, seed),
-        study_n_patients=int(np.unique(studies["patient_id"]).size),
+        image_level=_level(data["label"], data["probability"], data["patient_id"], image_used, n_resamples, seed),
+        study_level=_level(study_labels, study_probabilities, study_patients, study_used, n_resamples, seed),
+        study_n_patients=int(np.unique(study_patients).size),
         bootstrap={"unit": "patient", "interval": "percentile", "level": 0.95, "n_resamples": n_resamples, "seed": seed},
-        localisation=localisation_summary(db, run_id, used, subset),
+        unit=unit,
+        threshold_rule=chosen["rule"],
+        threshold_target=chosen["target"],
+        image_threshold=_clean(image_used),
+        study_threshold=_clean(study_used),
+        study_aggregation=AGGREGATION_TEXT[aggregation],
+        notes=tuple(notes) if threshold is None else (),
+        localisation=localisation_summary(db, run_id, study_used, subset),
     )
 
 

@@ -23,23 +23,21 @@ import numpy as np
 
 from bonescan_core import cohorts, errors, evaluation, pixelstore, runs, splits
 from bonescan_core.heavy import sqlite_utils
-from bonescan_core.results import EvaluationResult, decision_threshold
+from bonescan_core.results import UNITS, EvaluationResult, decision_threshold
 
 SHIFT_BINS = 40  # intensity histogram bins over [0, 1] of the scaled counts
 SHIFT_MAX_IMAGES = 120  # images decoded per side for the histogram (a seeded sample beyond that)
 SHIFT_PIXEL_STEP = 4  # every 4th pixel of every 4th row: 1/16 of a scan is plenty for a histogram
 
 
-def run_thresholds(run: runs.Run) -> dict[str, Any]:
-    """The run's validation-chosen thresholds: ``{"image", "study", "source"}``.
-
-    ``results["thresholds"]`` (``image``/``study``) where the run stored them, else its one
-    ``runs.threshold`` for both; 0.5 (source ``default``) for a run with neither.
-    """
-    stored = run.results.facts.get("thresholds") or {}
-    image, source = decision_threshold(None, stored.get("image", run.threshold))
-    study, _ = decision_threshold(None, stored.get("study", stored.get("image", run.threshold)))
-    return {"image": image, "study": study, "source": source}
+def run_thresholds(db: sqlite_utils.Database, run: runs.Run) -> dict[str, Any]:
+    """The run's validation-chosen thresholds (``evaluation.run_thresholds``) as used on new
+    studies: ``{"image", "study", "source", "rule", "target"}``; 0.5 (source ``default``)
+    where the run has none."""
+    chosen, _ = evaluation.run_thresholds(db, run)
+    image, source = decision_threshold(None, chosen["image"])
+    study, _ = decision_threshold(None, chosen["study"])
+    return {"image": image, "study": study, "source": source, "rule": chosen["rule"], "target": chosen["target"]}
 
 
 def _cohort_studies(db: sqlite_utils.Database, cohort: str) -> np.ndarray:
@@ -68,7 +66,7 @@ def cohort_predictions(db: sqlite_utils.Database, run_id: int, cohort: str) -> d
 
 
 def evaluate_cohort(db: sqlite_utils.Database, run_id: int, cohort: str, n_resamples: int = 1000,
-                    seed: int = 0) -> EvaluationResult:
+                    seed: int = 0, unit: str = "study") -> EvaluationResult:
     """The run's metrics with CIs on one cohort's external predictions (``evaluate --cohort --json``).
 
     Image level: the cohort's labelled external image predictions at the run's image
@@ -98,18 +96,24 @@ def evaluate_cohort(db: sqlite_utils.Database, run_id: int, cohort: str, n_resam
         raise evaluation.NoPredictionsError(
             f"none of the {n_unlabelled} studies of cohort {name!r} predicted by run {run_id} has a label; "
             "label them on the Review page (or `bonescan label`) to validate on them")
-    thresholds = run_thresholds(run)
+    if unit not in UNITS:
+        raise errors.InputError(f"unit must be one of {', '.join(UNITS)}; got {unit!r}")
+    thresholds = run_thresholds(db, run)
     y_img, p_img, g_img = (data["image"][key] for key in ("label", "probability", "patient_id"))
     y_study, p_study, g_study = (data["study"][key] for key in ("label", "probability", "patient_id"))
     return EvaluationResult(
-        run=int(run.id), backbone=run.backbone, threshold=evaluation._clean(thresholds["image"]),
+        run=int(run.id), backbone=run.backbone, threshold=evaluation._clean(thresholds[unit]),
         threshold_source=thresholds["source"], subset="external", n_images=int(y_img.size),
         n_studies=int(y_study.size), n_patients=int(np.unique(g_img).size),
         image_level=evaluation._level(y_img, p_img, g_img, thresholds["image"], n_resamples, seed),
         study_level=evaluation._level(y_study, p_study, g_study, thresholds["study"], n_resamples, seed),
         study_n_patients=int(np.unique(g_study).size),
         bootstrap={"unit": "patient", "interval": "percentile", "level": 0.95, "n_resamples": n_resamples, "seed": seed},
-        study_threshold=evaluation._clean(thresholds["study"]), cohort=name, n_unlabelled=n_unlabelled,
+        unit=unit, threshold_rule=thresholds["rule"], threshold_target=thresholds["target"],
+        image_threshold=evaluation._clean(thresholds["image"]), study_threshold=evaluation._clean(thresholds["study"]),
+        study_aggregation=evaluation.AGGREGATION_TEXT["composite" if run.settings.view_mode == "composite"
+                                                      else run.settings.study_aggregate],
+        cohort=name, n_unlabelled=n_unlabelled,
     )
 
 

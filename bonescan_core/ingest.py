@@ -355,11 +355,15 @@ def _manifest_row(csv_path: Path, line_number: int, row: dict[str, str]) -> Plan
     )
 
 
-def _get_or_create_patient(db: sqlite_utils.Database, key: str, sex: str | None, band: str | None, cancer: str | None) -> int:
+def _get_or_create_patient(db: sqlite_utils.Database, key: str, sex: str | None, band: str | None, cancer: str | None,
+                           identified: bool = True) -> int:
+    """The patient's id (created when new). ``identified``: False when the key stands for one
+    study only (no DICOM PatientID, no manifest): splits then say they group by study."""
     row = db.execute("SELECT id, sex, age_band, primary_cancer FROM patients WHERE key = ?", [key]).fetchone()
     if row is None:
         return db["patients"].insert(
-            {"key": key, "sex": sex, "age_band": band, "primary_cancer": cancer, "created_at": dbm.utc_now()}
+            {"key": key, "sex": sex, "age_band": band, "primary_cancer": cancer, "created_at": dbm.utc_now(),
+             "identified": int(identified)}
         ).last_pk
     patient_id, old_sex, old_band, old_cancer = row
     updates = {name: new for name, old, new in (("sex", old_sex, sex), ("age_band", old_band, band), ("primary_cancer", old_cancer, cancer)) if old is None and new is not None}
@@ -536,7 +540,8 @@ def _store_rows(db: sqlite_utils.Database, decoded: DecodedFile, reviewer: str, 
     age = plan.age if plan.age is not None else (facts.age_years if facts else None)
     identifiers = (*(facts.identifiers if facts else ()), *plan.ids, *known_ids)
     notes = list(decoded.notes)
-    patient_id = _get_or_create_patient(db, salted_key(salt, "patient", patient), sex, age_band(age), plan.primary_cancer)
+    patient_id = _get_or_create_patient(db, salted_key(salt, "patient", patient), sex, age_band(age), plan.primary_cancer,
+                                        identified=not patient.startswith("study:"))
     cohort = plan.cohort or DEFAULT_COHORT
     study_id, new_study, kept_cohort = _get_or_create_study(
         db, salted_key(salt, "study", group), patient_id, facts.study_year if facts else None, "import", cohort)

@@ -377,20 +377,27 @@ def run_figures(
 
     Args:
         name: the run's display name (legend and operating-point labels).
-        labels, probabilities: (n,) 0/1 and [0, 1] test predictions (curves are per image).
+        labels, probabilities: (n,) 0/1 and [0, 1] test predictions, one per ``unit``
+            (images, or studies); the curves are drawn over them.
         threshold: the decision threshold (operating points, confusion title).
         confusion: ``{tp, fp, tn, fn}`` at ``threshold``, counted in ``unit``.
         epochs: the run's stored epoch rows (training curves).
-        unit: ``"images"`` or ``"studies"`` (what ``confusion`` counts).
+        unit: ``"images"`` or ``"studies"``: what the curves and ``confusion`` count; every
+            title but the training curves' says it (``per image`` / ``per study``).
 
     Returns:
         ``{key: figure}`` for each key of :data:`RUN_FIGURES`, in that order.
     """
+    per = {"images": "per image", "studies": "per study"}[unit]
+    n = sum(int(v) for v in confusion.values())
     return {
-        "confusion": confusion_heatmap(confusion, threshold, unit=unit),
-        "roc": roc_figure({name: evaluation.roc_points(labels, probabilities)}, {name: threshold}),
-        "pr": pr_figure({name: evaluation.pr_points(labels, probabilities)}, {name: threshold}),
-        "calibration": calibration_figure({name: evaluation.calibration_points(labels, probabilities)}),
+        "confusion": confusion_heatmap(confusion, threshold, unit=unit,
+                                       title=f"Confusion matrix, {per} (n = {n} {unit}), threshold {threshold:.2f}"),
+        "roc": roc_figure({name: evaluation.roc_points(labels, probabilities)}, {name: threshold}, title=f"ROC curve ({per})"),
+        "pr": pr_figure({name: evaluation.pr_points(labels, probabilities)}, {name: threshold},
+                        title=f"Precision–recall curve ({per})"),
+        "calibration": calibration_figure({name: evaluation.calibration_points(labels, probabilities)},
+                                          title=f"Calibration (reliability diagram, {per})"),
         "training": training_curves(epochs),
     }
 
@@ -411,7 +418,8 @@ def forest_plot(
         results: ``{run label: evaluation.evaluate(...)}`` (an ``EvaluationResult`` or its
             ``as_json()`` dict), drawn in this order.
         metrics: metric keys, top to bottom.
-        level: ``"image"`` (the top-level metrics) or ``"study"`` (``result["study_level"]``).
+        level: ``"image"`` (``result["image_level"]``; the top-level metrics of a result
+            without it) or ``"study"`` (``result["study_level"]``); the title says which.
         reference: optional published values without CIs, ``{label: {metric: value}}``,
             e.g. ``{"Paper: DenseNet121": {"accuracy": 0.83, ...}}``; drawn as open diamonds.
         title: overrides the default title.
@@ -422,7 +430,8 @@ def forest_plot(
     for label, result in results.items():
         if hasattr(result, "as_json"):
             result = result.as_json()
-        block = result["study_level"] if level == "study" else result
+        # The top-level metrics are of the result's own unit; each level has its block.
+        block = result["study_level"] if level == "study" else result.get("image_level", result)
         values = block["metrics"]
         series[label] = {}
         for m in metrics:
@@ -465,7 +474,7 @@ def forest_plot(
         showgrid=False, zeroline=False,
     )
     fig.update_xaxes(title="Value (point estimate and 95% CI)", range=[0, 1.0], tick0=0, dtick=0.1, zeroline=False)
-    level_text = "study-level" if level == "study" else "image-level"
+    level_text = "per study" if level == "study" else "per image"
     default = f"Test-set metrics, {level_text}, with 95% patient-bootstrap CIs"
     height = 140 + 26 * len(metrics) * per_group
     _layout(fig, title or default, width=760, height=max(360, height),

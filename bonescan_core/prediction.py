@@ -354,26 +354,29 @@ def predict_chunk(predictor: Any, images: np.ndarray, batch_size: int) -> np.nda
 
 
 def study_rows(samples: Sequence[preprocess.Sample], raw: np.ndarray, calibration: dict[str, Any] | None,
-               labels: dict[int, int | None]) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+               labels: dict[int, int | None], study_calibration: dict[str, Any] | None = None,
+               aggregate: str = "max") -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """Image and study rows for :func:`runs.store_external_predictions` from each sample's raw output.
 
     A sample's probability belongs to each of its images (a composite's two views share it);
-    a study's is the maximum over its samples (per-image: its views; composite: its one
-    sample). Calibration is monotonic, so calibrating the maximum is the maximum calibrated.
-    ``raw_probability`` is None when the run is not calibrated.
+    a study's raw score aggregates its samples as training did (``aggregate``: ``max`` or
+    ``mean`` over a per-image run's views; a composite's one sample), calibrated by the run's
+    study calibration (``results["study_calibration"]``, fitted on validation studies; runs
+    without one: the image calibration). ``raw_probability`` is None when the run is not calibrated.
     """
     calibrated = studystats.apply_calibration(calibration, raw)
     keep_raw = bool(calibration) and calibration.get("method", "none") != "none"
-    images, best = [], {}
+    images, scores = [], {}
     for sample, p_raw, p in zip(samples, raw, calibrated, strict=True):
         for image_id in sample.image_ids:
             images.append({"image_id": image_id, "label": labels.get(sample.study_id), "probability": float(p),
                            "raw_probability": float(p_raw) if keep_raw else None})
-        best[sample.study_id] = max(best.get(sample.study_id, -1.0), float(p_raw))
-    top = studystats.apply_calibration(calibration, np.array(list(best.values()), dtype=np.float64))
+        scores.setdefault(sample.study_id, []).append(float(p_raw))
+    raw_scores = np.array([max(v) if aggregate == "max" else float(np.mean(v)) for v in scores.values()], dtype=np.float64)
+    top = studystats.apply_calibration(study_calibration if study_calibration is not None else calibration, raw_scores)
     studies = [{"study_id": sid, "label": labels.get(sid), "probability": float(p),
-                "raw_probability": raw_max if keep_raw else None}
-               for (sid, raw_max), p in zip(best.items(), top, strict=True)]
+                "raw_probability": float(raw_score) if keep_raw else None}
+               for sid, raw_score, p in zip(scores, raw_scores, top, strict=True)]
     return images, studies
 
 
@@ -408,6 +411,7 @@ def predict_studies(db: sqlite_utils.Database, db_path: str | os.PathLike[str], 
     model, backbone, size = runs.load_model(db_path, run)
     predictor = predictor_for(model, backbone)
     calibration = run.results.facts.get("calibration")
+    study_calibration = run.results.facts.get("study_calibration")
     n_studies = len({s.study_id for s in samples})
     done_studies = n_images = 0
     started = time.monotonic()
@@ -428,7 +432,7 @@ def predict_studies(db: sqlite_utils.Database, db_path: str | os.PathLike[str], 
                     pending.cancel()
                 raise PredictionCancelled("prediction cancelled")
             raw = predict_chunk(predictor, images, settings.batch_size)
-            image_rows, rows = study_rows(part, raw, calibration, labels)
+            image_rows, rows = study_rows(part, raw, calibration, labels, study_calibration, settings.study_aggregate)
             runs.store_external_predictions(db, run.id, image_rows, rows)
             done_studies += len(rows)
             n_images += len(image_rows)

@@ -19,12 +19,15 @@ import zipfile
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from bonescan_core import assessment, bundle, calibration, errors, evaluation, plots, runs
 from bonescan_core.csvfile import write_rows
 from bonescan_core.heavy import keras_module, sqlite_utils
-from bonescan_core.results import LevelResult
+from bonescan_core.results import UNIT_LABELS, UNITS, LevelResult
 
 PREDICTION_COLUMNS = ("image_id", "study_id", "patient_id", "view", "subset", "label", "probability")
+STUDY_PREDICTION_COLUMNS = ("study_id", "patient_id", "subset", "label", "probability")
 BUNDLE_FILES = ("model.keras", "config.json", "metrics.json", "predictions.csv", "report.html", *bundle.CODE_FILES)
 
 
@@ -41,19 +44,40 @@ def predictions_rows(db: sqlite_utils.Database, run_id: int) -> list[dict[str, A
     ]
 
 
-def predictions_csv(db: sqlite_utils.Database, run_id: int) -> str:
-    """``predictions --csv`` text: columns PREDICTION_COLUMNS (label 1 = metastatic)."""
+def study_predictions_rows(db: sqlite_utils.Database, run_id: int) -> list[dict[str, Any]]:
+    """One row per study of a run (``runs.study_predictions``: stored study rows, or an older
+    run's views collapsed by its ``study_aggregate``), by subset then study id; an unknown
+    label (external studies) is an empty cell."""
+    data = runs.study_predictions(db, run_id, aggregate=runs.get(db, run_id).settings.study_aggregate)
+    return [
+        {"study_id": int(data["study_id"][i]), "patient_id": int(data["patient_id"][i]), "subset": data["subset"][i],
+         "label": "" if np.isnan(data["label"][i]) else int(data["label"][i]),
+         "probability": round(float(data["probability"][i]), 6)}
+        for i in range(len(data["study_id"]))
+    ]
+
+
+def predictions_csv(db: sqlite_utils.Database, run_id: int, unit: str = "image") -> str:
+    """``predictions --csv`` text (label 1 = metastatic): ``unit="image"`` (default) columns
+    PREDICTION_COLUMNS, one row per image; ``unit="study"`` columns STUDY_PREDICTION_COLUMNS."""
+    if unit not in UNITS:
+        raise errors.InputError(f"unit must be one of {', '.join(UNITS)}; got {unit!r}")
     buffer = io.StringIO()
-    write_rows(buffer, PREDICTION_COLUMNS, predictions_rows(db, run_id))
+    if unit == "study":
+        write_rows(buffer, STUDY_PREDICTION_COLUMNS, study_predictions_rows(db, run_id))
+    else:
+        write_rows(buffer, PREDICTION_COLUMNS, predictions_rows(db, run_id))
     return buffer.getvalue()
 
 
-def _metrics_table(level: LevelResult) -> str:
+def _metrics_table(level: LevelResult, unit: str) -> str:
+    """The metrics of one level as an HTML table whose header names its unit (``per study`` / ``per image``)."""
     rows = [
         f"<tr><td>{html.escape(plots.metric_name(name))}</td><td>{metric.value_text()}</td><td>{metric.interval_text()}</td></tr>"
         for name, metric in level.metrics.items()
     ]
-    return "<table><tr><th>metric</th><th>value</th><th>95% CI (patient bootstrap)</th></tr>" + "".join(rows) + "</table>"
+    return (f"<table><tr><th>metric ({UNIT_LABELS[unit]})</th><th>value</th><th>95% CI (patient bootstrap)</th></tr>"
+            + "".join(rows) + "</table>")
 
 
 def _reproducibility_table(record: dict[str, Any] | None) -> str:
@@ -80,22 +104,40 @@ def _calibration_and_subgroups(db: sqlite_utils.Database, run_id: int, result: A
     return "".join(parts)
 
 
-def report_html(db: sqlite_utils.Database, run_id: int, threshold: float | None = None) -> str:
+def report_html(db: sqlite_utils.Database, run_id: int, threshold: float | None = None, unit: str = "study") -> str:
     """A self-contained HTML report (plotly.js inlined once; opens with no network).
 
-    Contents: backbone and run, metrics with CIs at image and study level, confusion
-    matrix, ROC/PR/calibration curves, training curves, calibration of the test studies
-    (reliability before/after, decision curve), subgroups, the reproducibility record and
-    the full configuration.
+    Contents: backbone and run, metrics with CIs per study and per image (``unit`` first; the
+    image level is the paper's), confusion matrix, ROC/PR/calibration curves of ``unit``
+    (every table and figure title names its unit), training curves, calibration of the test
+    studies (reliability before/after, decision curve), subgroups, the reproducibility record
+    and the full configuration.
     """
     run = runs.get(db, run_id)
-    result = assessment.evaluate(db, run_id, threshold=threshold)
-    data = runs.predictions(db, run_id, "test")
+    result = assessment.evaluate(db, run_id, threshold=threshold, unit=unit)
     name = evaluation.run_label(run.backbone, run_id, with_id=True)
-    figures = plots.run_figures(name, data["label"], data["probability"], result.threshold, result.confusion,
-                                runs.epochs(db, run_id)).values()
+    if unit == "study":
+        data = runs.study_predictions(db, run_id, "test", aggregate=run.settings.study_aggregate)
+        known = np.isfinite(data["label"])
+        labels, probabilities = data["label"][known].astype(np.int64), data["probability"][known]
+    else:
+        data = runs.predictions(db, run_id, "test")
+        labels, probabilities = data["label"], data["probability"]
+    figures = plots.run_figures(name, labels, probabilities, result.threshold, result.confusion,
+                                runs.epochs(db, run_id), unit="studies" if unit == "study" else "images").values()
     parts = [figure.to_html(full_html=False, include_plotlyjs=(index == 0)) for index, figure in enumerate(figures)]
     config = json.dumps(run.config_record(), indent=2, sort_keys=True)
+    rule = html.escape(str(result.threshold_rule or "stored")) + (
+        f" (target {result.threshold_target:g})" if result.threshold_target is not None else "")
+    levels = {
+        "study": f"<h2>Per study ({html.escape(result.study_aggregation)}; threshold {result.level_threshold('study'):.3f}, "
+                 f"chosen on validation studies)</h2>"
+                 + (_metrics_table(result.study_level, "study") if result.study_level else "<p>n/a</p>"),
+        "image": f"<h2>Per image (as in the paper; threshold {result.level_threshold('image'):.3f}, chosen on validation "
+                 f"images)</h2>{_metrics_table(result.image_level, 'image')}",
+    }
+    other = "image" if unit == "study" else "study"
+    notes = "".join(f"<p><em>Note: {html.escape(note)}</em></p>" for note in result.notes)
     return f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>bonescan run {run_id}: {html.escape(name)}</title>
 <style>
@@ -104,12 +146,12 @@ table {{ border-collapse: collapse; margin: 1em 0; }} td, th {{ border: 1px soli
 pre {{ background: #f6f6f6; padding: 1em; overflow-x: auto; }} .grid {{ display: grid; grid-template-columns: 1fr 1fr; }}
 </style></head><body>
 <h1>{html.escape(name)} — bone metastasis, run {run_id}</h1>
-<p>Test subset: {result.n_images} images, {result.n_studies} studies. Decision threshold {result.threshold:.3f}
-({html.escape(result.threshold_source)}; chosen on the validation subset unless stated).
+<p>Test subset: {result.n_images} images, {result.n_studies} studies, {result.n_patients} patients. The unit of analysis is
+the {html.escape(unit)} ({UNIT_LABELS[unit]}). Decision threshold {result.threshold:.3f} ({html.escape(result.threshold_source)};
+rule {rule}, chosen on the validation subset unless stated).
 Device: {html.escape(str(run.results.device or 'unknown'))}. Status: {html.escape(run.status)}.</p>
-<h2>Image level</h2>{_metrics_table(result.image_level)}
-<h2>Study level (probability = max over views)</h2>{_metrics_table(result.study_level) if result.study_level else '<p>n/a</p>'}
-<h2>Figures</h2><div class="grid">{''.join(f'<div>{part}</div>' for part in parts)}</div>
+{notes}{levels[unit]}{levels[other]}
+<h2>Figures ({UNIT_LABELS[unit]})</h2><div class="grid">{''.join(f'<div>{part}</div>' for part in parts)}</div>
 {_calibration_and_subgroups(db, run_id, result)}
 <h2>Reproducibility</h2>{_reproducibility_table(run.results.facts.get("reproducibility"))}
 <h2>Configuration</h2><pre>{html.escape(config)}</pre>

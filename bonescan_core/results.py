@@ -162,15 +162,27 @@ class LevelResult:
         return lines
 
 
+UNITS = ("study", "image")
+"""The units of analysis :func:`evaluation.evaluate` reports on (the study is the primary one)."""
+
+UNIT_LABELS = {"study": "per study", "image": "per image"}
+"""How a table, card, plot or report names the unit it shows."""
+
+
 @dataclass(frozen=True)
 class EvaluationResult:
     """One run evaluated on one subset (``evaluation.evaluate``).
 
-    ``threshold_source``: ``argument``, ``run`` or ``default`` (:func:`decision_threshold`).
-    ``study_level``: the same metrics with one row per study (probability = max over its
-    views), with ``study_n_patients`` patients; None when not computed.
-    ``study_threshold``: the study level's own threshold when it differs from ``threshold``
-    (external validation at the run's study threshold); None: the same.
+    ``unit``: ``study`` (the primary unit, one row per study) or ``image`` (the paper's unit):
+    the level that :attr:`metrics`, :attr:`confusion`, ``threshold`` and the top of
+    :meth:`as_json` describe. Both levels are always computed, each at its own threshold:
+    ``image_threshold`` chosen on validation images, ``study_threshold`` on validation studies
+    (by ``threshold_rule``; an explicit threshold applies to both).
+    ``threshold_source``: ``argument``, ``run``, ``derived`` (the study threshold of a run
+    trained before study thresholds were stored, chosen now on its stored validation
+    predictions) or ``default`` (:func:`decision_threshold`).
+    ``study_level``: the metrics with one row per study (``study_aggregation`` says how), with
+    ``study_n_patients`` patients; None when not computed. ``notes``: sentences a reader needs.
     ``cohort`` and ``n_unlabelled``: on an external cohort (``external.evaluate_cohort``), its
     name and how many of its predicted studies have no label (left out); None otherwise.
     ``localisation``: the Grad-CAM pointing game (``evaluation.localisation_summary``:
@@ -189,22 +201,33 @@ class EvaluationResult:
     study_level: LevelResult | None = None
     study_n_patients: int | None = None
     bootstrap: dict[str, Any] = field(default_factory=dict)
+    unit: str = "image"
+    threshold_rule: str | None = None
+    threshold_target: float | None = None
+    image_threshold: float | None = None
+    study_threshold: float | None = None
+    study_aggregation: str = "max probability over the study's views"
+    notes: tuple[str, ...] = ()
     calibration: dict[str, Any] | None = None  # calibration.summary on the subset's studies
     subgroups: list[dict[str, Any]] | None = None  # subgroups.run_subgroups rows
-    study_threshold: float | None = None
     cohort: str | None = None
     n_unlabelled: int | None = None
     localisation: dict[str, Any] | None = None
 
-    STUDY_AGGREGATION = "max probability over the study's views"
+    @property
+    def unit_label(self) -> str:
+        """``per study`` or ``per image``: what every table, card and plot of this result says."""
+        return UNIT_LABELS[self.unit]
 
     @property
     def metrics(self) -> dict[str, MetricCI]:
-        return self.image_level.metrics
+        """The metrics of :attr:`unit`."""
+        return self.level(self.unit).metrics
 
     @property
     def confusion(self) -> dict[str, int]:
-        return self.image_level.confusion
+        """The confusion counts of :attr:`unit`."""
+        return self.level(self.unit).confusion
 
     def level(self, name: str) -> LevelResult:
         """``"image"`` or ``"study"`` level results."""
@@ -214,23 +237,32 @@ class EvaluationResult:
             return self.study_level
         return self.image_level
 
+    def level_threshold(self, name: str) -> float:
+        """The threshold the ``"image"`` or ``"study"`` level was decided at."""
+        chosen = self.study_threshold if name == "study" else self.image_threshold
+        return self.threshold if chosen is None else chosen
+
     def as_json(self) -> dict[str, Any]:
         """The ``evaluate --json`` object (``docs/cli.md``): ``run, backbone, threshold,
         threshold_source, subset, n_images, n_studies, n_patients, metrics {name: {value,
-        ci95}}, confusion {tp, fp, tn, fn}``, then ``study_level``, ``bootstrap``,
-        ``calibration`` (``calibration.summary``), ``subgroups`` (``subgroups.run_subgroups``) and
-        ``localisation`` (absent when no study has lesion points); on an external cohort also
-        ``cohort`` and ``n_unlabelled``."""
+        ci95}}, confusion {tp, fp, tn, fn}`` of :attr:`unit`, then ``unit``,
+        ``threshold_rule``, ``threshold_target``, ``image_level``, ``study_level``, ``notes``,
+        ``bootstrap``, ``calibration`` (``calibration.summary``), ``subgroups``
+        (``subgroups.run_subgroups``) and ``localisation`` (absent when no study has lesion
+        points); on an external cohort also ``cohort`` and ``n_unlabelled``."""
         out: dict[str, Any] = {
             "run": self.run, "backbone": self.backbone, "threshold": self.threshold,
             "threshold_source": self.threshold_source, "subset": self.subset, "n_images": self.n_images,
-            "n_studies": self.n_studies, "n_patients": self.n_patients, **self.image_level.as_json(),
+            "n_studies": self.n_studies, "n_patients": self.n_patients, **self.level(self.unit).as_json(),
+            "unit": self.unit, "threshold_rule": self.threshold_rule, "threshold_target": self.threshold_target,
+            "image_level": {"threshold": self.level_threshold("image"), "n_images": self.n_images,
+                            "n_patients": self.n_patients, **self.image_level.as_json()},
         }
         if self.study_level is not None:
-            study_threshold = self.threshold if self.study_threshold is None else self.study_threshold
-            out["study_level"] = {"aggregation": self.STUDY_AGGREGATION, "threshold": study_threshold,
+            out["study_level"] = {"aggregation": self.study_aggregation, "threshold": self.level_threshold("study"),
                                   "n_studies": self.n_studies, "n_patients": self.study_n_patients,
                                   **self.study_level.as_json()}
+        out["notes"] = list(self.notes)
         if self.bootstrap:
             out["bootstrap"] = dict(self.bootstrap)
         if self.calibration is not None:
@@ -249,15 +281,20 @@ class EvaluationResult:
         return json.dumps(self.as_json(), indent=2)
 
     def headline(self) -> str:
-        """``run 3 (densenet121), test: 60 images, 30 studies, threshold 0.450``."""
+        """``run 3 (densenet121), test, per study: 60 images, 30 studies, threshold 0.450 (youden)``."""
+        rule = self.threshold_rule or "stored"
+        if self.threshold_target is not None:
+            rule += f" {self.threshold_target:g}"
         where = self.subset if self.cohort is None else f"cohort {self.cohort} (external)"
-        text = (f"run {self.run} ({self.backbone}), {where}: {self.n_images} images, "
-                f"{self.n_studies} studies, threshold {self.threshold:.3f}")
+        text = (f"run {self.run} ({self.backbone}), {where}, {self.unit_label}: {self.n_images} images, "
+                f"{self.n_studies} studies, threshold {self.threshold:.3f} ({rule}, {self.threshold_source})")
         return text if self.n_unlabelled is None else f"{text}; {self.n_unlabelled} unlabelled studies left out"
 
     def format_text(self) -> str:
-        """What ``bonescan evaluate`` prints without ``--json``."""
-        return "\n".join([self.headline(), *self.image_level.text_lines(), *self.localisation_lines()])
+        """What ``bonescan evaluate`` prints without ``--json``: the headline, the metrics of
+        :attr:`unit`, the pointing game, then any notes (``note: ...``)."""
+        return "\n".join([self.headline(), *self.level(self.unit).text_lines(), *self.localisation_lines(),
+                          *(f"note: {n}" for n in self.notes)])
 
     def localisation_text(self) -> str | None:
         """The pointing game in one sentence (the Evaluate page, :meth:`format_text`); None

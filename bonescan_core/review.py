@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import re
 from collections.abc import Iterable
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -334,8 +335,33 @@ def history(db: sqlite_utils.Database, study_id: int) -> list[dict]:
 
 # --- flags for re-review -------------------------------------------------------------------
 
+BLIND_FLAG_REASON = "a second look was requested (the model's output is withheld while you read blind)"
+"""The reason a reader sees for a flag whose text would have told the model's outcome or probability."""
+
+# What must not reach a blind reader: an outcome (TP, false negative, ...), a probability or
+# score (p=0.83, 83%, 0.97), or a model's verdict ("model says", "predicted metastatic").
+_UNBLINDING = re.compile(
+    r"\b(?:TP|FP|FN|TN)\b|\b(?:true|false)[ -](?:positive|negative)s?\b|\bp\s*[=:<>]|\bprob(?:ability)?\b|\bscore\b"
+    r"|\d\s*%|\b[01]?\.\d+\b|\bmodel\b|\bpredict|\bmiss(?:ed)?\b|\bcalled\b|\bthreshold\b|\brun\s*\d",
+    re.IGNORECASE,
+)
+
+
+def blind_reason(reason: str) -> str:
+    """The flag reason as a blind reader may see it: ``reason`` (stripped) when it tells nothing
+    of a model's output, else :data:`BLIND_FLAG_REASON` (the whole text: a half-masked sentence
+    still tells). Conservative: a reason that merely looks like it might (a number with a
+    decimal point, the word "model") is replaced too."""
+    text = reason.strip()
+    return BLIND_FLAG_REASON if _UNBLINDING.search(text) else text
+
+
 def add_flag(db: sqlite_utils.Database, study_id: int, reason: str, flagged_by: str) -> int:
-    """Put a study on the re-review list with a reason (e.g. from the evaluation explorer)."""
+    """Put a study on the re-review list with a reason (e.g. from the evaluation explorer).
+
+    The reason is stored as :func:`blind_reason` gives it: readers see it while reading blind,
+    so a text carrying the model's outcome or probability is replaced by a neutral one.
+    """
     if not reason.strip():
         raise ReviewError("say why the study needs another look")
     with dbm.write(db):
@@ -343,13 +369,16 @@ def add_flag(db: sqlite_utils.Database, study_id: int, reason: str, flagged_by: 
             raise ReviewError(f"study {study_id} does not exist")
         newest_review = db.execute("SELECT COALESCE(MAX(id), 0) FROM reviews").fetchone()[0]
         return db["flags"].insert(
-            {"study_id": study_id, "reason": reason.strip(), "flagged_by": flagged_by.strip() or "unknown", "created_at": dbm.utc_now(),
+            {"study_id": study_id, "reason": blind_reason(reason), "flagged_by": flagged_by.strip() or "unknown", "created_at": dbm.utc_now(),
              "after_review_id": newest_review}
         ).last_pk
 
 
 def open_flags(db: sqlite_utils.Database) -> dict[int, list[str]]:
     """{study_id: [reasons]} for flags that no reader has answered with a later review.
+
+    Reasons come as :func:`blind_reason` gives them (flags stored before it existed may carry
+    the model's outcome and probability, e.g. ``run 3: FP, p=0.83``).
 
     Later means stored later (a larger review id), not a later ``created_at``: imported reviews
     keep the time their sheet gives, which may be anything.
@@ -364,7 +393,7 @@ def open_flags(db: sqlite_utils.Database) -> dict[int, list[str]]:
     """.format(", ".join("?" for _ in SYSTEM_REVIEWERS))
     flags: dict[int, list[str]] = {}
     for study_id, reason in db.execute(sql, sorted(SYSTEM_REVIEWERS)).fetchall():
-        flags.setdefault(study_id, []).append(reason)
+        flags.setdefault(study_id, []).append(blind_reason(reason))
     return flags
 
 

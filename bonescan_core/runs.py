@@ -42,7 +42,9 @@ from bonescan_core.models import BACKBONES, DEFAULT_SIZE, MODES, Backbone, get_b
 from bonescan_core.preprocess import AUGMENT_KEYS, PAPER_AUGMENT, VIEW_MODES
 from bonescan_core.results import DEFAULT_THRESHOLD
 
-THRESHOLD_RULES = ("youden", "fixed")
+THRESHOLD_RULES = ("youden", "sensitivity", "npv", "fixed")  # studystats.choose_threshold's rules (a test keeps them equal)
+TARGET_RULES = ("sensitivity", "npv")  # the rules that need TrainConfig.threshold_target
+STUDY_AGGREGATES = ("max", "mean")  # how a per-image run's views make its study probability
 CALIBRATION_METHODS = ("temperature", "platt", "none")
 RUNS_FOLDER = "runs"
 MODEL_CACHE_SIZE = 2  # loaded run models kept in memory (a DenseNet121 ~30 MB, a ResNet50 ~100 MB)
@@ -79,7 +81,14 @@ class TrainConfig:
         augment: augmentation settings (``preprocess.PAPER_AUGMENT``); {} for none.
             Ignored in ``fast`` mode.
         view_mode: ``per_image`` (paper) or ``composite``.
-        threshold_rule: ``youden`` (on the validation subset) or ``fixed`` (0.5).
+        threshold_rule: how the decision thresholds are chosen on the validation subset
+            (``studystats.choose_threshold``): ``youden`` (default), ``sensitivity`` or ``npv``
+            (the highest threshold reaching ``threshold_target``), or ``fixed`` (0.5).
+        threshold_target: the target of rule ``sensitivity`` / ``npv`` in (0, 1], e.g. 0.90;
+            None for ``youden`` and ``fixed``.
+        study_aggregate: a per-image run's study probability from its views: ``max`` (the
+            most suspicious view decides, default) or ``mean``. Composite runs have one
+            output per study and ignore it.
         patience: early stopping patience in epochs, on val_loss (best weights restored).
         dropout: rate before the last Dense layer.
         class_weights: weight the loss by inverse class frequency of the training subset
@@ -106,6 +115,8 @@ class TrainConfig:
     augment: Mapping[str, Any] = field(default_factory=_paper_augment)
     view_mode: str = "per_image"
     threshold_rule: str = "youden"
+    threshold_target: float | None = None
+    study_aggregate: str = "max"
     patience: int = 5
     dropout: float = 0.3
     class_weights: bool = False
@@ -126,6 +137,12 @@ class TrainConfig:
             problems.append(f"view_mode must be one of {', '.join(VIEW_MODES)}")
         if self.threshold_rule not in THRESHOLD_RULES:
             problems.append(f"threshold_rule must be one of {', '.join(THRESHOLD_RULES)}")
+        elif self.threshold_rule in TARGET_RULES and not (self.threshold_target is not None and 0.0 < self.threshold_target <= 1.0):
+            problems.append(f"threshold_rule {self.threshold_rule} needs a threshold_target in (0, 1], e.g. 0.90")
+        elif self.threshold_rule not in TARGET_RULES and self.threshold_target is not None:
+            problems.append(f"threshold_rule {self.threshold_rule} takes no threshold_target (only sensitivity and npv do)")
+        if self.study_aggregate not in STUDY_AGGREGATES:
+            problems.append(f"study_aggregate must be one of {', '.join(STUDY_AGGREGATES)}")
         if self.calibration not in CALIBRATION_METHODS:
             problems.append(f"calibration must be one of {', '.join(CALIBRATION_METHODS)}")
         if len(self.image_size) != 2 or min(self.image_size) < 32:
@@ -207,6 +224,20 @@ class Prediction:
 
 
 @dataclass(frozen=True)
+class StudyPrediction:
+    """One stored study-level prediction: the study, its subset, its 0/1 label (1 =
+    metastatic) and the run's study probability in [0, 1] (a per-image run's views
+    aggregated by ``TrainConfig.study_aggregate``; a composite run's one output), calibrated
+    when the run is, with the raw one beside it (None: the run is not calibrated)."""
+
+    study_id: int
+    subset: str
+    label: int
+    probability: float
+    raw_probability: float | None = None
+
+
+@dataclass(frozen=True)
 class RunResult:
     """What ``training.train_run`` computed; the caller stores it (:func:`record_result`).
 
@@ -221,7 +252,9 @@ class RunResult:
         device: ``CPU`` or the GPU name(s) the backend reports.
         predictions: every validation and test image's :class:`Prediction` (calibrated
             probability, and the raw one when the run is calibrated).
-        facts: what training learned, stored in ``runs.results``: ``split_id``,
+        facts: what training learned, stored in ``runs.results``: ``thresholds``
+            (``{"image": t, "study": t, "rule": rule, "target": x or None}``: the image- and
+            study-level thresholds chosen on validation images / studies), ``split_id``,
             ``labels_hash``, ``n_train`` / ``n_val`` / ``n_test`` (samples: images, or
             studies for composites), ``sample_unit`` (``image`` | ``study``),
             ``phase_epochs`` (epochs run per phase, after early stopping),
@@ -241,6 +274,8 @@ class RunResult:
     device: str
     predictions: tuple[Prediction, ...]
     facts: dict[str, Any]
+    study_predictions: tuple[StudyPrediction, ...] = ()
+    """Every validation and test study's :class:`StudyPrediction` (one row per study)."""
 
 
 @dataclass(frozen=True)
@@ -634,11 +669,14 @@ def _float(value: object) -> float | None:
 
 def record_result(db: sqlite_utils.Database, db_path: str | os.PathLike[str], run_id: int, result: RunResult) -> None:
     """Store what a run computed, in one transaction: its results (threshold, throughput,
-    device, model path relative to ``runs/``, checksum, facts), the split it used and its
-    predictions (replacing any)."""
+    device, model path relative to ``runs/``, checksum, facts), the split it used, its image
+    predictions and its study predictions (each replacing any)."""
     weights_path = stored_path(db_path, result.model_file)
     rows = [{"run_id": run_id, "image_id": p.image_id, "subset": p.subset, "label": int(p.label),
              "probability": float(p.probability), "raw_probability": _float(p.raw_probability)} for p in result.predictions]
+    study_rows = [{"run_id": run_id, "study_id": p.study_id, "subset": p.subset, "label": int(p.label),
+                   "probability": float(p.probability), "raw_probability": _float(p.raw_probability)}
+                  for p in result.study_predictions]
     with dbm.write(db):
         if db.execute("SELECT 1 FROM runs WHERE id = ?", [run_id]).fetchone() is None:
             raise _not_found(run_id)
@@ -649,6 +687,8 @@ def record_result(db: sqlite_utils.Database, db_path: str | os.PathLike[str], ru
         })
         db.execute("DELETE FROM predictions WHERE run_id = ?", [run_id])
         db["predictions"].insert_all(rows)
+        db.execute("DELETE FROM study_predictions WHERE run_id = ?", [run_id])
+        db["study_predictions"].insert_all(study_rows)
 
 
 def store_external_predictions(db: sqlite_utils.Database, run_id: int, images: Iterable[Mapping[str, Any]],

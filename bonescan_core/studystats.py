@@ -28,23 +28,25 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from bonescan_core.errors import InputError
-from bonescan_core.evaluation import (
-    _check,
-    _midranks,
-    _ratio,
-    _weighted_ranking_metrics,
+from bonescan_core.evaluation import (  # noqa: F401 - the threshold rules are part of this module's API
+    FIXED_THRESHOLD,
+    TARGET_RULES,
+    THRESHOLD_RULES,
+    Threshold,
     bootstrap_weights,
+    check_inputs,
+    choose_threshold,
     holm,
     mcnemar,
     metrics_at_thresholds,
+    midranks,
+    safe_ratio,
+    weighted_ranking_metrics,
     youden_threshold,
 )
 
 AGGREGATIONS = ("max", "mean")
 """How :func:`study_scores` collapses a study's image probabilities (``max`` is the default)."""
-
-THRESHOLD_RULES = ("youden", "sensitivity", "npv")
-"""Rules :func:`choose_threshold` knows; the last two need a target."""
 
 LOGIT_EPS = 1e-7
 """Probabilities are clipped to [eps, 1 - eps] before taking logits (stored float32 outputs reach 0 and 1)."""
@@ -64,10 +66,10 @@ def _z(level: float) -> float:
 
 
 def _inputs(labels: Any, scores: Any) -> tuple[np.ndarray, np.ndarray]:
-    """:func:`evaluation._check` (labels (n,) int64 0/1, scores (n,) float64 in [0, 1]), its
+    """:func:`evaluation.check_inputs` (labels (n,) int64 0/1, scores (n,) float64 in [0, 1]), its
     ValueError raised as this family's InputError so that the CLI reports it as a user error."""
     try:
-        return _check(labels, scores)
+        return check_inputs(labels, scores)
     except ValueError as error:
         raise InputError(str(error)) from error
 
@@ -121,63 +123,10 @@ def study_scores(study_ids: Any, probabilities: Any, how: str = "max") -> tuple[
 
 
 # --- 2. threshold rules on validation studies -------------------------------------------
-
-class Threshold(NamedTuple):
-    """A decision threshold and the rule that chose it (``"youden"``, ``"sensitivity>=0.9"``, ``"npv>=0.95"``)."""
-
-    value: float
-    rule: str
-
-
-def choose_threshold(labels: Any, scores: Any, rule: str = "youden", target: float | None = None) -> Threshold:
-    """The operating point chosen on validation studies by a pre-specified rule.
-
-    * ``youden``: maximises sensitivity + specificity - 1 (:func:`evaluation.youden_threshold`).
-    * ``sensitivity``: the highest threshold whose sensitivity is >= ``target`` (e.g. 0.90):
-      the ``ceil(target * m)``-th highest positive score, m = number of positives.
-    * ``npv``: the highest threshold (among the observed scores) whose NPV is >= ``target``;
-      NPV need not be monotone in the threshold, so every candidate is checked.
-
-    "Highest" because a higher threshold calls fewer studies metastatic: of all thresholds
-    meeting the target, it keeps the most specificity.
-
-    Args:
-        labels: (n,) 0/1, both classes present.
-        scores: (n,) float in [0, 1].
-        rule: one of :data:`THRESHOLD_RULES`.
-        target: in (0, 1]; required for ``sensitivity`` and ``npv``, refused for ``youden``.
-
-    Returns:
-        :class:`Threshold` (value float in [0, 1], rule name with its target).
-
-    Raises:
-        InputError: unknown rule, missing/extra/out-of-range target, one class only, or no
-            threshold reaching the NPV target.
-    """
-    y, p = _inputs(labels, scores)
-    if rule not in THRESHOLD_RULES:
-        raise InputError(f"threshold rule must be one of {', '.join(THRESHOLD_RULES)}; got {rule!r}")
-    if y.size == 0 or y.min() == y.max():
-        raise InputError("choosing a threshold needs validation studies of both classes; add metastatic and non-metastatic studies")
-    if rule == "youden":
-        if target is not None:
-            raise InputError("the youden rule takes no target; drop it or use rule sensitivity or npv")
-        return Threshold(youden_threshold(y, p), "youden")
-    if target is None or not 0.0 < target <= 1.0:
-        raise InputError(f"rule {rule} needs a target within (0, 1], e.g. 0.90; got {target}")
-    name = f"{rule}>={target:g}"
-    if rule == "sensitivity":
-        positives = np.sort(p[y == 1])[::-1]
-        # How many positives must be called; the epsilon keeps 0.7 * 10 = 7.000000000000001 at 7.
-        needed = max(1, math.ceil(target * positives.size - 1e-9))
-        return Threshold(float(positives[needed - 1]), name)
-    candidates = np.unique(p)
-    npv = metrics_at_thresholds(y, p, candidates)["npv"]  # nan at the lowest score: no negative calls
-    reaching = candidates[np.nan_to_num(npv, nan=-1.0) >= target - 1e-12]
-    if reaching.size == 0:
-        raise InputError(f"no threshold reaches an NPV of {target:g} on these validation studies; lower the target or use rule youden")
-    return Threshold(float(reaching.max()), name)
-
+# :func:`choose_threshold` (youden, sensitivity, npv, fixed) lives in ``evaluation``, beside the
+# Youden threshold and the metric sweep it builds on, so that ``evaluation.evaluate`` can choose
+# an older run's study threshold without importing this module (no import cycle); it is
+# imported above and is this module's API as before.
 
 # --- 3. paired patient-level bootstrap ---------------------------------------------------
 
@@ -209,8 +158,8 @@ def _percentile_ci(values: np.ndarray, level: float) -> tuple[float, float]:
 def _sens_spec(y: np.ndarray, called: np.ndarray, w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Weighted sensitivity and specificity per row of weights w (r, n); nan without positives/negatives."""
     yf, cf = y.astype(np.float64), called.astype(np.float64)
-    sensitivity = _ratio(w @ (yf * cf), w @ yf)
-    specificity = _ratio(w @ ((1 - yf) * (1 - cf)), w @ (1 - yf))
+    sensitivity = safe_ratio(w @ (yf * cf), w @ yf)
+    specificity = safe_ratio(w @ ((1 - yf) * (1 - cf)), w @ (1 - yf))
     return sensitivity, specificity
 
 
@@ -263,8 +212,8 @@ def paired_bootstrap(
     yf = y.astype(np.float64)
 
     def deltas(w: np.ndarray) -> dict[str, np.ndarray]:
-        auc_a, _ = _weighted_ranking_metrics(yf, pa, w)
-        auc_b, _ = _weighted_ranking_metrics(yf, pb, w)
+        auc_a, _ = weighted_ranking_metrics(yf, pa, w)
+        auc_b, _ = weighted_ranking_metrics(yf, pb, w)
         sens_a, spec_a = _sens_spec(y, called_a, w)
         sens_b, spec_b = _sens_spec(y, called_b, w)
         return {"delta_auc": (auc_a, auc_b), "delta_sensitivity": (sens_a, sens_b), "delta_specificity": (spec_a, spec_b)}
@@ -338,10 +287,10 @@ def clustered_delong(labels: Any, scores_a: Any, scores_b: Any, cluster_ids: Any
         return undefined
     scores = np.stack([pa, pb])
     positives, negatives = scores[:, y == 1], scores[:, y == 0]
-    rank_all = _midranks(np.concatenate([positives, negatives], axis=1))
+    rank_all = midranks(np.concatenate([positives, negatives], axis=1))
     auc = (rank_all[:, :m].sum(axis=1) - m * (m + 1) / 2.0) / (m * k)
-    v10 = (rank_all[:, :m] - _midranks(positives)) / k  # (2, m): share of negatives below each positive
-    v01 = 1.0 - (rank_all[:, m:] - _midranks(negatives)) / m  # (2, k): share of positives above each negative
+    v10 = (rank_all[:, :m] - midranks(positives)) / k  # (2, m): share of negatives below each positive
+    v01 = 1.0 - (rank_all[:, m:] - midranks(negatives)) / m  # (2, k): share of positives above each negative
     c_pos, c_neg = cluster[y == 1], cluster[y == 0]
     m_i = np.bincount(c_pos, minlength=n_clusters).astype(np.float64)
     n_i = np.bincount(c_neg, minlength=n_clusters).astype(np.float64)

@@ -50,16 +50,15 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from bonescan_core import calibration, errors, models, preprocess, reproducibility, runs
+from bonescan_core import calibration, errors, models, preprocess, reproducibility, runs, studystats
 from bonescan_core import splits as splitting
-from bonescan_core.evaluation import youden_threshold
 from bonescan_core.heavy import jax_module, keras_module, sqlite_utils, tensorflow_module
 from bonescan_core.models import weights_kind
 from bonescan_core.preprocess import Sample
-from bonescan_core.runs import THRESHOLD_RULES, Prediction, RunResult, TrainConfig, file_sha256
+from bonescan_core.runs import THRESHOLD_RULES, Prediction, RunResult, StudyPrediction, TrainConfig, file_sha256
 
 __all__ = ["THRESHOLD_RULES", "NullReporter", "Reporter", "RunResult", "TrainConfig", "TrainingCancelled", "TrainingError",
-           "choose_threshold", "class_weights_for", "file_sha256", "train_run", "weights_id"]
+           "class_weights_for", "file_sha256", "run_thresholds", "study_outputs", "train_run", "weights_id"]
 
 FEATURE_SEED = 0  # fast mode: random ("none") backbones are always initialised with this seed, so cached features stay valid
 PROGRESS_INTERVAL_S = 0.5
@@ -122,13 +121,46 @@ def class_weights_for(labels: np.ndarray) -> dict[int, float]:
     return {c: (n / (2.0 * int((labels == c).sum())) if (labels == c).any() else 1.0) for c in (0, 1)}
 
 
-def choose_threshold(rule: str, labels: np.ndarray, probabilities: np.ndarray) -> float:
-    """The decision threshold: Youden's J on (validation) labels and probabilities, or 0.5 for ``fixed``."""
-    if rule == "fixed":
-        return 0.5
-    if rule != "youden":
-        raise ValueError(f"unknown threshold rule {rule!r}; one of {', '.join(THRESHOLD_RULES)}")
-    return youden_threshold(np.asarray(labels), np.asarray(probabilities))
+def study_outputs(samples: list[Sample], probabilities: np.ndarray, view_mode: str,
+                  aggregate: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """One probability per study from one subset's sample probabilities.
+
+    Args:
+        samples: the subset's samples (images for ``per_image``, studies for ``composite``).
+        probabilities: (n,) float in [0, 1], one per sample.
+        view_mode: ``composite`` samples are studies already: each output is kept as it is.
+        aggregate: ``max`` | ``mean`` over a per-image run's views (``studystats.study_scores``).
+
+    Returns:
+        (study_ids (s,) int64 ascending, labels (s,) int64 0/1, probabilities (s,) float64).
+    """
+    study_ids = np.array([sample.study_id for sample in samples], dtype=np.int64)
+    labels = {sample.study_id: int(sample.label) for sample in samples}  # a study has one label
+    ids, scores = studystats.study_scores(study_ids, probabilities, "max" if view_mode == "composite" else aggregate)
+    return ids, np.array([labels[int(i)] for i in ids], dtype=np.int64), scores
+
+
+def run_thresholds(config: TrainConfig, image_labels: np.ndarray, image_probabilities: np.ndarray,
+                   study_labels: np.ndarray, study_probabilities: np.ndarray, notes: list[str] | None = None) -> dict[str, Any]:
+    """The run's ``results["thresholds"]``: one rule (``config.threshold_rule`` with its
+    ``threshold_target``) applied to validation samples (``image``: images, or studies for a
+    composite run) and to validation studies (``study``). (n,) 0/1 labels, probabilities in [0, 1].
+
+    A level whose rule cannot be applied (one class in validation, an NPV target no threshold
+    reaches) gets ``studystats.FIXED_THRESHOLD`` (0.5) and a sentence in ``notes``: the trained
+    model is kept rather than lost at the last step.
+    """
+    rule, target = config.threshold_rule, config.threshold_target
+    chosen = {}
+    for level, labels, probabilities in (("image", image_labels, image_probabilities), ("study", study_labels, study_probabilities)):
+        try:
+            chosen[level] = float(studystats.choose_threshold(labels, probabilities, rule, target).value)
+        except errors.InputError as error:
+            chosen[level] = studystats.FIXED_THRESHOLD
+            if notes is not None:
+                notes.append(f"the {level} threshold could not be chosen by rule {rule} on the validation subset ({error}); "
+                             f"it is {studystats.FIXED_THRESHOLD}")
+    return {**chosen, "rule": rule, "target": target}
 
 
 def weights_id(weights: str) -> str:
@@ -572,7 +604,15 @@ def train_run(db: sqlite_utils.Database, config: TrainConfig, reporter: Reporter
     raw_probabilities = probabilities
     probabilities, calibration_record = _calibrate(config, data.labels["val"], raw_probabilities, notes)
     calibrated = calibration_record["method"] != "none"
-    threshold = choose_threshold(config.threshold_rule, data.labels["val"], probabilities["val"])
+    # The study is the unit: its raw score (the views aggregated, or a composite's one output) gets
+    # its own calibration, fitted on the validation studies' scores (the max of calibrated views
+    # would run high), before the study threshold is chosen on them.
+    raw_studies = {subset: study_outputs(data.samples[subset], raw_probabilities[subset], config.view_mode,
+                                         config.study_aggregate) for subset in ("val", "test")}
+    study_probabilities, study_calibration = _calibrate(
+        config, raw_studies["val"][1], {subset: raw_studies[subset][2] for subset in raw_studies}, notes)
+    thresholds = run_thresholds(config, data.labels["val"], probabilities["val"], raw_studies["val"][1],
+                                study_probabilities["val"], notes)
 
     tracker.send({"phase": "saving", "eta_s": None}, force=True)
     sha = _atomic_save(model, model_file)
@@ -583,15 +623,21 @@ def train_run(db: sqlite_utils.Database, config: TrainConfig, reporter: Reporter
         for sample, probability, raw in zip(data.samples[subset], probabilities[subset], raw_probabilities[subset], strict=True)
         for image_id in sample.image_ids  # a composite's probability belongs to both of its images
     )
+    study_predictions = tuple(
+        StudyPrediction(study_id=int(study_id), subset=subset, label=int(label), probability=float(probability),
+                        raw_probability=float(raw) if calibrated else None)
+        for subset in ("val", "test")
+        for study_id, label, raw, probability in zip(*raw_studies[subset], study_probabilities[subset], strict=True)
+    )
     ips = tracker.train_images / tracker.train_seconds if tracker.train_seconds > 0 else 0.0
     facts.update({
-        "phase_epochs": ran, "precision": precision, "notes": notes,
+        "phase_epochs": ran, "precision": precision, "notes": notes, "thresholds": thresholds,
         "class_weights": {str(k): round(v, 6) for k, v in class_weights.items()} if class_weights else None,
-        "calibration": calibration_record,
+        "calibration": calibration_record, "study_calibration": study_calibration,
         "reproducibility": reproducibility.record(config, split_id, info["labels_hash"], info["seed"],
                                                   FEATURE_SEED if config.mode == "fast" else None),
     })
     return RunResult(
-        threshold=float(threshold), images_per_second=round(ips, 3), model_file=model_file, weights_sha256=sha,
-        device=device, predictions=predictions, facts=facts,
+        threshold=thresholds["image"], images_per_second=round(ips, 3), model_file=model_file, weights_sha256=sha,
+        device=device, predictions=predictions, facts=facts, study_predictions=study_predictions,
     )

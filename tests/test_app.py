@@ -240,7 +240,7 @@ def test_train_and_agreement_cards_count_through_catalog(db_path, monkeypatch):
     label = {s["id"]: s["label"] for s in studies}
     expected = "; ".join(f"{name} {len(ids)} studies ({sum(label[i] == 'metastatic' for i in ids)} metastatic)"
                          for name, ids in split["subsets"].items())
-    assert f"Current split {split['id']} (by patient, stratified): {expected}" in [c.value for c in app.caption]
+    assert f"Current split {split['id']} (grouped by patient; stratified): {expected}" in [c.value for c in app.caption]
     app.switch_page("app_pages/agreement.py").run()
     cards = {m.label: m.value for m in app.metric}
     assert (cards["Studies"], cards["With a training label"], cards["Excluded"]) == ("16", "15", "0")

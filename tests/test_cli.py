@@ -91,8 +91,9 @@ GOLDEN = REPO / "tests" / "golden"
 
 
 def test_evaluate_output_is_byte_for_byte_what_it_was(db_path):
-    """``evaluate`` (text and --json) on a fixed database prints exactly what the code before
-    the typed results printed (tests/golden, written by that code): scripts parse it.
+    """``evaluate`` (text and --json) on a fixed database prints exactly tests/golden: scripts parse it.
+    Rewritten deliberately for issue 11: the default unit is the study (the contract's fields kept,
+    ``unit``, ``threshold_rule``, ``threshold_target``, ``image_level`` and ``notes`` added).
     Run 1's stored threshold is 0.0 (kept, not replaced by 0.5); run 2 has none (0.5)."""
     from test_evaluation import populate
 
@@ -109,6 +110,8 @@ def test_evaluate_output_is_byte_for_byte_what_it_was(db_path):
     assert list(fields)[:10] == ["run", "backbone", "threshold", "threshold_source", "subset", "n_images", "n_studies",
                                  "n_patients", "metrics", "confusion"]
     assert (fields["threshold"], fields["threshold_source"]) == (0.0, "run")
+    assert (fields["unit"], fields["threshold_rule"]) == ("study", "youden")
+    assert fields["metrics"] == fields["study_level"]["metrics"] and "metrics" in fields["image_level"]
 
 
 def test_train_queue_shares_the_split_and_refuses_a_duplicate(db_path):

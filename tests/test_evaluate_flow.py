@@ -41,8 +41,9 @@ def test_evaluate_page_renders_a_stored_run(finished_run, monkeypatch):
     app.run()
     app.switch_page("app_pages/evaluate.py").run()
     assert not app.exception, [e.value for e in app.exception]
-    assert [m.label for m in app.metric][:4] == ["Accuracy", "Recall (sensitivity)", "Precision (PPV)", "F1"]
-    app.slider(key=f"ev_threshold_{run_id}").set_value(0.0).run()  # everything predicted metastatic
+    assert [m.label for m in app.metric][:4] == ["Accuracy (per study)", "Recall (sensitivity) (per study)",
+                                                 "Precision (PPV) (per study)", "F1 (per study)"]
+    app.slider(key=f"ev_threshold_{run_id}_study").set_value(0.0).run()  # everything predicted metastatic
     assert not app.exception
     recall = next(m for m in app.metric if m.label.startswith("Recall"))
     assert recall.value == "1.000"
@@ -53,7 +54,10 @@ def test_cli_evaluate_explain_export_round_trip(finished_run, tmp_path):
     result = json.loads(run_cli("evaluate", str(run_id), "--json", db_path=db_path).stdout)
     assert result["run"] == run_id and result["subset"] == "test"
     assert set(result["metrics"]) == {"accuracy", "recall", "precision", "f1", "specificity", "npv", "auc", "pr_auc", "brier"}
-    assert sum(result["confusion"].values()) == result["n_images"]
+    assert result["unit"] == "study" and sum(result["confusion"].values()) == result["n_studies"]
+    assert sum(result["image_level"]["confusion"].values()) == result["n_images"]
+    # Trained now: the run stored a study row per test study and both thresholds.
+    assert result["threshold_source"] == "run" and result["notes"] == []
 
     csv_path = tmp_path / "p.csv"
     assert run_cli("predictions", str(run_id), "--csv", str(csv_path), db_path=db_path).returncode == 0

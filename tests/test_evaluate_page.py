@@ -101,8 +101,19 @@ def open_evaluate(db_path) -> AppTest:
     return app
 
 
-def cards(app: AppTest) -> dict[str, str]:
-    return {metric.label: metric.value for metric in app.metric}
+def cards(app: AppTest, unit: str = "per image") -> dict[str, str]:
+    """The metric cards of the shown unit, by metric name (each card's label ends with its unit)."""
+    suffix = f" ({unit})"
+    return {metric.label.removesuffix(suffix): metric.value for metric in app.metric if metric.label.endswith(suffix)}
+
+
+def study_rows(rows) -> list[tuple]:
+    """One row per study, as (image_id, study_id, patient_id, view, subset, label, max probability over its views)."""
+    best: dict[int, tuple] = {}
+    for r in rows:
+        if r[1] not in best or r[6] > best[r[1]][6]:
+            best[r[1]] = r
+    return list(best.values())
 
 
 def confusion_shown(app: AppTest) -> dict[str, int]:
@@ -127,22 +138,43 @@ def test_evaluate_page_shows_the_runs_numbers(db_path, two_runs):
 
     test = [r for r in rows if r[4] == "test"]
     patients = len({r[2] for r in test})
-    assert any(c.value.startswith(f"Test subset: {len(test)} images, {TEST_STUDIES} studies, {patients} patients.")
-               for c in app.caption)
+    assert any(c.value.startswith(f"Test subset: {len(test)} images, {TEST_STUDIES} studies, {patients} patients. "
+                                  "Metrics per study.") for c in app.caption)
+
+    # The study is the unit by default: cards, matrix and curves per study, at the study threshold
+    # (this run stores none: chosen now on its validation studies, which the page says).
+    assert app.radio(key="ev_unit").value == "per study"
+    study_threshold = app.slider(key=f"ev_threshold_{newest['id']}_study").value
+    studies = study_rows(rows)
+    shown = cards(app, "per study")
+    assert set(shown) >= {"Accuracy", "ROC AUC"} and not cards(app, "per image")
+    c = counts(studies, study_threshold)
+    test_studies = [r for r in studies if r[4] == "test"]
+    assert shown["Accuracy"] == f"{(c['tp'] + c['tn']) / sum(c.values()):.3f}" and sum(c.values()) == TEST_STUDIES
+    assert shown["ROC AUC"] == f"{roc_auc_score([r[5] for r in test_studies], [r[6] for r in test_studies]):.3f}"
+    assert confusion_shown(app) == c
+    assert any("chosen now by rule youden" in c.value for c in app.caption)
+    titles = [json.loads(chart.proto.spec)["layout"]["title"]["text"] for chart in app.get("plotly_chart")]
+    assert any("per study" in t for t in titles if t.startswith("ROC")) and not app.warning
+
+    # The paper's image-level figures, one click away.
+    app.radio(key="ev_unit").set_value("per image (as in the paper)").run()
+    assert not app.exception
     shown = cards(app)
     assert {name: shown[name] for name in expected_cards(rows, threshold)} == expected_cards(rows, threshold)
     assert confusion_shown(app) == counts(rows, threshold)
 
-    # The threshold slider moves the cards and the matrix.
-    app.slider(key=f"ev_threshold_{newest['id']}").set_value(0.7).run()
+    # The threshold slider moves the cards and the matrix, and marks them exploratory.
+    app.slider(key=f"ev_threshold_{newest['id']}_image").set_value(0.7).run()
     assert not app.exception
     shown = cards(app)
     assert {name: shown[name] for name in ("Accuracy", "Recall (sensitivity)")} == \
         {name: expected_cards(rows, 0.7)[name] for name in ("Accuracy", "Recall (sensitivity)")}
     assert confusion_shown(app) == counts(rows, 0.7)
+    assert any("exploratory (threshold not chosen on validation)" in w.value for w in app.warning)
 
 
-def study_rows(rows, subset: str) -> tuple[np.ndarray, np.ndarray]:
+def labels_and_scores(rows, subset: str) -> tuple[np.ndarray, np.ndarray]:
     """(labels, max probability over the views) of the run's studies of ``subset``, by study id."""
     studies = sorted({r[1] for r in rows if r[4] == subset})
     label = np.array([next(r[5] for r in rows if r[1] == s) for s in studies])
@@ -165,8 +197,8 @@ def test_evaluate_page_compares_the_runs_of_one_split_per_study(db_path, two_run
     auc = {}
     for backbone, run in two_runs.items():
         # No study threshold stored: each run's is chosen on its validation studies (Youden).
-        threshold = youden(*study_rows(run["rows"], "val"))
-        label, top = study_rows(run["rows"], "test")
+        threshold = youden(*labels_and_scores(run["rows"], "val"))
+        label, top = labels_and_scores(run["rows"], "test")
         auc[backbone] = roc_auc_score(label, top)
         row = table[table["run"] == f"{'DenseNet121' if backbone == 'densenet121' else 'ResNet50'} (run {run['id']})"]
         assert row["study threshold"].item() == pytest.approx(threshold, abs=1e-4), backbone
@@ -194,7 +226,7 @@ def test_evaluate_page_shows_every_repeat_and_their_mean_and_sd(db_path, two_run
     metrics_tab, compare_tab = [frame.value for frame in app.dataframe if "seed" in frame.value.columns]
     assert metrics_tab.equals(compare_tab)  # the compare tab shows the group of its runs too
     table = metrics_tab
-    aucs = [roc_auc_score(*study_rows(two_runs[b]["rows"], "test")) for b in ("resnet50", "densenet121")]
+    aucs = [roc_auc_score(*labels_and_scores(two_runs[b]["rows"], "test")) for b in ("resnet50", "densenet121")]
     assert table["run"].tolist() == [str(two_runs["resnet50"]["id"]), str(two_runs["densenet121"]["id"]), "mean ± SD"]
     assert table["AUC"].tolist()[:2] == [f"{a:.3f}" for a in aucs]
     assert table["AUC"].iloc[2] == f"{np.mean(aucs):.3f} ± {np.std(aucs, ddof=1):.3f}"
@@ -241,5 +273,7 @@ def test_report_is_self_contained_with_the_runs_numbers(db, two_runs):
     assert "<h2>Reproducibility</h2><p>Not recorded" in html  # these runs were stored without it
     c = counts(run["rows"], run["threshold"])
     accuracy = (c["tp"] + c["tn"]) / sum(c.values())
-    assert f"<tr><td>Accuracy</td><td>{accuracy:.3f}</td>" in html
-    assert f"Test subset: {sum(c.values())} images, {TEST_STUDIES} studies." in html
+    assert f"<tr><td>Accuracy</td><td>{accuracy:.3f}</td>" in html  # the image table, "as in the paper"
+    assert f"Test subset: {sum(c.values())} images, {TEST_STUDIES} studies," in html
+    assert html.index("<h2>Per study") < html.index("<h2>Per image (as in the paper")
+    assert "<th>metric (per study)</th>" in html and "<th>metric (per image)</th>" in html and "ROC curve (per study)" in html

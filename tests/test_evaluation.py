@@ -343,7 +343,7 @@ def test_explorer_rows_filter_and_sort():
 def test_midranks_equal_scipys_rankdata():
     rng = np.random.default_rng(0)
     x = np.round(rng.random((3, 50)), 1)  # many ties
-    np.testing.assert_array_equal(ev._midranks(x), rankdata(x, axis=-1))
+    np.testing.assert_array_equal(ev.midranks(x), rankdata(x, axis=-1))
 
 
 def test_the_module_imports_neither_sklearn_nor_scipy():
@@ -515,7 +515,9 @@ def populate(db, n_patients=30, seed=0, runs=(("densenet121", 0.45, 1.5), ("vgg1
 
 def test_evaluate_end_to_end(db):
     (run, run_no_threshold), _, rows = populate(db)
-    result = ev.evaluate(db, run, n_resamples=200).as_json()
+    result = ev.evaluate(db, run, n_resamples=200, unit="image").as_json()
+    assert (result["unit"], result["threshold_rule"], result["threshold_target"]) == ("image", "youden", None)
+    assert result["metrics"] == result["image_level"]["metrics"] and result["image_level"]["threshold"] == 0.45
     text = json.dumps(result, allow_nan=False)  # NaN must already be None
     assert json.loads(text) == result
     assert {"run", "backbone", "threshold", "subset", "n_images", "n_studies", "metrics", "confusion", "study_level"} <= set(result)
@@ -540,6 +542,11 @@ def test_evaluate_end_to_end(db):
     study_expected = ev.point_metrics(studies["label"], studies["probability"], 0.45)
     assert result["study_level"]["metrics"]["auc"]["value"] == pytest.approx(study_expected["auc"], abs=1e-4)
     assert sum(result["study_level"]["confusion"].values()) == result["n_studies"]
+    # No validation predictions: the study level falls back to the image threshold, and says so.
+    assert result["study_level"]["threshold"] == 0.45 and "image-level threshold" in result["notes"][0]
+    by_study = ev.evaluate(db, run, n_resamples=200).as_json()  # the default unit: the study
+    assert by_study["unit"] == "study" and by_study["metrics"] == result["study_level"]["metrics"]
+    assert by_study["confusion"] == result["study_level"]["confusion"] and by_study["image_level"] == result["image_level"]
 
     # A given threshold wins; a run without a stored threshold falls back to 0.5.
     assert ev.evaluate(db, run, threshold=0.7, n_resamples=50).threshold_source == "argument"

@@ -160,7 +160,7 @@ def test_forest_plot_with_the_papers_values_and_missing_metrics(runs):
     serialisable(fig)
     assert [t.name for t in fig.data] == ["VGG19", "Paper: DenseNet121"]
     assert fig.data[0].x[2] is None and fig.data[1].x[0] == 0.83 and fig.data[1].marker.symbol == "diamond-open"
-    assert "study-level" in fig.layout.title.text
+    assert "per study" in fig.layout.title.text
     with pytest.raises(ValueError, match="level"):
         plots.forest_plot({"VGG19": result}, level="patient")
 

@@ -28,7 +28,8 @@ def test_an_old_database_keeps_its_runs_with_settings_and_results_apart(tmp_path
     """Before 004 the worker merged what training learned into ``runs.config``; the migration
     moves those facts to ``runs.results`` and the run reads back as before."""
     path = tmp_path / "old.db"
-    old_settings = {k: v for k, v in SETTINGS.to_dict().items() if k in dbm._SETTING_NAMES_008}  # what a config held then
+    # The settings a run had then (later settings, e.g. threshold_target, did not exist yet).
+    old_settings = {k: v for k, v in SETTINGS.to_dict().items() if k in dbm._SETTING_NAMES_008}
     mixed = {**old_settings, **FACTS}
     with monkeypatch.context() as patch:
         patch.setattr(dbm, "MIGRATIONS", [m for m in dbm.MIGRATIONS if m[0] < "004"])
@@ -47,8 +48,9 @@ def test_an_old_database_keeps_its_runs_with_settings_and_results_apart(tmp_path
     # It was merged over; a run from before calibration existed reads as not calibrated.
     assert run.settings == runs.TrainConfig.from_json({**SETTINGS.to_dict(), "split_id": 1, "calibration": "none"})
     assert run.results.facts == FACTS
-    # What `runs --json`, the report and a bundle show: as before, plus the settings added since, as they were then.
-    assert run.config_record() == {**mixed, "calibration": "none", "deterministic": False}
+    # What `runs --json`, the report and a bundle show: as before, plus the settings added since, as they were then
+    # (an old run was not calibrated; the other later settings read back at their defaults).
+    assert run.config_record() == {**SETTINGS.to_dict(), **FACTS, "calibration": "none"}
     assert (run.threshold, run.results.weights_path, run.split_id) == (0.42, "run-1/model.keras", 1)
     # The old run's model is still looked for where its row says, under runs/.
     assert runs.weights_file(path, run) == tmp_path / "runs" / "run-1" / "model.keras"

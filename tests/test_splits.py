@@ -83,7 +83,8 @@ def test_stored_with_seed_and_labels_hash_and_reproducible(db):
     assert {sid: lab for sid, (_, lab) in stored.items()} == labels
 
     payload = splits.get_split(db, first)
-    assert json.loads(json.dumps(payload)) == {"id": first, "subsets": payload["subsets"], "cohorts": ["default"]}
+    assert json.loads(json.dumps(payload)) == {"id": first, "subsets": payload["subsets"], "cohorts": ["default"],
+                                               "grouping": "patient"}  # add_patients' patients are known (NULL: before 011)
     assert all(ids == sorted(ids) for ids in payload["subsets"].values())
     with pytest.raises(splits.SplitError, match="does not exist"):
         splits.get_split(db, 999)

@@ -282,8 +282,8 @@ def test_clustered_delong_variance_matches_a_clustered_bootstrap(seed):
     """
     y, pa, pb, patient = clustered_models(seed)
     weights = ev.bootstrap_weights(patient, 10_000, seed + 100).astype(np.float64)
-    auc_a, _ = ev._weighted_ranking_metrics(y.astype(np.float64), pa, weights)
-    auc_b, _ = ev._weighted_ranking_metrics(y.astype(np.float64), pb, weights)
+    auc_a, _ = ev.weighted_ranking_metrics(y.astype(np.float64), pa, weights)
+    auc_b, _ = ev.weighted_ranking_metrics(y.astype(np.float64), pb, weights)
     bootstrap_variance = np.nanvar(auc_a - auc_b, ddof=1)
     clustered = ss.clustered_delong(y, pa, pb, patient)
     assert 0.9 < clustered["se"] ** 2 / bootstrap_variance < 1.1

@@ -98,6 +98,27 @@ def assert_predictions_cover_val_and_test(db, run_id: int, split_id: int) -> dic
     return stored
 
 
+def assert_study_rows(db, run_id: int, result: training.RunResult, aggregate: str) -> None:
+    """One stored study row per val/test study: its views' probabilities collapsed (max or mean),
+    or a composite's one output; the study threshold chosen on those validation rows."""
+    images = predictions(db, run_id)
+    study_of = dict(db.execute("SELECT id, study_id FROM images").fetchall())
+    views: dict[int, list[float]] = {}
+    for image_id, (_, _, probability) in images.items():
+        views.setdefault(study_of[image_id], []).append(probability)
+    rows = db.execute("SELECT study_id, subset, label, probability FROM study_predictions WHERE run_id = ?", [run_id]).fetchall()
+    assert sorted(r[0] for r in rows) == sorted(views)
+    collapse = max if aggregate == "max" else (lambda values: sum(values) / len(values))
+    for study_id, _, _, probability in rows:
+        assert probability == pytest.approx(collapse(views[study_id]))
+    thresholds = result.facts["thresholds"]
+    assert thresholds["image"] == result.threshold and set(thresholds) == {"image", "study", "rule", "target"}
+    val = [(label, p) for _, subset, label, p in rows if subset == "val"]
+    expected = training.studystats.choose_threshold([v[0] for v in val], [v[1] for v in val], thresholds["rule"],
+                                                    thresholds["target"]).value
+    assert thresholds["study"] == pytest.approx(expected)
+
+
 def saved_model_probabilities(db, result: training.RunResult, config: training.TrainConfig, image_ids):
     """Probabilities the saved model.keras gives the images (per-image view mode)."""
     keras = heavy.keras_module()
@@ -127,7 +148,9 @@ def test_config_round_trip_hash_and_validation():
     assert dataclasses.replace(config, mode="full").phase_epochs() == {"full": 20}
     assert dataclasses.replace(config, mode="fast").phase_epochs() == {"head": 20}
     for bad in ({"backbone": "alexnet"}, {"mode": "sometimes"}, {"image_size": (16, 16)}, {"epochs": 0},
-                {"view_mode": "stacked"}, {"augment": {"elastic": 1}}, {"threshold_rule": "max_f1"}, {"dropout": 1.0}):
+                {"view_mode": "stacked"}, {"augment": {"elastic": 1}}, {"threshold_rule": "max_f1"}, {"dropout": 1.0},
+                {"threshold_rule": "sensitivity"}, {"threshold_rule": "youden", "threshold_target": 0.9},
+                {"threshold_rule": "npv", "threshold_target": 1.5}, {"study_aggregate": "median"}):
         with pytest.raises(ValueError, match="bad training config"):
             training.TrainConfig(**{"backbone": "vgg19", **bad})
 
@@ -142,8 +165,11 @@ def test_thresholds_youden_on_a_constructed_example_and_fixed():
     labels = np.array([0, 0, 0, 0, 0, 0, 1, 1, 1, 1])
     probabilities = np.array([0.05, 0.10, 0.20, 0.30, 0.35, 0.65, 0.50, 0.70, 0.80, 0.90])
     # At 0.50: sensitivity 1, specificity 5/6 (J = 0.83); at 0.70: 3/4 and 1 (J = 0.75); others lower.
-    assert training.choose_threshold("youden", labels, probabilities) == pytest.approx(0.50)
-    assert training.choose_threshold("fixed", labels, probabilities) == 0.5
+    chosen = training.run_thresholds(TINY, labels, probabilities, labels, probabilities)
+    assert chosen == {"image": pytest.approx(0.50), "study": pytest.approx(0.50), "rule": "youden", "target": None}
+    fixed = dataclasses.replace(TINY, threshold_rule="fixed")
+    assert training.run_thresholds(fixed, labels, probabilities, labels, probabilities)["image"] == 0.5
+    assert not hasattr(training, "choose_threshold")  # one implementation: studystats.choose_threshold
 
 
 # --- runs ---------------------------------------------------------------------------------------------
@@ -195,8 +221,10 @@ def test_cancel_stops_within_a_few_batches(demo_db, tmp_path):
 
 @pytest.mark.slow
 def test_fast_mode_caches_features_and_a_rerun_reuses_them(demo_db, tmp_path, monkeypatch):
-    config = dataclasses.replace(TINY, mode="fast", epochs=4)
-    first = train(demo_db, new_run(demo_db, config), config, Recorder())
+    config = dataclasses.replace(TINY, mode="fast", epochs=4, study_aggregate="mean")
+    first_id = new_run(demo_db, config)
+    first = train(demo_db, first_id, config, Recorder())
+    assert_study_rows(demo_db, first_id, first, "mean")
     rows = demo_db.execute("SELECT COUNT(*) FROM features WHERE backbone = 'vgg19' AND weights = 'none'").fetchone()[0]
     assert rows == 40 and first.facts["features_computed"] == 40
     vector = demo_db.execute("SELECT vector FROM features LIMIT 1").fetchone()[0]
@@ -214,6 +242,7 @@ def test_fast_mode_caches_features_and_a_rerun_reuses_them(demo_db, tmp_path, mo
     assert "features" not in {f["phase"] for f in reporter.fields}
     assert demo_db.execute("SELECT COUNT(*) FROM features").fetchone()[0] == 40
     assert second.threshold == 0.5 and second.facts["split_id"] == first.facts["split_id"]
+    assert second.facts["thresholds"] == {"image": 0.5, "study": 0.5, "rule": "fixed", "target": None}
     monkeypatch.undo()
 
     # The trained head was copied into a full model: the saved model gives the stored probabilities.
@@ -236,6 +265,7 @@ def test_composite_fast_run_predicts_each_study_once_for_both_images(demo_db, tm
         if image_id in stored:
             by_study.setdefault(study_id, set()).add(stored[image_id][2])
     assert all(len(p) == 1 for p in by_study.values())
+    assert_study_rows(demo_db, run_id, result, "max")  # one output per study, stored once
     assert demo_db.execute("SELECT COUNT(*) FROM features WHERE weights = 'none#composite'").fetchone()[0] == 20
 
 
