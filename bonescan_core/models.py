@@ -379,7 +379,9 @@ def _build_from_scratch(bb: Backbone, kind: str, weights: str | os.PathLike[str]
     model = scintinet.build(size, dropout=dropout, seed=seed)
     if path is not None:
         try:
-            model.load_weights(str(path))
+            with warnings.catch_warnings():  # a foreign file warns about every layer before it fails
+                warnings.simplefilter("ignore", UserWarning)
+                model.load_weights(str(path))
         except Exception as error:
             reason = str(error).strip().splitlines()[0][:200] if str(error).strip() else type(error).__name__
             raise WeightsIncompatible(
