@@ -12,7 +12,10 @@ scan is positive if ANY place shows one. So the network
    neighbours, a few ribs, both knees) with plain 3 x 3 convolutions, GroupNorm (statistics
    per image, so batch size 1-16 and inference behave the same) and ReLU;
 4. turns the last feature map (stride 16) into a 1 x 1 **lesion-evidence map** (one logit per
-   place) and takes its global maximum: the image's logit is the strongest evidence anywhere.
+   place) and pools it with a smooth maximum (log-sum-exp, :func:`smooth_max`): the image's
+   logit is, within ``log(places) / SHARPNESS``, the strongest evidence anywhere, and unlike a
+   hard maximum every place gets a gradient (a hard max trains one place per image per step:
+   on 100 demo studies it had not started to learn after 7 epochs).
 
 The graph is one flat Keras functional model built from ``keras.layers`` and ``keras.ops``
 only (runs under TensorFlow and JAX; saved and loaded with ``safe_mode=True``, no custom
@@ -42,6 +45,7 @@ CLIP = 4.0  # after scaling: lesions up to ~4 x bone stay distinct, a bladder or
 STEM: tuple[int, int, int] = (16, 5, 2)
 # (filters, convolutions, dilation of the last one) per stage; a 2 x 2 max pool precedes each stage.
 STAGES: tuple[tuple[int, int, int], ...] = ((32, 2, 1), (64, 2, 1), (128, 2, 2))
+SHARPNESS = 1.0  # log-sum-exp pooling: weights places by exp(SHARPNESS * logit); large → hard max, small → mean
 LAST_CONV_LAYER = "features"  # the stride-16 feature map the evidence map reads; Grad-CAM's target
 N_FEATURES = STAGES[-1][0]
 
@@ -77,6 +81,26 @@ def robust_scale(image: Any, percentile: float = PERCENTILE, clip: float = CLIP)
     return ops.clip(grey / reference, 0.0, clip)
 
 
+def smooth_max(evidence: Any, sharpness: float = SHARPNESS) -> Any:
+    """Log-sum-exp pooling of an evidence map, in Keras ops: a maximum that every place contributes to.
+
+    Args:
+        evidence: (N, h, w, 1) float logits (static h, w).
+        sharpness: r in ``(logsumexp(r * s) - log(h * w)) / r``.
+
+    Returns:
+        (N, 1) float32, between the mean and the maximum of each map; at most
+        ``log(h * w) / sharpness`` below the maximum. Its gradient weights each place by its
+        softmax share, so a scan's label reaches every place that might hold its lesion.
+    """
+    from bonescan_core.models import keras_module
+
+    ops = keras_module().ops
+    places = int(evidence.shape[1]) * int(evidence.shape[2])
+    flat = ops.reshape(ops.cast(evidence, "float32"), (-1, places))  # float32: exp under mixed precision
+    return (ops.logsumexp(sharpness * flat, axis=1, keepdims=True) - math.log(places)) / sharpness
+
+
 def build(image_size: tuple[int, int] = DEFAULT_SIZE, dropout: float = 0.3, seed: int = 0) -> keras.Model:
     """Build an untrained scintinet (random weights, seeded).
 
@@ -94,8 +118,9 @@ def build(image_size: tuple[int, int] = DEFAULT_SIZE, dropout: float = 0.3, seed
         probability of metastasis. Layers: ``scale`` ops, ``stem``/``stageK_convJ`` Conv2D with
         ``*_norm`` GroupNorm and ReLU, ``poolK`` MaxPooling2D, ``features`` (last ReLU, the
         (None, H/16, W/16, 128) map), ``head_dropout``, ``evidence`` (1 x 1 Conv2D → (None,
-        H/16, W/16, 1) logits), ``head_pool`` (GlobalMaxPooling2D → (None, 1)), ``head_dense``
-        (Dense(1, sigmoid), kernel 1 and bias 0 at start: the evidence maximum is the logit).
+        H/16, W/16, 1) logits), :func:`smooth_max` ops and ``head_pool`` (an Identity layer
+        naming its (None, 1) result), ``head_dense`` (Dense(1, sigmoid), kernel 1 and bias 0
+        at start: the pooled evidence is the logit).
     """
     from bonescan_core.models import keras_module
 
@@ -130,7 +155,7 @@ def build(image_size: tuple[int, int] = DEFAULT_SIZE, dropout: float = 0.3, seed
                                relu_name=LAST_CONV_LAYER if last_of_stage and stage == len(STAGES) else None)
     x = layers.SpatialDropout2D(dropout, seed=seed, name="head_dropout")(x)
     evidence = layers.Conv2D(1, 1, kernel_initializer=keras.initializers.GlorotUniform(seed=seed + 1), name="evidence")(x)
-    pooled = layers.GlobalMaxPooling2D(name="head_pool")(evidence)
+    pooled = layers.Identity(name="head_pool")(smooth_max(evidence))
     outputs = layers.Dense(1, activation="sigmoid", dtype="float32", name="head_dense",  # float32 under mixed precision
                            kernel_initializer="ones", bias_initializer="zeros")(pooled)
     return keras.Model(inputs, outputs, name="bonescan_scintinet")

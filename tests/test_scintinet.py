@@ -43,18 +43,27 @@ def test_full_size_network_is_small_fully_convolutional_and_has_no_batchnorm(ker
     assert tuple(model.input.shape) == (None, 1024, 256, 3) and tuple(model.output.shape) == (None, 1)
     assert not any(isinstance(layer, (keras.layers.BatchNormalization, keras.layers.Dense)) for layer in model.layers[:-1])
     assert any(isinstance(layer, keras.layers.GroupNormalization) for layer in model.layers)
-    assert isinstance(model.get_layer("head_pool"), keras.layers.GlobalMaxPooling2D)
     # The lesion-evidence map: one logit per place on the stride-16 grid, read from the Grad-CAM layer.
     bb = models.BACKBONES["scintinet"]
     assert tuple(model.get_layer(bb.last_conv_layer).output.shape) == (None, 64, 16, bb.n_features)
     assert tuple(model.get_layer("evidence").output.shape) == (None, 64, 16, 1)
 
 
-def test_output_shape_dtype_and_range(keras):
+def test_output_shape_dtype_range_and_the_pooled_evidence(keras):
     model = models.build_model("scintinet", "none", SMALL, seed=0)
-    p = keras.ops.convert_to_numpy(model(counts(3, SMALL, seed=1), training=False))
+    x = counts(3, SMALL, seed=1)
+    p = keras.ops.convert_to_numpy(model(x, training=False))
     assert p.shape == (3, 1) and p.dtype == np.float32
     assert np.isfinite(p).all() and ((p >= 0) & (p <= 1)).all()
+    # The image's logit is a smooth maximum of its evidence map (log-sum-exp), between mean and max.
+    probe = keras.Model(model.input, [model.get_layer("evidence").output, model.get_layer("head_pool").output])
+    evidence, pooled = (keras.ops.convert_to_numpy(t) for t in probe(x, training=False))
+    s = evidence.reshape(3, -1).astype(np.float64)
+    r = scintinet.SHARPNESS
+    expected = (np.log(np.exp(r * (s - s.max(1, keepdims=True))).sum(1)) + r * s.max(1) - np.log(s.shape[1])) / r
+    np.testing.assert_allclose(pooled[:, 0], expected, rtol=1e-4, atol=1e-4)
+    assert (s.mean(1) <= pooled[:, 0] + 1e-5).all() and (pooled[:, 0] <= s.max(1) + 1e-5).all()
+    assert (pooled[:, 0] >= s.max(1) - np.log(s.shape[1]) / r - 1e-5).all()
 
 
 def test_robust_scale_divides_by_the_percentile_and_clips(keras):
