@@ -6,9 +6,10 @@ scan is positive if ANY place shows one. So the network
 
 1. scales each image by its own 99.5th percentile inside the model (counts differ by patient,
    dose and acquisition time; a saved model takes any positive scale of the counts);
-2. keeps the full resolution for its first layer and then halves it with max pooling, which
-   keeps a 1-3 px hot spot alive where striding or averaging would dilute it;
-3. looks at "local bone" (receptive field ~170 px at 1024 x 256: a vertebra and its
+2. reads every full-resolution pixel in its first layer (a 5 x 5 convolution of stride 2) and
+   then halves the resolution with max pooling, which keeps a 1-3 px hot spot alive where
+   striding or averaging would dilute it;
+3. looks at "local bone" (receptive field ~160 px at 1024 x 256: a vertebra and its
    neighbours, a few ribs, both knees) with plain 3 x 3 convolutions, GroupNorm (statistics
    per image, so batch size 1-16 and inference behave the same) and ReLU;
 4. turns the last feature map (stride 16) into a 1 x 1 **lesion-evidence map** (one logit per
@@ -115,7 +116,7 @@ def build(image_size: tuple[int, int] = DEFAULT_SIZE, dropout: float = 0.3, seed
     Returns:
         A ``keras.Model`` named ``bonescan_scintinet``: input ``image`` (None, H, W, 3) float32
         (raw counts or the app's 0..255, any positive scale); output (None, 1) float32, the
-        probability of metastasis. Layers: ``scale`` ops, ``stem``/``stageK_convJ`` Conv2D with
+        probability of metastasis. Layers: :func:`robust_scale` ops, ``stem``/``stageK_convJ`` Conv2D with
         ``*_norm`` GroupNorm and ReLU, ``poolK`` MaxPooling2D, ``features`` (last ReLU, the
         (None, H/16, W/16, 128) map), ``head_dropout``, ``evidence`` (1 x 1 Conv2D → (None,
         H/16, W/16, 1) logits), :func:`smooth_max` ops and ``head_pool`` (an Identity layer
