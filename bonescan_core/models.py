@@ -1,9 +1,11 @@
-"""The backbones: a registry of ImageNet CNNs and the classifier built on each.
+"""The backbones: a registry of ImageNet CNNs, one from-scratch network, and the classifier built on each.
 
-``BACKBONES`` maps a name (``resnet50``, ``vgg19``, ``densenet121``) to a :class:`Backbone`
-that knows its Keras application, its own ``preprocess_input``, the last convolutional
-layer (Grad-CAM), the exact ImageNet weights file Keras downloads, and where fine-tuning
-starts. Importing this module is cheap: Keras (and with it TensorFlow or JAX) is imported
+``BACKBONES`` maps a name (``resnet50``, ``vgg19``, ``densenet121``, ``scintinet``) to a
+:class:`Backbone` that knows its Keras application, its own ``preprocess_input``, the last
+convolutional layer (Grad-CAM), the exact ImageNet weights file Keras downloads, where
+fine-tuning starts, and its defaults (weights, mode, input size). ``scintinet``
+(``bonescan_core.scintinet``) has no application and no ImageNet weights: it is built by its
+own module, trains from scratch in mode ``full`` only, at 1024 x 256 by default. Importing this module is cheap: Keras (and with it TensorFlow or JAX) is imported
 only when a model is built, so the CLI and the pages can list backbones without it.
 
 Every model here is ONE FLAT functional graph: input (H, W, 3) float32, already passed
@@ -11,7 +13,9 @@ through the backbone's ``preprocess_input`` (see ``preprocess.to_model_input``),
 application's layers, then ``head_pool`` (GlobalAveragePooling2D) → ``head_dropout`` →
 ``head_dense`` (Dense(1, sigmoid), float32 even under mixed precision). Flat, not a nested
 ``Model``, so ``model.get_layer(backbone.last_conv_layer)`` reaches the last conv layer of
-the very model that predicts.
+the very model that predicts. ``scintinet`` has the same three head layer names around its
+lesion-evidence map (``head_dropout`` → ``evidence`` → ``head_pool`` (GlobalMaxPooling2D) →
+``head_dense``; see its module).
 
 Weights: ``"imagenet"`` (Keras's own download and cache, ``~/.keras/models``), ``"none"``
 (random initialisation) or a path to a weights file. Offline, ``"imagenet"`` fails within
@@ -54,7 +58,7 @@ class WeightsIncompatible(errors.InputError):
 
 @dataclass(frozen=True)
 class Backbone:
-    """One ImageNet backbone.
+    """One backbone: an ImageNet application, or (``application`` empty) a network built from scratch.
 
     Attributes:
         name: registry key, e.g. ``"resnet50"``.
@@ -66,6 +70,10 @@ class Backbone:
         finetune_from: first layer (in ``model.layers`` order) unfrozen in finetune mode:
             the start of the last stage.
         n_features: length of the pooled feature vector (channels of ``last_conv_layer``).
+        modes: the training modes that make sense for it (:data:`MODES` for ImageNet ones).
+        default_weights: what ``--weights`` means when not given.
+        default_mode: what ``--mode`` means when not given.
+        default_size: (H, W) input size when not given.
     """
 
     name: str
@@ -76,6 +84,15 @@ class Backbone:
     imagenet_url: str
     finetune_from: str
     n_features: int
+    modes: tuple[str, ...] = MODES
+    default_weights: str = "imagenet"
+    default_mode: str = "finetune"
+    default_size: tuple[int, int] = DEFAULT_SIZE
+
+    @property
+    def has_imagenet(self) -> bool:
+        """Whether ImageNet weights exist for it (False for a from-scratch network)."""
+        return bool(self.imagenet_file)
 
     @property
     def builder(self) -> Callable[..., keras.Model]:
@@ -88,8 +105,15 @@ class Backbone:
 
         ResNet50 and VGG19 ("caffe"): RGB→BGR, ImageNet mean subtracted, about -124..152.
         DenseNet121 ("torch"): scaled to 0..1 and standardised by the ImageNet mean/std.
+        scintinet: the identity (it scales each image itself, inside the model).
         """
+        if not self.module:
+            return _identity
         return getattr(keras_module().applications, self.module).preprocess_input
+
+
+def _identity(x: Any) -> Any:
+    return x
 
 
 _KERAS_WEIGHTS = "https://storage.googleapis.com/tensorflow/keras-applications/"
@@ -124,6 +148,20 @@ BACKBONES: dict[str, Backbone] = {
         imagenet_url=_KERAS_WEIGHTS + "densenet/densenet121_weights_tf_dim_ordering_tf_kernels_notop.h5",
         finetune_from="conv5_block1_0_bn",  # dense block 4 (16 layers) and the final BN
         n_features=1024,
+    ),
+    "scintinet": Backbone(
+        name="scintinet",
+        application="",  # built by bonescan_core.scintinet, not keras.applications
+        module="",
+        last_conv_layer="features",  # the stride-16 map the 1 x 1 lesion-evidence map reads
+        imagenet_file="",
+        imagenet_url="",
+        finetune_from="",
+        n_features=128,
+        modes=("full",),  # random weights: freezing any part of it would freeze noise
+        default_weights="none",
+        default_mode="full",
+        default_size=(1024, 256),  # one stored view at its own resolution (docs/scintinet.md)
     ),
 }
 
@@ -198,6 +236,8 @@ def ensure_imagenet(backbone: str | Backbone, probe_timeout_s: float = PROBE_TIM
             within ``probe_timeout_s`` seconds.
     """
     bb = get_backbone(backbone)
+    if not bb.has_imagenet:
+        raise errors.InputError(f"{bb.name} has no ImageNet weights: train it with --weights none (from scratch) or a weights file")
     if imagenet_cached(bb) is None and not _reachable(bb.imagenet_url, probe_timeout_s):
         raise WeightsUnavailable(_unavailable_message(bb, "not in the Keras cache and no internet connection"))
 
@@ -264,6 +304,8 @@ def build_model(
     if height < 32 or width < 32:
         raise ValueError(f"image size {height}x{width} is too small: the backbones need at least 32x32")
     kind = weights_kind(weights)
+    if not bb.has_imagenet:
+        return _build_from_scratch(bb, kind, weights, (height, width), dropout, seed)
     if kind == "imagenet":
         ensure_imagenet(bb)  # before importing Keras: offline, fail in well under a second
     keras = keras_module()
@@ -314,6 +356,31 @@ def build_model(
     return model
 
 
+def _build_from_scratch(bb: Backbone, kind: str, weights: str | os.PathLike[str] | None, size: tuple[int, int],
+                        dropout: float, seed: int) -> keras.Model:
+    """A backbone without ImageNet weights (``scintinet``): random weights, or a whole-model weights file."""
+    from bonescan_core import scintinet
+
+    if kind == "imagenet":
+        ensure_imagenet(bb)  # raises the InputError that says to use --weights none
+    path = Path(weights) if kind == "file" else None
+    if path is not None and not path.is_file():
+        raise WeightsUnavailable(f"weights file {path} does not exist; give an existing .keras or .weights.h5 file")
+    keras_module().utils.set_random_seed(seed)
+    model = scintinet.build(size, dropout=dropout, seed=seed)
+    if path is not None:
+        try:
+            with warnings.catch_warnings():  # a foreign file warns about every layer before it fails
+                warnings.simplefilter("ignore", UserWarning)
+                model.load_weights(str(path))
+        except Exception as error:
+            reason = str(error).strip().splitlines()[0][:200] if str(error).strip() else type(error).__name__
+            raise WeightsIncompatible(
+                f"{path} does not fit {bb.name} at {size[0]}x{size[1]} ({reason}); use weights saved from a {bb.name} run"
+            ) from error
+    return model
+
+
 def backbone_layers(model: keras.Model) -> list[Any]:
     """The model's backbone layers (everything except the input and the ``head_*`` layers), in graph order."""
     keras = keras_module()
@@ -342,6 +409,9 @@ def freeze_for(model: keras.Model, mode: str, backbone: str | Backbone, phase: s
     bb = get_backbone(backbone)
     if mode not in MODES:
         raise ValueError(f"unknown mode {mode!r}; choose one of {', '.join(MODES)}")
+    if mode not in bb.modes:
+        raise errors.InputError(f"{bb.name} trains only in mode {', '.join(bb.modes)} (it has no pretrained layers to freeze); "
+                                f"use --mode {bb.modes[0]}")
     phase = phase or "head"
     if mode == "finetune" and phase not in ("head", "finetune"):
         raise ValueError(f"finetune phase must be 'head' or 'finetune', not {phase!r}")

@@ -38,7 +38,7 @@ import numpy as np
 from bonescan_core import db as dbm
 from bonescan_core import errors, pixelstore
 from bonescan_core.heavy import keras_module, sqlite_utils
-from bonescan_core.models import BACKBONES, DEFAULT_SIZE, MODES, Backbone, get_backbone
+from bonescan_core.models import BACKBONES, DEFAULT_SIZE, MODES, Backbone, get_backbone, weights_kind
 from bonescan_core.preprocess import AUGMENT_KEYS, PAPER_AUGMENT, VIEW_MODES
 from bonescan_core.results import DEFAULT_THRESHOLD
 
@@ -63,8 +63,9 @@ class TrainConfig:
     """Every setting of a run (stored as JSON in ``runs.config``; results go to ``runs.results``).
 
     Attributes:
-        backbone: ``resnet50`` | ``vgg19`` | ``densenet121``.
-        weights: ``imagenet``, ``none`` or a path to a weights file.
+        backbone: ``resnet50`` | ``vgg19`` | ``densenet121`` | ``scintinet``.
+        weights: ``imagenet``, ``none`` or a path to a weights file. None (and for ``mode``
+            and ``image_size`` too): the backbone's default (``Backbone.default_*``).
         mode: ``fast`` | ``head`` | ``finetune`` | ``full`` (``training`` module docstring).
         epochs: the epoch budget (shared by the phases of ``finetune``).
         batch_size: images per batch.
@@ -85,13 +86,13 @@ class TrainConfig:
     """
 
     backbone: str
-    weights: str = "imagenet"
-    mode: str = "finetune"
+    weights: str = None  # type: ignore[assignment] - None only until __post_init__ fills the backbone's default
+    mode: str = None  # type: ignore[assignment]
     epochs: int = 20
     batch_size: int = 16
     learning_rate: float = 1e-3
     finetune_learning_rate: float = 1e-5
-    image_size: tuple[int, int] = DEFAULT_SIZE
+    image_size: tuple[int, int] = None  # type: ignore[assignment]
     seed: int = 0
     split_id: int | None = None
     augment: Mapping[str, Any] = field(default_factory=_paper_augment)
@@ -103,6 +104,11 @@ class TrainConfig:
     max_train_images: int | None = None
 
     def __post_init__(self) -> None:
+        bb = BACKBONES.get(self.backbone)
+        defaults = (bb.default_weights, bb.default_mode, bb.default_size) if bb else ("imagenet", "finetune", DEFAULT_SIZE)
+        for name, default in zip(("weights", "mode", "image_size"), defaults, strict=True):
+            if getattr(self, name) is None:
+                object.__setattr__(self, name, default)
         object.__setattr__(self, "image_size", tuple(int(v) for v in self.image_size))
         object.__setattr__(self, "augment", dict(self.augment or {}))
         object.__setattr__(self, "weights", str(self.weights))
@@ -111,6 +117,10 @@ class TrainConfig:
             problems.append(f"backbone must be one of {', '.join(BACKBONES)}")
         if self.mode not in MODES:
             problems.append(f"mode must be one of {', '.join(MODES)}")
+        elif bb and self.mode not in bb.modes:
+            problems.append(f"{bb.name} trains only in mode {', '.join(bb.modes)} (random weights: nothing to freeze)")
+        if bb and not bb.has_imagenet and weights_kind(self.weights) == "imagenet":
+            problems.append(f"{bb.name} has no ImageNet weights: use weights none or a weights file")
         if self.view_mode not in VIEW_MODES:
             problems.append(f"view_mode must be one of {', '.join(VIEW_MODES)}")
         if self.threshold_rule not in THRESHOLD_RULES:
