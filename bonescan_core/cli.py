@@ -27,6 +27,7 @@ from bonescan_core import db as dbm
 from bonescan_core.agreement import pairwise
 from bonescan_core.errors import BonescanError, InputError
 from bonescan_core.heavy import lazy_module
+from bonescan_core.preprocess import VIEW_MODES
 from bonescan_core.results import Progress
 from bonescan_core.review import Review, add_review, export_reviews_csv, import_reviews_csv, set_adjudicator
 from bonescan_core.runs import TrainConfig
@@ -479,7 +480,8 @@ def build_parser() -> argparse.ArgumentParser:
     verb.add_argument("--image-size", type=parse_size, default=None, metavar="HxW")
     verb.add_argument("--seed", type=int, default=0)
     verb.add_argument("--split", type=int, default=None, metavar="ID", help="default: the latest split of the current labels")
-    verb.add_argument("--view-mode", default="per_image", choices=["per_image", "composite"])
+    verb.add_argument("--view-mode", default=None, choices=list(VIEW_MODES),
+                      help="per_image, composite or fusion (default: the backbone's: fusion for scintinet, else per_image)")
     verb.add_argument("--no-augment", action="store_true", help="switch augmentation off")
     verb.add_argument("--max-train-images", type=int, default=None, metavar="N")
     verb.add_argument("--queue", action="store_true", help="only enqueue for the worker")

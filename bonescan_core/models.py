@@ -74,6 +74,8 @@ class Backbone:
         default_weights: what ``--weights`` means when not given.
         default_mode: what ``--mode`` means when not given.
         default_size: (H, W) input size when not given.
+        default_view_mode: what ``--view-mode`` means when not given (``per_image``; for
+            ``scintinet`` ``fusion``: both views of a study, one output per study).
     """
 
     name: str
@@ -88,6 +90,7 @@ class Backbone:
     default_weights: str = "imagenet"
     default_mode: str = "finetune"
     default_size: tuple[int, int] = DEFAULT_SIZE
+    default_view_mode: str = "per_image"
 
     @property
     def has_imagenet(self) -> bool:
@@ -162,6 +165,7 @@ BACKBONES: dict[str, Backbone] = {
         default_weights="none",
         default_mode="full",
         default_size=(1024, 256),  # one stored view at its own resolution (docs/scintinet.md)
+        default_view_mode="fusion",  # a lesion may show in one view only: the study, not the image, has the label
     ),
 }
 
@@ -276,6 +280,7 @@ def build_model(
     image_size: tuple[int, int] = DEFAULT_SIZE,
     dropout: float = 0.3,
     seed: int = 0,
+    views: int = 1,
 ) -> keras.Model:
     """The classifier: backbone + GlobalAveragePooling2D → Dropout → Dense(1, sigmoid), one flat graph.
 
@@ -289,6 +294,13 @@ def build_model(
         dropout: dropout rate before the last Dense layer, 0 <= dropout < 1.
         seed: seeds Keras's global RNG (``keras.utils.set_random_seed``) before building,
             so random initial weights are reproducible, and the head's own layers.
+        views: 1, or 2 for dual-view fusion (``view_mode="fusion"``): the input is then
+            (None, 2, H, W, 3), a study's anterior and mirrored posterior view; one shared
+            backbone runs over both (the views become consecutive batch rows), ``head_pool``
+            pools each view's features, ``view_fusion`` keeps the larger of the two per
+            feature (a lesion may show in either view), then the usual head: one output
+            per study. The backbone's layers (and Grad-CAM's ``last_conv_layer``) then
+            hold 2 rows per study, anterior first.
 
     Returns:
         A ``keras.Model`` named ``bonescan_<backbone>``: input ``image`` (None, H, W, 3)
@@ -304,8 +316,10 @@ def build_model(
     if height < 32 or width < 32:
         raise ValueError(f"image size {height}x{width} is too small: the backbones need at least 32x32")
     kind = weights_kind(weights)
+    if views not in (1, 2):
+        raise ValueError(f"views must be 1 or 2, not {views}")
     if not bb.has_imagenet:
-        return _build_from_scratch(bb, kind, weights, (height, width), dropout, seed)
+        return _build_from_scratch(bb, kind, weights, (height, width), dropout, seed, views)
     if kind == "imagenet":
         ensure_imagenet(bb)  # before importing Keras: offline, fail in well under a second
     keras = keras_module()
@@ -313,20 +327,23 @@ def build_model(
     if path is not None and not path.is_file():
         raise WeightsUnavailable(f"weights file {path} does not exist; give an existing .keras, .weights.h5 or .h5 file")
     keras.utils.set_random_seed(seed)
-    inputs = keras.Input(shape=(height, width, 3), dtype="float32", name="image")
+    inputs = keras.Input(shape=(height, width, 3) if views == 1 else (2, height, width, 3), dtype="float32", name="image")
+    rows = inputs if views == 1 else keras.ops.reshape(inputs, (-1, height, width, 3))
     whole_model_file = path is not None and (path.name.endswith(".weights.h5") or path.suffix == ".keras")
     first_error: Exception | None = None
     if path is None:
-        base = _application(bb, "imagenet" if kind == "imagenet" else None, inputs)
+        base = _application(bb, "imagenet" if kind == "imagenet" else None, rows)
     elif whole_model_file:
-        base = _application(bb, None, inputs)
+        base = _application(bb, None, rows)
     else:
         try:  # a plain .h5: backbone-only weights, like Keras's own ImageNet files
-            base = _application(bb, str(path), inputs)
+            base = _application(bb, str(path), rows)
         except Exception as error:  # noqa: BLE001 - any failure: try reading it as a whole model
             first_error, whole_model_file = error, True
-            base = _application(bb, None, inputs)
+            base = _application(bb, None, rows)
     x = keras.layers.GlobalAveragePooling2D(name="head_pool")(base.output)
+    if views == 2:  # (2N, C) → (N, 2, C) → (N, C): per feature, the stronger of the two views
+        x = keras.layers.Identity(name="view_fusion")(_fuse_views(x))  # ops, not a Lambda: safe_mode loads it
     x = keras.layers.Dropout(dropout, seed=seed, name="head_dropout")(x)
     outputs = keras.layers.Dense(
         1, activation="sigmoid", dtype="float32", name="head_dense",  # float32 even under mixed_float16
@@ -356,8 +373,14 @@ def build_model(
     return model
 
 
+def _fuse_views(features: Any) -> Any:
+    """(2N, C) pooled features, a study's anterior and posterior view in consecutive rows → (N, C), their maximum."""
+    ops = keras_module().ops
+    return ops.max(ops.reshape(features, (-1, 2, features.shape[-1])), axis=1)
+
+
 def _build_from_scratch(bb: Backbone, kind: str, weights: str | os.PathLike[str] | None, size: tuple[int, int],
-                        dropout: float, seed: int) -> keras.Model:
+                        dropout: float, seed: int, views: int = 1) -> keras.Model:
     """A backbone without ImageNet weights (``scintinet``): random weights, or a whole-model weights file."""
     from bonescan_core import scintinet
 
@@ -367,7 +390,7 @@ def _build_from_scratch(bb: Backbone, kind: str, weights: str | os.PathLike[str]
     if path is not None and not path.is_file():
         raise WeightsUnavailable(f"weights file {path} does not exist; give an existing .keras or .weights.h5 file")
     keras_module().utils.set_random_seed(seed)
-    model = scintinet.build(size, dropout=dropout, seed=seed)
+    model = scintinet.build(size, dropout=dropout, seed=seed, views=views)
     if path is not None:
         try:
             with warnings.catch_warnings():  # a foreign file warns about every layer before it fails

@@ -64,8 +64,8 @@ class TrainConfig:
 
     Attributes:
         backbone: ``resnet50`` | ``vgg19`` | ``densenet121`` | ``scintinet``.
-        weights: ``imagenet``, ``none`` or a path to a weights file. None (and for ``mode``
-            and ``image_size`` too): the backbone's default (``Backbone.default_*``).
+        weights: ``imagenet``, ``none`` or a path to a weights file. None (and for ``mode``,
+            ``image_size`` and ``view_mode`` too): the backbone's default (``Backbone.default_*``).
         mode: ``fast`` | ``head`` | ``finetune`` | ``full`` (``training`` module docstring).
         epochs: the epoch budget (shared by the phases of ``finetune``).
         batch_size: images per batch.
@@ -77,7 +77,10 @@ class TrainConfig:
             with this seed and the default 30 % / 15 % fractions, or makes one.
         augment: augmentation settings (``preprocess.PAPER_AUGMENT``); {} for none.
             Ignored in ``fast`` mode.
-        view_mode: ``per_image`` (paper) or ``composite``.
+        view_mode: ``per_image`` (paper), ``composite`` (both views side by side in one
+            frame) or ``fusion`` (one shared backbone over the anterior and the mirrored
+            posterior view, pooled features combined: one output per study; not in ``fast``
+            mode).
         threshold_rule: ``youden`` (on the validation subset) or ``fixed`` (0.5).
         patience: early stopping patience in epochs, on val_loss (best weights restored).
         dropout: rate before the last Dense layer.
@@ -96,7 +99,7 @@ class TrainConfig:
     seed: int = 0
     split_id: int | None = None
     augment: Mapping[str, Any] = field(default_factory=_paper_augment)
-    view_mode: str = "per_image"
+    view_mode: str = None  # type: ignore[assignment]
     threshold_rule: str = "youden"
     patience: int = 5
     dropout: float = 0.3
@@ -105,8 +108,9 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         bb = BACKBONES.get(self.backbone)
-        defaults = (bb.default_weights, bb.default_mode, bb.default_size) if bb else ("imagenet", "finetune", DEFAULT_SIZE)
-        for name, default in zip(("weights", "mode", "image_size"), defaults, strict=True):
+        defaults = ((bb.default_weights, bb.default_mode, bb.default_size, bb.default_view_mode) if bb
+                    else ("imagenet", "finetune", DEFAULT_SIZE, "per_image"))
+        for name, default in zip(("weights", "mode", "image_size", "view_mode"), defaults, strict=True):
             if getattr(self, name) is None:
                 object.__setattr__(self, name, default)
         object.__setattr__(self, "image_size", tuple(int(v) for v in self.image_size))
@@ -123,6 +127,9 @@ class TrainConfig:
             problems.append(f"{bb.name} has no ImageNet weights: use weights none or a weights file")
         if self.view_mode not in VIEW_MODES:
             problems.append(f"view_mode must be one of {', '.join(VIEW_MODES)}")
+        elif self.view_mode == "fusion" and self.mode == "fast":
+            problems.append("view_mode fusion trains the backbone over both views and cannot use fast mode's cached "
+                            "per-image features: use mode head, finetune or full")
         if self.threshold_rule not in THRESHOLD_RULES:
             problems.append(f"threshold_rule must be one of {', '.join(THRESHOLD_RULES)}")
         if len(self.image_size) != 2 or min(self.image_size) < 32:
@@ -202,6 +209,17 @@ class Prediction:
 
 
 @dataclass(frozen=True)
+class StudyPrediction:
+    """One stored study-level prediction (``study_predictions``): a study, its subset, its 0/1
+    label and the model's probability of metastasis for the whole study, in [0, 1]."""
+
+    study_id: int
+    subset: str
+    label: int
+    probability: float
+
+
+@dataclass(frozen=True)
 class RunResult:
     """What ``training.train_run`` computed; the caller stores it (:func:`record_result`).
 
@@ -215,6 +233,8 @@ class RunResult:
         weights_sha256: hex sha256 of that file.
         device: ``CPU`` or the GPU name(s) the backend reports.
         predictions: every validation and test image's :class:`Prediction`.
+        study_predictions: one :class:`StudyPrediction` per validation and test study when
+            the model's sample is a study (``composite``, ``fusion``); () otherwise.
         facts: what training learned, stored in ``runs.results``: ``split_id``,
             ``labels_hash``, ``n_train`` / ``n_val`` / ``n_test`` (samples: images, or
             studies for composites), ``sample_unit`` (``image`` | ``study``),
@@ -233,6 +253,7 @@ class RunResult:
     device: str
     predictions: tuple[Prediction, ...]
     facts: dict[str, Any]
+    study_predictions: tuple[StudyPrediction, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -584,8 +605,8 @@ def _float(value: object) -> float | None:
 
 def record_result(db: sqlite_utils.Database, db_path: str | os.PathLike[str], run_id: int, result: RunResult) -> None:
     """Store what a run computed, in one transaction: its results (threshold, throughput,
-    device, model path relative to ``runs/``, checksum, facts), the split it used and its
-    predictions (replacing any)."""
+    device, model path relative to ``runs/``, checksum, facts), the split it used, its
+    predictions and its study rows (replacing any)."""
     weights_path = stored_path(db_path, result.model_file)
     rows = [{"run_id": run_id, "image_id": p.image_id, "subset": p.subset, "label": int(p.label),
              "probability": float(p.probability)} for p in result.predictions]
@@ -599,6 +620,14 @@ def record_result(db: sqlite_utils.Database, db_path: str | os.PathLike[str], ru
         })
         db.execute("DELETE FROM predictions WHERE run_id = ?", [run_id])
         db["predictions"].insert_all(rows)
+        _store_study_rows(db, run_id, result.study_predictions)
+
+
+def _store_study_rows(db: sqlite_utils.Database, run_id: int, rows: Iterable[StudyPrediction]) -> None:
+    """Replace a run's ``study_predictions`` with ``rows`` (inside the caller's transaction)."""
+    db.execute("DELETE FROM study_predictions WHERE run_id = ?", [run_id])
+    db["study_predictions"].insert_all({"run_id": run_id, "study_id": int(r.study_id), "subset": r.subset,
+                                        "label": int(r.label), "probability": float(r.probability)} for r in rows)
 
 
 # --- the runs folder --------------------------------------------------------------------------

@@ -102,7 +102,8 @@ def smooth_max(evidence: Any, sharpness: float = SHARPNESS) -> Any:
     return (ops.logsumexp(sharpness * flat, axis=1, keepdims=True) - math.log(places)) / sharpness
 
 
-def build(image_size: tuple[int, int] = DEFAULT_SIZE, dropout: float = 0.3, seed: int = 0) -> keras.Model:
+def build(image_size: tuple[int, int] = DEFAULT_SIZE, dropout: float = 0.3, seed: int = 0,
+          sharpness: float = SHARPNESS, views: int = 1) -> keras.Model:
     """Build an untrained scintinet (random weights, seeded).
 
     Args:
@@ -112,9 +113,16 @@ def build(image_size: tuple[int, int] = DEFAULT_SIZE, dropout: float = 0.3, seed
             evidence map (a dropout on the single pooled value would only add noise).
         seed: seeds every initialiser and the dropout; call ``keras.utils.set_random_seed``
             before as well for full reproducibility.
+        sharpness: of the log-sum-exp pooling (:func:`smooth_max`).
+        views: 1 (one image a sample) or 2 (dual-view fusion, ``view_mode="fusion"``: the
+            input is (None, 2, H, W, 3), anterior then the mirrored posterior view; both go
+            through the same layers (shared weights), each gets its own evidence map, and
+            the smooth maximum runs over the places of both maps, so a lesion in either
+            view makes the study positive).
 
     Returns:
         A ``keras.Model`` named ``bonescan_scintinet``: input ``image`` (None, H, W, 3) float32
+        (with ``views=2``: (None, 2, H, W, 3), and ``features`` / ``evidence`` hold 2 rows per study)
         (raw counts or the app's 0..255, any positive scale); output (None, 1) float32, the
         probability of metastasis. Layers: :func:`robust_scale` ops, ``stem``/``stageK_convJ`` Conv2D with
         ``*_norm`` GroupNorm and ReLU, ``poolK`` MaxPooling2D, ``features`` (last ReLU, the
@@ -130,8 +138,12 @@ def build(image_size: tuple[int, int] = DEFAULT_SIZE, dropout: float = 0.3, seed
     height, width = (int(v) for v in image_size)
     if height < 32 or width < 32:
         raise ValueError(f"image size {height}x{width} is too small: scintinet needs at least 32x32")
-    inputs = keras.Input(shape=(height, width, 3), dtype="float32", name="image")
-    x = robust_scale(inputs)
+    if views not in (1, 2):
+        raise ValueError(f"views must be 1 or 2, not {views}")
+    shape = (height, width, 3) if views == 1 else (2, height, width, 3)
+    inputs = keras.Input(shape=shape, dtype="float32", name="image")
+    # Fusion: the views become consecutive rows of the batch, so every layer is shared by both.
+    x = robust_scale(inputs if views == 1 else keras.ops.reshape(inputs, (-1, height, width, 3)))
     counter = iter(range(10_000))
 
     def init() -> Any:
@@ -156,7 +168,10 @@ def build(image_size: tuple[int, int] = DEFAULT_SIZE, dropout: float = 0.3, seed
                                relu_name=LAST_CONV_LAYER if last_of_stage and stage == len(STAGES) else None)
     x = layers.SpatialDropout2D(dropout, seed=seed, name="head_dropout")(x)
     evidence = layers.Conv2D(1, 1, kernel_initializer=keras.initializers.GlorotUniform(seed=seed + 1), name="evidence")(x)
-    pooled = layers.Identity(name="head_pool")(smooth_max(evidence))
+    if views == 2:  # (2N, h, w, 1) → (N, 2h, w, 1): a study's two evidence maps stacked, pooled together
+        h, w = int(evidence.shape[1]), int(evidence.shape[2])
+        evidence = keras.ops.reshape(evidence, (-1, 2 * h, w, 1))
+    pooled = layers.Identity(name="head_pool")(smooth_max(evidence, sharpness))
     outputs = layers.Dense(1, activation="sigmoid", dtype="float32", name="head_dense",  # float32 under mixed precision
                            kernel_initializer="ones", bias_initializer="zeros")(pooled)
     return keras.Model(inputs, outputs, name="bonescan_scintinet")

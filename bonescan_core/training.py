@@ -48,7 +48,7 @@ from bonescan_core.evaluation import youden_threshold
 from bonescan_core.heavy import jax_module, keras_module, sqlite_utils, tensorflow_module
 from bonescan_core.models import weights_kind
 from bonescan_core.preprocess import Sample
-from bonescan_core.runs import THRESHOLD_RULES, Prediction, RunResult, TrainConfig, file_sha256
+from bonescan_core.runs import THRESHOLD_RULES, Prediction, RunResult, StudyPrediction, TrainConfig, file_sha256
 
 __all__ = ["THRESHOLD_RULES", "NullReporter", "Reporter", "RunResult", "TrainConfig", "TrainingCancelled", "TrainingError",
            "choose_threshold", "class_weights_for", "file_sha256", "train_run", "weights_id"]
@@ -371,7 +371,7 @@ def _fit_phases(keras: Any, model: Any, config: TrainConfig, data: _Data, tracke
     bb = models.get_backbone(config.backbone)
     class_weights = class_weights_for(data.labels["train"]) if config.class_weights else None
     # Augmentation and input scaling run inside the compiled train step (the batches are plain grey arrays).
-    trainer = preprocess.with_input_pipeline(model, bb, preprocess.make_augmenter(config.augment, seed=config.seed))
+    trainer = preprocess.with_input_pipeline(model, bb, preprocess.make_augmenter(config.augment, seed=config.seed), config.view_mode)
     train_ds = preprocess.image_batches(data.images["train"], data.labels["train"], config.batch_size, rng=rng,
                                         class_weights=class_weights, workers=workers)
     val_ds = preprocess.image_batches(data.images["val"], data.labels["val"], config.batch_size, workers=workers)
@@ -404,6 +404,17 @@ def _predict_images(keras: Any, model: Any, config: TrainConfig, data: _Data, su
         callback = _cancel_callback(keras, tracker, "predicting", len(dataset))
         probabilities[subset] = np.asarray(predictor.predict(dataset, verbose=0, callbacks=[callback]), dtype=np.float64).reshape(-1)
     return probabilities
+
+
+def _study_rows(config: TrainConfig, data: _Data, probabilities: Mapping[str, np.ndarray]) -> tuple[StudyPrediction, ...]:
+    """One row per validation and test study when a sample is a study (``composite``, ``fusion``); () per image."""
+    if config.view_mode not in preprocess.TWO_VIEW_MODES:
+        return ()
+    return tuple(
+        StudyPrediction(study_id=sample.study_id, subset=subset, label=int(sample.label), probability=float(probability))
+        for subset in ("val", "test")
+        for sample, probability in zip(data.samples[subset], probabilities[subset], strict=True)
+    )
 
 
 def _feature_key(config: TrainConfig) -> str:
@@ -515,7 +526,7 @@ def train_run(db: sqlite_utils.Database, config: TrainConfig, reporter: Reporter
     facts: dict[str, Any] = {
         "split_id": split_id, "labels_hash": info["labels_hash"],
         "n_train": len(data.samples["train"]), "n_val": len(data.samples["val"]), "n_test": len(data.samples["test"]),
-        "sample_unit": "study" if config.view_mode == "composite" else "image",
+        "sample_unit": "study" if config.view_mode in preprocess.TWO_VIEW_MODES else "image",
         "backend": backend, "device": device, "versions": versions,
     }
     with _precision_and_strategy(backend, n_gpus) as (_, precision):
@@ -530,7 +541,8 @@ def train_run(db: sqlite_utils.Database, config: TrainConfig, reporter: Reporter
             }
         else:
             _load(db, data, config, tracker, ("train", "val", "test"))
-            model = models.build_model(bb, config.weights, config.image_size, config.dropout, seed=config.seed)
+            model = models.build_model(bb, config.weights, config.image_size, config.dropout, seed=config.seed,
+                                       views=2 if config.view_mode == "fusion" else 1)
             ran, class_weights = _fit_phases(keras, model, config, data, tracker, rng, workers)
             probabilities = _predict_images(keras, model, config, data, ("val", "test"), tracker, workers)
     tracker.check()
@@ -544,6 +556,7 @@ def train_run(db: sqlite_utils.Database, config: TrainConfig, reporter: Reporter
         for sample, probability in zip(data.samples[subset], probabilities[subset], strict=True)
         for image_id in sample.image_ids  # a composite's probability belongs to both of its images
     )
+    study_rows = _study_rows(config, data, probabilities)
     ips = tracker.train_images / tracker.train_seconds if tracker.train_seconds > 0 else 0.0
     facts.update({
         "phase_epochs": ran, "precision": precision, "notes": notes,
@@ -551,5 +564,5 @@ def train_run(db: sqlite_utils.Database, config: TrainConfig, reporter: Reporter
     })
     return RunResult(
         threshold=float(threshold), images_per_second=round(ips, 3), model_file=model_file, weights_sha256=sha,
-        device=device, predictions=predictions, facts=facts,
+        device=device, predictions=predictions, facts=facts, study_predictions=study_rows,
     )
