@@ -6,7 +6,8 @@ training images/s, test AUC (image and study level) with its 95% CI.
     python bench/learning.py --quick      # 60 studies, 10 epochs (a smoke run; too small to show learning)
 
     # scintinet with the defaults `bonescan train --backbone scintinet` uses (weights none, mode full,
-    # 1024x256, 20 epochs, patience 5, paper augmentation); override with --epochs/--image-size/--no-augment:
+    # 1024x256, view mode fusion, 20 epochs, patience 10, no augmentation); override with
+    # --epochs/--image-size/--view-mode/--patience:
     python bench/learning.py --backbone scintinet --studies 100 --demo-seed 7 --epochs 4 --image-size 512x128
     # issue 12's goal run (300 demo studies, seed 7; goal: study-level test AUC >= 0.90 in <= 15 min on 2 cores):
     python bench/learning.py --backbone scintinet --studies 300 --demo-seed 7
@@ -47,6 +48,8 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=None)
     parser.add_argument("--image-size", type=_size, default=None, metavar="HxW")
     parser.add_argument("--no-augment", action="store_true")
+    parser.add_argument("--view-mode", default=None, help="per_image, composite or fusion (default: the backbone's)")
+    parser.add_argument("--patience", type=int, default=None)
     args = parser.parse_args()
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     from bonescan_core import db as dbm
@@ -62,7 +65,8 @@ def main() -> None:
         config = TrainConfig(backbone="resnet50", weights="none", mode="full", epochs=epochs, batch_size=16,
                              learning_rate=1e-3, image_size=args.image_size or (128, 64), augment={}, patience=epochs, seed=0)
     else:  # the backbone's own defaults (what `bonescan train --backbone NAME` runs), with the overrides given
-        overrides = {"epochs": args.epochs, "image_size": args.image_size, "augment": {} if args.no_augment else None}
+        overrides = {"epochs": args.epochs, "image_size": args.image_size, "augment": {} if args.no_augment else None,
+                     "view_mode": args.view_mode, "patience": args.patience}
         config = TrainConfig(backbone=args.backbone, seed=0, **{k: v for k, v in overrides.items() if v is not None})
     with tempfile.TemporaryDirectory(prefix="bonescan-learning-") as folder:
         db_path = Path(folder) / "labels.db"

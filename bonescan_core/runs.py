@@ -75,14 +75,15 @@ class TrainConfig:
         seed: seeds Keras, NumPy and the split (when ``split_id`` is None).
         split_id: the split to use; None reuses the latest split of the current labels
             with this seed and the default 30 % / 15 % fractions, or makes one.
-        augment: augmentation settings (``preprocess.PAPER_AUGMENT``); {} for none.
-            Ignored in ``fast`` mode.
+        augment: augmentation settings (``preprocess.PAPER_AUGMENT``); {} for none; None:
+            the backbone's default (paper; ``scintinet``: none). Ignored in ``fast`` mode.
         view_mode: ``per_image`` (paper), ``composite`` (both views side by side in one
             frame) or ``fusion`` (one shared backbone over the anterior and the mirrored
             posterior view, pooled features combined: one output per study; not in ``fast``
             mode).
         threshold_rule: ``youden`` (on the validation subset) or ``fixed`` (0.5).
-        patience: early stopping patience in epochs, on val_loss (best weights restored).
+        patience: early stopping patience in epochs, on val_loss (best weights restored);
+            None: the backbone's default (5; ``scintinet``: 10).
         dropout: rate before the last Dense layer.
         class_weights: weight the loss by inverse class frequency of the training subset.
         max_train_images: use at most this many training samples (seeded choice); None: all.
@@ -98,10 +99,10 @@ class TrainConfig:
     image_size: tuple[int, int] = None  # type: ignore[assignment]
     seed: int = 0
     split_id: int | None = None
-    augment: Mapping[str, Any] = field(default_factory=_paper_augment)
+    augment: Mapping[str, Any] = None  # type: ignore[assignment]
     view_mode: str = None  # type: ignore[assignment]
     threshold_rule: str = "youden"
-    patience: int = 5
+    patience: int = None  # type: ignore[assignment]
     dropout: float = 0.3
     class_weights: bool = True
     max_train_images: int | None = None
@@ -113,6 +114,10 @@ class TrainConfig:
         for name, default in zip(("weights", "mode", "image_size", "view_mode"), defaults, strict=True):
             if getattr(self, name) is None:
                 object.__setattr__(self, name, default)
+        if self.augment is None:
+            object.__setattr__(self, "augment", _paper_augment() if bb is None or bb.default_augment == "paper" else {})
+        if self.patience is None:
+            object.__setattr__(self, "patience", bb.default_patience if bb else 5)
         object.__setattr__(self, "image_size", tuple(int(v) for v in self.image_size))
         object.__setattr__(self, "augment", dict(self.augment or {}))
         object.__setattr__(self, "weights", str(self.weights))

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from bonescan_core import cli, errors, explain, jobs, models, runs, scintinet, training
+from bonescan_core import cli, errors, explain, jobs, models, preprocess, runs, scintinet, training
 from bonescan_core import db as dbm
 from bonescan_core.ingest import add_demo_studies
 
@@ -94,8 +94,10 @@ def test_defaults_are_the_backbones_own_and_nonsense_is_refused(keras):
     parser = cli.build_parser()
     config = cli.train_config(parser.parse_args(["train", "--backbone", "scintinet"]))
     assert (config.weights, config.mode, config.image_size) == ("none", "full", (1024, 256))
+    assert (config.view_mode, config.augment, config.patience) == ("fusion", {}, 10)
     resnet = cli.train_config(parser.parse_args(["train", "--backbone", "resnet50"]))
     assert (resnet.weights, resnet.mode, resnet.image_size) == ("imagenet", "finetune", models.DEFAULT_SIZE)
+    assert (resnet.view_mode, resnet.augment, resnet.patience) == ("per_image", preprocess.PAPER_AUGMENT, 5)
     assert training.TrainConfig(backbone="scintinet").to_dict() == config.to_dict()
 
     for mode in ("fast", "head", "finetune"):
