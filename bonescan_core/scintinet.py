@@ -34,6 +34,8 @@ from __future__ import annotations
 import math
 from typing import TYPE_CHECKING, Any
 
+from bonescan_core.heavy import keras_module
+
 if TYPE_CHECKING:  # pragma: no cover - typing only; keras is imported lazily
     import keras
 
@@ -67,8 +69,6 @@ def robust_scale(image: Any, percentile: float = PERCENTILE, clip: float = CLIP)
         float rounding): the reference scales with it. An image whose percentile is 0 (mostly
         empty) is scaled by 1 % of its maximum instead; an all-zero image stays zero.
     """
-    from bonescan_core.models import keras_module
-
     ops = keras_module().ops
     grey = ops.mean(ops.cast(image, "float32"), axis=-1, keepdims=True)
     # The percentile of every SAMPLE-th pixel in both axes: at 1024 x 256 a 16 k-pixel sample, whose
@@ -94,8 +94,6 @@ def smooth_max(evidence: Any, sharpness: float = SHARPNESS) -> Any:
         ``log(h * w) / sharpness`` below the maximum. Its gradient weights each place by its
         softmax share, so a scan's label reaches every place that might hold its lesion.
     """
-    from bonescan_core.models import keras_module
-
     ops = keras_module().ops
     places = int(evidence.shape[1]) * int(evidence.shape[2])
     flat = ops.reshape(ops.cast(evidence, "float32"), (-1, places))  # float32: exp under mixed precision
@@ -131,8 +129,6 @@ def build(image_size: tuple[int, int] = DEFAULT_SIZE, dropout: float = 0.3, seed
         naming its (None, 1) result), ``head_dense`` (Dense(1, sigmoid), kernel 1 and bias 0
         at start: the pooled evidence is the logit).
     """
-    from bonescan_core.models import keras_module
-
     keras = keras_module()
     layers = keras.layers
     height, width = (int(v) for v in image_size)
