@@ -71,7 +71,7 @@ if not can_train:
 
 with st.form("train_form"):
     chosen = st.multiselect("Backbones (trained one after another on the same split)", list(BACKBONES),
-                            default=list(BACKBONES), key="tr_backbones")
+                            default=[name for name, bb in BACKBONES.items() if bb.has_imagenet], key="tr_backbones")
     left, middle, right = st.columns(3)
     weights = left.radio("Weights", ["imagenet", "none", "file"], horizontal=True, key="tr_weights",
                          help="imagenet: Keras downloads them once into ~/.keras/models")

@@ -29,6 +29,7 @@ from bonescan_core import db as dbm
 from bonescan_core.agreement import pairwise
 from bonescan_core.errors import BonescanError, InputError
 from bonescan_core.heavy import lazy_module
+from bonescan_core.preprocess import VIEW_MODES
 from bonescan_core.results import Progress
 from bonescan_core.review import Review, add_review, export_reviews_csv, import_reviews_csv, set_adjudicator
 from bonescan_core.runs import TrainConfig
@@ -584,16 +585,18 @@ def build_parser() -> argparse.ArgumentParser:
     verb.set_defaults(func=cmd_split)
 
     verb = verbs.add_parser("train", help="train a backbone (foreground with progress, or --queue)")
-    verb.add_argument("--backbone", required=True, choices=["resnet50", "vgg19", "densenet121"])
-    verb.add_argument("--weights", default="imagenet", help="imagenet, none, or a weights file")
-    verb.add_argument("--mode", default="finetune", choices=["fast", "head", "finetune", "full"])
+    verb.add_argument("--backbone", required=True, choices=["resnet50", "vgg19", "densenet121", "scintinet"])
+    # No default here: weights, mode and size default per backbone (imagenet, finetune, 646x220; scintinet: none, full, 1024x256).
+    verb.add_argument("--weights", default=None, help="imagenet, none, or a weights file (default: the backbone's)")
+    verb.add_argument("--mode", default=None, choices=["fast", "head", "finetune", "full"])
     verb.add_argument("--epochs", type=int, default=20)
     verb.add_argument("--batch-size", type=int, default=16)
     verb.add_argument("--lr", type=float, default=1e-3)
-    verb.add_argument("--image-size", type=parse_size, default=(646, 220), metavar="HxW")
+    verb.add_argument("--image-size", type=parse_size, default=None, metavar="HxW")
     verb.add_argument("--seed", type=int, default=0)
     verb.add_argument("--split", type=int, default=None, metavar="ID", help="default: the latest split of the current labels")
-    verb.add_argument("--view-mode", default="per_image", choices=["per_image", "composite"])
+    verb.add_argument("--view-mode", default=None, choices=list(VIEW_MODES),
+                      help="per_image, composite or fusion (default: the backbone's: fusion for scintinet, else per_image)")
     verb.add_argument("--no-augment", action="store_true", help="switch augmentation off")
     verb.add_argument("--max-train-images", type=int, default=None, metavar="N")
     verb.add_argument("--class-weights", action="store_true", help="weight the loss by inverse class frequency (default off)")

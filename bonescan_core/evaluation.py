@@ -844,7 +844,7 @@ def evaluate(
     labelled = np.isfinite(studies["label"])
     study_labels, study_probabilities = studies["label"][labelled].astype(np.int64), studies["probability"][labelled]
     study_patients = studies["patient_id"][labelled]
-    aggregation = "composite" if run.settings.view_mode == "composite" else run.settings.study_aggregate
+    aggregation = run.settings.study_aggregate if run.settings.view_mode == "per_image" else "composite"
     return EvaluationResult(
         run=int(run.id),
         backbone=run.backbone,

@@ -12,7 +12,9 @@ Geometry. A stored image (H0, W0) is min-max normalised and fitted into the mode
 feature map (h, w) covers that frame; ``preprocess.to_image_geometry`` resizes it onto
 the frame, cuts the padding away and resizes the rest to (H0, W0), so a heatmap lies
 exactly over the image it explains. Composite runs (anterior and posterior side by side in
-one input) are supported: ``preprocess.to_view_geometries`` splits the frame first.
+one input) are supported: ``preprocess.to_view_geometries`` splits the frame first; so are
+fusion runs (the two views as two rows of one input, the posterior mirrored): each view's
+map is the gradient of the study's one score, the posterior map mirrored back.
 
 Caching. :func:`explain_images` (and :func:`explain_image`, one image) stores each map in
 the run store (float16) with the model's probability from the same pass, and computes it
@@ -46,7 +48,9 @@ from bonescan_core.gradcam import BATCH_SIZE, gradcam_with_probabilities
 from bonescan_core.heavy import sqlite_utils
 from bonescan_core.models import DEFAULT_SIZE, Backbone, get_backbone
 from bonescan_core.preprocess import (
+    TWO_VIEW_MODES,
     compose_views,
+    fusion_views,
     list_samples,
     prepare_image,
     to_image_geometry,
@@ -163,6 +167,39 @@ def _explain_composites(
     return out
 
 
+def _explain_fusions(
+    model: keras.Model,
+    backbone: str | Backbone,
+    pairs: list[tuple[np.ndarray | None, np.ndarray | None]],
+    image_size: tuple[int, int],
+    layer_name: str | None = None,
+) -> list[tuple[np.ndarray | None, np.ndarray | None, float]]:
+    """(anterior map, posterior map, probability) of each study under a dual-view fusion model
+    (input (N, 2, H, W, 3), ``models.build_model(views=2)``), batched; one probability per study.
+
+    The posterior view goes in mirrored (``preprocess.fusion_views``); its map is mirrored
+    back before it is put on the posterior image's own geometry.
+    """
+    bb = get_backbone(backbone)
+    size = (int(image_size[0]), int(image_size[1]))
+    expected = tuple(model.inputs[0].shape[2:4])
+    if None not in expected and expected != size:
+        raise ValueError(f"the model takes {expected[0]}x{expected[1]} views, not {size[0]}x{size[1]}; pass its image_size")
+    layer = layer_name or bb.last_conv_layer
+    step = max(1, BATCH_SIZE // 2)
+    out = []
+    for start in range(0, len(pairs), step):
+        chunk = pairs[start : start + step]
+        frames = np.stack([fusion_views(front, back, size) for front, back in chunk])  # (n, 2, H, W)
+        inputs = to_model_input(frames.reshape(-1, *size), bb).reshape(len(chunk), 2, *size, 3)
+        maps, probabilities = gradcam_with_probabilities(model, inputs, layer, step)
+        for index, ((front, back), probability) in enumerate(zip(chunk, probabilities, strict=True)):
+            front_map = None if front is None else to_image_geometry(maps[2 * index], size, front.shape)
+            back_map = None if back is None else to_image_geometry(maps[2 * index + 1][:, ::-1], size, back.shape)
+            out.append((front_map, back_map, float(probability)))
+    return out
+
+
 # --- explanations of stored images -----------------------------------------------------------------
 
 def _pixels(db: sqlite_utils.Database, image_id: int) -> np.ndarray:
@@ -179,7 +216,7 @@ def _composite_members(db: sqlite_utils.Database, run_id: int, image_id: int) ->
         if image_id in sample.image_ids:
             return dict(zip(sample.views, sample.image_ids, strict=True))
     raise errors.InputError(
-        f"run {run_id} is a composite run and image {image_id} is not one of the two views it uses for study {study_id} "
+        f"run {run_id} sees a study's two views together and image {image_id} is not one of the two views it uses for study {study_id} "
         "(the first anterior and the first posterior image); explain one of those instead"
     )
 
@@ -242,7 +279,7 @@ def explain_images(
     if missing:
         run = runs.get(db, run_id)
         pixels = {image_id: _pixels(db, image_id) for image_id in missing}
-        if run.settings.view_mode == "composite":
+        if run.settings.view_mode in TWO_VIEW_MODES:
             samples = list(dict.fromkeys(
                 tuple(sorted(_composite_members(db, run_id, image_id).items())) for image_id in missing
             ))
@@ -250,8 +287,9 @@ def explain_images(
             views = [{slot: pixels[member] if member in pixels else _pixels(db, member) for slot, member in sample}
                      for sample in samples]
             computed: dict[int, tuple[np.ndarray, float]] = {}
+            explain_pairs = _explain_composites if run.settings.view_mode == "composite" else _explain_fusions
             for sample, (front, back, probability) in zip(
-                samples, _explain_composites(model, bb, [(v.get("anterior"), v.get("posterior")) for v in views], size),
+                samples, explain_pairs(model, bb, [(v.get("anterior"), v.get("posterior")) for v in views], size),
                 strict=True,
             ):
                 members = dict(sample)

@@ -111,8 +111,8 @@ def evaluate_cohort(db: sqlite_utils.Database, run_id: int, cohort: str, n_resam
         bootstrap={"unit": "patient", "interval": "percentile", "level": 0.95, "n_resamples": n_resamples, "seed": seed},
         unit=unit, threshold_rule=thresholds["rule"], threshold_target=thresholds["target"],
         image_threshold=evaluation._clean(thresholds["image"]), study_threshold=evaluation._clean(thresholds["study"]),
-        study_aggregation=evaluation.AGGREGATION_TEXT["composite" if run.settings.view_mode == "composite"
-                                                      else run.settings.study_aggregate],
+        study_aggregation=evaluation.AGGREGATION_TEXT[run.settings.study_aggregate if run.settings.view_mode == "per_image"
+                                                      else "composite"],
         cohort=name, n_unlabelled=n_unlabelled,
     )
 

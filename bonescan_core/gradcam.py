@@ -273,18 +273,21 @@ def gradcam_with_probabilities(
 
     Args:
         model: a Keras functional model with one sigmoid output (e.g. from ``build_model``).
-        inputs: (N, H, W, 3) float32, already preprocessed (``preprocess.to_model_input``).
+        inputs: (N, H, W, 3) float32, already preprocessed (``preprocess.to_model_input``);
+            or (N, 2, H, W, 3) for a dual-view fusion model (``models.build_model(views=2)``).
         layer_name: the target layer, e.g. ``BACKBONES[name].last_conv_layer``.
-        batch_size: images per forward pass.
+        batch_size: inputs per forward pass.
 
     Returns:
         (maps, probabilities): (N, h, w) float32 in [0, 1] at the layer's spatial resolution
         (all zeros where the layer has no positive evidence), and (N,) float32, the model's
-        prediction (output unit 0) for each input.
+        prediction (output unit 0) for each input. For a fusion model the maps are (2N, h, w),
+        each study's anterior then posterior (mirrored, as the model saw it) view, each
+        the gradient of the study's one score.
     """
     data = np.asarray(inputs, dtype=np.float32)
-    if data.ndim != 4 or data.shape[-1] != 3:
-        raise ValueError(f"inputs must be (N, H, W, 3), got shape {data.shape}")
+    if data.ndim not in (4, 5) or data.shape[-1] != 3 or (data.ndim == 5 and data.shape[1] != 2):
+        raise ValueError(f"inputs must be (N, H, W, 3) or (N, 2, H, W, 3), got shape {data.shape}")
     cam = grad_cam_for(model, layer_name)
     maps, probabilities = [], []
     for start in range(0, len(data), max(1, int(batch_size))):

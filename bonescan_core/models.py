@@ -1,9 +1,11 @@
-"""The backbones: a registry of ImageNet CNNs and the classifier built on each.
+"""The backbones: a registry of ImageNet CNNs, one from-scratch network, and the classifier built on each.
 
-``BACKBONES`` maps a name (``resnet50``, ``vgg19``, ``densenet121``) to a :class:`Backbone`
-that knows its Keras application, its own ``preprocess_input``, the last convolutional
-layer (Grad-CAM), the exact ImageNet weights file Keras downloads, and where fine-tuning
-starts. Importing this module is cheap: Keras (and with it TensorFlow or JAX) is imported
+``BACKBONES`` maps a name (``resnet50``, ``vgg19``, ``densenet121``, ``scintinet``) to a
+:class:`Backbone` that knows its Keras application, its own ``preprocess_input``, the last
+convolutional layer (Grad-CAM), the exact ImageNet weights file Keras downloads, where
+fine-tuning starts, and its defaults (weights, mode, input size). ``scintinet``
+(``bonescan_core.scintinet``) has no application and no ImageNet weights: it is built by its
+own module, trains from scratch in mode ``full`` only, at 1024 x 256 by default. Importing this module is cheap: Keras (and with it TensorFlow or JAX) is imported
 only when a model is built, so the CLI and the pages can list backbones without it.
 
 Every model here is ONE FLAT functional graph: input (H, W, 3) float32, already passed
@@ -11,7 +13,9 @@ through the backbone's ``preprocess_input`` (see ``preprocess.to_model_input``),
 application's layers, then ``head_pool`` (GlobalAveragePooling2D) → ``head_dropout`` →
 ``head_dense`` (Dense(1, sigmoid), float32 even under mixed precision). Flat, not a nested
 ``Model``, so ``model.get_layer(backbone.last_conv_layer)`` reaches the last conv layer of
-the very model that predicts.
+the very model that predicts. ``scintinet`` has the same three head layer names around its
+lesion-evidence map (``head_dropout`` → ``evidence`` → ``head_pool`` (GlobalMaxPooling2D) →
+``head_dense``; see its module).
 
 Weights: ``"imagenet"`` (Keras's own download and cache, ``~/.keras/models``), ``"none"``
 (random initialisation) or a path to a weights file. Offline, ``"imagenet"`` fails within
@@ -54,7 +58,7 @@ class WeightsIncompatible(errors.InputError):
 
 @dataclass(frozen=True)
 class Backbone:
-    """One ImageNet backbone.
+    """One backbone: an ImageNet application, or (``application`` empty) a network built from scratch.
 
     Attributes:
         name: registry key, e.g. ``"resnet50"``.
@@ -66,6 +70,15 @@ class Backbone:
         finetune_from: first layer (in ``model.layers`` order) unfrozen in finetune mode:
             the start of the last stage.
         n_features: length of the pooled feature vector (channels of ``last_conv_layer``).
+        modes: the training modes that make sense for it (:data:`MODES` for ImageNet ones).
+        default_weights: what ``--weights`` means when not given.
+        default_mode: what ``--mode`` means when not given.
+        default_size: (H, W) input size when not given.
+        default_view_mode: what ``--view-mode`` means when not given (``per_image``; for
+            ``scintinet`` ``fusion``: both views of a study, one output per study).
+        default_augment: ``paper`` (``preprocess.PAPER_AUGMENT``) or ``none``: the
+            augmentation when not given.
+        default_patience: early stopping patience (epochs) when not given.
     """
 
     name: str
@@ -76,6 +89,18 @@ class Backbone:
     imagenet_url: str
     finetune_from: str
     n_features: int
+    modes: tuple[str, ...] = MODES
+    default_weights: str = "imagenet"
+    default_mode: str = "finetune"
+    default_size: tuple[int, int] = DEFAULT_SIZE
+    default_view_mode: str = "per_image"
+    default_augment: str = "paper"
+    default_patience: int = 5
+
+    @property
+    def has_imagenet(self) -> bool:
+        """Whether ImageNet weights exist for it (False for a from-scratch network)."""
+        return bool(self.imagenet_file)
 
     @property
     def builder(self) -> Callable[..., keras.Model]:
@@ -88,8 +113,15 @@ class Backbone:
 
         ResNet50 and VGG19 ("caffe"): RGB→BGR, ImageNet mean subtracted, about -124..152.
         DenseNet121 ("torch"): scaled to 0..1 and standardised by the ImageNet mean/std.
+        scintinet: the identity (it scales each image itself, inside the model).
         """
+        if not self.module:
+            return _identity
         return getattr(keras_module().applications, self.module).preprocess_input
+
+
+def _identity(x: Any) -> Any:
+    return x
 
 
 _KERAS_WEIGHTS = "https://storage.googleapis.com/tensorflow/keras-applications/"
@@ -124,6 +156,24 @@ BACKBONES: dict[str, Backbone] = {
         imagenet_url=_KERAS_WEIGHTS + "densenet/densenet121_weights_tf_dim_ordering_tf_kernels_notop.h5",
         finetune_from="conv5_block1_0_bn",  # dense block 4 (16 layers) and the final BN
         n_features=1024,
+    ),
+    "scintinet": Backbone(
+        name="scintinet",
+        application="",  # built by bonescan_core.scintinet, not keras.applications
+        module="",
+        last_conv_layer="features",  # the stride-16 map the 1 x 1 lesion-evidence map reads
+        imagenet_file="",
+        imagenet_url="",
+        finetune_from="",
+        n_features=128,
+        modes=("full",),  # random weights: freezing any part of it would freeze noise
+        default_weights="none",
+        default_mode="full",
+        default_size=(1024, 256),  # one stored view at its own resolution (docs/scintinet.md)
+        default_view_mode="fusion",  # a lesion may show in one view only: the study, not the image, has the label
+        # No resampling augmentation: rotation, zoom and shear interpolate, and blur a 1-3 px lesion into its bone.
+        default_augment="none",
+        default_patience=10,  # from scratch it sits on a plateau first; 5 epochs of flat val_loss ended runs there
     ),
 }
 
@@ -198,6 +248,8 @@ def ensure_imagenet(backbone: str | Backbone, probe_timeout_s: float = PROBE_TIM
             within ``probe_timeout_s`` seconds.
     """
     bb = get_backbone(backbone)
+    if not bb.has_imagenet:
+        raise errors.InputError(f"{bb.name} has no ImageNet weights: train it with --weights none (from scratch) or a weights file")
     if imagenet_cached(bb) is None and not _reachable(bb.imagenet_url, probe_timeout_s):
         raise WeightsUnavailable(_unavailable_message(bb, "not in the Keras cache and no internet connection"))
 
@@ -236,6 +288,7 @@ def build_model(
     image_size: tuple[int, int] = DEFAULT_SIZE,
     dropout: float = 0.3,
     seed: int = 0,
+    views: int = 1,
 ) -> keras.Model:
     """The classifier: backbone + GlobalAveragePooling2D → Dropout → Dense(1, sigmoid), one flat graph.
 
@@ -249,6 +302,13 @@ def build_model(
         dropout: dropout rate before the last Dense layer, 0 <= dropout < 1.
         seed: seeds Keras's global RNG (``keras.utils.set_random_seed``) before building,
             so random initial weights are reproducible, and the head's own layers.
+        views: 1, or 2 for dual-view fusion (``view_mode="fusion"``): the input is then
+            (None, 2, H, W, 3), a study's anterior and mirrored posterior view; one shared
+            backbone runs over both (the views become consecutive batch rows), ``head_pool``
+            pools each view's features, ``view_fusion`` keeps the larger of the two per
+            feature (a lesion may show in either view), then the usual head: one output
+            per study. The backbone's layers (and Grad-CAM's ``last_conv_layer``) then
+            hold 2 rows per study, anterior first.
 
     Returns:
         A ``keras.Model`` named ``bonescan_<backbone>``: input ``image`` (None, H, W, 3)
@@ -264,6 +324,10 @@ def build_model(
     if height < 32 or width < 32:
         raise ValueError(f"image size {height}x{width} is too small: the backbones need at least 32x32")
     kind = weights_kind(weights)
+    if views not in (1, 2):
+        raise ValueError(f"views must be 1 or 2, not {views}")
+    if not bb.has_imagenet:
+        return _build_from_scratch(bb, kind, weights, (height, width), dropout, seed, views)
     if kind == "imagenet":
         ensure_imagenet(bb)  # before importing Keras: offline, fail in well under a second
     keras = keras_module()
@@ -271,20 +335,23 @@ def build_model(
     if path is not None and not path.is_file():
         raise WeightsUnavailable(f"weights file {path} does not exist; give an existing .keras, .weights.h5 or .h5 file")
     keras.utils.set_random_seed(seed)
-    inputs = keras.Input(shape=(height, width, 3), dtype="float32", name="image")
+    inputs = keras.Input(shape=(height, width, 3) if views == 1 else (2, height, width, 3), dtype="float32", name="image")
+    rows = inputs if views == 1 else keras.ops.reshape(inputs, (-1, height, width, 3))
     whole_model_file = path is not None and (path.name.endswith(".weights.h5") or path.suffix == ".keras")
     first_error: Exception | None = None
     if path is None:
-        base = _application(bb, "imagenet" if kind == "imagenet" else None, inputs)
+        base = _application(bb, "imagenet" if kind == "imagenet" else None, rows)
     elif whole_model_file:
-        base = _application(bb, None, inputs)
+        base = _application(bb, None, rows)
     else:
         try:  # a plain .h5: backbone-only weights, like Keras's own ImageNet files
-            base = _application(bb, str(path), inputs)
+            base = _application(bb, str(path), rows)
         except Exception as error:  # noqa: BLE001 - any failure: try reading it as a whole model
             first_error, whole_model_file = error, True
-            base = _application(bb, None, inputs)
+            base = _application(bb, None, rows)
     x = keras.layers.GlobalAveragePooling2D(name="head_pool")(base.output)
+    if views == 2:  # (2N, C) → (N, 2, C) → (N, C): per feature, the stronger of the two views
+        x = keras.layers.Identity(name="view_fusion")(_fuse_views(x))  # ops, not a Lambda: safe_mode loads it
     x = keras.layers.Dropout(dropout, seed=seed, name="head_dropout")(x)
     outputs = keras.layers.Dense(
         1, activation="sigmoid", dtype="float32", name="head_dense",  # float32 even under mixed_float16
@@ -310,6 +377,37 @@ def build_model(
             raise WeightsIncompatible(
                 f"{path} does not fit {bb.name} at {height}x{width} ({reason}); "
                 f"use weights saved from a {bb.name} model of this size, or Keras's {bb.imagenet_file}"
+            ) from error
+    return model
+
+
+def _fuse_views(features: Any) -> Any:
+    """(2N, C) pooled features, a study's anterior and posterior view in consecutive rows → (N, C), their maximum."""
+    ops = keras_module().ops
+    return ops.max(ops.reshape(features, (-1, 2, features.shape[-1])), axis=1)
+
+
+def _build_from_scratch(bb: Backbone, kind: str, weights: str | os.PathLike[str] | None, size: tuple[int, int],
+                        dropout: float, seed: int, views: int = 1) -> keras.Model:
+    """A backbone without ImageNet weights (``scintinet``): random weights, or a whole-model weights file."""
+    from bonescan_core import scintinet
+
+    if kind == "imagenet":
+        ensure_imagenet(bb)  # raises the InputError that says to use --weights none
+    path = Path(weights) if kind == "file" else None
+    if path is not None and not path.is_file():
+        raise WeightsUnavailable(f"weights file {path} does not exist; give an existing .keras or .weights.h5 file")
+    keras_module().utils.set_random_seed(seed)
+    model = scintinet.build(size, dropout=dropout, seed=seed, views=views)
+    if path is not None:
+        try:
+            with warnings.catch_warnings():  # a foreign file warns about every layer before it fails
+                warnings.simplefilter("ignore", UserWarning)
+                model.load_weights(str(path))
+        except Exception as error:
+            reason = str(error).strip().splitlines()[0][:200] if str(error).strip() else type(error).__name__
+            raise WeightsIncompatible(
+                f"{path} does not fit {bb.name} at {size[0]}x{size[1]} ({reason}); use weights saved from a {bb.name} run"
             ) from error
     return model
 
@@ -342,6 +440,9 @@ def freeze_for(model: keras.Model, mode: str, backbone: str | Backbone, phase: s
     bb = get_backbone(backbone)
     if mode not in MODES:
         raise ValueError(f"unknown mode {mode!r}; choose one of {', '.join(MODES)}")
+    if mode not in bb.modes:
+        raise errors.InputError(f"{bb.name} trains only in mode {', '.join(bb.modes)} (it has no pretrained layers to freeze); "
+                                f"use --mode {bb.modes[0]}")
     phase = phase or "head"
     if mode == "finetune" and phase not in ("head", "finetune"):
         raise ValueError(f"finetune phase must be 'head' or 'finetune', not {phase!r}")

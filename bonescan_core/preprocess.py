@@ -6,11 +6,16 @@ The steps, in order (the paper's min-max normalisation first):
 2. resize to (H, W) keeping the aspect ratio, centred and zero-padded, never stretched
    (:func:`fit_to`); after step 1 zero is "no counts", the scan's own background;
 3. view handling: ``per_image`` (each image is a sample with its study's label, the
-   paper) or ``composite`` (anterior and posterior side by side, one sample per study,
-   each view fitted into its half, :func:`compose_views`);
-4. cached in memory as float16 (N, H, W) in [0, 1] (570 images at 646 x 220: 160 MB);
+   paper), ``composite`` (anterior and posterior side by side, one sample per study,
+   each view fitted into its half, :func:`compose_views`) or ``fusion`` (one sample per
+   study: the anterior view and the horizontally mirrored posterior view, each fitted to
+   (H, W), stacked, :func:`fusion_views`; the model runs one shared backbone over both);
+4. cached in memory as float16 (N, H, W), or (N, 2, H, W) for fusion, in [0, 1] (570
+   images at 646 x 220: 160 MB);
 5. inside the model's compiled step (:func:`with_input_pipeline`): geometric augmentation
-   on training batches only (Keras layers, :func:`make_augmenter`), x 255 (the 0..255
+   on training batches only (Keras layers, :func:`make_augmenter`; each view of a
+   composite or a fusion sample augmented on its own, so a flip never swaps the
+   anterior and posterior halves), x 255 (the 0..255
    range ``preprocess_input`` expects), grey to 3 channels, then the backbone's own
    ``preprocess_input`` (:func:`model_input`; :func:`to_model_input` is the NumPy twin for
    single images, Grad-CAM and feature extraction).
@@ -41,7 +46,8 @@ from bonescan_core import pixelstore
 from bonescan_core.heavy import keras_module, sqlite_utils
 from bonescan_core.models import Backbone, get_backbone
 
-VIEW_MODES = ("per_image", "composite")
+VIEW_MODES = ("per_image", "composite", "fusion")
+TWO_VIEW_MODES = ("composite", "fusion")  # one sample per study, made of its anterior and posterior view
 
 # The paper lists zoom, horizontal flip, rotation, translation and shear without values;
 # these are mild, ImageDataGenerator-style settings for whole-body scans (a body must stay
@@ -121,6 +127,27 @@ def fit_to(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
 def prepare_image(pixels: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     """Min-max normalise and fit one image: (h, w) counts → (H, W) float32 in [0, 1]."""
     return fit_to(minmax(pixels), size)
+
+
+def fusion_views(anterior: np.ndarray | None, posterior: np.ndarray | None, size: tuple[int, int]) -> np.ndarray:
+    """A fusion sample: the anterior view and the horizontally mirrored posterior view, stacked.
+
+    Mirrored so that the patient's left lies on the same side in both (the posterior view is
+    acquired from behind): one shared backbone then sees the same anatomy in the same place.
+
+    Args:
+        anterior: (h, w) counts, or None (that view stays blank).
+        posterior: (h, w) counts, or None.
+        size: (H, W) each view is fitted to.
+
+    Returns:
+        (2, H, W) float32 in [0, 1]: row 0 the anterior view, row 1 the posterior view
+        mirrored left-right (:func:`prepare_image` each, min-max normalised on its own).
+    """
+    blank = np.zeros(size, dtype=np.float32)
+    front = prepare_image(anterior, size) if anterior is not None else blank
+    back = prepare_image(posterior, size)[:, ::-1] if posterior is not None else blank
+    return np.stack([front, back])
 
 
 def compose_views(anterior: np.ndarray | None, posterior: np.ndarray | None, size: tuple[int, int]) -> np.ndarray:
@@ -256,9 +283,9 @@ def list_samples(db: sqlite_utils.Database, study_labels: Mapping[int, int], vie
 
     Args:
         study_labels: {study_id: 1 metastatic / 0 not}.
-        view_mode: ``per_image`` (one sample per image) or ``composite`` (one per study:
-            its first anterior and first posterior image; images of unknown view fill
-            the missing view(s) in id order; further images are not used).
+        view_mode: ``per_image`` (one sample per image), or ``composite`` / ``fusion``
+            (one per study: its first anterior and first posterior image; images of
+            unknown view fill the missing view(s) in id order; further images are not used).
 
     Returns:
         Samples ordered by study id, then image id.
@@ -311,15 +338,17 @@ def load_images(
 
     Returns:
         (N, H, W) float16 in [0, 1], in the order of ``samples`` (float16 keeps faint
-        uptake next to a hot bladder that uint8 would flatten, at 2 bytes a pixel).
+        uptake next to a hot bladder that uint8 would flatten, at 2 bytes a pixel);
+        (N, 2, H, W) for ``fusion`` (:func:`fusion_views`).
     """
-    out = np.zeros((len(samples), *size), dtype=np.float16)
+    out = np.zeros((len(samples), 2, *size) if view_mode == "fusion" else (len(samples), *size), dtype=np.float16)
 
     def prepare(sample: Sample, blobs: Mapping[int, bytes]) -> np.ndarray:
         arrays = [pixelstore.decode_pixels(blobs[i]) for i in sample.image_ids]
-        if view_mode == "composite":
+        if view_mode in TWO_VIEW_MODES:
             slots = dict(zip(sample.views, arrays, strict=True))
-            return compose_views(slots.get("anterior"), slots.get("posterior"), size)
+            join = compose_views if view_mode == "composite" else fusion_views
+            return join(slots.get("anterior"), slots.get("posterior"), size)
         return prepare_image(arrays[0], size)
 
     # zlib, NumPy and Pillow's resize release the GIL: threads decode in parallel.
@@ -392,7 +421,7 @@ def model_input(grey: Any, backbone: str | Backbone) -> Any:
     return get_backbone(backbone).preprocess_input(rgb)
 
 
-def with_input_pipeline(model: Any, backbone: str | Backbone, augmenter: Any = None) -> Any:
+def with_input_pipeline(model: Any, backbone: str | Backbone, augmenter: Any = None, view_mode: str = "per_image") -> Any:
     """Wrap a model so that augmentation and input scaling run inside its compiled step.
 
     The returned model shares every weight with ``model`` (training it trains ``model``):
@@ -401,19 +430,36 @@ def with_input_pipeline(model: Any, backbone: str | Backbone, augmenter: Any = N
     Python keeps the backbone fed (``bench/pipeline.py``). The wrapper is for fitting and
     predicting only; save ``model`` itself.
 
+    Each view is augmented on its own: a ``composite`` frame is split into its anterior
+    (left ``W // 2`` columns) and posterior half, each half augmented, then joined again, so a
+    horizontal flip mirrors each view in place instead of swapping them; a ``fusion`` sample
+    (N, 2, H, W, 1), recognised by the model's 5-D input, has its two views augmented as
+    separate images.
+
     Args:
-        model: a built model taking (N, H, W, 3) backbone input.
+        model: a built model taking (N, H, W, 3) backbone input, or (N, 2, H, W, 3) (fusion).
         backbone: whose ``preprocess_input`` applies.
         augmenter: from :func:`make_augmenter`, or None.
+        view_mode: ``per_image``, ``composite`` or ``fusion`` (how the frame holds its views).
 
     Returns:
-        A ``keras.Model`` taking (N, H, W, 1) float and returning ``model``'s output.
+        A ``keras.Model`` taking (N, H, W, 1) float ((N, 2, H, W, 1) for fusion) and returning
+        ``model``'s output.
     """
     keras = keras_module()
-    height, width = model.input_shape[1:3]
-    grey = keras.Input((height, width, 1), name="grey")
-    x = augmenter(grey) if augmenter is not None else grey
+    ops = keras.ops
+    fusion = len(model.input_shape) == 5
+    height, width = model.input_shape[-3:-1]
+    grey = keras.Input((2, height, width, 1) if fusion else (height, width, 1), name="grey")
+    x = ops.reshape(grey, (-1, height, width, 1)) if fusion else grey  # views as consecutive batch rows
+    if augmenter is not None and view_mode == "composite":
+        half = width // 2
+        x = ops.concatenate([augmenter(x[:, :, :half]), augmenter(x[:, :, half:])], axis=2)
+    elif augmenter is not None:
+        x = augmenter(x)
     x = keras.layers.Lambda(model_input, arguments={"backbone": get_backbone(backbone).name}, name="model_input")(x)
+    if fusion:
+        x = ops.reshape(x, (-1, 2, height, width, 3))
     return keras.Model(grey, model(x), name=f"{model.name}_with_input")
 
 

@@ -38,7 +38,7 @@ import numpy as np
 from bonescan_core import db as dbm
 from bonescan_core import errors, pixelstore
 from bonescan_core.heavy import keras_module, sqlite_utils
-from bonescan_core.models import BACKBONES, DEFAULT_SIZE, MODES, Backbone, get_backbone
+from bonescan_core.models import BACKBONES, DEFAULT_SIZE, MODES, Backbone, get_backbone, weights_kind
 from bonescan_core.preprocess import AUGMENT_KEYS, PAPER_AUGMENT, VIEW_MODES
 from bonescan_core.results import DEFAULT_THRESHOLD
 
@@ -67,8 +67,9 @@ class TrainConfig:
     """Every setting of a run (stored as JSON in ``runs.config``; results go to ``runs.results``).
 
     Attributes:
-        backbone: ``resnet50`` | ``vgg19`` | ``densenet121``.
-        weights: ``imagenet``, ``none`` or a path to a weights file.
+        backbone: ``resnet50`` | ``vgg19`` | ``densenet121`` | ``scintinet``.
+        weights: ``imagenet``, ``none`` or a path to a weights file. None (and for ``mode``,
+            ``image_size`` and ``view_mode`` too): the backbone's default (``Backbone.default_*``).
         mode: ``fast`` | ``head`` | ``finetune`` | ``full`` (``training`` module docstring).
         epochs: the epoch budget (shared by the phases of ``finetune``).
         batch_size: images per batch.
@@ -78,18 +79,22 @@ class TrainConfig:
         seed: seeds Keras, NumPy and the split (when ``split_id`` is None).
         split_id: the split to use; None reuses the latest split of the current labels
             with this seed and the default 30 % / 15 % fractions, or makes one.
-        augment: augmentation settings (``preprocess.PAPER_AUGMENT``); {} for none.
-            Ignored in ``fast`` mode.
-        view_mode: ``per_image`` (paper) or ``composite``.
+        augment: augmentation settings (``preprocess.PAPER_AUGMENT``); {} for none; None:
+            the backbone's default (paper; ``scintinet``: none). Ignored in ``fast`` mode.
+        view_mode: ``per_image`` (paper), ``composite`` (both views side by side in one
+            frame) or ``fusion`` (one shared backbone over the anterior and the mirrored
+            posterior view, pooled features combined: one output per study; not in ``fast``
+            mode).
         threshold_rule: how the decision thresholds are chosen on the validation subset
             (``studystats.choose_threshold``): ``youden`` (default), ``sensitivity`` or ``npv``
             (the highest threshold reaching ``threshold_target``), or ``fixed`` (0.5).
         threshold_target: the target of rule ``sensitivity`` / ``npv`` in (0, 1], e.g. 0.90;
             None for ``youden`` and ``fixed``.
         study_aggregate: a per-image run's study probability from its views: ``max`` (the
-            most suspicious view decides, default) or ``mean``. Composite runs have one
-            output per study and ignore it.
-        patience: early stopping patience in epochs, on val_loss (best weights restored).
+            most suspicious view decides, default) or ``mean``. Composite and fusion runs have
+            one output per study and ignore it.
+        patience: early stopping patience in epochs, on val_loss (best weights restored);
+            None: the backbone's default (5; ``scintinet``: 10).
         dropout: rate before the last Dense layer.
         class_weights: weight the loss by inverse class frequency of the training subset
             (off by default: the validation-chosen threshold handles the imbalance, and the
@@ -103,21 +108,21 @@ class TrainConfig:
     """
 
     backbone: str
-    weights: str = "imagenet"
-    mode: str = "finetune"
+    weights: str = None  # type: ignore[assignment] - None only until __post_init__ fills the backbone's default
+    mode: str = None  # type: ignore[assignment]
     epochs: int = 20
     batch_size: int = 16
     learning_rate: float = 1e-3
     finetune_learning_rate: float = 1e-5
-    image_size: tuple[int, int] = DEFAULT_SIZE
+    image_size: tuple[int, int] = None  # type: ignore[assignment]
     seed: int = 0
     split_id: int | None = None
-    augment: Mapping[str, Any] = field(default_factory=_paper_augment)
-    view_mode: str = "per_image"
+    augment: Mapping[str, Any] = None  # type: ignore[assignment]
+    view_mode: str = None  # type: ignore[assignment]
     threshold_rule: str = "youden"
     threshold_target: float | None = None
     study_aggregate: str = "max"
-    patience: int = 5
+    patience: int = None  # type: ignore[assignment]
     dropout: float = 0.3
     class_weights: bool = False
     max_train_images: int | None = None
@@ -125,6 +130,16 @@ class TrainConfig:
     deterministic: bool = False
 
     def __post_init__(self) -> None:
+        bb = BACKBONES.get(self.backbone)
+        defaults = ((bb.default_weights, bb.default_mode, bb.default_size, bb.default_view_mode) if bb
+                    else ("imagenet", "finetune", DEFAULT_SIZE, "per_image"))
+        for name, default in zip(("weights", "mode", "image_size", "view_mode"), defaults, strict=True):
+            if getattr(self, name) is None:
+                object.__setattr__(self, name, default)
+        if self.augment is None:
+            object.__setattr__(self, "augment", _paper_augment() if bb is None or bb.default_augment == "paper" else {})
+        if self.patience is None:
+            object.__setattr__(self, "patience", bb.default_patience if bb else 5)
         object.__setattr__(self, "image_size", tuple(int(v) for v in self.image_size))
         object.__setattr__(self, "augment", dict(self.augment or {}))
         object.__setattr__(self, "weights", str(self.weights))
@@ -133,8 +148,15 @@ class TrainConfig:
             problems.append(f"backbone must be one of {', '.join(BACKBONES)}")
         if self.mode not in MODES:
             problems.append(f"mode must be one of {', '.join(MODES)}")
+        elif bb and self.mode not in bb.modes:
+            problems.append(f"{bb.name} trains only in mode {', '.join(bb.modes)} (random weights: nothing to freeze)")
+        if bb and not bb.has_imagenet and weights_kind(self.weights) == "imagenet":
+            problems.append(f"{bb.name} has no ImageNet weights: use weights none or a weights file")
         if self.view_mode not in VIEW_MODES:
             problems.append(f"view_mode must be one of {', '.join(VIEW_MODES)}")
+        elif self.view_mode == "fusion" and self.mode == "fast":
+            problems.append("view_mode fusion trains the backbone over both views and cannot use fast mode's cached "
+                            "per-image features: use mode head, finetune or full")
         if self.threshold_rule not in THRESHOLD_RULES:
             problems.append(f"threshold_rule must be one of {', '.join(THRESHOLD_RULES)}")
         elif self.threshold_rule in TARGET_RULES and not (self.threshold_target is not None and 0.0 < self.threshold_target <= 1.0):

@@ -136,7 +136,7 @@ def study_outputs(samples: list[Sample], probabilities: np.ndarray, view_mode: s
     """
     study_ids = np.array([sample.study_id for sample in samples], dtype=np.int64)
     labels = {sample.study_id: int(sample.label) for sample in samples}  # a study has one label
-    ids, scores = studystats.study_scores(study_ids, probabilities, "max" if view_mode == "composite" else aggregate)
+    ids, scores = studystats.study_scores(study_ids, probabilities, aggregate if view_mode == "per_image" else "max")
     return ids, np.array([labels[int(i)] for i in ids], dtype=np.int64), scores
 
 
@@ -411,7 +411,7 @@ def _fit_phases(keras: Any, model: Any, config: TrainConfig, data: _Data, tracke
     bb = models.get_backbone(config.backbone)
     class_weights = class_weights_for(data.labels["train"]) if config.class_weights else None
     # Augmentation and input scaling run inside the compiled train step (the batches are plain grey arrays).
-    trainer = preprocess.with_input_pipeline(model, bb, preprocess.make_augmenter(config.augment, seed=config.seed))
+    trainer = preprocess.with_input_pipeline(model, bb, preprocess.make_augmenter(config.augment, seed=config.seed), config.view_mode)
     train_ds = preprocess.image_batches(data.images["train"], data.labels["train"], config.batch_size, rng=rng,
                                         class_weights=class_weights, workers=workers)
     val_ds = preprocess.image_batches(data.images["val"], data.labels["val"], config.batch_size, workers=workers)
@@ -581,7 +581,7 @@ def train_run(db: sqlite_utils.Database, config: TrainConfig, reporter: Reporter
     facts: dict[str, Any] = {
         "split_id": split_id, "labels_hash": info["labels_hash"],
         "n_train": len(data.samples["train"]), "n_val": len(data.samples["val"]), "n_test": len(data.samples["test"]),
-        "sample_unit": "study" if config.view_mode == "composite" else "image",
+        "sample_unit": "study" if config.view_mode in preprocess.TWO_VIEW_MODES else "image",
         "backend": backend, "device": device, "versions": versions,
     }
     with _precision_and_strategy(backend, n_gpus) as (_, precision):
@@ -596,7 +596,8 @@ def train_run(db: sqlite_utils.Database, config: TrainConfig, reporter: Reporter
             }
         else:
             _load(db, data, config, tracker, ("train", "val", "test"))
-            model = models.build_model(bb, config.weights, config.image_size, config.dropout, seed=config.seed)
+            model = models.build_model(bb, config.weights, config.image_size, config.dropout, seed=config.seed,
+                                       views=2 if config.view_mode == "fusion" else 1)
             ran, class_weights = _fit_phases(keras, model, config, data, tracker, rng, workers)
             probabilities = _predict_images(keras, model, config, data, ("val", "test"), tracker, workers)
     tracker.check()

@@ -44,11 +44,12 @@ def ancestors(tensor) -> set[str]:
 def test_registry_matches_keras_files_and_urls():
     from keras.src.applications import densenet, resnet, vgg19
 
-    assert set(models.BACKBONES) == {"resnet50", "vgg19", "densenet121"}
+    assert set(models.BACKBONES) == {"resnet50", "vgg19", "densenet121", "scintinet"}
+    assert [name for name, bb in models.BACKBONES.items() if not bb.has_imagenet] == ["scintinet"]  # from scratch only
     assert models.BACKBONES["resnet50"].imagenet_url == resnet.BASE_WEIGHTS_PATH + models.BACKBONES["resnet50"].imagenet_file
     assert models.BACKBONES["vgg19"].imagenet_url == vgg19.WEIGHTS_PATH_NO_TOP
     assert models.BACKBONES["densenet121"].imagenet_url == densenet.DENSENET121_WEIGHT_PATH_NO_TOP
-    for backbone in models.BACKBONES.values():
+    for backbone in (bb for bb in models.BACKBONES.values() if bb.has_imagenet):
         assert backbone.imagenet_url.endswith("/" + backbone.imagenet_file)
         assert backbone.imagenet_file.endswith("_notop.h5")
     with pytest.raises(ValueError, match="resnet50"):

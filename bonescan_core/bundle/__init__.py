@@ -26,6 +26,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from bonescan_core import errors
 from bonescan_core.heavy import keras_module
 from bonescan_core.models import Backbone, features_of, get_backbone
 
@@ -66,8 +67,9 @@ def standalone_model(model: Any, backbone: str | Backbone, view_mode: str = "per
         fitted = [layers.FitScan(height, half, name=f"fit_{name}")(view)
                   for half, name, view in zip(halves, ("anterior", "posterior"), inputs, strict=True)]
         grey = keras.layers.Concatenate(axis=2, name="composite")(fitted)
-    else:
-        raise ValueError(f"unknown view mode {view_mode!r}; choose per_image or composite")
+    else:  # fusion: the standalone pipeline does not stack and mirror two views yet
+        raise errors.InputError(f"a {view_mode} run cannot be exported as a standalone model yet; export a per_image or "
+                                "composite run (or use this run in the app: `bonescan predict`)")
     x = layers.BackboneInput(module, name="backbone_input")(grey)
     if mode == "fast":
         pooled = layers.Float16Cache(name="feature_cache")(features_of(model)(x))
