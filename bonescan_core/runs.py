@@ -43,6 +43,7 @@ from bonescan_core.preprocess import AUGMENT_KEYS, PAPER_AUGMENT, VIEW_MODES
 from bonescan_core.results import DEFAULT_THRESHOLD
 
 THRESHOLD_RULES = ("youden", "fixed")
+LR_SCHEDULES = ("none", "cosine", "plateau")  # learning-rate schedule per phase (training._learning_rate)
 RUNS_FOLDER = "runs"
 MODEL_CACHE_SIZE = 2  # loaded run models kept in memory (a DenseNet121 ~30 MB, a ResNet50 ~100 MB)
 SUBSETS = ("train", "val", "test")
@@ -82,6 +83,9 @@ class TrainConfig:
         dropout: rate before the last Dense layer.
         class_weights: weight the loss by inverse class frequency of the training subset.
         max_train_images: use at most this many training samples (seeded choice); None: all.
+        lr_schedule: ``none`` (constant), ``cosine`` (cosine decay to 1 % over each phase's
+            epoch budget) or ``plateau`` (halve when val_loss has not improved for
+            max(1, patience // 2) epochs).
     """
 
     backbone: str
@@ -101,6 +105,7 @@ class TrainConfig:
     dropout: float = 0.3
     class_weights: bool = True
     max_train_images: int | None = None
+    lr_schedule: str = "none"
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "image_size", tuple(int(v) for v in self.image_size))
@@ -115,6 +120,8 @@ class TrainConfig:
             problems.append(f"view_mode must be one of {', '.join(VIEW_MODES)}")
         if self.threshold_rule not in THRESHOLD_RULES:
             problems.append(f"threshold_rule must be one of {', '.join(THRESHOLD_RULES)}")
+        if self.lr_schedule not in LR_SCHEDULES:
+            problems.append(f"lr_schedule must be one of {', '.join(LR_SCHEDULES)}")
         if len(self.image_size) != 2 or min(self.image_size) < 32:
             problems.append("image_size must be (height, width), each at least 32")
         if self.epochs < 1 or self.batch_size < 1 or self.patience < 0:
