@@ -3,6 +3,7 @@ Prints one JSON line: configuration, wall time, test AUC with its 95% CI.
 
     python bench/learning.py              # 200 studies, ResNet50 from scratch at 128x64, 30 epochs (~15 min, 2 cores)
     python bench/learning.py --quick      # 60 studies, 10 epochs (a smoke run; too small to show learning)
+    python bench/learning.py --lr-schedule cosine   # the same with a learning-rate schedule (none, cosine, plateau)
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--studies", type=int, default=None)
     parser.add_argument("--epochs", type=int, default=None)
+    parser.add_argument("--lr-schedule", default="none", choices=["none", "cosine", "plateau"])
     args = parser.parse_args()
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     from bonescan_core import db as dbm
@@ -39,7 +41,8 @@ def main() -> None:
     # From scratch, a small network input and no augmentation learn within CPU minutes; early
     # stopping stays off (patience = epochs) so BatchNorm statistics have time to settle.
     config = TrainConfig(backbone="resnet50", weights="none", mode="full", epochs=epochs, batch_size=16,
-                         learning_rate=1e-3, image_size=(128, 64), augment={}, patience=epochs, seed=0)
+                         learning_rate=1e-3, image_size=(128, 64), augment={}, patience=epochs, seed=0,
+                         lr_schedule=args.lr_schedule)
     with tempfile.TemporaryDirectory(prefix="bonescan-learning-") as folder:
         db_path = Path(folder) / "labels.db"
         with dbm.opened(db_path) as db:
