@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from bonescan_core import db as dbm
-from bonescan_core import errors, heavy, jobs, models, preprocess, runs, splits, training
+from bonescan_core import errors, evaluation, heavy, jobs, models, preprocess, runs, splits, training
 from bonescan_core.ingest import add_demo_studies
 
 SIZE = (64, 32)
@@ -268,15 +268,20 @@ def test_runs_of_two_databases_in_one_folder_keep_their_own_models(demo_file, tm
 # --- issue 12: BatchNorm from scratch, fine-tuning that never ends worse, learning-rate schedules ----------
 
 @pytest.mark.slow
-def test_densenet121_from_scratch_gives_validation_predictions_that_are_not_constant(demo_db, tmp_path):
-    # Without re-estimated BatchNorm statistics every validation image got about the same probability
-    # (moving statistics still near their initial values after a few dozen steps: issue 12).
-    config = dataclasses.replace(TINY, backbone="densenet121", epochs=2, learning_rate=1e-3, augment={}, patience=2)
-    result = training.train_run(demo_db, config, Recorder(), tmp_path / "model.keras")
-    val = np.array([p.probability for p in result.predictions if p.subset == "val"])
-    labels = np.array([p.label for p in result.predictions if p.subset == "val"])
-    assert val.std() > 0.02 and np.ptp(val) > 0.1, val
-    assert len(set(labels)) == 2
+def test_densenet121_from_scratch_learns_instead_of_predicting_one_value(tmp_path):
+    # The configuration measured in docs/benchmarks.md: without re-estimated BatchNorm statistics
+    # every validation image got 0.454-0.455 (std 0.0003, val AUC 0.46); with them std 0.18,
+    # val AUC 0.81. (Smaller ones are too few images for a validation AUC.)
+    path = tmp_path / "demo60.db"
+    with dbm.opened(path) as db:
+        add_demo_studies(db, 60, seed=0)
+        config = training.TrainConfig(backbone="densenet121", weights="none", mode="full", epochs=4, batch_size=16,
+                                      image_size=(128, 64), augment={}, patience=4, seed=0)
+        result = training.train_run(db, config, Recorder(), tmp_path / "model.keras")
+    val = [(p.label, p.probability) for p in result.predictions if p.subset == "val"]
+    labels, probabilities = (np.array(column) for column in zip(*val, strict=True))
+    assert probabilities.std() > 0.05, probabilities
+    assert evaluation.point_metrics(labels, probabilities, 0.5)["auc"] > 0.65
 
 
 def test_finetuning_that_ends_worse_than_its_head_phase_keeps_the_head_weights(demo_db, tmp_path):
