@@ -28,7 +28,9 @@ def test_an_old_database_keeps_its_runs_with_settings_and_results_apart(tmp_path
     """Before 004 the worker merged what training learned into ``runs.config``; the migration
     moves those facts to ``runs.results`` and the run reads back as before."""
     path = tmp_path / "old.db"
-    mixed = {**SETTINGS.to_dict(), **FACTS}
+    # A run of that time had only the settings of that time (newer ones read back as their defaults).
+    old_settings = {key: value for key, value in SETTINGS.to_dict().items() if key in dbm._SETTING_NAMES_008}
+    mixed = {**old_settings, **FACTS}
     with monkeypatch.context() as patch:
         patch.setattr(dbm, "MIGRATIONS", [m for m in dbm.MIGRATIONS if m[0] < "004"])
         with dbm.opened(path) as old:
@@ -41,11 +43,12 @@ def test_an_old_database_keeps_its_runs_with_settings_and_results_apart(tmp_path
     with dbm.opened(path) as db:
         assert "008_run_results" in {row[0] for row in db.execute("SELECT name FROM _migrations")}
         stored = json.loads(db.execute("SELECT config FROM runs").fetchone()[0])
-        assert set(stored) == runs.SETTING_NAMES, "settings only in runs.config"
+        assert set(stored) == set(old_settings), "settings only in runs.config"
         run = runs.get(db, 1)
     assert run.settings == runs.TrainConfig.from_json({**SETTINGS.to_dict(), "split_id": 1})  # it was merged over
     assert run.results.facts == FACTS
-    assert run.config_record() == mixed  # what `runs --json`, the report and a bundle show, unchanged
+    # What `runs --json`, the report and a bundle show: unchanged, settings added since at their defaults.
+    assert run.config_record() == {**SETTINGS.to_dict(), **FACTS}
     assert (run.threshold, run.results.weights_path, run.split_id) == (0.42, "run-1/model.keras", 1)
     # The old run's model is still looked for where its row says, under runs/.
     assert runs.weights_file(path, run) == tmp_path / "runs" / "run-1" / "model.keras"
