@@ -9,7 +9,7 @@ from __future__ import annotations
 import streamlit as st
 
 from app_pages.common import allowed, cached, db_path, denial, md, open_db, still_signed_in
-from bonescan_core import catalog, errors, jobs, plots, runs, splits, training
+from bonescan_core import availability, catalog, errors, jobs, plots, runs, splits, training
 from bonescan_core import db as dbm
 from bonescan_core.cohorts import list_cohorts
 from bonescan_core.models import BACKBONES, DEFAULT_SIZE, MODES
@@ -20,7 +20,7 @@ MODE_HELP = {
     "fast": "frozen backbone, cached features: re-runs train only the head (seconds)",
     "head": "frozen backbone, head trained with augmentation",
     "finetune": "head first, then the top blocks unfrozen (BatchNorm frozen) at a lower learning rate",
-    "full": "every layer trains from the start (what weights 'none' needs)",
+    "full": "every layer trains from the start (what weights 'none' needs; pretrained: at the fine-tuning rate)",
 }
 LIVE_EVERY_S = 2
 GROUPING_TEXT = {"patient": "by patient", "study": "by study: some studies' patients are unknown (no DICOM or manifest), "
@@ -65,18 +65,24 @@ if split:
                    + ", ".join(f"images {d['a']} ({d['subsets'][0]}) and {d['b']} ({d['subsets'][1]})" for d in duplicates[:10])
                    + (" ..." if len(duplicates) > 10 else ""), icon=":material/content_copy:")
 
+# Before anyone presses Train: can ImageNet weights be had here? (cached probe; docs in availability)
+offer = availability.training_offer()
+if offer.message:
+    st.warning(md(offer.message), icon=":material/cloud_off:")
+
 can_train = allowed("train")
 if not can_train:
     st.warning(denial("train"), icon=":material/lock:")
 
 with st.form("train_form"):
     chosen = st.multiselect("Backbones (trained one after another on the same split)", list(BACKBONES),
-                            default=[name for name, bb in BACKBONES.items() if bb.has_imagenet], key="tr_backbones")
+                            default=list(offer.backbones), key="tr_backbones")
     left, middle, right = st.columns(3)
-    weights = left.radio("Weights", ["imagenet", "none", "file"], horizontal=True, key="tr_weights",
+    weights = left.radio("Weights", list(offer.weights), index=offer.weights.index(offer.default_weights),
+                         horizontal=True, key="tr_weights",
                          help="imagenet: Keras downloads them once into ~/.keras/models")
     weights_file = left.text_input("Weights file (for 'file')", key="tr_weights_file")
-    mode = middle.selectbox("Mode", MODES, index=MODES.index("finetune"), format_func=lambda m: f"{m}: {MODE_HELP[m]}",
+    mode = middle.selectbox("Mode", MODES, index=MODES.index(offer.default_mode), format_func=lambda m: f"{m}: {MODE_HELP[m]}",
                             key="tr_mode")
     epochs = right.number_input("Epochs", 1, 500, 20, key="tr_epochs")
     left2, middle2, right2 = st.columns(3)
@@ -124,15 +130,19 @@ with st.form("train_form"):
                                     help="None chosen: every cohort.")
     submitted = st.form_submit_button("Train", type="primary", disabled=not can_train)
 
+prefer = " Prefer imagenet weights." if offer.message is None else ""
 if weights == "none" and mode != "full":
     st.warning("Weights 'none' starts from random weights: only mode 'full' trains them, and from scratch on a few "
-               "hundred scans a network rarely generalises. Prefer imagenet weights.")
-elif weights == "none":
+               "hundred scans a network rarely generalises." + prefer)
+elif weights == "none" and prefer:
     st.warning("Training from scratch on a few hundred scans rarely generalises; ImageNet weights usually do much better.")
 
 if submitted:  # never True while disabled (no trainer role): Streamlit drops a disabled button's click
+    refusal = offer.refusal(chosen, weights)
     if not chosen:
         st.error("Choose at least one backbone.")
+    elif refusal:
+        st.error(refusal)
     else:
         try:
             config = training.TrainConfig(

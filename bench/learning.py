@@ -11,6 +11,7 @@ training images/s, test AUC (image and study level) with its 95% CI.
     python bench/learning.py --backbone scintinet --studies 100 --demo-seed 7 --epochs 4 --image-size 512x128
     # issue 12's goal run (300 demo studies, seed 7; goal: study-level test AUC >= 0.90 in <= 15 min on 2 cores):
     python bench/learning.py --backbone scintinet --studies 300 --demo-seed 7
+    python bench/learning.py --lr-schedule cosine   # the same with a learning-rate schedule (none, cosine, plateau)
 """
 
 from __future__ import annotations
@@ -50,6 +51,7 @@ def main() -> None:
     parser.add_argument("--no-augment", action="store_true")
     parser.add_argument("--view-mode", default=None, help="per_image, composite or fusion (default: the backbone's)")
     parser.add_argument("--patience", type=int, default=None)
+    parser.add_argument("--lr-schedule", default="none", choices=["none", "cosine", "plateau"])
     args = parser.parse_args()
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     from bonescan_core import db as dbm
@@ -63,11 +65,13 @@ def main() -> None:
         # From scratch, a small network input and no augmentation learn within CPU minutes; early
         # stopping stays off (patience = epochs) so BatchNorm statistics have time to settle.
         config = TrainConfig(backbone="resnet50", weights="none", mode="full", epochs=epochs, batch_size=16,
-                             learning_rate=1e-3, image_size=args.image_size or (128, 64), augment={}, patience=epochs, seed=0)
+                             learning_rate=1e-3, image_size=args.image_size or (128, 64), augment={}, patience=epochs,
+                             seed=0, lr_schedule=args.lr_schedule)
     else:  # the backbone's own defaults (what `bonescan train --backbone NAME` runs), with the overrides given
         overrides = {"epochs": args.epochs, "image_size": args.image_size, "augment": {} if args.no_augment else None,
                      "view_mode": args.view_mode, "patience": args.patience}
-        config = TrainConfig(backbone=args.backbone, seed=0, **{k: v for k, v in overrides.items() if v is not None})
+        config = TrainConfig(backbone=args.backbone, seed=0, lr_schedule=args.lr_schedule,
+                             **{k: v for k, v in overrides.items() if v is not None})
     with tempfile.TemporaryDirectory(prefix="bonescan-learning-") as folder:
         db_path = Path(folder) / "labels.db"
         with dbm.opened(db_path) as db:

@@ -226,7 +226,8 @@ def train_config(args: argparse.Namespace):
         learning_rate=args.lr, image_size=args.image_size, seed=args.seed, split_id=args.split,
         view_mode=args.view_mode, max_train_images=args.max_train_images, class_weights=args.class_weights,
         calibration=args.calibration, deterministic=args.deterministic, threshold_rule=args.threshold_rule,
-        threshold_target=args.threshold_target, study_aggregate=args.study_aggregate, **optional,
+        threshold_target=args.threshold_target, study_aggregate=args.study_aggregate, lr_schedule=args.lr_schedule,
+        **optional,
     )
 
 
@@ -592,6 +593,7 @@ def build_parser() -> argparse.ArgumentParser:
     verb.add_argument("--epochs", type=int, default=20)
     verb.add_argument("--batch-size", type=int, default=16)
     verb.add_argument("--lr", type=float, default=1e-3)
+    verb.add_argument("--lr-schedule", default="none", choices=["none", "cosine", "plateau"])
     verb.add_argument("--image-size", type=parse_size, default=None, metavar="HxW")
     verb.add_argument("--seed", type=int, default=0)
     verb.add_argument("--split", type=int, default=None, metavar="ID", help="default: the latest split of the current labels")

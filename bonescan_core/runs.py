@@ -46,6 +46,7 @@ THRESHOLD_RULES = ("youden", "sensitivity", "npv", "fixed")  # studystats.choose
 TARGET_RULES = ("sensitivity", "npv")  # the rules that need TrainConfig.threshold_target
 STUDY_AGGREGATES = ("max", "mean")  # how a per-image run's views make its study probability
 CALIBRATION_METHODS = ("temperature", "platt", "none")
+LR_SCHEDULES = ("none", "cosine", "plateau")  # learning-rate schedule per phase (training._learning_rate)
 RUNS_FOLDER = "runs"
 MODEL_CACHE_SIZE = 2  # loaded run models kept in memory (a DenseNet121 ~30 MB, a ResNet50 ~100 MB)
 SUBSETS = ("train", "val", "test")
@@ -105,6 +106,9 @@ class TrainConfig:
             are chosen on the calibrated validation probabilities.
         deterministic: seed every library and switch on TensorFlow's deterministic ops
             (slower on a GPU; the same run repeats exactly on the same machine and versions).
+        lr_schedule: ``none`` (constant), ``cosine`` (cosine decay to 1 % over each phase's
+            epoch budget) or ``plateau`` (halve when val_loss has not improved for
+            max(1, patience // 2) epochs).
     """
 
     backbone: str
@@ -128,6 +132,7 @@ class TrainConfig:
     max_train_images: int | None = None
     calibration: str = "temperature"
     deterministic: bool = False
+    lr_schedule: str = "none"
 
     def __post_init__(self) -> None:
         bb = BACKBONES.get(self.backbone)
@@ -167,6 +172,8 @@ class TrainConfig:
             problems.append(f"study_aggregate must be one of {', '.join(STUDY_AGGREGATES)}")
         if self.calibration not in CALIBRATION_METHODS:
             problems.append(f"calibration must be one of {', '.join(CALIBRATION_METHODS)}")
+        if self.lr_schedule not in LR_SCHEDULES:
+            problems.append(f"lr_schedule must be one of {', '.join(LR_SCHEDULES)}")
         if len(self.image_size) != 2 or min(self.image_size) < 32:
             problems.append("image_size must be (height, width), each at least 32")
         if self.epochs < 1 or self.batch_size < 1 or self.patience < 0:

@@ -20,9 +20,14 @@ Modes (``docs/cli.md``):
   top blocks (``Backbone.finetune_from`` on, BatchNorm kept frozen) are unfrozen and the
   model recompiled at ``finetune_learning_rate`` for the REST of the epoch budget (epochs
   that early stopping saved in the head phase go to fine-tuning). With epochs = 1 only
-  the head phase runs.
+  the head phase runs. The head phase's best weights and val_loss are kept: when
+  fine-tuning ends no better, those weights are restored (and ``facts["notes"]`` says so).
 * ``full``: every layer trains from the start at ``learning_rate`` (what ``weights=none``
-  needs).
+  needs); from pretrained weights (ImageNet or a file) at ``finetune_learning_rate``.
+
+``lr_schedule`` (``none``, ``cosine``, ``plateau``) shapes each phase's learning rate.
+Runs in mode ``full`` or from ``weights none`` re-estimate their BatchNorm statistics
+before each validation and before predicting and saving (:mod:`bonescan_core.batchnorm`).
 
 After the phases the model predicts validation and test; the recalibration
 (``TrainConfig.calibration``, :mod:`bonescan_core.calibration`) is fitted on the validation
@@ -50,7 +55,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from bonescan_core import calibration, errors, models, preprocess, reproducibility, runs, studystats
+from bonescan_core import batchnorm, calibration, errors, models, preprocess, reproducibility, runs, studystats
 from bonescan_core import splits as splitting
 from bonescan_core.heavy import jax_module, keras_module, sqlite_utils, tensorflow_module
 from bonescan_core.models import weights_kind
@@ -405,9 +410,45 @@ def _load(db: sqlite_utils.Database, data: _Data, config: TrainConfig, tracker: 
             raise TrainingCancelled("training cancelled while loading images") from error
 
 
+def _phase_learning_rate(config: TrainConfig, phase: str) -> float:
+    """The Adam learning rate of a phase: ``finetune_learning_rate`` after unfreezing, and for ``full``
+    from pretrained weights (ImageNet or a file: at a head-phase rate the first steps would wipe out
+    what the weights know); ``learning_rate`` otherwise."""
+    if phase == "finetune" or (phase == "full" and weights_kind(config.weights) != "none"):
+        return config.finetune_learning_rate
+    return config.learning_rate
+
+
+def _learning_rate(keras: Any, config: TrainConfig, rate: float, epochs: int, steps_per_epoch: int) -> tuple[Any, list[Any]]:
+    """(learning rate or schedule for the optimizer, extra callbacks) of one phase, by ``config.lr_schedule``.
+
+    ``cosine``: decays from ``rate`` to 1 % of it over the phase's epoch budget (in steps);
+    ``plateau``: halves the rate when val_loss has not improved for max(1, patience // 2)
+    epochs (before early stopping gives up), down to 1 % of it; ``none``: constant.
+    """
+    if config.lr_schedule == "cosine":
+        return keras.optimizers.schedules.CosineDecay(rate, decay_steps=max(1, epochs * steps_per_epoch), alpha=0.01), []
+    if config.lr_schedule == "plateau":
+        return rate, [keras.callbacks.ReduceLROnPlateau(monitor="val_loss", factor=0.5, patience=max(1, config.patience // 2),
+                                                        min_lr=rate * 0.01, verbose=0)]
+    return rate, []
+
+
+def _best_val_loss(history: Any) -> float:
+    """The lowest finite val_loss of a ``fit`` history (what EarlyStopping restored), or inf."""
+    losses = [float(v) for v in history.history.get("val_loss", []) if np.isfinite(v)]
+    return min(losses) if losses else float("inf")
+
+
 def _fit_phases(keras: Any, model: Any, config: TrainConfig, data: _Data, tracker: _Progress, rng: np.random.Generator,
-                workers: int) -> tuple[dict[str, int], dict[int, float] | None]:
-    """Train a full image model by mode and phase; returns (epochs run per phase, class weights)."""
+                workers: int, notes: list[str]) -> tuple[dict[str, int], dict[int, float] | None]:
+    """Train a full image model by mode and phase; returns (epochs run per phase, class weights).
+
+    BatchNorm statistics are re-estimated (``batchnorm``) before each validation and at the
+    end when ``batchnorm.applies``. In ``finetune``, the head phase's best weights and
+    val_loss are kept, and restored (with a line in ``notes``) when fine-tuning ends no
+    better.
+    """
     bb = models.get_backbone(config.backbone)
     class_weights = class_weights_for(data.labels["train"]) if config.class_weights else None
     # Augmentation and input scaling run inside the compiled train step (the batches are plain grey arrays).
@@ -416,6 +457,8 @@ def _fit_phases(keras: Any, model: Any, config: TrainConfig, data: _Data, tracke
                                         class_weights=class_weights, workers=workers)
     val_ds = preprocess.image_batches(data.images["val"], data.labels["val"], config.batch_size, workers=workers)
     sizes = _batch_sizes(len(data.labels["train"]), config.batch_size)
+    bn_callbacks, reestimate = _batchnorm_reestimation(keras, model, config, data, tracker)
+    head_best: tuple[float, list[Any]] | None = None  # (val_loss, weights) at the end of finetune's head phase
     done, ran = 0, {}
     for phase, budget in config.phase_epochs().items():
         if phase == "finetune":
@@ -423,15 +466,41 @@ def _fit_phases(keras: Any, model: Any, config: TrainConfig, data: _Data, tracke
         if budget <= 0:
             continue
         models.freeze_for(model, config.mode, bb, phase="finetune" if phase == "finetune" else "head")
-        _compile(keras, trainer, config.finetune_learning_rate if phase == "finetune" else config.learning_rate)
+        rate, schedule_callbacks = _learning_rate(keras, config, _phase_learning_rate(config, phase), budget, len(sizes))
+        _compile(keras, trainer, rate)
         stopper = keras.callbacks.EarlyStopping(monitor="val_loss", patience=config.patience, restore_best_weights=True)
         tracker.send({"phase": phase, "epoch": done + 1, "batch": 0, "batches": len(sizes), "eta_s": None}, force=True)
         # shuffle=False: the dataset reshuffles itself every epoch with the run's own Generator.
         history = trainer.fit(train_ds, validation_data=val_ds, epochs=done + budget, initial_epoch=done, verbose=0, shuffle=False,
-                            callbacks=[_callback(keras, tracker, phase, sizes, done + budget), stopper])
+                            callbacks=[_callback(keras, tracker, phase, sizes, done + budget), *bn_callbacks,
+                                       *schedule_callbacks, stopper])
         ran[phase] = len(history.epoch)
         done += ran[phase]
+        if phase == "head" and config.mode == "finetune":
+            head_best = (_best_val_loss(history), model.get_weights())
+        elif phase == "finetune" and head_best is not None and not _best_val_loss(history) < head_best[0]:
+            model.set_weights(head_best[1])
+            notes.append(f"fine-tuning did not improve on the head phase (best val_loss {_best_val_loss(history):.4f} vs "
+                         f"{head_best[0]:.4f}); the head phase's weights were kept")
+    reestimate()  # before predicting and saving: the statistics of the weights that are kept
     return ran, class_weights
+
+
+def _batchnorm_reestimation(keras: Any, model: Any, config: TrainConfig, data: _Data,
+                            tracker: _Progress) -> tuple[list[Any], Any]:
+    """([callback re-estimating before each validation], a function re-estimating now), or ([], a no-op).
+
+    Un-augmented training images, through the model's input scaling (``batchnorm`` says why).
+    """
+    if not batchnorm.applies(config.mode, config.weights):
+        return [], lambda: 0
+    plain = preprocess.with_input_pipeline(model, config.backbone)
+    images = data.images["train"][..., None]  # (N, H, W, 1): the wrapper's grey input
+
+    def now() -> int:
+        return batchnorm.reestimate(plain, images, config.batch_size, tracker.reporter.cancelled)
+
+    return [batchnorm.callback(keras, plain, images, config.batch_size, tracker.reporter.cancelled)], now
 
 
 def _predict_images(keras: Any, model: Any, config: TrainConfig, data: _Data, subsets: tuple[str, ...], tracker: _Progress,
@@ -499,15 +568,16 @@ def _fit_fast(keras: Any, model: Any, config: TrainConfig, data: _Data, features
     bb = models.get_backbone(config.backbone)
     head = models.head_model(bb.n_features, config.dropout, config.seed)
     class_weights = class_weights_for(data.labels["train"]) if config.class_weights else None
-    _compile(keras, head, config.learning_rate)
     sizes = _batch_sizes(len(data.labels["train"]), config.batch_size)
+    rate, schedule_callbacks = _learning_rate(keras, config, config.learning_rate, config.epochs, len(sizes))
+    _compile(keras, head, rate)
     stopper = keras.callbacks.EarlyStopping(monitor="val_loss", patience=config.patience, restore_best_weights=True)
     tracker.send({"phase": "head", "epoch": 1, "batch": 0, "batches": len(sizes), "eta_s": None}, force=True)
     history = head.fit(
         features["train"], data.labels["train"].astype(np.float32).reshape(-1, 1),
         batch_size=config.batch_size, epochs=config.epochs, shuffle=True, verbose=0, class_weight=class_weights,
         validation_data=(features["val"], data.labels["val"].astype(np.float32).reshape(-1, 1)),
-        callbacks=[_callback(keras, tracker, "head", sizes, config.epochs), stopper],
+        callbacks=[_callback(keras, tracker, "head", sizes, config.epochs), *schedule_callbacks, stopper],
     )
     models.transplant_head(head, model)
     return head, {"head": len(history.epoch)}, class_weights
@@ -568,6 +638,9 @@ def train_run(db: sqlite_utils.Database, config: TrainConfig, reporter: Reporter
     if weights_kind(config.weights) == "none" and config.mode != "full":
         notes.append(f"weights none with mode {config.mode}: the frozen layers keep their random initial weights; "
                      "mode full trains them all")
+    if config.mode == "full" and weights_kind(config.weights) != "none":
+        notes.append(f"mode full from pretrained weights trains at the fine-tuning learning rate {config.finetune_learning_rate:g}, "
+                     f"not {config.learning_rate:g}")
 
     split_id = config.split_id if config.split_id is not None else splitting.ensure_split(db, config.seed)
     info = splitting.split_info(db, split_id)
@@ -598,7 +671,7 @@ def train_run(db: sqlite_utils.Database, config: TrainConfig, reporter: Reporter
             _load(db, data, config, tracker, ("train", "val", "test"))
             model = models.build_model(bb, config.weights, config.image_size, config.dropout, seed=config.seed,
                                        views=2 if config.view_mode == "fusion" else 1)
-            ran, class_weights = _fit_phases(keras, model, config, data, tracker, rng, workers)
+            ran, class_weights = _fit_phases(keras, model, config, data, tracker, rng, workers, notes)
             probabilities = _predict_images(keras, model, config, data, ("val", "test"), tracker, workers)
     tracker.check()
     # Calibration first, on validation only: thresholds are chosen on calibrated validation probabilities.

@@ -127,6 +127,39 @@ def test_train_page_queues_repeats_as_one_group_per_backbone(db_path, monkeypatc
     assert [r.repeat_group for r in queued] == [queued[0].id, queued[1].id, queued[0].id, queued[1].id]
     assert queued[0].split_id == queued[1].split_id != queued[2].split_id == queued[3].split_id  # a split per repeat
     assert any(f"repeat group {queued[0].id}" in s.value for s in app.success)
+def test_train_page_offline_says_so_before_train_and_offers_training_from_scratch(db_path, monkeypatch):
+    from bonescan_core import availability, models
+
+    monkeypatch.setenv("BONESCAN_AUTOSTART_WORKER", "0")
+    offline = dict.fromkeys((n for n in models.BACKBONES if availability.has_imagenet(n)), False)
+    monkeypatch.setattr(availability, "imagenet_available", lambda: offline)
+    with dbm.opened(db_path) as db:
+        add_demo_studies(db, 12, seed=4)
+    app = run_page("app_pages/train.py", reviewer="ann")
+    assert not app.exception, [e.value for e in app.exception]
+    assert any("ImageNet weights are not available here" in w.value for w in app.warning), "said before Train is pressed"
+    assert "imagenet" not in app.radio(key="tr_weights").options
+    assert app.radio(key="tr_weights").value == "none" and app.selectbox(key="tr_mode").value == "full"
+    expected = ["scintinet"] if "scintinet" in models.BACKBONES else list(offline)
+    assert app.multiselect(key="tr_backbones").value == expected
+
+
+def test_train_page_refuses_imagenet_runs_that_cannot_get_their_weights(db_path, monkeypatch):
+    from bonescan_core import availability
+
+    monkeypatch.setenv("BONESCAN_AUTOSTART_WORKER", "0")
+    monkeypatch.setattr(availability, "imagenet_available", lambda: {"resnet50": False, "vgg19": True, "densenet121": False})
+    with dbm.opened(db_path) as db:
+        add_demo_studies(db, 12, seed=4)
+    app = run_page("app_pages/train.py", reviewer="ann")
+    assert any("resnet50" in w.value and "not available" in w.value for w in app.warning)
+    assert app.multiselect(key="tr_backbones").value == ["vgg19"] and app.radio(key="tr_weights").value == "imagenet"
+    app.multiselect(key="tr_backbones").set_value(["vgg19", "resnet50"])
+    app.get("form_submit_button")[0].click()
+    app.run()
+    assert any("resnet50" in e.value for e in app.error), [e.value for e in app.error]
+    with dbm.opened(db_path) as db:
+        assert runs.list_runs(db) == [], "nothing enqueued that would fail with WeightsUnavailable"
 
 
 def test_train_page_shows_passes_by_their_own_count_and_maps_still_to_come(db_path, monkeypatch):
