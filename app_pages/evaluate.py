@@ -8,7 +8,7 @@ import numpy as np
 import pandas as pd
 import streamlit as st
 
-from app_pages.common import allowed, cached_study_images, db_path, denial, open_db, reviewer, still_signed_in
+from app_pages.common import allowed, cached_study_images, data_version, db_path, denial, open_db, reviewer, still_signed_in
 from bonescan_core import (
     assessment,
     calibration,
@@ -77,11 +77,14 @@ def show_repeats(summary: dict, where: str) -> None:
     st.dataframe(pd.DataFrame(comparison.repeat_table(summary)), hide_index=True, key=f"ev_repeats_{where}_{summary['group']}")
 
 
-@st.cache_data(max_entries=16, show_spinner=False)
-def cached_calibration_curves(database: str, run_id: int) -> dict | None:
-    """Reliability (raw vs calibrated) and decision-curve points of the run's test studies."""
+@st.cache_resource(max_entries=16, show_spinner=False)
+def cached_calibration_figures(database: str, run_id: int) -> tuple | None:
+    """Reliability (raw vs calibrated) and decision-curve figures of the run's test studies (read-only)."""
     with dbm.opened(database) as db:
-        return calibration.run_curves(db, run_id, "test")
+        curves = calibration.run_curves(db, run_id, "test")
+    if curves is None:
+        return None
+    return plots.reliability_before_after(curves["reliability"]), plots.decision_curve_figure(curves["decision"])
 
 
 def external_stamp(database: str, run_id: int) -> tuple[int, int]:
@@ -109,6 +112,40 @@ def cached_shift(database: str, run_id: int, cohort: str, stamp: tuple[int, int]
         return external.dataset_shift(db, run_id, cohort)
 
 
+@st.cache_data(max_entries=16, show_spinner=False)
+def cached_thresholds(database: str, run_id: int) -> dict:
+    """evaluation.run_thresholds of a finished run (its stored results do not change)."""
+    with dbm.opened(database) as db:
+        return evaluation.run_thresholds(db, runs.get(db, run_id))[0]
+
+
+# cache_resource: figures and 25,000 explorer rows are not copied on each rerun (read-only).
+@st.cache_resource(max_entries=8, show_spinner=False)
+def cached_figures(database: str, run_id: int, unit: str, threshold: float, _labels: np.ndarray,
+                   _probabilities: np.ndarray, _confusion: dict) -> dict:
+    """plots.run_figures of a finished run at one unit and threshold (the arrays follow from the key)."""
+    with dbm.opened(database) as db:
+        run, epoch_rows = runs.get(db, run_id), runs.epochs(db, run_id)
+    return plots.run_figures(evaluation.run_label(run.backbone, run_id), _labels, _probabilities, threshold, _confusion,
+                             epoch_rows, unit="studies" if unit == "study" else "images")
+
+
+@st.cache_resource(max_entries=8, show_spinner=False)
+def cached_explorer_rows(database: str, run_id: int, threshold: float, version: int) -> list[dict]:
+    """evaluation.explorer_rows, recomputed when the threshold or the readers' reviews (data version) change."""
+    with dbm.opened(database) as db:
+        return evaluation.explorer_rows(db, run_id, threshold)
+
+
+@st.cache_resource(max_entries=8, show_spinner=False)
+def cached_explorer_table(database: str, run_id: int, threshold: float, version: int, outcomes: tuple, subsets: tuple,
+                          views: tuple, criterion: str, order: str) -> pd.DataFrame:
+    """The explorer's table for these filters (evaluation.filter_explorer_rows), read-only."""
+    rows = cached_explorer_rows(database, run_id, threshold, version)
+    return pd.DataFrame(evaluation.filter_explorer_rows(rows, outcomes, subsets, views, criterion, order),
+                        columns=EXPLORER_COLUMNS)
+
+
 def heatmap(run_id: int, image_id: int) -> np.ndarray:
     """The Grad-CAM map of one image: computed once (the model loads on first use; Keras is
     imported only then) and cached in the database."""
@@ -134,8 +171,7 @@ by_id = {run.id: run for run in done_runs}
 run_id = st.selectbox("Run", list(by_id), format_func=lambda i: label_of(by_id[i]), key="ev_run")
 run = by_id[run_id]
 database = str(db_path())
-with open_db() as db:
-    chosen_thresholds, _ = evaluation.run_thresholds(db, run)
+chosen_thresholds = cached_thresholds(database, run_id)
 # The validation-chosen operating points (0.5 for a run without one): the headline everywhere.
 validation_threshold = {level: decision_threshold(None, chosen_thresholds[level])[0] for level in UNITS}
 stored_threshold = validation_threshold["image"]
@@ -187,10 +223,7 @@ with metrics_tab:
     else:
         test = cached_predictions(database, run_id, "test")
         curve_labels, curve_probabilities = test["label"], test["probability"]
-    with open_db() as db:
-        epoch_rows = runs.epochs(db, run_id)
-    figures = plots.run_figures(evaluation.run_label(run.backbone, run_id), curve_labels, curve_probabilities,
-                                result.threshold, result.confusion, epoch_rows, unit="studies" if unit == "study" else "images")
+    figures = cached_figures(database, run_id, unit, result.threshold, curve_labels, curve_probabilities, result.confusion)
     left, right = st.columns(2)
     left.plotly_chart(figures["confusion"], key="ev_confusion")
     right.plotly_chart(figures["roc"], key="ev_roc")
@@ -205,14 +238,14 @@ with metrics_tab:
         if finished >= 2:
             show_repeats(cached_repeats(database, run.repeat_group, finished), "metrics")
     st.subheader("Calibration (test studies)")
-    curves = cached_calibration_curves(database, run_id)
-    if result.calibration is None or curves is None:
+    curve_figures = cached_calibration_figures(database, run_id)
+    if result.calibration is None or curve_figures is None:
         st.info("No labelled test studies to assess calibration on.")
     else:
         st.caption(calibration.summary_text(result.calibration))
         left, right = st.columns(2)
-        left.plotly_chart(plots.reliability_before_after(curves["reliability"]), key="ev_reliability")
-        right.plotly_chart(plots.decision_curve_figure(curves["decision"]), key="ev_decision")
+        left.plotly_chart(curve_figures[0], key="ev_reliability")
+        right.plotly_chart(curve_figures[1], key="ev_decision")
     st.subheader("Subgroups (test set)")
     if result.subgroups:
         st.caption("AUC, sensitivity and specificity at the run's threshold; hollow grey: fewer than 10 positive "
@@ -261,16 +294,15 @@ with compare_tab:
 with explorer_tab:
     # The explorer lists images: the image threshold (the slider's, when it shows the image level).
     threshold_now = threshold if unit == "image" and status != evaluation.PRE_SPECIFIED else stored_threshold
-    with open_db() as db:
-        rows = evaluation.explorer_rows(db, run_id, threshold_now)
+    rows = cached_explorer_rows(database, run_id, threshold_now, data_version())
     filters = st.columns(4)
     outcomes = filters[0].multiselect("Outcome", ["TP", "FP", "FN", "TN"], key="ex_outcome")
     subsets = filters[1].multiselect("Subset", ["val", "test"], key="ex_subset")
     views = filters[2].multiselect("View", sorted({row["view"] for row in rows if row["view"]}), key="ex_view")
     criterion = filters[3].selectbox("Reader criterion", ["any"] + list(rv.CRITERIA), key="ex_criterion")
     order = st.radio("Sort", list(evaluation.EXPLORER_ORDERS), horizontal=True, key="ex_sort")
-    table = pd.DataFrame(evaluation.filter_explorer_rows(rows, outcomes, subsets, views, criterion, order),
-                         columns=EXPLORER_COLUMNS)
+    table = cached_explorer_table(database, run_id, threshold_now, data_version(), tuple(outcomes), tuple(subsets),
+                                  tuple(views), criterion, order)
     picked = st.dataframe(
         table,
         hide_index=True, on_select="rerun", selection_mode="single-row", key=f"ex_table_{run_id}",
