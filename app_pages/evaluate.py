@@ -97,7 +97,7 @@ def external_stamp(database: str, run_id: int) -> tuple[int, int]:
 def cached_external(database: str, run_id: int, cohort: str, stamp: tuple[int, int]) -> EvaluationResult:
     """The run on a cohort's external predictions, at its validation thresholds (``stamp``: see external_stamp)."""
     with dbm.opened(database) as db:
-        return external.evaluate_cohort(db, run_id, cohort)
+        return assessment.evaluate(db, run_id, cohort=cohort)
 
 
 @st.cache_data(max_entries=16, show_spinner=False)
@@ -420,10 +420,10 @@ with external_tab:
         except evaluation.NoPredictionsError as error:
             st.info(str(error))
         else:
-            study_threshold = ext.study_threshold if ext.study_threshold is not None else ext.threshold
+            study_threshold, image_threshold = ext.level_threshold("study"), ext.level_threshold("image")
             st.caption(f"Cohort {cohort} (external): {ext.n_images} images, {ext.n_studies} studies, {ext.n_patients} "
                        f"patients; {ext.n_unlabelled} unlabelled studies left out. Thresholds chosen on the run's "
-                       f"validation set: image {ext.threshold:.3f}, study {study_threshold:.3f}. "
+                       f"validation set: image {image_threshold:.3f}, study {study_threshold:.3f}. "
                        "95% CIs: bootstrap over patients.")
             ext_level = st.radio("Level", ["study", "image"], horizontal=True, key="ex_level")
             shown_ext = ext.level(ext_level)
@@ -434,13 +434,21 @@ with external_tab:
                     cell.metric(plots.metric_name(name), metric.value_text(),
                                 help=f"95% CI {metric.interval_text()}" if metric.interval_text() else None)
             rows = cached_cohort_predictions(database, run_id, cohort, stamp)[ext_level]
-            used = study_threshold if ext_level == "study" else ext.threshold
+            used = study_threshold if ext_level == "study" else image_threshold
             name = evaluation.run_label(run.backbone, run_id)
             left, right = st.columns(2)
             left.plotly_chart(plots.confusion_heatmap(shown_ext.confusion, used, unit="studies" if ext_level == "study" else "images"),
                               key="ex_confusion")
             right.plotly_chart(plots.roc_figure({name: evaluation.roc_points(rows["label"], rows["probability"])},
                                                 {name: used}), key="ex_roc")
+            if ext.calibration is not None:
+                st.markdown(f"**Calibration on cohort {cohort}** (studies, the run's stored calibration): "
+                            + calibration.summary_text(ext.calibration))
+            if ext.localisation_text() is not None:
+                st.markdown(f"**Grad-CAM pointing game on cohort {cohort}:** {ext.localisation_text()}")
+            if ext.subgroups:
+                st.plotly_chart(plots.subgroup_forest(ext.subgroups, title=f"Subgroups, cohort {cohort} (external)"),
+                                key="ex_subgroups")
         st.subheader(f"Dataset shift: the run's test set vs cohort {cohort}")
         try:
             shift = cached_shift(database, run_id, cohort, stamp)

@@ -30,7 +30,7 @@ from typing import Any
 
 import numpy as np
 
-from bonescan_core import runs, studystats
+from bonescan_core import cohorts, runs, studystats
 from bonescan_core.errors import InputError
 from bonescan_core.heavy import sqlite_utils
 
@@ -152,19 +152,22 @@ def summary_text(summary_: dict[str, Any]) -> str:
             "Ideal: intercept 0, slope 1.")
 
 
-def _test_studies(db: sqlite_utils.Database, run_id: int, subset: str) -> dict[str, np.ndarray]:
-    """The run's labelled studies of ``subset`` (one row per study, ``runs.study_predictions``)."""
+def _test_studies(db: sqlite_utils.Database, run_id: int, subset: str, cohort: str | None = None) -> dict[str, np.ndarray]:
+    """The run's labelled studies of ``subset`` (one row per study, ``runs.study_predictions``),
+    of one cohort when ``cohort`` is given (external validation)."""
     studies = runs.study_predictions(db, run_id, subset)
-    keep = ~np.isnan(studies["label"])
+    keep = ~np.isnan(studies["label"]) & np.asarray(cohorts.in_cohort(db, studies["study_id"].tolist(), cohort), dtype=bool)
     return {key: values[keep] for key, values in studies.items()}
 
 
-def run_calibration(db: sqlite_utils.Database, run_id: int, subset: str = "test") -> dict[str, Any] | None:
-    """:func:`summary` of a stored run on the studies of ``subset``; None when it has none there."""
-    studies = _test_studies(db, run_id, subset)
+def run_calibration(db: sqlite_utils.Database, run_id: int, subset: str = "test", cohort: str | None = None) -> dict[str, Any] | None:
+    """:func:`summary` of a stored run on the studies of ``subset`` (of ``cohort`` only, when
+    given); None when it has none there."""
+    studies = _test_studies(db, run_id, subset, cohort)
     if studies["label"].size == 0:
         return None
-    stored = runs.get(db, run_id).results.facts.get("calibration")
+    facts = runs.get(db, run_id).results.facts
+    stored = facts.get("study_calibration") or facts.get("calibration")  # studies have their own fit
     return summary(studies["label"], studies["probability"], studies["raw_probability"], stored)
 
 

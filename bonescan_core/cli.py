@@ -364,10 +364,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     if args.cohort is not None and args.threshold is not None:
         raise CommandError("--cohort always evaluates at the thresholds chosen on the run's validation set; leave out --threshold")
     with dbm.opened(args.db) as db:
-        if args.cohort is not None:
-            result = external.evaluate_cohort(db, args.run, args.cohort, unit=args.unit)
-        else:
-            result = assessment.evaluate(db, args.run, threshold=args.threshold, unit=args.unit)
+        result = assessment.evaluate(db, args.run, threshold=args.threshold, unit=args.unit, cohort=args.cohort)
     if args.json:
         _print_json(result.as_json())
         return EXIT_OK

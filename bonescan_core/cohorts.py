@@ -45,6 +45,21 @@ def parse_cohorts(text: str | Iterable[str] | None) -> list[str] | None:
     return names or None
 
 
+def study_ids(db: sqlite_utils.Database, cohort: str) -> list[int]:
+    """The ids of a cohort's studies, ascending (empty for a cohort with none)."""
+    return [row[0] for row in db.execute("SELECT id FROM studies WHERE cohort = ? ORDER BY id", [cohort]).fetchall()]
+
+
+def in_cohort(db: sqlite_utils.Database, ids: Iterable[int], cohort: str | None) -> list[bool]:
+    """For each study id, whether it belongs to ``cohort`` (all True when ``cohort`` is None):
+    how the external assessment keeps one cohort's rows."""
+    ids = list(ids)
+    if cohort is None:
+        return [True] * len(ids)
+    members = set(study_ids(db, cohort))
+    return [int(i) in members for i in ids]
+
+
 def list_cohorts(db: sqlite_utils.Database) -> list[str]:
     """The cohorts that hold at least one study, sorted."""
     return [row[0] for row in db.execute("SELECT DISTINCT cohort FROM studies ORDER BY cohort").fetchall()]

@@ -869,7 +869,8 @@ def evaluate(
     )
 
 
-def localisation_summary(db: sqlite_utils.Database, run_id: int, threshold: float, subset: str = "test") -> dict[str, Any] | None:
+def localisation_summary(db: sqlite_utils.Database, run_id: int, threshold: float, subset: str = "test",
+                         cohort: str | None = None) -> dict[str, Any] | None:
     """The pointing game of the run's cached Grad-CAM maps (``localisation.pointing_game``) with a
     95% Wilson interval over studies, as ``evaluate --json`` shows it; None when no study of
     the subset has a lesion point.
@@ -878,7 +879,7 @@ def localisation_summary(db: sqlite_utils.Database, run_id: int, threshold: floa
         ``{"hit_rate", "ci95": [low, high], "n", "hits", "n_without_map", "tolerance_px",
         "reference_size"}``; ``hit_rate`` and the interval None when no study is a true positive.
     """
-    game = localisation.pointing_game(db, run_id, threshold, subset)
+    game = localisation.pointing_game(db, run_id, threshold, subset, cohort=cohort)
     if game.n_lesion_studies == 0:
         return None
     low, high = _wilson(np.array([float(game.hits)]), np.array([game.n]))

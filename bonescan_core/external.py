@@ -41,7 +41,7 @@ def run_thresholds(db: sqlite_utils.Database, run: runs.Run) -> dict[str, Any]:
 
 
 def _cohort_studies(db: sqlite_utils.Database, cohort: str) -> np.ndarray:
-    return np.asarray([r[0] for r in db.execute("SELECT id FROM studies WHERE cohort = ?", [cohort]).fetchall()], dtype=np.int64)
+    return np.asarray(cohorts.study_ids(db, cohort), dtype=np.int64)
 
 
 def cohort_predictions(db: sqlite_utils.Database, run_id: int, cohort: str) -> dict[str, dict[str, np.ndarray]]:

@@ -41,7 +41,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from bonescan_core import lesions, runs
+from bonescan_core import cohorts, lesions, runs
 from bonescan_core.heavy import sqlite_utils
 
 REFERENCE_SIZE = (1024, 256)
@@ -217,12 +217,13 @@ class PointingGame:
 
 
 def pointing_game(db: sqlite_utils.Database, run_id: int, threshold: float, subset: str = "test",
-                  tolerance: float = TOLERANCE_PX) -> PointingGame:
+                  tolerance: float = TOLERANCE_PX, cohort: str | None = None) -> PointingGame:
     """The pointing game of a run's cached Grad-CAM maps on one subset.
 
-    A study's probability is the max over its predicted views and its label their label
-    (as ``evaluation.study_level``); it is a true positive when its label is metastatic and
-    its probability >= ``threshold``. Only cached maps are read: the peaks stored with them
+    A study's probability and label are the run's study prediction (``runs.study_predictions``,
+    as ``evaluate`` uses them); it is a true positive when its label is metastatic and its
+    probability >= ``threshold`` (the study threshold). With ``cohort``, only that cohort's
+    studies count (external validation). Only cached maps are read: the peaks stored with them
     (``runs.cached_peaks``), or the map itself for one stored without (``runs.cached_heatmap``).
 
     Args:
@@ -236,6 +237,10 @@ def pointing_game(db: sqlite_utils.Database, run_id: int, threshold: float, subs
         errors.RunNotFound: no such run.
     """
     data = runs.predictions(db, run_id, subset)
+    studies = runs.study_predictions(db, run_id, subset)
+    study_call = {int(s): (label == 1 and p >= threshold) for s, label, p, keep in zip(
+        studies["study_id"].tolist(), studies["label"].tolist(), studies["probability"].tolist(),
+        cohorts.in_cohort(db, studies["study_id"].tolist(), cohort), strict=True) if keep}
     points = lesions.points_by_image(db, data["image_id"].tolist())
     by_study: dict[int, list[int]] = {}
     for index, study_id in enumerate(data["study_id"].tolist()):
@@ -243,10 +248,10 @@ def pointing_game(db: sqlite_utils.Database, run_id: int, threshold: float, subs
     candidates: dict[int, list[int]] = {}  # true-positive lesion studies: their row indices
     lesion_studies = 0
     for study_id, rows in sorted(by_study.items()):
-        if not any(int(data["image_id"][i]) in points for i in rows):
+        if study_id not in study_call or not any(int(data["image_id"][i]) in points for i in rows):
             continue
         lesion_studies += 1
-        if int(data["label"][rows].max()) == 1 and float(data["probability"][rows].max()) >= threshold:
+        if study_call[study_id]:
             candidates[study_id] = rows
     image_ids = [int(data["image_id"][i]) for rows in candidates.values() for i in rows]
     peaks = runs.cached_peaks(db, run_id, image_ids)

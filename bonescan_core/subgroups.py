@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from bonescan_core import evaluation, runs
+from bonescan_core import cohorts, evaluation, runs
 from bonescan_core.heavy import sqlite_utils
 
 MIN_PER_CLASS = 10
@@ -108,11 +108,12 @@ def thresholds_of(run: runs.Run, threshold: float | None) -> tuple[float, float]
 
 
 def run_subgroups(db: sqlite_utils.Database, run_id: int, threshold: float | None = None, subset: str = "test",
-                  n_resamples: int = 1000, seed: int = 0) -> list[dict[str, Any]]:
+                  n_resamples: int = 1000, seed: int = 0, cohort: str | None = None) -> list[dict[str, Any]]:
     """Every subgroup row of a run on ``subset`` (:func:`subgroup_rows` per dimension, :data:`DIMENSIONS` order).
 
     Study dimensions use one row per study (``runs.study_predictions``: stored study rows, else the
-    maximum over views); ``view`` uses the image predictions. Unlabelled (external) studies are left out.
+    maximum over views); ``view`` uses the image predictions. Unlabelled (external) studies are left out;
+    with ``cohort``, only that cohort's studies count (external validation).
 
     Raises:
         errors.RunNotFound: no such run.
@@ -120,7 +121,7 @@ def run_subgroups(db: sqlite_utils.Database, run_id: int, threshold: float | Non
     run = runs.get(db, run_id)
     study_threshold, image_threshold = thresholds_of(run, threshold)
     studies = runs.study_predictions(db, run_id, subset)
-    labelled = ~np.isnan(studies["label"])
+    labelled = ~np.isnan(studies["label"]) & np.asarray(cohorts.in_cohort(db, studies["study_id"].tolist(), cohort), dtype=bool)
     rows: list[dict[str, Any]] = []
     if labelled.any():
         ids = studies["study_id"][labelled]
@@ -130,6 +131,9 @@ def run_subgroups(db: sqlite_utils.Database, run_id: int, threshold: float | Non
                                   studies["patient_id"][labelled], study_threshold, "study", n_resamples, seed)
     if run.results.facts.get("sample_unit", "image") == "image":
         images = runs.predictions(db, run_id, subset)
+        keep = (images["label"] != runs.UNKNOWN_LABEL) & np.asarray(
+            cohorts.in_cohort(db, images["study_id"].tolist(), cohort), dtype=bool)
+        images = {key: values[keep] for key, values in images.items()}
         if images["label"].size:
             rows += subgroup_rows("view", images["view"], images["label"], images["probability"], images["patient_id"],
                                   image_threshold, "image", n_resamples, seed)

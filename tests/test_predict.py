@@ -346,11 +346,18 @@ def test_evaluate_cohort_uses_the_runs_validation_thresholds_and_counts_unlabell
                 "tn": sum(y == 0 and p < threshold for y, p in rows), "fn": sum(y == 1 and p < threshold for y, p in rows)}
 
     assert result["subset"] == "external" and result["cohort"] == OTHER and result["n_unlabelled"] == 1
-    assert result["threshold"] == 0.3 and result["study_level"]["threshold"] == 0.6
+    assert result["unit"] == "study" and result["threshold"] == 0.6  # the study is the unit, at the study threshold
+    assert result["image_level"]["threshold"] == 0.3 and result["study_level"]["threshold"] == 0.6
     assert result["n_images"] == 10 and result["n_studies"] == 5
-    assert result["confusion"] == confusion(images, 0.3)
-    assert result["study_level"]["confusion"] == confusion(studies, 0.6)
+    assert result["image_level"]["confusion"] == confusion(images, 0.3)
+    assert result["confusion"] == result["study_level"]["confusion"] == confusion(studies, 0.6)
     assert set(result["metrics"]) >= {"accuracy", "auc"} and "ci95" in result["metrics"]["accuracy"]
+    # The same assessment as the run's own test set: calibration of the cohort's labelled studies, subgroups.
+    assert result["calibration"]["n"] == 5 and {"ece", "intercept", "slope", "temperature"} <= set(result["calibration"])
+    assert isinstance(result["subgroups"], list)
+    assert all(row["n"] <= 5 for row in result["subgroups"] if row["unit"] == "study")
+    as_images = json.loads(run_cli("evaluate", "1", "--cohort", OTHER, "--unit", "image", "--json", db_path=db_file).stdout)
+    assert as_images["threshold"] == 0.3 and as_images["confusion"] == confusion(images, 0.3)
 
     refused = run_cli("evaluate", "1", "--cohort", OTHER, "--threshold", "0.5", db_path=db_file)
     assert refused.returncode == 2 and "validation set" in refused.stderr
@@ -363,7 +370,7 @@ def test_evaluate_cohort_falls_back_to_the_runs_one_threshold(db_file):
         job = prediction.enqueue(db, 1, cohort=OTHER)
         jobs.execute_prediction(db_file, prediction.claim_next(db, job))
         stored = runs.get(db, 1).threshold
-        result = external.evaluate_cohort(db, 1, OTHER, n_resamples=50)
+        result = external.evaluate_cohort(db, 1, OTHER, n_resamples=50, unit="image")
     assert result.threshold == pytest.approx(stored, abs=1e-4) and result.study_threshold == result.threshold
     assert result.threshold_source == "run" and result.n_unlabelled == 0
 
