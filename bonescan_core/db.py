@@ -105,14 +105,21 @@ def connect(path: str | os.PathLike[str] | None = None, *, migrate: bool = True)
     return db
 
 
-def idle_connection(path: str | os.PathLike[str]) -> sqlite3.Connection:
+def idle_connection(path: str | os.PathLike[str]) -> sqlite3.Connection | None:
     """A connection that reads nothing and holds no transaction (it never blocks a writer or a
     checkpoint), for a long-lived process to keep open beside its short-lived ones: SQLite
     removes the WAL and its index when the last connection closes, and every short-lived
     connection after that would rebuild them (2-3x the cost of an open, measured at 50,000
-    studies). Usable from any thread."""
-    connection = sqlite3.connect(str(path), check_same_thread=False)
-    connection.execute("SELECT 1 FROM sqlite_master LIMIT 1").fetchall()
+    studies). Usable from any thread. None when the file cannot be read as a database: it is
+    only a speed-up, and :func:`connect` says what is wrong with the file."""
+    connection = None
+    try:
+        connection = sqlite3.connect(str(path), check_same_thread=False)
+        connection.execute("SELECT 1 FROM sqlite_master LIMIT 1").fetchall()
+    except sqlite3.Error:
+        if connection is not None:
+            connection.close()
+        return None
     return connection
 
 
