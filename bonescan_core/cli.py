@@ -279,6 +279,9 @@ def _train_in_foreground(db_path: Path, run_id: int, explain_maps: bool) -> str:
     elif run.error:
         summary += f": {run.error}"
     print(summary, file=sys.stderr)
+    if status == "done" and not explain_maps:
+        print(f"run {run_id}: Grad-CAM maps follow: made on first view, or by a running `bonescan worker`",
+              file=sys.stderr)
     print(run_id, flush=True)
     return status
 
