@@ -400,7 +400,7 @@ def run_to_explain(db: sqlite_utils.Database, skip: Iterable[int] = ()) -> int |
     """The newest done run with a predicted image that has no Grad-CAM map yet (not in
     ``skip``), or None: what an idle worker explains while nothing is queued."""
     skipped = sorted(set(skip))
-    marks = ", ".join("?" for _ in skipped) or "NULL"
+    marks = ", ".join("?" for _ in skipped) or "-1"  # NOT IN (NULL) would exclude every run
     row = db.execute(
         f"""SELECT r.id FROM runs r WHERE r.status = 'done' AND r.id NOT IN ({marks}) AND EXISTS (
                 SELECT 1 FROM predictions p WHERE p.run_id = r.id AND NOT EXISTS (
