@@ -213,7 +213,12 @@ def browser_page(request: pytest.FixtureRequest, app_server: AppServer, chromium
 # --------------------------------------------------------------------------- helpers
 
 
-def wait_for_streamlit_idle(page, timeout_s: float = 30.0, settle_s: float = 0.4) -> None:
+# Generous: a first Train page load decodes every image once for the near-duplicate check (about
+# 10-16 s for 200 images on a loaded 2-core machine); a tolerance, not a timing assertion.
+IDLE_TIMEOUT_S = 90.0
+
+
+def wait_for_streamlit_idle(page, timeout_s: float = IDLE_TIMEOUT_S, settle_s: float = 0.4) -> None:
     """Wait until the app is connected and no script run is in progress, steadily for ``settle_s``.
 
     Streamlit reruns are asynchronous: a click only *requests* a rerun, so right after it the app may
@@ -227,7 +232,7 @@ def wait_for_streamlit_idle(page, timeout_s: float = 30.0, settle_s: float = 0.4
         raise AssertionError(f"the app did not finish its rerun: {error}") from error
 
 
-def open_app(page, server: AppServer, path: str = "/", timeout_s: float = 30.0) -> None:
+def open_app(page, server: AppServer, path: str = "/", timeout_s: float = IDLE_TIMEOUT_S) -> None:
     """Load ``server.url + path`` and wait for the first script run to finish."""
     page.goto(f"{server.url}{path}", wait_until="domcontentloaded")
     page.locator('[data-testid="stApp"]').wait_for(state="attached", timeout=timeout_s * 1000)
