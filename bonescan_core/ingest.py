@@ -700,21 +700,32 @@ def _decoded_in_order(pending: Iterable[_Pending], total: int, jobs: int) -> Ite
                 raise _decoder_stopped(item) from error
             window.append((item, future))
             while len(window) > jobs * WINDOW_PER_JOB or (window and window[0][1] is None):
-                yield _settle(window.popleft())
+                yield _settle(window.popleft(), pool)
         while window:
-            yield _settle(window.popleft())
+            yield _settle(window.popleft(), pool)
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
 
 
-def _settle(entry: tuple[_Pending, Future[DecodedFile] | None]) -> tuple[_Pending, DecodedFile | None]:
+SETTLE_POLL_S = 5.0  # how often a wait for a decoded file checks that every decode worker is alive
+
+
+def _settle(entry: tuple[_Pending, Future[DecodedFile] | None],
+            pool: ProcessPoolExecutor) -> tuple[_Pending, DecodedFile | None]:
     item, future = entry
     if future is None:
         return item, None
-    try:
-        return item, future.result()
-    except BrokenProcessPool as error:
-        raise _decoder_stopped(item) from error
+    while True:
+        try:
+            return item, future.result(timeout=SETTLE_POLL_S)
+        except BrokenProcessPool as error:
+            raise _decoder_stopped(item) from error
+        except TimeoutError:
+            # The executor notices a killed worker by itself, but not always (a worker killed
+            # while the pool spawns or feeds others has hung an import): look at the processes.
+            processes = list((getattr(pool, "_processes", None) or {}).values())
+            if any(process.exitcode not in (None, 0) for process in processes):
+                raise _decoder_stopped(item) from None
 
 
 def _decoder_stopped(item: _Pending) -> DecoderStopped:
