@@ -194,11 +194,15 @@ def test_unread_studies_are_predicted_with_no_label(db_file, tmp_path):
 
 
 def test_a_calibrated_run_stores_calibrated_and_raw_probabilities(db_file):
+    """Images take the run's image calibration, studies its study calibration (fitted apart,
+    on validation studies)."""
     calibration = {"method": "temperature", "temperature": 2.5}
+    study_calibration = {"method": "platt", "intercept": -0.3, "slope": 0.6}
     with dbm.opened(db_file) as db:
         facts = runs.get(db, 1).results.facts
         with dbm.write(db):
-            db.execute("UPDATE runs SET results = ? WHERE id = 1", [json.dumps({**facts, "calibration": calibration})])
+            db.execute("UPDATE runs SET results = ? WHERE id = 1",
+                       [json.dumps({**facts, "calibration": calibration, "study_calibration": study_calibration})])
         job = prediction.enqueue(db, 1, cohort=OTHER)
         assert jobs.execute_prediction(db_file, prediction.claim_next(db, job)) == "done"
         images, studies = external_rows(db)
@@ -207,8 +211,10 @@ def test_a_calibrated_run_stores_calibrated_and_raw_probabilities(db_file):
         assert raw == pytest.approx(raw_expected[image_id], abs=1e-5)
         assert probability == pytest.approx(float(studystats.apply_calibration(calibration, [raw])[0]), abs=1e-9)
         assert abs(probability - 0.5) < abs(raw - 0.5) + 1e-12  # T > 1 pulls towards 0.5
+    assert studies
     for _, _, probability, raw in studies:
-        assert probability == pytest.approx(float(studystats.apply_calibration(calibration, [raw])[0]), abs=1e-9)
+        assert probability == pytest.approx(float(studystats.apply_calibration(study_calibration, [raw])[0]), abs=1e-9)
+        assert probability != pytest.approx(float(studystats.apply_calibration(calibration, [raw])[0]), abs=1e-6)
 
 
 def test_inference_is_batched_with_one_model_load(db_file, monkeypatch):
@@ -436,11 +442,12 @@ def test_evaluate_page_predicts_a_cohort_and_validates_on_it_with_the_shift_pane
 
 
 def test_a_run_without_stored_study_rows_keeps_its_test_studies_after_predicting(db_file):
-    """Runs trained before study rows were stored (as this tiny one) get study rows for
+    """Runs trained before study rows were stored (made so here) get study rows for
     ``external`` only: their test studies must still come from their image rows."""
     with dbm.opened(db_file) as db:
         test_ids = sorted(s for s, subset in split_studies(db).items() if subset == "test")
-        assert db.execute("SELECT COUNT(*) FROM study_predictions WHERE subset = 'test'").fetchone()[0] == 0
+        with dbm.write(db):  # as a run trained before study rows were stored
+            db.execute("DELETE FROM study_predictions WHERE run_id = 1")
         prediction.predict_studies(db, db_file, runs.get(db, 1), cohort_studies(db, OTHER)[:2])
         assert runs.study_predictions(db, 1, "test")["study_id"].tolist() == test_ids
         every = runs.study_predictions(db, 1)

@@ -89,13 +89,13 @@ def train(db_path, **settings):
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
-    """16 demo studies; a per-image ResNet50 run, a composite DenseNet121 run (weights none, 64 x 32,
+    """16 demo studies; a per-image ResNet50 run (uncalibrated), a composite DenseNet121 run (weights none, 64 x 32,
     1 epoch) and a fast-mode ResNet50 run, each exported once: (db path, (run, its bundle) of each)."""
     folder = tmp_path_factory.mktemp("standalone")
     db_path = folder / "labels.db"
     with dbm.opened(db_path) as db:
         add_demo_studies(db, 16, seed=21)
-    per_image = train(db_path, backbone="resnet50")
+    per_image = train(db_path, backbone="resnet50", calibration="none")  # the test adds a calibration itself
     composite = train(db_path, backbone="densenet121", view_mode="composite")
     fast = train(db_path, backbone="resnet50", mode="fast", epochs=3)
     with dbm.opened(db_path) as db:  # in this process: no fresh interpreter needed for the in-process check
@@ -137,7 +137,7 @@ def export(db_path, run_id, bundle):
 def test_per_image_bundle_reproduces_the_app_without_bonescan(trained, tmp_path):
     db_path, (run_id, bundle), *_ = trained
     config = json.loads((bundle / "config.json").read_text())
-    assert config["model_input"]["inputs"] == ["counts"] and "calibration" not in config
+    assert config["model_input"]["inputs"] == ["counts"] and config["calibration"] == {"method": "none"}
 
     studies = stored(db_path, run_id)
     images = [image for items in studies.values() for image in items][:3]
@@ -173,7 +173,8 @@ def test_per_image_bundle_reproduces_the_app_without_bonescan(trained, tmp_path)
     assert codes[1] == 2 and [line.split("\t")[0] for line in blocks[1]] == [files[0], files[1]]
     assert f"{garbage}: not a TIFF, PNG, JPEG or DICOM file" in stderr
 
-    assert codes[2] == 0 and blocks[2] == [f"threshold\t{config['threshold']:.6f}"]
+    stored_thresholds = config["thresholds"]  # image and study, each chosen on validation
+    assert codes[2] == 0 and blocks[2] == [f"image\t{stored_thresholds['image']:.6f}", f"study\t{stored_thresholds['study']:.6f}"]
 
     raw = np.array([float(p) for _, p in printed[:2]])
     assert codes[3] == 0
