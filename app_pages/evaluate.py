@@ -443,7 +443,7 @@ with external_tab:
                                                 {name: used}), key="ex_roc")
             if ext.calibration is not None:
                 st.markdown(f"**Calibration on cohort {cohort}** (studies, the run's stored calibration): "
-                            + calibration.summary_text(ext.calibration))
+                            + calibration.summary_text(ext.calibration, f"Cohort {cohort} studies"))
             if ext.localisation_text() is not None:
                 st.markdown(f"**Grad-CAM pointing game on cohort {cohort}:** {ext.localisation_text()}")
             if ext.subgroups:

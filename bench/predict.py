@@ -4,7 +4,9 @@ What prediction on new scans costs once a run's model is loaded, through the app
 (``prediction.predict_studies``: decode and fit the stored pixels in a loader thread, the
 model behind its in-graph input pipeline, calibration, the rows stored), against the bare
 ``model.predict`` on the very same images already preprocessed (3-channel backbone input in
-memory, the same chunks and batch size; preprocessing not timed). Goal: predict throughput
+memory, the same chunks and batch size; preprocessing not timed), the two alternating in
+blocks of ``--block`` studies (each block's ``predict_studies`` call pays its own set-up, as
+a job of that size would). Goal: predict throughput
 >= 0.9 x bare (``ratio``, ``goal_met``): batching, no per-study model reload, decoding hidden
 behind inference. Grad-CAM (``prediction.explain_studies``, what a prediction job does next)
 is a separate figure, timed on the first ``--gradcam-studies`` studies after the warm-up one
@@ -88,6 +90,8 @@ def main() -> None:
     parser.add_argument("--weights", default="none", help="none (default, offline) or imagenet")
     parser.add_argument("--batch-size", type=int, default=16, help="the run's batch size (default 16, the app's)")
     parser.add_argument("--no-gradcam", action="store_true", help="skip the Grad-CAM figure")
+    parser.add_argument("--block", type=int, default=100,
+                        help="studies per block; predict and bare alternate block by block (default 100)")
     parser.add_argument("--gradcam-studies", type=int, default=100, help="studies whose maps are timed (default 100)")
     args = parser.parse_args()
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -118,11 +122,22 @@ def main() -> None:
             prediction.predict_studies(db, db_path, run, sorted({s.study_id for s in parts[0]}))
             bare_seconds(model, backbone, [preprocess.load_images(db, parts[0], size)], args.batch_size)
 
-            counts = prediction.predict_studies(db, db_path, run, study_ids)
-            predict_s = counts["predict_seconds"]
-            images = [preprocess.load_images(db, part, size) for part in parts]
-            bare_s = bare_seconds(model, backbone, images, args.batch_size)
-            del images
+            # Interleaved in blocks of studies, the order alternating, so that a change in the
+            # machine's load (it is shared) falls on both paths alike rather than on one.
+            predict_s = bare_s = 0.0
+            counts = {"n_studies": 0, "n_images": 0}
+            blocks = [study_ids[i : i + args.block] for i in range(0, len(study_ids), args.block)]
+            for index, block in enumerate(blocks):
+                block_parts = prediction.study_chunks(preprocess.list_samples(db, dict.fromkeys(block, 0), "per_image"), chunk)
+                for path in (("predict", "bare") if index % 2 == 0 else ("bare", "predict")):
+                    if path == "predict":
+                        done = prediction.predict_studies(db, db_path, run, block)
+                        predict_s += done["predict_seconds"]
+                        counts = {key: counts[key] + done[key] for key in counts}
+                    else:
+                        images = [preprocess.load_images(db, part, size) for part in block_parts]
+                        bare_s += bare_seconds(model, backbone, images, args.batch_size)
+                        del images
             gradcam = None
             if not args.no_gradcam:
                 prediction.explain_studies(db, db_path, run_id, warm)
@@ -134,7 +149,7 @@ def main() -> None:
     ratio = (n_images / predict_s) / (n_images / bare_s)
     print(json.dumps({
         "bench": "predict", "backbone": args.backbone, "image_size": f"{size[0]}x{size[1]}", "weights": args.weights,
-        "batch_size": args.batch_size, "chunk": chunk, "studies": counts["n_studies"], "images": n_images,
+        "batch_size": args.batch_size, "chunk": chunk, "block": args.block, "studies": counts["n_studies"], "images": n_images,
         "predict": {"seconds": round(predict_s, 3), "images_per_second": round(n_images / predict_s, 3)},
         "bare_model_predict": {"seconds": round(bare_s, 3), "images_per_second": round(n_images / bare_s, 3)},
         "ratio": round(ratio, 3), "goal_ratio": GOAL_RATIO, "goal_met": ratio >= GOAL_RATIO,

@@ -135,10 +135,11 @@ def summary(labels: Any, probabilities: Any, raw_probabilities: Any, calibration
     }
 
 
-def summary_text(summary_: dict[str, Any]) -> str:
+def summary_text(summary_: dict[str, Any], population: str = "Test studies") -> str:
     """:func:`summary` in one sentence (the Evaluate page's panel, the report), e.g. "Fitted on
     validation: temperature, T = 1.62. Test studies (n = 86): ECE 0.050 (raw 0.110), intercept
-    -0.08 (95% CI -0.50 to 0.34), slope 0.93 (95% CI 0.61 to 1.25). Ideal: intercept 0, slope 1."."""
+    -0.08 (95% CI -0.50 to 0.34), slope 0.93 (95% CI 0.61 to 1.25). Ideal: intercept 0, slope 1.".
+    ``population`` names the studies it was measured on (e.g. "Cohort B studies" for an external one)."""
     def number(value: float | None, digits: int) -> str:
         return "n/a" if value is None else f"{value:.{digits}f}"
 
@@ -146,7 +147,7 @@ def summary_text(summary_: dict[str, Any]) -> str:
         return "" if None in values else f" (95% CI {values[0]:.2f} to {values[1]:.2f})"
 
     method = summary_["method"] + (f", T = {summary_['temperature']:.2f}" if summary_.get("temperature") else "")
-    return (f"Fitted on validation: {method}. Test studies (n = {summary_['n']}): ECE {number(summary_['ece'], 3)} "
+    return (f"Fitted on validation: {method}. {population} (n = {summary_['n']}): ECE {number(summary_['ece'], 3)} "
             f"(raw {number(summary_['ece_raw'], 3)}), intercept {number(summary_['intercept'], 2)}"
             f"{interval(summary_['intercept_ci95'])}, slope {number(summary_['slope'], 2)}{interval(summary_['slope_ci95'])}. "
             "Ideal: intercept 0, slope 1.")

@@ -241,13 +241,16 @@ def pr_figure(curves: Mapping[str, Any], operating_thresholds: Mapping[str, floa
     return fig
 
 
-def calibration_figure(curves: Mapping[str, Any], title: str = "Calibration (reliability diagram)") -> go.Figure:
+def calibration_figure(curves: Mapping[str, Any], title: str = "Calibration (reliability diagram)",
+                       unit: str = "images") -> go.Figure:
     """Reliability diagram: observed frequency of metastasis vs mean predicted probability
-    per bin, with Wilson 95% intervals, over a histogram of how many images fall in each bin.
+    per bin, with Wilson 95% intervals, over a histogram of how many images (or studies)
+    fall in each bin.
 
     Args:
         curves: ``{name: evaluation.calibration_points(...)}`` (or a single one).
         title: figure title.
+        unit: ``"images"`` or ``"studies"``: what the points count (the histogram's axis).
     """
     fig = make_subplots(rows=2, cols=1, shared_xaxes=True, row_heights=[0.74, 0.26], vertical_spacing=0.05)
     fig.add_trace(go.Scatter(x=[0, 1], y=[0, 1], mode="lines", name="Perfectly calibrated",
@@ -276,14 +279,14 @@ def calibration_figure(curves: Mapping[str, Any], title: str = "Calibration (rel
             x=(np.asarray(points["bin_lower"]) + np.asarray(points["bin_upper"])) / 2, y=count,
             width=width / max(len(named), 1) * 0.9, offsetgroup=str(i), legendgroup=name, showlegend=False,
             name=name, marker={"color": colour(i), "opacity": 0.75},
-            hovertemplate=f"<b>{name}</b><br>p in %{{x:.2f}} ± {width[0] / 2:.2f}: %{{y}} images<extra></extra>",
+            hovertemplate=f"<b>{name}</b><br>p in %{{x:.2f}} ± {width[0] / 2:.2f}: %{{y}} {unit}<extra></extra>",
         ), row=2, col=1)
     _layout(fig, title, width=640, height=680, barmode="group", bargap=0.05,
             legend={"x": 0.98, "y": 0.31, "xanchor": "right", "yanchor": "bottom", "bgcolor": "rgba(255,255,255,0.8)"})
     fig.update_xaxes(range=[-0.01, 1.01], tick0=0, dtick=0.1, zeroline=False)
     fig.update_xaxes(title="Mean predicted probability of metastasis", row=2, col=1)
     fig.update_yaxes(title="Observed frequency", range=[-0.01, 1.01], tick0=0, dtick=0.2, zeroline=False, row=1, col=1)
-    fig.update_yaxes(title="Images", rangemode="tozero", row=2, col=1)
+    fig.update_yaxes(title=unit.capitalize(), rangemode="tozero", row=2, col=1)
     return fig
 
 
@@ -397,7 +400,7 @@ def run_figures(
         "pr": pr_figure({name: evaluation.pr_points(labels, probabilities)}, {name: threshold},
                         title=f"Precision–recall curve ({per})"),
         "calibration": calibration_figure({name: evaluation.calibration_points(labels, probabilities)},
-                                          title=f"Calibration (reliability diagram, {per})"),
+                                          title=f"Calibration (reliability diagram, {per})", unit=unit),
         "training": training_curves(epochs),
     }
 

@@ -104,6 +104,15 @@ def test_calibration_figure_has_reliability_and_counts(runs):
     np.testing.assert_allclose(scatters[0].y, densenet["observed"][filled])
     assert sum(bars[0].y) == y.size
     assert "ECE" in scatters[0].name and tuple(fig.layout.yaxis.range) == (-0.01, 1.01)
+    assert fig.layout.yaxis2.title.text == "Images"
+
+
+def test_a_per_study_calibration_figure_counts_studies(runs):
+    y, probabilities = runs
+    fig = plots.run_figures("ResNet50", y, probabilities["ResNet50"], 0.5, ev.confusion(y, probabilities["ResNet50"], 0.5),
+                            [], unit="studies")["calibration"]
+    assert fig.layout.yaxis2.title.text == "Studies"
+    assert all("studies" in t.hovertemplate for t in fig.data if isinstance(t, go.Bar))
 
 
 def test_training_curves_from_stored_epoch_rows():

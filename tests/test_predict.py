@@ -439,6 +439,8 @@ def test_evaluate_page_predicts_a_cohort_and_validates_on_it_with_the_shift_pane
                for c in app.caption)
     titles = [json.loads(chart.proto.spec)["layout"]["title"]["text"] for chart in app.get("plotly_chart")]
     assert "Intensity histograms" in titles and "Image sizes" in titles
+    (line,) = [m.value for m in app.markdown if m.value.startswith(f"**Calibration on cohort {OTHER}**")]
+    assert f"Cohort {OTHER} studies (n = 6)" in line and "Test studies" not in line
 
 
 def test_a_run_without_stored_study_rows_keeps_its_test_studies_after_predicting(db_file):
