@@ -235,7 +235,7 @@ def test_a_blind_reader_sees_the_model_only_after_saving_a_read(db_path, review_
     assert app.session_state["rv_study"] == study and app.toggle(key="rv_blind").value
     assert not model_shown(app), "the model's probability or map was shown before the read was saved"
     assert "Hidden until you have saved your read" in shown_text(app)
-    assert app.toggle(key="rv_show_model").disabled  # blind mode: no way to show it early
+    assert app.toggle(key="rv_show_model").proto.disabled  # blind mode: no way to show it early
 
     app.checkbox(key=f"rv_{study}_typical_pattern").check()
     app.button(key="rv_metastatic").click().run()
