@@ -11,8 +11,9 @@ import time
 import pandas as pd
 import streamlit as st
 
+from app_pages import model_panel
 from app_pages.common import allowed, cached, cached_study_images, denial, md, open_db, reviewer, scan_viewer, still_signed_in
-from bonescan_core import catalog
+from bonescan_core import assist, catalog, runs
 from bonescan_core import review as rv
 
 METASTATIC_CRITERIA = [c for c, (side, _) in rv.CRITERIA.items() if side == "metastatic"]
@@ -41,6 +42,7 @@ def current_review(study_id: int, decision: str, label: str | None) -> rv.Review
         note=state.get(form_key(study_id, "note"), ""),
         adjudication=bool(state.get(form_key(study_id, "adjudication"))),
         screening=state.get(form_key(study_id, "screening"), "yes") == "yes",
+        assisted=study_id in model_panel.shown_studies(),  # the model's opinion was on screen before this save
     )
 
 
@@ -83,10 +85,15 @@ if "study" in st.query_params and st.query_params["study"].isdigit():
     st.session_state["rv_study"] = int(st.query_params.pop("study"))
 
 with open_db() as db:
-    orders = [o for o in rv.QUEUE_ORDERS if o != "uncertain" or rv.newest_finished_run(db) is not None]
+    done_runs = runs.list_runs(db, status="done")
+orders = [o for o in assist.QUEUE_ORDERS if o not in ("uncertain", "label_errors") or done_runs]
 top = st.columns([2, 1, 3])
-order = top[0].selectbox("Queue", orders, format_func=lambda o: rv.QUEUE_ORDERS[o].capitalize(), key="rv_order")
-blind = top[1].toggle("Blind mode", value=True, key="rv_blind", help="Hide other readers' labels until you have read the study.")
+order = top[0].selectbox("Queue", orders, format_func=lambda o: assist.QUEUE_ORDERS[o].capitalize(), key="rv_order")
+blind = top[1].toggle("Blind mode", value=True, key="rv_blind",
+                      help="Hide other readers' labels, and the model, until you have read the study.")
+model_run, show_model = model_panel.controls(done_runs, blind)
+if order in ("uncertain", "label_errors"):
+    st.caption("This queue is ordered by the model's output, so its order itself hints at the model's opinion.")
 
 with open_db() as db:
     mine = cached("read_by", name)
@@ -94,9 +101,9 @@ with open_db() as db:
     adjudicator = rv.is_adjudicator(db, name)
     # The queue is a snapshot, taken when the order, the reader or the number of studies
     # changes (or on Refresh): j/k then walk a stable list, and k returns to the study just saved.
-    snapshot_key = (order, name, total, st.session_state.get("rv_refresh", 0))
+    snapshot_key = (order, name, total, model_run, st.session_state.get("rv_refresh", 0))
     if st.session_state.get("rv_queue_key") != snapshot_key:
-        st.session_state["rv_queue"] = rv.review_queue(db, name, order)
+        st.session_state["rv_queue"] = [study for study, _ in assist.reading_queue(db, name, order, model_run)]
         st.session_state["rv_queue_key"] = snapshot_key
 queue: list[int] = st.session_state["rv_queue"]
 
@@ -133,6 +140,7 @@ if flag_reasons:
 viewer_column, form_column = st.columns([1, 1])
 with viewer_column:
     scan_viewer(study_id, key="rv_viewer")
+    model_panel.panel(study_id, model_run, assist.model_visible(blind, show_model, study_id in mine), blind)
 if next_study is not None:
     cached_study_images(next_study)  # decode the next study now, so it shows at once after a save
 

@@ -31,7 +31,7 @@ from bonescan_core.errors import BonescanError, InputError
 from bonescan_core.heavy import lazy_module
 from bonescan_core.preprocess import VIEW_MODES
 from bonescan_core.results import Progress
-from bonescan_core.review import Review, add_review, export_reviews_csv, import_reviews_csv, set_adjudicator
+from bonescan_core.review import QUEUE_ORDERS, Review, add_review, export_reviews_csv, import_reviews_csv, set_adjudicator
 from bonescan_core.runs import TrainConfig
 
 # The one lazy place: slow to import, loaded on a verb's first use (see the module docstring).
@@ -42,11 +42,14 @@ jobs = lazy_module("bonescan_core.jobs")
 explain = lazy_module("bonescan_core.explain")
 prediction = lazy_module("bonescan_core.prediction")
 external = lazy_module("bonescan_core.external")
+assist = lazy_module("bonescan_core.assist")
 
 if TYPE_CHECKING:  # annotations only
     from bonescan_core.ingest import ProgressStep
 
 EXIT_OK, EXIT_SOME_FAILED, EXIT_USAGE = 0, 1, 2
+# assist.QUEUE_ORDERS without importing assist (it brings the prediction stack) to build the parser.
+QUEUE_ORDER_NAMES = [*QUEUE_ORDERS, "label_errors"]
 
 
 class CommandError(InputError):
@@ -162,6 +165,16 @@ def cmd_labels(args: argparse.Namespace) -> int:
     if result.errors and not result.added and not result.duplicates:
         return EXIT_USAGE
     return EXIT_SOME_FAILED if result.errors else EXIT_OK
+
+
+def cmd_queue(args: argparse.Namespace) -> int:
+    if args.order == "unread" and not args.reviewer:
+        raise CommandError("order unread is per reader: name them with --reviewer NAME")
+    with dbm.opened(args.db) as db:
+        queue = assist.reading_queue(db, args.reviewer or "", args.order, run_id=args.run)
+    rows = [{"study_id": study_id, "score": None if score is None else round(score, 4)} for study_id, score in queue]
+    _print_rows(rows, args.json, ["study_id", "score"])
+    return EXIT_OK
 
 
 def cmd_agreement(args: argparse.Namespace) -> int:
@@ -572,6 +585,15 @@ def build_parser() -> argparse.ArgumentParser:
     verb.add_argument("action", choices=["export", "import"])
     verb.add_argument("--csv", required=True, metavar="FILE")
     verb.set_defaults(func=cmd_labels)
+
+    verb = verbs.add_parser("queue", help="the Review page's reading queue in one order, e.g. likely label errors first")
+    verb.add_argument("--order", default="unread", choices=QUEUE_ORDER_NAMES,
+                      help="unread (needs --reviewer; default), all, disagreements, flagged, uncertain or label_errors")
+    verb.add_argument("--reviewer", default=None, metavar="NAME", help="the reader whose unread studies come first (order unread)")
+    verb.add_argument("--run", type=int, default=None, metavar="RUN",
+                      help="the run label_errors and uncertain rank by (default: the newest finished run)")
+    verb.add_argument("--json", action="store_true")
+    verb.set_defaults(func=cmd_queue)
 
     verb = verbs.add_parser("agreement", help="inter-reader agreement (Cohen's kappa) per reviewer pair")
     verb.add_argument("--json", action="store_true")

@@ -612,6 +612,13 @@ def _m016_split_grouping(db: sqlite_utils.Database) -> None:
     db.execute("ALTER TABLE splits ADD COLUMN grouping TEXT NOT NULL DEFAULT 'patient' CHECK (grouping IN ('patient', 'study'))")
 
 
+def _m017_assisted_reads(db: sqlite_utils.Database) -> None:
+    """``reviews.assisted``: 1 when the reader saw a run's opinion of the study (probability and
+    Grad-CAM map, ``assist.model_visible``) before saving the review; 0 for every earlier review,
+    none of which could have."""
+    db.execute("ALTER TABLE reviews ADD COLUMN assisted INTEGER NOT NULL DEFAULT 0 CHECK (assisted IN (0, 1))")
+
+
 MIGRATIONS: list[tuple[str, Callable[[sqlite_utils.Database], None]]] = [
     ("001_foundation", _m001_foundation),
     ("002_training", _m002_training),
@@ -629,6 +636,7 @@ MIGRATIONS: list[tuple[str, Callable[[sqlite_utils.Database], None]]] = [
     ("014_prediction_jobs", _m014_prediction_jobs),
     ("015_localisation", _m015_localisation),
     ("016_split_grouping", _m016_split_grouping),
+    ("017_assisted_reads", _m017_assisted_reads),
 ]
 
 

@@ -79,6 +79,7 @@ class Review:
     adjudication: bool = False  # the consensus recorded by an adjudicator
     from_import: bool = False  # a label recorded by import (class folder or manifest): no criterion needed
     screening: bool = True  # the indication is metastasis screening; the paper excludes every other study
+    assisted: bool = False  # the reader saw the model's opinion of the study before saving (assist.model_visible)
 
     def as_saved(self) -> Review:
         """The review as :func:`add_review` stores it: an exclusion of a study whose indication is
@@ -141,6 +142,7 @@ def add_review(db: sqlite_utils.Database, review: Review, created_at: str | None
         "confidence": review.confidence,
         "note": review.note,
         "adjudication": int(review.adjudication),
+        "assisted": int(review.assisted),
     }
     in_caller_transaction = db.conn.in_transaction
     with contextlib.nullcontext() if in_caller_transaction else dbm.write(db):
@@ -288,7 +290,7 @@ def read_by(db: sqlite_utils.Database, reviewer: str) -> set[int]:
     return {row[0] for row in db.execute("SELECT DISTINCT study_id FROM reviews WHERE reviewer = ?", [reviewer]).fetchall()}
 
 
-def review_queue(db: sqlite_utils.Database, reviewer: str, order: str = "unread") -> list[int]:
+def review_queue(db: sqlite_utils.Database, reviewer: str, order: str = "unread", run_id: int | None = None) -> list[int]:
     """Study ids in reading order.
 
     Args:
@@ -297,6 +299,7 @@ def review_queue(db: sqlite_utils.Database, reviewer: str, order: str = "unread"
             adjudication settled), ``flagged`` (only studies with an open re-review flag),
             ``uncertain`` (studies the newest finished run was least sure of first: smallest
             |probability - threshold| over the study's images; then the others by id).
+        run_id: the run ``uncertain`` ranks by; None: the newest finished run.
     """
     if order not in QUEUE_ORDERS:
         raise ValueError(f"unknown queue order {order!r}; one of {', '.join(QUEUE_ORDERS)}")
@@ -305,7 +308,7 @@ def review_queue(db: sqlite_utils.Database, reviewer: str, order: str = "unread"
     if order == "flagged":
         return sorted(open_flags(db))
     if order == "uncertain":
-        return _uncertain_first(db)
+        return _uncertain_first(db, run_id)
     ids = [row[0] for row in db.execute("SELECT id FROM studies ORDER BY id").fetchall()]
     if order == "all":
         return ids
@@ -318,8 +321,8 @@ def newest_finished_run(db: sqlite_utils.Database) -> int | None:
     return runs.newest_done(db)
 
 
-def _uncertain_first(db: sqlite_utils.Database) -> list[int]:
-    run_id = newest_finished_run(db)
+def _uncertain_first(db: sqlite_utils.Database, run_id: int | None = None) -> list[int]:
+    run_id = newest_finished_run(db) if run_id is None else run_id
     ids = [row[0] for row in db.execute("SELECT id FROM studies ORDER BY id").fetchall()]
     if run_id is None:
         return ids
@@ -400,7 +403,7 @@ def open_flags(db: sqlite_utils.Database) -> dict[int, list[str]]:
 # --- CSV exchange (reading-room spreadsheets) ------------------------------------------------
 
 CSV_COLUMNS = ("study_id", "reviewer", "decision", "label", "criteria", "exclusion_reason", "note", "created_at",
-               "artifacts", "confidence", "adjudication")
+               "artifacts", "confidence", "adjudication", "assisted")
 REQUIRED_CSV_COLUMNS = ("study_id", "reviewer", "decision", "label", "criteria")
 
 
@@ -450,6 +453,7 @@ def _review_from_csv(row: dict[str, str]) -> tuple[Review, str | None]:
         confidence=int(confidence) if confidence else None,
         note=row.get("note") or "",  # as written: a round trip of an export keeps every character
         adjudication=(row.get("adjudication") or "").strip().lower() in ("1", "true", "yes"),
+        assisted=(row.get("assisted") or "").strip().lower() in ("1", "true", "yes"),
     )
     return review, created_at
 

@@ -97,7 +97,7 @@ def test_light_verbs_import_no_heavy_library(db_path):
         "from bonescan_core.cli import main\n"
         f"for argv in (['--db', {str(db_path)!r}, 'init'], ['--db', {str(db_path)!r}, 'demo', '--studies', '2'],"
         f" ['--db', {str(db_path)!r}, 'studies', '--json'], ['--db', {str(db_path)!r}, 'images', '--json'],"
-        f" ['--db', {str(db_path)!r}, 'runs', '--json']):\n"
+        f" ['--db', {str(db_path)!r}, 'runs', '--json'], ['--db', {str(db_path)!r}, 'queue', '--order', 'all', '--json']):\n"
         "    with contextlib.redirect_stdout(io.StringIO()):\n"
         "        assert main(argv) == 0, argv\n"
         f"print(sorted(m for m in {HEAVY!r} if m in sys.modules))\n"

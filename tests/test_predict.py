@@ -454,3 +454,25 @@ def test_a_run_without_stored_study_rows_keeps_its_test_studies_after_predicting
         assert runs.study_predictions(db, 1, "test")["study_id"].tolist() == test_ids
         every = runs.study_predictions(db, 1)
     assert every["subset"].tolist() == ["val"] * (len(every["subset"]) - len(test_ids) - 2) + ["test"] * len(test_ids) + ["external"] * 2
+
+
+def test_assisted_reading_predicts_a_study_on_demand_and_never_explains_a_training_study(db_file):
+    """The Review page's "Predict this study" (``assist.predict_study``): an unseen study gets an
+    external prediction and its maps; a training study is refused, and gets no overlay."""
+    from bonescan_core import assist, catalog
+
+    with dbm.opened(db_file) as db:
+        study = cohort_studies(db, OTHER)[0]
+        assert assist.opinion(db, 1, study).status == "not_predicted"
+        opinion = assist.predict_study(db, db_file, 1, study)
+        assert (opinion.status, opinion.subset) == ("out_of_sample", "external")
+        stored = runs.study_predictions(db, 1, "external")
+        assert opinion.probability == pytest.approx(float(stored["probability"][list(stored["study_id"]).index(study)]))
+        overlays = assist.study_overlays(db, db_file, 1, study, catalog.study_images(db, study))
+        assert len(overlays) == 2 and all(o.probability is not None and o.rgb.dtype == np.uint8 for o in overlays)
+        train_study = next(s for s, subset in split_studies(db).items() if subset == "train")
+        with pytest.raises(prediction.InSplitError):
+            assist.predict_study(db, db_file, 1, train_study)
+        assert assist.opinion(db, 1, train_study).status == "trained"
+        with pytest.raises(errors.InputError, match="trained run 1"):
+            assist.study_overlays(db, db_file, 1, train_study, catalog.study_images(db, train_study))
