@@ -33,6 +33,13 @@ def _size(text: str) -> tuple[int, int]:
     return height, width
 
 
+def rank_auc(labels: np.ndarray, scores: np.ndarray) -> float:
+    """ROC AUC of raw scores (any range): the chance that a positive outscores a negative, ties half."""
+    positive, negative = scores[labels == 1], scores[labels == 0]
+    greater = (positive[:, None] > negative[None, :]).mean()
+    return float(greater + 0.5 * (positive[:, None] == negative[None, :]).mean())
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--studies", type=int, default=60)
@@ -41,7 +48,6 @@ def main() -> None:
     args = parser.parse_args()
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     from bonescan_core import models, phantom, preprocess, scintinet
-    from bonescan_core.evaluation import point_metrics
 
     keras = models.keras_module()
     height, width = args.size
@@ -71,7 +77,7 @@ def main() -> None:
             entry["contrast"].append(float(ch[view_index, ..., 2][away].max()))
             entry["asymmetry"].append(float(ch[view_index, ..., 3][away].max()))
     scores_array, y = np.array(scores), np.array(labels)
-    aucs = {name: round(float(point_metrics(y, scores_array[:, i], 0.5)["auc"]), 3) for i, name in enumerate(names)}
+    aucs = {name: round(rank_auc(y, scores_array[:, i]), 3) for i, name in enumerate(names)}
     summary = {kind: {what: [round(float(v), 2) for v in np.percentile(values, [10, 50, 90])] + [len(values)]
                       for what, values in entry.items()} for kind, entry in found.items()}
     print(json.dumps({"studies": args.studies, "seed": args.seed, "size": list(args.size), "positives": int(y.sum()),
