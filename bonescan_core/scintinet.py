@@ -6,6 +6,11 @@ scan is positive if ANY place shows one. So the network
 
 1. scales each image by its own 99.5th percentile inside the model (counts differ by patient,
    dose and acquisition time; a saved model takes any positive scale of the counts);
+1b. adds fixed, non-learned **reader channels** (:func:`reader_channels`): the contrast of each
+   place over the local bone around it, its left-right asymmetry and (fusion) the other view's
+   contrast at the same place, as a reader compares; the grey image alone left the network at
+   chance for 50-300 training steps on the demo phantoms, because the hottest places of a scan
+   are not lesions (docs/scintinet.md, "Reader channels");
 2. reads every full-resolution pixel in its first layer (a 5 x 5 convolution of stride 2) and
    then halves the resolution with max pooling, which keeps a 1-3 px hot spot alive where
    striding or averaging would dilute it;
