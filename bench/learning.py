@@ -92,6 +92,7 @@ def main() -> None:
         "test_images": result and result["n_images"], "test_auc": _metric(result, "auc"),
         "test_accuracy": _metric(result, "accuracy"), "threshold": run.threshold,
         "test_studies": study and study["n_studies"], "study_test_auc": _metric(study, "auc"),
+        "localisation": result and result.get("localisation"),  # the pointing game of the worker's cached maps
         "val_auc_per_epoch": [round(e["metrics"]["val_auc"], 4) for e in epochs_run if e["metrics"].get("val_auc") is not None],
         **environment(),
     }), flush=True)

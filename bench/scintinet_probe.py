@@ -11,7 +11,11 @@ per evaluation: variant, step, seconds, training loss, validation image AUC and 
 Variants (comma-separated): ``base`` (paper augmentation, lr 1e-3, the model's pooling),
 ``noaug`` (no augmentation), ``hardmax`` (no augmentation, log-sum-exp sharpness 10, close to
 a hard max), ``lr3`` (no augmentation, lr 3e-3), ``flip`` (horizontal flip only), ``b8`` (no
-augmentation, batch 8).
+augmentation, batch 8) — all on the grey image only (``reader=False``, the first version) —
+and, with the fixed reader channels (``scintinet.reader_channels``, no augmentation):
+``reader`` (lr 1e-3, sharpness 1, batch 16), ``reader_r3`` / ``reader_r5`` / ``reader_r10``
+(log-sum-exp sharpness 3 / 5 / 10), ``reader_warmup`` (the learning rate rises linearly over
+the first 25 steps), ``reader_lr3`` (lr 3e-3 with that warm-up), ``reader_b32`` (batch 32).
 """
 
 from __future__ import annotations
@@ -36,6 +40,14 @@ VARIANTS = {
     "lr3": {"augment": None, "lr": 3e-3, "sharpness": None, "batch": 16},
     "flip": {"augment": {"flip_horizontal": True}, "lr": 1e-3, "sharpness": None, "batch": 16},
     "b8": {"augment": None, "lr": 1e-3, "sharpness": None, "batch": 8},
+    # With the fixed reader channels (scintinet.reader_channels); the variants above are the grey image only.
+    "reader": {"augment": None, "lr": 1e-3, "sharpness": None, "batch": 16, "reader": True},
+    "reader_r3": {"augment": None, "lr": 1e-3, "sharpness": 3.0, "batch": 16, "reader": True},
+    "reader_r5": {"augment": None, "lr": 1e-3, "sharpness": 5.0, "batch": 16, "reader": True},
+    "reader_r10": {"augment": None, "lr": 1e-3, "sharpness": 10.0, "batch": 16, "reader": True},
+    "reader_warmup": {"augment": None, "lr": 1e-3, "sharpness": None, "batch": 16, "reader": True, "warmup": 25},
+    "reader_lr3": {"augment": None, "lr": 3e-3, "sharpness": None, "batch": 16, "reader": True, "warmup": 25},
+    "reader_b32": {"augment": None, "lr": 1e-3, "sharpness": None, "batch": 32, "reader": True},
 }
 
 
@@ -106,11 +118,13 @@ def main() -> None:
         rng = np.random.default_rng(0)
         sharpness = variant["sharpness"] or scintinet.SHARPNESS
         fusion = args.view_mode == "fusion"
-        model = scintinet.build(args.size, seed=0, sharpness=sharpness, views=2 if fusion else 1)
+        model = scintinet.build(args.size, seed=0, sharpness=sharpness, views=2 if fusion else 1,
+                                reader=variant.get("reader", False))
         augment = preprocess.PAPER_AUGMENT if variant["augment"] == "paper" else variant["augment"]
         trainer = preprocess.with_input_pipeline(model, "scintinet", preprocess.make_augmenter(augment, seed=0))
         predictor = preprocess.with_input_pipeline(model, "scintinet")
-        trainer.compile(optimizer=keras.optimizers.Adam(variant["lr"]), loss="binary_crossentropy")
+        optimizer = keras.optimizers.Adam(variant["lr"])
+        trainer.compile(optimizer=optimizer, loss="binary_crossentropy")
         weights = class_weights_for(data["train_y"])
         x, y = data["train_x"], data["train_y"].astype(np.float32)
         started, order, losses = time.perf_counter(), np.array([], dtype=int), []
@@ -118,6 +132,8 @@ def main() -> None:
             if order.size < variant["batch"]:
                 order = np.concatenate([order, rng.permutation(len(x))])
             picked, order = order[: variant["batch"]], order[variant["batch"]:]
+            if variant.get("warmup"):
+                optimizer.learning_rate.assign(variant["lr"] * min(1.0, step / variant["warmup"]))
             batch = x[picked].astype(np.float32)[..., None]
             losses.append(float(trainer.train_on_batch(batch, y[picked, None],
                                                       sample_weight=np.array([weights[int(v)] for v in y[picked]]))))

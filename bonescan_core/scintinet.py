@@ -6,6 +6,11 @@ scan is positive if ANY place shows one. So the network
 
 1. scales each image by its own 99.5th percentile inside the model (counts differ by patient,
    dose and acquisition time; a saved model takes any positive scale of the counts);
+1b. adds fixed, non-learned **reader channels** (:func:`reader_channels`): the contrast of each
+   place over the local bone around it, its left-right asymmetry and (fusion) the other view's
+   contrast at the same place, as a reader compares; the grey image alone left the network at
+   chance for 50-300 training steps on the demo phantoms, because the hottest places of a scan
+   are not lesions (docs/scintinet.md, "Reader channels");
 2. reads every full-resolution pixel in its first layer (a 5 x 5 convolution of stride 2) and
    then halves the resolution with max pooling, which keeps a 1-3 px hot spot alive where
    striding or averaging would dilute it;
@@ -48,7 +53,15 @@ CLIP = 4.0  # after scaling: lesions up to ~4 x bone stay distinct, a bladder or
 STEM: tuple[int, int, int] = (16, 5, 2)
 # (filters, convolutions, dilation of the last one) per stage; a 2 x 2 max pool precedes each stage.
 STAGES: tuple[tuple[int, int, int], ...] = ((32, 2, 1), (64, 2, 1), (128, 2, 2))
+READER = True  # fixed reader channels in, and pooled to the last stage (docs/scintinet.md, "Reader channels")
 SHARPNESS = 1.0  # log-sum-exp pooling: weights places by exp(SHARPNESS * logit); large → hard max, small → mean
+# Reader channels (:func:`reader_channels`), in pixels at the nominal 1024 x 256 and scaled with the input height.
+SMOOTH = 5  # box filter against Poisson noise before any ratio (odd; 3 at 512 x 128)
+RING_RADII: tuple[int, ...] = (8, 16)  # "local bone" = the maximum on a ring this far out: > a lesion's radius (3-10 px)
+RING_FLOOR = 0.05  # added to the ring level (in units of the 99.5th percentile): empty background is not a "peak"
+CONTRAST_CLIP = 8.0  # point contrast above this (injection sites, bladder edges) saturates
+MIRROR_WINDOW: tuple[int, int] = (9, 33)  # tolerance of the left-right comparison: the midline is within ±3 % of the centre
+OTHER_VIEW_WINDOW = 9  # the other view's contrast is taken as its maximum this close to the same place
 LAST_CONV_LAYER = "features"  # the stride-16 feature map the evidence map reads; Grad-CAM's target
 N_FEATURES = STAGES[-1][0]
 
@@ -82,6 +95,81 @@ def robust_scale(image: Any, percentile: float = PERCENTILE, clip: float = CLIP)
     return ops.clip(grey / reference, 0.0, clip)
 
 
+def _nominal(pixels: int, height: int, odd: bool = False) -> int:
+    """A length quoted in pixels at the nominal height 1024, at ``height`` (at least 1; odd if asked)."""
+    n = max(1, round(pixels * height / 1024))
+    return n + 1 - n % 2 if odd else n
+
+
+def _ring_max(x: Any, radius: int) -> Any:
+    """(N, H, W, 1) → the maximum of ``x`` at 8 points ``radius`` px away (N, NE, E, ...; zero outside the image)."""
+    ops = keras_module().ops
+    height, width = int(x.shape[1]), int(x.shape[2])
+    padded = ops.pad(x, [[0, 0], [radius, radius], [radius, radius], [0, 0]])
+    diagonal = math.ceil(radius / math.sqrt(2.0))  # at least radius away: the ring never cuts into a focus
+    out = None
+    for dr, dc in ((-radius, 0), (radius, 0), (0, -radius), (0, radius),
+                   (-diagonal, -diagonal), (-diagonal, diagonal), (diagonal, -diagonal), (diagonal, diagonal)):
+        shifted = padded[:, radius + dr: radius + dr + height, radius + dc: radius + dc + width, :]
+        out = shifted if out is None else ops.maximum(out, shifted)
+    return out
+
+
+def reader_channels(scaled: Any, views: int = 1) -> Any:
+    """Fixed (non-learned) input channels that look at a bone scan as a reader does, in Keras ops.
+
+    A metastasis in the phantoms (and in patients) is a focus 1.5-4 x brighter than the bone
+    around it; a diffusely bright bone, the bladder's interior and a long bone are not foci.
+    Degenerative uptake and normal anatomy are near-symmetric, and a real lesion shows in both
+    views at the same place. So, from the robustly scaled image ``s``:
+
+    1. ``s`` itself (how bright, in units of the image's 99.5th percentile: an injection site
+       or the bladder saturates at :data:`CLIP`);
+    2. two **point contrasts**, ``box(s) / (ring_max(box(s), d) + RING_FLOOR)`` for the ring
+       radii :data:`RING_RADII` (8 and 16 px at 1024 x 256): the value at a place over the
+       highest value 8 points ``d`` away, i.e. over the local bone (the phantoms define a
+       lesion's contrast over the local bone maximum in the same way). On a vertebra or a rib
+       the ring still lies on bone (ratio ~1); on a focus it lies beside it (ratio 1.5-4 and
+       more); clipped at :data:`CONTRAST_CLIP`;
+    3. **asymmetry**: the large-ring contrast minus the maximum of its left-right mirror image
+       within :data:`MIRROR_WINDOW` (the body's midline is not exactly the image's centre):
+       ~0 for a symmetric pair (both knees, both shoulders, facet joints, midline anatomy),
+       positive for a one-sided focus;
+    4. with ``views=2`` (fusion): the **other view's** large-ring contrast at the same place
+       (its maximum within :data:`OTHER_VIEW_WINDOW`; the posterior view arrives mirrored, so
+       places match): a lesion's far view shows 50-85 % of its excess.
+
+    Every length is quoted at 1024 x 256 and scaled with the input height, so the channels
+    mean the same at 512 x 128. All of it is plain ``keras.ops`` (no weights, nothing to
+    register: the model saves and loads with ``safe_mode=True``, also in the standalone bundle).
+
+    Args:
+        scaled: (N, H, W, 1) float32 from :func:`robust_scale` (with ``views=2``, N = 2 x studies,
+            a study's anterior and mirrored posterior view in consecutive rows).
+        views: 1 or 2.
+
+    Returns:
+        (N, H, W, 4) float32 (``views=2``: (N, H, W, 5)): s in [0, CLIP], two contrasts in
+        [0, CONTRAST_CLIP], asymmetry in [-CONTRAST_CLIP, CONTRAST_CLIP] (and the other view's
+        contrast in [0, CONTRAST_CLIP]). Invariant to a positive factor on the counts (``s`` is).
+    """
+    ops = keras_module().ops
+    height, width = int(scaled.shape[1]), int(scaled.shape[2])
+    k = _nominal(SMOOTH, height, odd=True)
+    smooth = ops.average_pool(scaled, k, strides=1, padding="same") if k > 1 else scaled
+    contrasts = [ops.clip(smooth / (_ring_max(smooth, _nominal(d, height)) + RING_FLOOR), 0.0, CONTRAST_CLIP)
+                 for d in RING_RADII]
+    large = contrasts[-1]
+    window = (_nominal(MIRROR_WINDOW[0], height, odd=True), _nominal(MIRROR_WINDOW[1], height, odd=True))
+    mirrored = ops.max_pool(ops.flip(large, axis=2), window, strides=1, padding="same")
+    channels = [scaled, *contrasts, large - mirrored]
+    if views == 2:
+        w = _nominal(OTHER_VIEW_WINDOW, height, odd=True)
+        other = ops.reshape(ops.flip(ops.reshape(large, (-1, 2, height, width, 1)), axis=1), (-1, height, width, 1))
+        channels.append(ops.max_pool(other, w, strides=1, padding="same"))
+    return ops.concatenate(channels, axis=-1)
+
+
 def smooth_max(evidence: Any, sharpness: float = SHARPNESS) -> Any:
     """Log-sum-exp pooling of an evidence map, in Keras ops: a maximum that every place contributes to.
 
@@ -101,7 +189,7 @@ def smooth_max(evidence: Any, sharpness: float = SHARPNESS) -> Any:
 
 
 def build(image_size: tuple[int, int] = DEFAULT_SIZE, dropout: float = 0.3, seed: int = 0,
-          sharpness: float = SHARPNESS, views: int = 1) -> keras.Model:
+          sharpness: float = SHARPNESS, views: int = 1, reader: bool = READER) -> keras.Model:
     """Build an untrained scintinet (random weights, seeded).
 
     Args:
@@ -117,6 +205,9 @@ def build(image_size: tuple[int, int] = DEFAULT_SIZE, dropout: float = 0.3, seed
             through the same layers (shared weights), each gets its own evidence map, and
             the smooth maximum runs over the places of both maps, so a lesion in either
             view makes the study positive).
+        reader: feed the network the fixed :func:`reader_channels` (and their maximum over each
+            stride-16 cell again at the last stage, so the evidence map is two convolutions from
+            them); False: the grey image only (the first version).
 
     Returns:
         A ``keras.Model`` named ``bonescan_scintinet``: input ``image`` (None, H, W, 3) float32
@@ -140,6 +231,9 @@ def build(image_size: tuple[int, int] = DEFAULT_SIZE, dropout: float = 0.3, seed
     inputs = keras.Input(shape=shape, dtype="float32", name="image")
     # Fusion: the views become consecutive rows of the batch, so every layer is shared by both.
     x = robust_scale(inputs if views == 1 else keras.ops.reshape(inputs, (-1, height, width, 3)))
+    if reader:
+        x = reader_channels(x, views)
+    reader_input = x
     counter = iter(range(10_000))
 
     def init() -> Any:
@@ -158,6 +252,11 @@ def build(image_size: tuple[int, int] = DEFAULT_SIZE, dropout: float = 0.3, seed
     for stage, (filters, n_convs, dilation) in enumerate(STAGES, start=1):
         # Max, not mean or stride: a 1-3 px hot spot survives the halving at full strength.
         x = layers.MaxPooling2D(2, padding="same", name=f"pool{stage}")(x)
+        if reader and stage == len(STAGES):
+            # The channels again, max over each stride-16 cell: the last stage starts from the signal
+            # itself (a focus's contrast), not only from what three stages made of it.
+            cells = layers.MaxPooling2D(stride * 2 ** stage, padding="same", name="reader_cells")(reader_input)
+            x = layers.Concatenate(name="reader_skip")([x, cells])
         for index in range(n_convs):
             last_of_stage = index == n_convs - 1
             x = conv_norm_relu(x, filters, 3, f"stage{stage}_conv{index + 1}", dilation=dilation if last_of_stage else 1,

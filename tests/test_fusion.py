@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from bonescan_core import db as dbm
-from bonescan_core import errors, explain, jobs, models, preprocess, runs, training
+from bonescan_core import errors, explain, jobs, models, preprocess, runs, scintinet, training
 from bonescan_core.ingest import add_demo_studies
 
 SMALL = (256, 64)
@@ -44,7 +44,12 @@ def test_a_fusion_model_gives_one_output_per_study_and_reads_both_views(keras, b
 def test_fusion_weights_are_shared_by_the_views(keras):
     single = models.build_model("scintinet", "none", SMALL, seed=0)
     fused = models.build_model("scintinet", "none", SMALL, seed=0, views=2)
-    assert fused.count_params() == single.count_params()  # one backbone, not two
+    # One backbone, not two: fusion adds only the weights that read its one extra reader channel (the other
+    # view's contrast), in the stem (5 x 5 x 16) and where the channels join the last stage (3 x 3 x 128).
+    extra = 5 * 5 * scintinet.STEM[0] + 3 * 3 * scintinet.STAGES[-1][0]
+    assert fused.count_params() == single.count_params() + extra
+    plain = [scintinet.build(SMALL, seed=0, views=views, reader=False).count_params() for views in (1, 2)]
+    assert plain[0] == plain[1]
 
 
 def test_fusion_views_mirror_the_posterior_view():

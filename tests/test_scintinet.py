@@ -166,3 +166,80 @@ def test_gradcam_explains_its_images(trained_run, tmp_path):
         assert result.heatmap.shape == tuple(shapes[image_id])
         assert np.isfinite(result.heatmap).all() and 0.0 <= result.heatmap.min() <= result.heatmap.max() <= 1.0
         assert result.probability == pytest.approx(stored[image_id], abs=1e-4)
+
+
+def spot_scan(size: tuple[int, int], spots: list[tuple[int, int]], factor: float = 3.0) -> np.ndarray:
+    """(H, W) float32 noise-free rates: dim body 2, a 'bone' stripe at 40 (a third of the width), 3 x 3 spots on it."""
+    height, width = size
+    rate = np.full(size, 2.0, np.float32)
+    rate[:, width // 3 : 2 * width // 3] = 40.0
+    for row, col in spots:
+        rate[row - 1 : row + 2, col - 1 : col + 2] *= factor
+    return rate
+
+
+def channels_of(keras, images: np.ndarray, views: int = 1) -> np.ndarray:
+    """scintinet's reader channels of (N, H, W) counts, as NumPy."""
+    x = keras.ops.convert_to_tensor(np.repeat(images[..., None], 3, axis=-1))
+    return keras.ops.convert_to_numpy(scintinet.reader_channels(scintinet.robust_scale(x), views=views))
+
+
+def test_reader_channels_peak_on_a_focus_over_its_bone_and_ignore_scale(keras):
+    spot = (100, 26)  # on the stripe, left of the centre column: its mirror place (100, 37) is plain bone
+    one = spot_scan(SMALL, [spot])
+    pair = spot_scan(SMALL, [spot, (100, SMALL[1] - 1 - spot[1])])  # the same focus on both sides
+    ch = channels_of(keras, np.stack([one, pair]))
+    assert ch.shape == (2, *SMALL, 4) and ch.dtype == np.float32
+    bone = np.ones(SMALL, bool)
+    bone[:, : SMALL[1] // 3 + 3] = bone[:, 2 * SMALL[1] // 3 - 3 :] = False
+    bone[90:111] = False
+    for c in (1, 2):  # both point contrasts: a clear peak at the focus (the small ring: at its centre), ~1 on bone
+        peak = np.unravel_index(ch[0, ..., c].argmax(), SMALL)
+        assert peak == spot if c == 1 else max(abs(peak[0] - spot[0]), abs(peak[1] - spot[1])) <= 1
+        assert ch[0, spot[0], spot[1], c] > 2.5
+        assert 0.8 < np.median(ch[0, ..., c][bone]) < 1.1 and ch[0, ..., c][bone].max() < 1.2
+    # Asymmetry: a one-sided focus stands out; the same focus mirrored on the other side does not.
+    assert ch[0, spot[0], spot[1], 3] > 1.5
+    assert ch[1, spot[0], spot[1], 3] < 0.1 and ch[1, ..., 3].max() < 0.1
+    # Raw counts at any scale: the same channels (the intensity scaling comes first).
+    for factor in (1e-3, 7.0, 1e3):
+        np.testing.assert_allclose(channels_of(keras, np.stack([one, pair]) * factor), ch, rtol=1e-4, atol=1e-5)
+
+
+def test_fusion_reader_channel_sees_the_other_view_at_the_same_place(keras):
+    spot = (100, 26)
+    both = [spot_scan(SMALL, [spot]), spot_scan(SMALL, [spot], factor=2.0)]  # the far view: a fainter focus
+    near_only = [spot_scan(SMALL, [spot]), spot_scan(SMALL, [])]
+    ch = channels_of(keras, np.stack(both + near_only), views=2)  # two studies, (anterior, mirrored posterior) rows
+    assert ch.shape == (4, *SMALL, 5)
+    np.testing.assert_allclose(ch[:, ..., :4], channels_of(keras, np.stack(both + near_only))[..., :4], rtol=1e-6)
+    assert ch[0, spot[0], spot[1], 4] > 1.7  # the far view's focus, seen from the near view
+    assert ch[1, spot[0], spot[1], 4] > 2.5  # and the other way round
+    assert ch[2, spot[0], spot[1], 4] < 1.2  # no focus in the other view: plain bone there
+
+
+@pytest.mark.parametrize("views", [1, 2])
+def test_the_model_with_reader_channels_saves_and_loads_in_safe_mode(tmp_path, keras, views):
+    model = scintinet.build(SMALL, seed=8, views=views)
+    assert model.get_layer("reader_skip") is not None and model.count_params() <= 2_000_000
+    path = tmp_path / "scintinet.keras"
+    model.save(path)
+    again = keras.saving.load_model(path, compile=False, safe_mode=True)
+    x = counts(2 * views, SMALL, seed=9)
+    x = x if views == 1 else x.reshape(2, 2, *SMALL, 3)
+    np.testing.assert_allclose(keras.ops.convert_to_numpy(again(x, training=False)),
+                               keras.ops.convert_to_numpy(model(x, training=False)), atol=1e-6)
+
+
+def test_a_per_image_scintinet_exports_as_a_standalone_model(tmp_path, keras):
+    from bonescan_core import bundle
+    from bonescan_core.bundle import bonescan_layers  # noqa: F401  # registers the bundle's layers
+
+    model = models.build_model("scintinet", "none", SMALL, seed=10)
+    standalone = bundle.standalone_model(model, "scintinet", "per_image", "full")
+    standalone.save(tmp_path / "model.keras")
+    loaded = keras.saving.load_model(tmp_path / "model.keras", compile=False, safe_mode=True)
+    image = counts(1, (300, 80), seed=11)[..., :1]  # raw counts of another size: fitted in the graph
+    grey = preprocess.prepare_image(image[0, ..., 0], SMALL).astype(np.float16).astype(np.float32)
+    app = keras.ops.convert_to_numpy(model(preprocess.to_model_input(grey[None], "scintinet"), training=False))
+    np.testing.assert_allclose(keras.ops.convert_to_numpy(loaded(image, training=False)), app, atol=1e-5)

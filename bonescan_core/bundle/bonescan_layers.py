@@ -13,7 +13,8 @@ NumPy and Pillow (``bonescan_core.preprocess``) before its model sees an image:
    Pillow's bilinear filter (antialiased when shrinking), centred in a zero-padded (H, W)
    frame; values clipped to [0, 1]; rounded to float16 and back, as the app caches images.
 2. :class:`BackboneInput`: x 255, grey repeated on R, G, B, then the backbone's own
-   ``keras.applications.<module>.preprocess_input``.
+   ``keras.applications.<module>.preprocess_input`` (none for scintinet, which scales
+   each image inside its own model).
 
 A model trained in fast mode also rounds its pooled features to float16 before the head
 (:class:`Float16Cache`), as the app's feature cache does.
@@ -33,6 +34,7 @@ import keras
 from keras import ops
 
 BACKBONE_MODULES = ("resnet", "vgg19", "densenet")  # keras.applications submodules with the backbones' preprocess_input
+NO_MODULE = ""  # a backbone without an application (scintinet): it scales each image itself, inside its model
 
 
 def _round_half_even(numerator: Any, denominator: Any) -> Any:
@@ -123,18 +125,21 @@ class BackboneInput(keras.layers.Layer):
 
     Args:
         module: the ``keras.applications`` submodule whose ``preprocess_input`` applies:
-            ``resnet`` (ResNet50), ``vgg19`` or ``densenet`` (DenseNet121).
+            ``resnet`` (ResNet50), ``vgg19`` or ``densenet`` (DenseNet121); ``""`` (:data:`NO_MODULE`,
+            scintinet): none, the output is ``255 * grey`` on R, G, B.
     """
 
     def __init__(self, module: str, **kwargs: Any) -> None:
         kwargs.setdefault("dtype", "float32")
         super().__init__(**kwargs)
-        if module not in BACKBONE_MODULES:
-            raise ValueError(f"unknown backbone module {module!r}; one of {', '.join(BACKBONE_MODULES)}")
+        if module not in (*BACKBONE_MODULES, NO_MODULE):
+            raise ValueError(f"unknown backbone module {module!r}; one of {', '.join(BACKBONE_MODULES)} or ''")
         self.module = module
 
     def call(self, grey: Any) -> Any:
         rgb = ops.repeat(ops.clip(ops.cast(grey, "float32"), 0.0, 1.0) * 255.0, 3, axis=-1)
+        if self.module == NO_MODULE:
+            return rgb
         return getattr(keras.applications, self.module).preprocess_input(rgb)
 
     def compute_output_shape(self, input_shape: tuple[Any, ...]) -> tuple[Any, ...]:
