@@ -12,13 +12,13 @@ import re
 
 import numpy as np
 import pytest
+from conftest import REPO, add_bare_studies
 from sklearn.metrics import roc_auc_score
 
 from bonescan_core import db as dbm
 from bonescan_core import errors, evaluation, modelcard, plots, readers, report
 from bonescan_core.review import Review, add_review, set_adjudicator
 from bonescan_core.runs import TrainConfig
-from tests.conftest import add_bare_studies
 
 M, N, X = "metastatic", "non_metastatic", "exclude"
 
@@ -214,3 +214,20 @@ def test_report_html_has_the_readers_plot_the_model_card_and_the_checklist(fixtu
     assert "Imported: 14 studies" in page
     assert page.count(f"<td>{modelcard.NOT_ADDRESSED}</td>") == sum(where is None for _, _, where in modelcard.CHECKLIST)
     assert "model_card.md" in report.BUNDLE_FILES
+
+
+def test_the_evaluate_page_draws_the_readers_on_the_roc_curve(fixture_db):
+    from streamlit.testing.v1 import AppTest
+
+    db, run_id, _ = fixture_db
+    app = AppTest.from_file(str(REPO / "streamlit_app.py"), default_timeout=120)
+    app.query_params["reviewer"] = "lead"
+    app.run()
+    app.switch_page("app_pages/evaluate.py").run()
+    assert not app.exception, [e.value for e in app.exception]
+    assert any("Only studies with out-of-sample predictions count" in c.value for c in app.caption)
+    (chart,) = [c for c in app.get("plotly_chart") if "Readers on the model" in json.loads(c.proto.spec)["layout"]["title"]["text"]]
+    names = [trace.get("name") for trace in json.loads(chart.proto.spec)["data"]]
+    assert "ann (n = 6)" in names and "ben (n = 6)" in names
+    (table,) = [frame.value for frame in app.dataframe if "reader" in frame.value.columns]
+    assert table["reader"].tolist() == ["ann", "ben"] and table["studies scored"].tolist() == [6, 6]
