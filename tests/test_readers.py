@@ -16,7 +16,7 @@ from conftest import REPO, add_bare_studies
 from sklearn.metrics import roc_auc_score
 
 from bonescan_core import db as dbm
-from bonescan_core import errors, evaluation, modelcard, plots, readers, report
+from bonescan_core import errors, evaluation, modelcard, pixelstore, plots, readers, report
 from bonescan_core.review import Review, add_review, set_adjudicator
 from bonescan_core.runs import TrainConfig
 
@@ -32,6 +32,7 @@ READS = {  # study -> {reader: verdict}
     9: {"ann": N, "ben": N}, 10: {"ann": M}, 11: {"ann": N},  # val and train reads never count
     12: {"ann": X}, 13: {"ann": X, "ben": X},
 }
+PIXELS = pixelstore.encode_pixels(np.zeros((64, 32), dtype=np.uint16))  # the explorer decodes the study's images
 ADJUDICATIONS = {2: ("adj", M), 8: ("ann", M)}
 EXCLUSION = {12: "poor_quality", 13: "medical_device"}
 
@@ -68,7 +69,7 @@ def fixture_db(db):
         for n, (subset, label, probability) in RUN.items():
             image_id = db["images"].insert({
                 "study_id": ids[n], "view": "anterior", "source": f"s{n}", "format": "png", "height": 64, "width": 32,
-                "dtype": "uint16", "pixels": b"", "pixel_sha256": f"sha-{n}", "thumbnail": b"", "display_max": 1.0,
+                "dtype": "uint16", "pixels": PIXELS, "pixel_sha256": f"sha-{n}", "thumbnail": b"", "display_max": 1.0,
                 "created_at": dbm.utc_now()}).last_pk
             if subset != "train":
                 db["predictions"].insert({"run_id": run_id, "image_id": image_id, "subset": subset, "label": label,
