@@ -142,8 +142,9 @@ def show_readers(database: str, run_id: int, run_name: str) -> None:
     except errors.BonescanError as error:
         st.info(str(error))
         return
-    st.caption(readers.summary_text(comparison))
-    if any(r.n_scored for r in comparison.readers):
+    if not any(r.n_scored for r in comparison.readers):
+        st.info(readers.summary_text(comparison))
+    else:
         st.plotly_chart(plots.readers_roc_figure(run_name, comparison.roc, comparison.threshold,
                                                  [r.as_json() for r in comparison.readers]), key="ev_readers_roc")
     if comparison.readers:

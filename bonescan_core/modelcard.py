@@ -366,7 +366,7 @@ def model_card(db: sqlite_utils.Database, run_id: int, result: EvaluationResult 
     demo = db.execute("SELECT COUNT(*) FROM studies WHERE origin = 'demo'").fetchone()[0]
     facts = run.results.facts
     thresholds = facts.get("thresholds") or {}
-    calibration_record = facts.get("calibration") or {"method": settings.calibration}
+    calibration_record = facts.get("calibration") or {"method": "not recorded with the run"}
     sections = [
         Section("intended-use", "Intended use and limits", [
             f"{name} (run {run_id}) estimates the probability that a whole-body bone scan (anterior and posterior views) "
