@@ -21,6 +21,7 @@ from bonescan_core import (
     pixelstore,
     plots,
     prediction,
+    readers,
     report,
     runs,
 )
@@ -117,6 +118,37 @@ def cached_thresholds(database: str, run_id: int) -> dict:
     """evaluation.run_thresholds of a finished run (its stored results do not change)."""
     with dbm.opened(database) as db:
         return evaluation.run_thresholds(db, runs.get(db, run_id))[0]
+
+
+@st.cache_data(max_entries=16, show_spinner="Comparing readers with the model...")
+def cached_readers(database: str, run_id: int, cohort: str | None, version: int) -> readers.ReaderComparison:
+    """readers.compare on the run's test studies (cohort None) or an external cohort; ``version``: the readers' reviews."""
+    with dbm.opened(database) as db:
+        return readers.compare(db, run_id, "test" if cohort is None else "external", cohort)
+
+
+def show_readers(database: str, run_id: int, run_name: str) -> None:
+    """The Metrics tab's "Readers vs model": each reader on the model's ROC curve, the per-reader table."""
+    st.subheader("Readers vs model")
+    with open_db() as db:
+        predicted = [c for c in list_cohorts(db) if prediction.external_studies(db, run_id, c)]
+    scope = st.selectbox("Studies", [None, *predicted], key=f"rd_scope_{run_id}",
+                         format_func=lambda c: "the run's test studies" if c is None else f"cohort {c} (external)")
+    st.caption("Only studies with out-of-sample predictions count (the run's test studies, or an external cohort it "
+               "predicted). Each reader is scored against the reference without their own reads (leave-one-reader-out); "
+               "the model at its study threshold chosen on validation. 95% CIs: bootstrap over patients.")
+    try:
+        comparison = cached_readers(database, run_id, scope, data_version())
+    except errors.BonescanError as error:
+        st.info(str(error))
+        return
+    if not any(r.n_scored for r in comparison.readers):
+        st.info(readers.summary_text(comparison))
+    else:
+        st.plotly_chart(plots.readers_roc_figure(run_name, comparison.roc, comparison.threshold,
+                                                 [r.as_json() for r in comparison.readers]), key="ev_readers_roc")
+    if comparison.readers:
+        st.dataframe(pd.DataFrame(comparison.table_rows()), hide_index=True, key="ev_readers_table")
 
 
 # cache_resource: figures and 25,000 explorer rows are not copied on each rerun (read-only).
@@ -253,6 +285,7 @@ with metrics_tab:
         st.plotly_chart(plots.subgroup_forest(result.subgroups), key="ev_subgroups")
     else:
         st.info("No subgroup has a second group to compare with (sex, age band, primary cancer, cohort and view unknown or uniform).")
+    show_readers(database, run_id, evaluation.run_label(run.backbone, run_id))
     with st.expander("Configuration"):
         st.json(run.config_record())
 

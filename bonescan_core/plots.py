@@ -197,6 +197,43 @@ def roc_figure(curves: Mapping[str, Any], operating_thresholds: Mapping[str, flo
     return fig
 
 
+def readers_roc_figure(name: str, roc: Mapping[str, Any], threshold: float, readers: Sequence[Mapping[str, Any]],
+                       title: str = "Readers on the model's ROC curve (per study)") -> go.Figure:
+    """The model's study-level ROC curve with its operating point, and each reader as a point
+    (1 − specificity, sensitivity) with 95% CI whiskers on both axes.
+
+    Args:
+        name: the model's name (legend).
+        roc: ``evaluation.roc_points`` of the model's studies.
+        threshold: the model's study threshold (its operating point).
+        readers: ``readers.ReaderScore.as_json()`` dicts: ``reader``, ``n_scored``, ``sensitivity``
+            and ``specificity`` as ``{"value", "ci95"}``; a reader without a value is not drawn.
+        title: figure title.
+    """
+    fig = roc_figure({name: roc}, {name: threshold}, title=title)
+    drawn = [r for r in readers if r["sensitivity"]["value"] is not None and r["specificity"]["value"] is not None]
+    symbols = ("diamond", "square", "triangle-up", "cross", "star", "x", "pentagon", "hexagon")
+    for i, reader in enumerate(drawn):
+        sens, spec = reader["sensitivity"], reader["specificity"]
+        x, y = 1.0 - spec["value"], sens["value"]
+        s_low, s_high = (sens["ci95"] or [None, None])[:2]
+        c_low, c_high = (spec["ci95"] or [None, None])[:2]
+        fig.add_trace(go.Scatter(
+            x=[x], y=[y], mode="markers", name=f"{reader['reader']} (n = {reader['n_scored']})",
+            marker={"color": colour(i + 1), "size": 12, "symbol": symbols[i % len(symbols)],
+                    "line": {"color": "white", "width": 1}},
+            # 1 − specificity runs the other way: its upper end is 1 − the specificity's lower bound.
+            error_x={"type": "data", "symmetric": False, "array": [0.0 if c_low is None else (1.0 - c_low) - x],
+                     "arrayminus": [0.0 if c_high is None else x - (1.0 - c_high)], "color": colour(i + 1), "thickness": 1.5},
+            error_y={"type": "data", "symmetric": False, "array": [0.0 if s_high is None else s_high - y],
+                     "arrayminus": [0.0 if s_low is None else y - s_low], "color": colour(i + 1), "thickness": 1.5},
+            hovertemplate=(f"<b>{reader['reader']}</b> ({reader['n_scored']} studies)<br>sensitivity {_fmt(y)} "
+                           f"(95% CI {_fmt(s_low)}–{_fmt(s_high)})<br>specificity {_fmt(spec['value'])} "
+                           f"(95% CI {_fmt(c_low)}–{_fmt(c_high)})<extra></extra>"),
+        ))
+    return fig
+
+
 def pr_figure(curves: Mapping[str, Any], operating_thresholds: Mapping[str, float] | None = None,
               title: str = "Precision–recall curve") -> go.Figure:
     """Precision-recall curves (step-wise, as average precision integrates them) with the

@@ -21,14 +21,15 @@ from typing import Any
 
 import numpy as np
 
-from bonescan_core import assessment, bundle, calibration, errors, evaluation, plots, runs
+from bonescan_core import assessment, bundle, calibration, errors, evaluation, modelcard, plots, readers, runs
 from bonescan_core.csvfile import write_rows
 from bonescan_core.heavy import keras_module, sqlite_utils
 from bonescan_core.results import UNIT_LABELS, UNITS, LevelResult
 
 PREDICTION_COLUMNS = ("image_id", "study_id", "patient_id", "view", "subset", "label", "probability")
 STUDY_PREDICTION_COLUMNS = ("study_id", "patient_id", "subset", "label", "probability")
-BUNDLE_FILES = ("model.keras", "config.json", "metrics.json", "predictions.csv", "report.html", *bundle.CODE_FILES)
+BUNDLE_FILES = ("model.keras", "config.json", "metrics.json", "predictions.csv", "report.html", "model_card.md",
+                *bundle.CODE_FILES)
 
 
 def predictions_rows(db: sqlite_utils.Database, run_id: int) -> list[dict[str, Any]]:
@@ -104,14 +105,51 @@ def _calibration_and_subgroups(db: sqlite_utils.Database, run_id: int, result: A
     return "".join(parts)
 
 
+def readers_section(db: sqlite_utils.Database, run_id: int, comparison: readers.ReaderComparison | None) -> str:
+    """The report's "Readers vs model" section: a sentence, and when a reader could be scored the
+    readers-on-ROC figure and the per-reader table (``readers.compare`` on the test studies)."""
+    if comparison is None:
+        return ""
+    parts = [f'<h2 id="readers-vs-model">Readers vs model ({html.escape(comparison.where)})</h2>',
+             f"<p>{html.escape(readers.summary_text(comparison))} Only studies with out-of-sample predictions count. "
+             "95% CIs: percentile bootstrap over patients; kappa: Cohen's, model at its study threshold vs the reader.</p>"]
+    if any(r.n_scored for r in comparison.readers):
+        run = runs.get(db, run_id)
+        figure = plots.readers_roc_figure(evaluation.run_label(run.backbone, run_id), comparison.roc, comparison.threshold,
+                                          [r.as_json() for r in comparison.readers])
+        parts.append(figure.to_html(full_html=False, include_plotlyjs=False))
+        rows = comparison.table_rows()
+        header = "".join(f"<th>{html.escape(k)}</th>" for k in rows[0])
+        body = "".join("<tr>" + "".join(f"<td>{html.escape(str(v))}</td>" for v in row.values()) + "</tr>" for row in rows)
+        parts.append(f"<table><tr>{header}</tr>{body}</table>")
+    return "".join(parts)
+
+
+def _reader_comparison(db: sqlite_utils.Database, run_id: int) -> readers.ReaderComparison | None:
+    """``readers.compare`` on the run's test studies, None when it has none."""
+    try:
+        return readers.compare(db, run_id)
+    except evaluation.NoPredictionsError:
+        return None
+
+
+def model_card_markdown(db: sqlite_utils.Database, run_id: int) -> str:
+    """The bundle's ``model_card.md``: the run's model card and the CLAIM 2024 / TRIPOD+AI checklist (:mod:`modelcard`)."""
+    run = runs.get(db, run_id)
+    title = f"Model card: {evaluation.run_label(run.backbone, run_id, with_id=True)}, bone metastasis on whole-body bone scans"
+    return modelcard.to_markdown(modelcard.model_card(db, run_id, reader_result=_reader_comparison(db, run_id)), title)
+
+
 def report_html(db: sqlite_utils.Database, run_id: int, threshold: float | None = None, unit: str = "study") -> str:
     """A self-contained HTML report (plotly.js inlined once; opens with no network).
 
     Contents: backbone and run, metrics with CIs per study and per image (``unit`` first; the
     image level is the paper's), confusion matrix, ROC/PR/calibration curves of ``unit``
     (every table and figure title names its unit), training curves, calibration of the test
-    studies (reliability before/after, decision curve), subgroups, the reproducibility record
-    and the full configuration.
+    studies (reliability before/after, decision curve), subgroups, readers against the model
+    (:func:`readers_section`), the reproducibility record, the full configuration, the model card
+    and the CLAIM 2024 / TRIPOD+AI checklist (:mod:`modelcard`; the card at the run's own
+    thresholds whatever ``threshold`` is).
     """
     run = runs.get(db, run_id)
     result = assessment.evaluate(db, run_id, threshold=threshold, unit=unit)
@@ -137,6 +175,8 @@ def report_html(db: sqlite_utils.Database, run_id: int, threshold: float | None 
                  f"images)</h2>{_metrics_table(result.image_level, 'image')}",
     }
     other = "image" if unit == "study" else "study"
+    comparison = _reader_comparison(db, run_id)
+    card = modelcard.model_card(db, run_id, result=result if threshold is None else None, reader_result=comparison)
     notes = "".join(f"<p><em>Note: {html.escape(note)}</em></p>" for note in result.notes)
     return f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>bonescan run {run_id}: {html.escape(name)}</title>
@@ -151,10 +191,15 @@ the {html.escape(unit)} ({UNIT_LABELS[unit]}). Decision threshold {result.thresh
 rule {rule}, chosen on the validation subset unless stated).
 Device: {html.escape(str(run.results.device or 'unknown'))}. Status: {html.escape(run.status)}.</p>
 {notes}{levels[unit]}{levels[other]}
-<h2>Figures ({UNIT_LABELS[unit]})</h2><div class="grid">{''.join(f'<div>{part}</div>' for part in parts)}</div>
+<h2 id="report-figures">Figures ({UNIT_LABELS[unit]})</h2><div class="grid">{''.join(f'<div>{part}</div>' for part in parts)}</div>
 {_calibration_and_subgroups(db, run_id, result)}
-<h2>Reproducibility</h2>{_reproducibility_table(run.results.facts.get("reproducibility"))}
+{readers_section(db, run_id, comparison)}
+<h2 id="report-reproducibility">Reproducibility</h2>{_reproducibility_table(run.results.facts.get("reproducibility"))}
 <h2>Configuration</h2><pre>{html.escape(config)}</pre>
+<h2 id="model-card">Model card</h2>{modelcard.to_html(card)}
+<h2 id="checklist">Reporting checklist (CLAIM 2024, TRIPOD+AI)</h2>
+<p>Where each item is answered in this report, its model card or the bundle; "not addressed": the authors must answer
+it in the paper.</p>{modelcard.checklist_html()}
 <p><small>Generated by bonescan. Confidence intervals: percentile bootstrap over patients,
 {result.bootstrap.get('n_resamples', 1000)} resamples.</small></p>
 </body></html>
@@ -197,6 +242,7 @@ def export_bundle(db: sqlite_utils.Database, db_path: Path, run_id: int, out_dir
     (out_dir / "metrics.json").write_text(assessment.evaluate(db, run_id).to_json_text())
     (out_dir / "predictions.csv").write_text(predictions_csv(db, run_id))
     (out_dir / "report.html").write_text(report_html(db, run_id), encoding="utf-8")
+    (out_dir / "model_card.md").write_text(model_card_markdown(db, run_id), encoding="utf-8")
     bundle.write_code(out_dir)
     return [out_dir / name for name in BUNDLE_FILES]
 

@@ -270,7 +270,7 @@ def test_report_is_self_contained_with_the_runs_numbers(db, two_runs):
     # confusion, ROC, PR, calibration, training curves; reliability before/after and decision curve; subgroups
     assert html.count('class="plotly-graph-div"') == 8
     assert "<h2>Calibration (test studies)</h2><p>Fitted on validation: none. Test studies (n = 6)" in html
-    assert "<h2>Reproducibility</h2><p>Not recorded" in html  # these runs were stored without it
+    assert "<h2 id=\"report-reproducibility\">Reproducibility</h2><p>Not recorded" in html  # these runs were stored without it
     c = counts(run["rows"], run["threshold"])
     accuracy = (c["tp"] + c["tn"]) / sum(c.values())
     assert f"<tr><td>Accuracy</td><td>{accuracy:.3f}</td>" in html  # the image table, "as in the paper"

@@ -130,6 +130,8 @@ def export(db_path, run_id, bundle):
     result = run_cli("export", str(run_id), "--out", str(bundle), db_path=db_path)
     assert result.returncode == 0, result.stderr
     assert sorted(p.name for p in bundle.iterdir()) == sorted(report.BUNDLE_FILES)
+    card = (bundle / "model_card.md").read_text(encoding="utf-8")  # the model card, with the flow and the checklist
+    assert "Imported: 16 studies" in card and "| CLAIM 44 |" in card and "| TRIPOD+AI 27c |" in card
     return bundle
 
 
