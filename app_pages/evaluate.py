@@ -37,9 +37,14 @@ LIVE_EVERY_S = 2  # prediction jobs' progress
 
 
 @st.cache_data(max_entries=32, show_spinner=False)
-def cached_evaluation(database: str, run_id: int, threshold: float | None, unit: str = "study") -> EvaluationResult:
-    """The run evaluated at ``threshold`` (None: the run's own validation-chosen thresholds), per ``unit``."""
+def cached_evaluation(database: str, run_id: int, threshold: float | None, unit: str = "study",
+                      version: int = 0) -> EvaluationResult:
+    """The run evaluated at ``threshold`` (None: the run's own validation-chosen thresholds), per
+    ``unit``, as of data ``version``. At the run's own thresholds it is stored in the database
+    (assessment.stored_evaluation): bootstrapped once per run and inputs, not once per process."""
     with dbm.opened(database) as db:  # the database is part of the cache key, so read that one
+        if threshold is None:
+            return assessment.stored_evaluation(db, run_id, unit=unit)
         return assessment.evaluate(db, run_id, threshold=threshold, unit=unit)
 
 
@@ -192,7 +197,8 @@ with metrics_tab:
                           help=f"The run's {per} threshold, chosen on validation, is {headline:.3f}.")
     status = evaluation.threshold_status(threshold, headline)
     # At the validation-chosen point each level keeps its own threshold; a moved slider is one threshold.
-    result = cached_evaluation(database, run_id, None if status == evaluation.PRE_SPECIFIED else round(threshold, 4), unit)
+    result = cached_evaluation(database, run_id, None if status == evaluation.PRE_SPECIFIED else round(threshold, 4), unit,
+                              data_version())
     st.caption(f"Test subset: {result.n_images} images, {result.n_studies} studies, "
                f"{result.n_patients} patients. Metrics {per}. 95% CIs: bootstrap over patients.")
     if status == evaluation.PRE_SPECIFIED:
@@ -268,7 +274,7 @@ with compare_tab:
         except (comparison.IncomparableRunsError, evaluation.NoPredictionsError) as error:
             st.error(str(error))
         else:
-            results = {evaluation.run_label(by_id[i].backbone, i, with_id=True): cached_evaluation(database, i, None, unit)
+            results = {evaluation.run_label(by_id[i].backbone, i, with_id=True): cached_evaluation(database, i, None, unit, data_version())
                        for i in chosen}
             st.caption(f"Metrics {per}, each run at its own validation-chosen threshold.")
             st.plotly_chart(plots.forest_plot(results, level=unit), key="ev_forest")
@@ -465,7 +471,7 @@ with export_tab:
     st.caption(f"Downloads {per} (the unit chosen above); the report shows both units.")
 
     def metrics_json(database: str = database, run_id: int = run_id, unit: str = unit) -> str:
-        return cached_evaluation(database, run_id, None, unit).to_json_text()
+        return cached_evaluation(database, run_id, None, unit, data_version()).to_json_text()
 
     def predictions_csv(database: str = database, run_id: int = run_id, unit: str = unit) -> str:
         with dbm.opened(database) as db:
