@@ -51,11 +51,12 @@ def test_a_changed_label_is_never_answered_from_the_store(db, run):
     assert any(row["by"] == "sex" for row in after.subgroups)
     assert after.to_json_text() == assessment.evaluate(db, run).to_json_text()
     # A stored prediction's label flips (the run's own rows, outside the data version).
+    after = assessment.stored_evaluation(db, run, unit="image")
     image_id = db.execute("SELECT image_id FROM predictions WHERE run_id = ? AND label = 1 LIMIT 1", [run]).fetchone()[0]
     with dbm.write(db):
         db.execute("UPDATE predictions SET label = 0 WHERE run_id = ? AND image_id = ?", [run, image_id])
     flipped = assessment.stored_evaluation(db, run, unit="image")
-    assert flipped.confusion != after.level("image").confusion
+    assert flipped.confusion != after.confusion
     assert flipped.to_json_text() == assessment.evaluate(db, run, unit="image").to_json_text()
     assert stored_rows(db) == 2  # one row per (run, arguments), replaced
 
