@@ -136,6 +136,13 @@ def cached_figures(database: str, run_id: int, unit: str, threshold: float, _lab
 
 
 @st.cache_resource(max_entries=8, show_spinner=False)
+def cached_subgroup_forest(database: str, run_id: int, threshold: float | None, unit: str, version: int,
+                           _rows: list) -> object:
+    """plots.subgroup_forest of the evaluation shown (its rows follow from the key), read-only."""
+    return plots.subgroup_forest(_rows)
+
+
+@st.cache_resource(max_entries=8, show_spinner=False)
 def cached_explorer_rows(database: str, run_id: int, threshold: float, version: int) -> list[dict]:
     """evaluation.explorer_rows, recomputed when the threshold or the readers' reviews (data version) change."""
     with dbm.opened(database) as db:
@@ -197,8 +204,8 @@ with metrics_tab:
                           help=f"The run's {per} threshold, chosen on validation, is {headline:.3f}.")
     status = evaluation.threshold_status(threshold, headline)
     # At the validation-chosen point each level keeps its own threshold; a moved slider is one threshold.
-    result = cached_evaluation(database, run_id, None if status == evaluation.PRE_SPECIFIED else round(threshold, 4), unit,
-                              data_version())
+    threshold_argument = None if status == evaluation.PRE_SPECIFIED else round(threshold, 4)
+    result = cached_evaluation(database, run_id, threshold_argument, unit, data_version())
     st.caption(f"Test subset: {result.n_images} images, {result.n_studies} studies, "
                f"{result.n_patients} patients. Metrics {per}. 95% CIs: bootstrap over patients.")
     if status == evaluation.PRE_SPECIFIED:
@@ -256,7 +263,8 @@ with metrics_tab:
     if result.subgroups:
         st.caption("AUC, sensitivity and specificity at the run's threshold; hollow grey: fewer than 10 positive "
                    "or negative units, too small to read. Sex, age band, primary cancer, cohort: studies; view: images.")
-        st.plotly_chart(plots.subgroup_forest(result.subgroups), key="ev_subgroups")
+        st.plotly_chart(cached_subgroup_forest(database, run_id, threshold_argument, unit, data_version(), result.subgroups),
+                        key="ev_subgroups")
     else:
         st.info("No subgroup has a second group to compare with (sex, age band, primary cancer, cohort and view unknown or uniform).")
     with st.expander("Configuration"):
