@@ -64,9 +64,10 @@ def evaluation_stamp(db: sqlite_utils.Database, run_id: int) -> str:
         dbm.data_version(db),
         db.execute("SELECT status, threshold, finished_at, config, results, split_id FROM runs WHERE id = ?",
                    [run_id]).fetchone(),
-        *(db.execute(f"SELECT count(*), max(rowid), total(label), total(probability), total(raw_probability) "
-                     f"FROM {table} WHERE run_id = ?", [run_id]).fetchone()
-          for table in ("predictions", "study_predictions")),
+        db.execute("SELECT count(*), max(rowid), total(label), total(probability), total(raw_probability) "
+                   "FROM predictions WHERE run_id = ?", [run_id]).fetchone(),
+        db.execute("SELECT count(*), max(rowid), total(label), total(probability), total(raw_probability) "
+                   "FROM study_predictions WHERE run_id = ?", [run_id]).fetchone(),
     ]
     lesions = db.execute("SELECT count(*), max(id), total(row), total(col) FROM lesions").fetchone()
     if lesions[0]:  # the pointing game reads the maps' peaks only where lesion points exist
