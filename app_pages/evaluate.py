@@ -38,9 +38,14 @@ LIVE_EVERY_S = 2  # prediction jobs' progress
 
 
 @st.cache_data(max_entries=32, show_spinner=False)
-def cached_evaluation(database: str, run_id: int, threshold: float | None, unit: str = "study") -> EvaluationResult:
-    """The run evaluated at ``threshold`` (None: the run's own validation-chosen thresholds), per ``unit``."""
+def cached_evaluation(database: str, run_id: int, threshold: float | None, unit: str = "study",
+                      version: int = 0) -> EvaluationResult:
+    """The run evaluated at ``threshold`` (None: the run's own validation-chosen thresholds), per
+    ``unit``, as of data ``version``. At the run's own thresholds it is stored in the database
+    (assessment.stored_evaluation): bootstrapped once per run and inputs, not once per process."""
     with dbm.opened(database) as db:  # the database is part of the cache key, so read that one
+        if threshold is None:
+            return assessment.stored_evaluation(db, run_id, unit=unit)
         return assessment.evaluate(db, run_id, threshold=threshold, unit=unit)
 
 
@@ -163,6 +168,13 @@ def cached_figures(database: str, run_id: int, unit: str, threshold: float, _lab
 
 
 @st.cache_resource(max_entries=8, show_spinner=False)
+def cached_subgroup_forest(database: str, run_id: int, threshold: float | None, unit: str, version: int,
+                           _rows: list) -> object:
+    """plots.subgroup_forest of the evaluation shown (its rows follow from the key), read-only."""
+    return plots.subgroup_forest(_rows)
+
+
+@st.cache_resource(max_entries=8, show_spinner=False)
 def cached_explorer_rows(database: str, run_id: int, threshold: float, version: int) -> list[dict]:
     """evaluation.explorer_rows, recomputed when the threshold or the readers' reviews (data version) change."""
     with dbm.opened(database) as db:
@@ -224,7 +236,8 @@ with metrics_tab:
                           help=f"The run's {per} threshold, chosen on validation, is {headline:.3f}.")
     status = evaluation.threshold_status(threshold, headline)
     # At the validation-chosen point each level keeps its own threshold; a moved slider is one threshold.
-    result = cached_evaluation(database, run_id, None if status == evaluation.PRE_SPECIFIED else round(threshold, 4), unit)
+    threshold_argument = None if status == evaluation.PRE_SPECIFIED else round(threshold, 4)
+    result = cached_evaluation(database, run_id, threshold_argument, unit, data_version())
     st.caption(f"Test subset: {result.n_images} images, {result.n_studies} studies, "
                f"{result.n_patients} patients. Metrics {per}. 95% CIs: bootstrap over patients.")
     if status == evaluation.PRE_SPECIFIED:
@@ -282,7 +295,8 @@ with metrics_tab:
     if result.subgroups:
         st.caption("AUC, sensitivity and specificity at the run's threshold; hollow grey: fewer than 10 positive "
                    "or negative units, too small to read. Sex, age band, primary cancer, cohort: studies; view: images.")
-        st.plotly_chart(plots.subgroup_forest(result.subgroups), key="ev_subgroups")
+        st.plotly_chart(cached_subgroup_forest(database, run_id, threshold_argument, unit, data_version(), result.subgroups),
+                        key="ev_subgroups")
     else:
         st.info("No subgroup has a second group to compare with (sex, age band, primary cancer, cohort and view unknown or uniform).")
     show_readers(database, run_id, evaluation.run_label(run.backbone, run_id))
@@ -301,7 +315,7 @@ with compare_tab:
         except (comparison.IncomparableRunsError, evaluation.NoPredictionsError) as error:
             st.error(str(error))
         else:
-            results = {evaluation.run_label(by_id[i].backbone, i, with_id=True): cached_evaluation(database, i, None, unit)
+            results = {evaluation.run_label(by_id[i].backbone, i, with_id=True): cached_evaluation(database, i, None, unit, data_version())
                        for i in chosen}
             st.caption(f"Metrics {per}, each run at its own validation-chosen threshold.")
             st.plotly_chart(plots.forest_plot(results, level=unit), key="ev_forest")
@@ -498,7 +512,7 @@ with export_tab:
     st.caption(f"Downloads {per} (the unit chosen above); the report shows both units.")
 
     def metrics_json(database: str = database, run_id: int = run_id, unit: str = unit) -> str:
-        return cached_evaluation(database, run_id, None, unit).to_json_text()
+        return cached_evaluation(database, run_id, None, unit, data_version()).to_json_text()
 
     def predictions_csv(database: str = database, run_id: int = run_id, unit: str = unit) -> str:
         with dbm.opened(database) as db:

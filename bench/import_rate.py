@@ -12,6 +12,7 @@ ratio those CPU times allow on ``--jobs`` idle cores, a check on a measured rati
 other work shares the machine.
 
     python bench/import_rate.py --files 2000
+    python bench/import_rate.py --files 2000 --rounds 3   # interleaved rounds: the spread of the ratio
 
 Figures, never assertions. On a shared machine other work changes the ratio: read it with the
 load average.
@@ -86,20 +87,29 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--files", type=int, default=2000, help="files to write and import (default 2000)")
     parser.add_argument("--jobs", type=int, default=2, help="decode processes of the parallel run (default 2)")
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="rounds of (one process, parallel), the order alternating, each into fresh databases; "
+                             "every round's ratio is printed (default 1)")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="bonescan-import-rate-") as tmp:
         folder = Path(tmp) / "scans"
         folder.mkdir()
         write_files(folder, args.files)
-        load_before = os.getloadavg()
-        one = rate(folder, Path(tmp) / "one.db", 1)
-        many = rate(folder, Path(tmp) / "many.db", args.jobs)
-        load_after = os.getloadavg()
-    print(json.dumps({"one_process": one, "parallel": many, "ratio": round(many["files_per_s"] / one["files_per_s"], 2),
-                      "cpu_bound_ratio_on_idle_cores": cpu_bound_ratio(one, many, args.jobs),
-                      "load_average_before": [round(x, 2) for x in load_before],
-                      "load_average_after": [round(x, 2) for x in load_after],
-                      "environment": environment()}, indent=2))
+        for round_number in range(args.rounds):
+            load_before = os.getloadavg()
+            order = (1, args.jobs) if round_number % 2 == 0 else (args.jobs, 1)
+            measured = {jobs: rate(folder, Path(tmp) / f"round{round_number}-jobs{jobs}.db", jobs) for jobs in order}
+            load_after = os.getloadavg()
+            one, many = measured[1], measured[args.jobs]
+            print(json.dumps({"round": round_number + 1, "order": list(order), "one_process": one, "parallel": many,
+                              "ratio": round(many["files_per_s"] / one["files_per_s"], 2),
+                              "cpu_bound_ratio_on_idle_cores": cpu_bound_ratio(one, many, args.jobs),
+                              "load_average_before": [round(x, 2) for x in load_before],
+                              "load_average_after": [round(x, 2) for x in load_after],
+                              "environment": environment()}), flush=True)
+            for jobs in order:
+                for suffix in ("", "-wal", "-shm"):
+                    (Path(tmp) / f"round{round_number}-jobs{jobs}.db{suffix}").unlink(missing_ok=True)
 
 
 if __name__ == "__main__":

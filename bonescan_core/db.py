@@ -619,6 +619,22 @@ def _m017_assisted_reads(db: sqlite_utils.Database) -> None:
     db.execute("ALTER TABLE reviews ADD COLUMN assisted INTEGER NOT NULL DEFAULT 0 CHECK (assisted IN (0, 1))")
 
 
+def _m018_evaluation_cache(db: sqlite_utils.Database) -> None:
+    """A finished run's assessment, stored once per (run, arguments, inputs) so the Evaluate page's
+    first load reads it instead of bootstrapping again (``assessment.stored_evaluation``).
+    ``key``: the arguments (threshold, subset, unit, resamples, seed) as JSON; ``stamp``: what the
+    result was computed from (the data version and the run's own rows), a row whose stamp no
+    longer matches is recomputed and replaced; ``result``: ``EvaluationResult.to_record`` JSON."""
+    db.execute("""CREATE TABLE evaluation_cache (
+            run_id INTEGER NOT NULL REFERENCES runs(id) ON DELETE CASCADE,
+            key TEXT NOT NULL,
+            stamp TEXT NOT NULL,
+            result TEXT NOT NULL,
+            created_at TEXT NOT NULL,
+            PRIMARY KEY (run_id, key)
+        )""")
+
+
 MIGRATIONS: list[tuple[str, Callable[[sqlite_utils.Database], None]]] = [
     ("001_foundation", _m001_foundation),
     ("002_training", _m002_training),
@@ -637,6 +653,7 @@ MIGRATIONS: list[tuple[str, Callable[[sqlite_utils.Database], None]]] = [
     ("015_localisation", _m015_localisation),
     ("016_split_grouping", _m016_split_grouping),
     ("017_assisted_reads", _m017_assisted_reads),
+    ("018_evaluation_cache", _m018_evaluation_cache),
 ]
 
 

@@ -31,9 +31,9 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, NamedTuple
 
+from bonescan_core import assessment, errors, explain, prediction, runs, splits, training
 from bonescan_core import db as dbm
-from bonescan_core import errors, explain, prediction, runs, splits, training
-from bonescan_core.heavy import sqlite_utils
+from bonescan_core.heavy import keras_module, sqlite_utils
 
 STATUSES = ("queued", "running", "done", "failed", "cancelled", "interrupted")
 ACTIVE = ("queued", "running")
@@ -428,6 +428,25 @@ def explain_pending(db_path: Path, skip: set[int]) -> int | None:
     if computed == 0:
         skip.add(run_id)
     return run_id
+
+
+def evaluate_pending(db_path: Path, skip: set[int]) -> int | None:
+    """Store one stale evaluation of a done run (``assessment.stale_evaluations``, not in
+    ``skip``), so the Evaluate page's first load reads it; returns the run id, or None if none
+    is stale. A run whose evaluation fails is added to ``skip`` (the page shows the error)."""
+    with dbm.opened(db_path) as db:
+        pending = [(run_id, unit) for run_id, unit in assessment.stale_evaluations(db) if run_id not in skip]
+        if not pending:
+            return None
+        run_id, unit = pending[0]
+        try:
+            assessment.stored_evaluation(db, run_id, unit=unit)
+        except Exception:  # noqa: BLE001 - shown by the page that asks for it
+            traceback.print_exc()
+            skip.add(run_id)
+    return run_id
+
+
 def execute_prediction(db_path: Path, job: prediction.PredictionJob, echo: Callable[[dict], None] | None = None) -> str:
     """Run one claimed prediction job (``prediction.run_job``: predictions, then Grad-CAM maps)
     and record its outcome; returns the final status (``done``, ``cancelled``, ``failed`` or
@@ -465,6 +484,8 @@ def run_worker(db_path: Path, once: bool = False, idle_exit_s: float | None = No
     done = 0
     idle_since = time.monotonic()
     explained: set[int] = set()
+    evaluated: set[int] = set()
+    warmed = False
     try:
         while True:
             with dbm.opened(db_path) as db:
@@ -487,8 +508,15 @@ def run_worker(db_path: Path, once: bool = False, idle_exit_s: float | None = No
                 if not once and explain_pending(db_path, explained) is not None:
                     idle_since = time.monotonic()
                     continue
+                if not once and evaluate_pending(db_path, evaluated) is not None:
+                    idle_since = time.monotonic()
+                    continue
                 if once or (idle_exit_s is not None and time.monotonic() - idle_since > idle_exit_s):
                     return done
+                if not warmed:  # import Keras while idle: a run queued from the Train page then waits for no import
+                    keras_module()
+                    warmed = True
+                    continue
                 time.sleep(poll_s)
                 continue
             echo(f"run {run.id}: {run.backbone} started")

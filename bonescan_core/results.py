@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 DEFAULT_THRESHOLD = 0.5
@@ -275,6 +275,31 @@ class EvaluationResult:
         if self.localisation is not None:  # absent without lesion points: the output is what it was
             out["localisation"] = dict(self.localisation)
         return out
+
+    def to_record(self) -> str:
+        """Every field as JSON text, for storing (``assessment.stored_evaluation``); read back with
+        :meth:`from_record`. Floats keep their exact value (JSON writes the shortest repr that
+        reads back to the same float; nan as ``NaN``)."""
+        return json.dumps(asdict(self))
+
+    @classmethod
+    def from_record(cls, text: str) -> EvaluationResult:
+        """The result :meth:`to_record` wrote: ``as_json()`` of it is the original's."""
+        record = json.loads(text)
+
+        def level(value: Mapping[str, Any] | None) -> LevelResult | None:
+            if value is None:
+                return None
+            return LevelResult(metrics={name: MetricCI(metric["value"], tuple(metric["ci95"]))
+                                        for name, metric in value["metrics"].items()},
+                               confusion=dict(value["confusion"]))
+
+        known = {f.name for f in fields(cls)}
+        record = {name: value for name, value in record.items() if name in known}
+        record["image_level"] = level(record["image_level"])
+        record["study_level"] = level(record.get("study_level"))
+        record["notes"] = tuple(record.get("notes", ()))
+        return cls(**record)
 
     def to_json_text(self) -> str:
         """:meth:`as_json` as indented JSON text (the ``metrics.json`` download and bundle file)."""
