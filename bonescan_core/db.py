@@ -612,6 +612,17 @@ def _m016_split_grouping(db: sqlite_utils.Database) -> None:
     db.execute("ALTER TABLE splits ADD COLUMN grouping TEXT NOT NULL DEFAULT 'patient' CHECK (grouping IN ('patient', 'study'))")
 
 
+def _m017_day_offsets(db: sqlite_utils.Database) -> None:
+    """Intervals between a patient's studies without their dates (``bonescan_core.priors``).
+    ``studies.day_offset``: days from the patient's first dated study (0 for that study), NULL
+    when the study's date is unknown. ``patients.day_anchor``: the first study's day, sealed by
+    a pad that only the patient's original identifier (never stored) gives back, so that an
+    earlier study imported later can shift the offsets; NULL while no study of the patient has
+    a date. Studies stored before this migration keep NULL: their dates were never kept."""
+    db.execute("ALTER TABLE studies ADD COLUMN day_offset INTEGER CHECK (day_offset >= 0)")
+    db.execute("ALTER TABLE patients ADD COLUMN day_anchor INTEGER")
+
+
 MIGRATIONS: list[tuple[str, Callable[[sqlite_utils.Database], None]]] = [
     ("001_foundation", _m001_foundation),
     ("002_training", _m002_training),
@@ -629,6 +640,7 @@ MIGRATIONS: list[tuple[str, Callable[[sqlite_utils.Database], None]]] = [
     ("014_prediction_jobs", _m014_prediction_jobs),
     ("015_localisation", _m015_localisation),
     ("016_split_grouping", _m016_split_grouping),
+    ("017_day_offsets", _m017_day_offsets),
 ]
 
 
