@@ -29,7 +29,7 @@ def offsets(db) -> dict[int, int | None]:
 def write_dicom(folder: Path, name: str, patient: str, study: int, date: str | None, seed: int) -> Path:
     """One NM file of a study (its own pixels), with PatientID, StudyInstanceUID and, when given, StudyDate."""
     extra = {"StudyDate": date} if date else {}
-    ds = nm_dataset(gradient(64, 32, seed=seed), phi=False, PatientID=patient, StudyInstanceUID=f"{UID}{study}",
+    ds = nm_dataset(gradient(128, 64, seed=seed), phi=False, PatientID=patient, StudyInstanceUID=f"{UID}{study}",
                     SOPInstanceUID=f"{UID}{study}.{seed}", **extra)
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / name
@@ -79,6 +79,7 @@ def write_png_study(folder: Path, seed: int, metastatic: bool, shape=(128, 64)) 
 
 def write_manifest(path: Path, studies: list[tuple[str, str, str, str | None, int, bool]]) -> Path:
     """Rows for (patient_id, study_id, label, study_date, seed, metastatic), both views each."""
+    path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("w", newline="") as handle:
         writer = csv.writer(handle)
         writer.writerow(["path", "patient_id", "study_id", "view", "label", "study_date"])
@@ -183,7 +184,8 @@ def review_page(study: int, monkeypatch) -> tuple[AppTest, list[tuple]]:
     monkeypatch.setattr(common, "_displayed", recorded)
     app = AppTest.from_file(str(REPO / "streamlit_app.py"), default_timeout=60)
     app.query_params["reviewer"] = "ann"
-    app.run()
+    app.run()  # the Scans page, which draws a study of its own
+    drawn.clear()
     app.query_params["study"] = str(study)
     app.switch_page("app_pages/review.py").run()
     assert not app.exception, [e.value for e in app.exception]
@@ -195,7 +197,7 @@ def captions(app: AppTest) -> list[str]:
 
 
 def image_captions(app: AppTest) -> list[str]:
-    return [image.caption for element in app.get("imgs") for image in element.proto.imgs]
+    return [image.caption for element in app.get("image") for image in element.proto.imgs]
 
 
 def test_review_draws_the_patients_other_studies_earlier_first_with_the_same_settings(patient_db, monkeypatch):
