@@ -168,7 +168,7 @@ if flag_reasons:
 with open_db() as db:
     others = priors.other_studies(db, study_id)
 
-viewer_column, form_column = st.columns([2, 1] if others else [1, 1])
+viewer_column, form_column = st.columns([3, 2] if others else [1, 1])
 with viewer_column:
     study_beside_others(study_id, others, show_labels=not blind)
 if next_study is not None:
