@@ -227,25 +227,53 @@ def data_url(png: bytes) -> str:
     return "data:image/png;base64," + base64.b64encode(png).decode("ascii")
 
 
-def scan_viewer(study_id: int, key: str) -> None:
-    """Both views of a study side by side, inverted grey (NM convention), with window, gamma
-    and zoom; the composed picture is cached per setting, so a rerun redraws nothing.
+class ViewSettings(NamedTuple):
+    """How a viewer draws a study: upper window (% of the 99.5th percentile), gamma, zoom (display height, px)."""
 
-    Args:
-        study_id: the study shown.
-        key: prefix for the widget keys (one viewer per key).
-    """
-    images = cached_study_images(study_id)
-    if not images:
-        st.info("This study has no images.")
-        return
+    window: int
+    gamma: float
+    height: int
+
+
+def view_settings(key: str) -> ViewSettings:
+    """The viewer's window, gamma and zoom sliders (widget keys ``KEY_window``, ``KEY_gamma``, ``KEY_zoom``)."""
     controls = st.columns(3)
     window = controls[0].slider("Upper window (% of the 99.5th percentile)", 10, 300, 100, 5, key=f"{key}_window",
                                 help="Lower it to see faint uptake; raise it to separate hot lesions.")
     gamma = controls[1].slider("Gamma", 0.3, 2.0, 1.0, 0.05, key=f"{key}_gamma", help="Below 1 brightens faint uptake.")
     height = controls[2].slider("Zoom (display height, px)", 300, 1400, 700, 50, key=f"{key}_zoom")
+    return ViewSettings(window, gamma, height)
+
+
+def show_study(study_id: int, settings: ViewSettings, title: str = "") -> None:
+    """Both views of a study side by side, inverted grey (NM convention), drawn with ``settings``;
+    the composed picture is cached per setting, so a rerun redraws nothing. ``title`` leads the
+    caption (``Study 12 · 94 days earlier``)."""
+    images = cached_study_images(study_id)
+    if not images:
+        st.info(f"{title}: this study has no images." if title else "This study has no images.")
+        return
     captions = " | ".join(f"{(image['view'] or 'view unknown').capitalize()} ({image['source']})" for image in images)
-    st.image(_displayed(str(db_path()), study_id, window, gamma, height), caption=captions)
+    st.image(_displayed(str(db_path()), study_id, *settings), caption=f"{title} · {captions}" if title else captions)
+
+
+def scan_viewer(study_id: int, key: str) -> ViewSettings | None:
+    """Both views of a study side by side with window, gamma and zoom sliders (:func:`show_study`).
+
+    Args:
+        study_id: the study shown.
+        key: prefix for the widget keys (one viewer per key).
+
+    Returns:
+        The settings it drew with (None when the study has no images): other studies drawn
+        beside it with :func:`show_study` and these look the same.
+    """
+    if not cached_study_images(study_id):
+        st.info("This study has no images.")
+        return None
+    settings = view_settings(key)
+    show_study(study_id, settings)
+    return settings
 
 
 @st.cache_data(max_entries=32, show_spinner=False)

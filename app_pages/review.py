@@ -11,9 +11,9 @@ import time
 import pandas as pd
 import streamlit as st
 
-from app_pages import model_panel
+from app_pages import common, model_panel
 from app_pages.common import allowed, cached, cached_study_images, denial, md, open_db, reviewer, scan_viewer, still_signed_in
-from bonescan_core import assist, catalog, runs
+from bonescan_core import assist, catalog, priors, runs
 from bonescan_core import review as rv
 
 METASTATIC_CRITERIA = [c for c, (side, _) in rv.CRITERIA.items() if side == "metastatic"]
@@ -70,6 +70,41 @@ def save(study_id: int, decision: str, label: str | None, next_study: int | None
 def move(target: int | None) -> None:
     if target is not None:
         st.session_state["rv_study"] = target
+
+
+# --- the patient's other studies beside the current one (issue 14.4) ---------------------------
+
+MAX_BESIDE = 2  # other studies drawn beside the current one at a time (a multiselect picks them when more)
+
+
+def study_beside_others(study_id: int, others: list[priors.OtherStudy], show_labels: bool) -> None:
+    """The study, and beside it the same patient's other studies (``priors.other_studies``
+    order: earlier first), all drawn with the one window, gamma and zoom, each captioned
+    with its interval. Their training labels only when ``show_labels`` (never in blind mode)."""
+    if not others:
+        scan_viewer(study_id, key="rv_viewer")
+        return
+    words = {other.study_id: f"study {other.study_id}, {other.interval}" for other in others}
+    st.caption("Other studies of this patient: " + "; ".join(words.values()))
+    shown_ids = [other.study_id for other in others[:MAX_BESIDE]]
+    if len(others) > MAX_BESIDE:
+        shown_ids = st.multiselect("Beside this study", list(words), default=shown_ids, max_selections=MAX_BESIDE,
+                                   format_func=words.get, key=form_key(study_id, "beside"))
+    shown = [other for other in others if other.study_id in shown_ids]  # kept in priors order
+    settings = common.view_settings("rv_viewer")
+    with open_db() as db:
+        statuses = rv.study_statuses(db, shown_ids) if show_labels and shown_ids else {}
+    columns = st.columns(1 + len(shown))
+    with columns[0]:
+        common.show_study(study_id, settings, f"Study {study_id} (this study)")
+    for column, other in zip(columns[1:], shown, strict=True):
+        with column:
+            common.show_study(other.study_id, settings, f"Study {other.study_id} · {other.interval}")
+            if other.study_id in statuses:
+                status = statuses[other.study_id]
+                st.caption(f"Training label: {(status.label or 'none').replace('_', ' ')} · state: {status.state}")
+    if not show_labels:
+        st.caption("The other studies' labels are hidden in blind mode.")
 
 
 st.title("Review")
@@ -136,10 +171,12 @@ with open_db() as db:
     flag_reasons = rv.open_flags(db).get(study_id, [])  # neutral texts: no model outcome or probability (blind_reason)
 if flag_reasons:
     st.caption("Flagged for re-review: " + "; ".join(dict.fromkeys(flag_reasons)))
+with open_db() as db:
+    others = priors.other_studies(db, study_id)
 
-viewer_column, form_column = st.columns([1, 1])
+viewer_column, form_column = st.columns([3, 2] if others else [1, 1])
 with viewer_column:
-    scan_viewer(study_id, key="rv_viewer")
+    study_beside_others(study_id, others, show_labels=not blind)
     model_panel.panel(study_id, model_run, assist.model_visible(blind, show_model, study_id in mine), blind)
 if next_study is not None:
     cached_study_images(next_study)  # decode the next study now, so it shows at once after a save
@@ -147,8 +184,11 @@ if next_study is not None:
 with form_column:
     st.radio("Indication is metastasis screening", ["yes", "no"], horizontal=True, key=form_key(study_id, "screening"))
     st.markdown("**Metastatic** when any of:")
+    earlier = priors.earlier_notice(others)  # (b) and (e) compare with an earlier study
     for criterion in METASTATIC_CRITERIA:
         st.checkbox(rv.CRITERIA[criterion][1], key=form_key(study_id, criterion))
+        if earlier and criterion in priors.NEEDS_EARLIER:
+            st.caption(earlier)
     st.markdown("**No metastasis** when any of:")
     for criterion in NON_METASTATIC_CRITERIA:
         st.checkbox(rv.CRITERIA[criterion][1], key=form_key(study_id, criterion))

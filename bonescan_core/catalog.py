@@ -22,14 +22,15 @@ def list_images(db: sqlite_utils.Database) -> list[dict]:
 
 
 def list_studies(db: sqlite_utils.Database) -> list[dict]:
-    """Every study: ``id, patient_id, n_images, label, included`` plus ``views``, ``origin``, ``cohort``.
+    """Every study: ``id, patient_id, n_images, label, included`` plus ``views``, ``origin``, ``cohort``,
+    ``day_offset`` (days from the patient's first dated study, None when unknown: ``priors``).
 
     ``label`` is the training label (``metastatic``, ``non_metastatic`` or None) and
     ``included`` whether the study may train (see ``review.training_labels``).
     """
     labels = training_labels(db)
     sql = """
-        SELECT s.id, s.patient_id, s.origin, s.cohort, COUNT(i.id) AS n_images,
+        SELECT s.id, s.patient_id, s.origin, s.cohort, s.day_offset, COUNT(i.id) AS n_images,
                GROUP_CONCAT(COALESCE(i.view, '?'), ',') AS views
         FROM studies s LEFT JOIN images i ON i.study_id = s.id
         GROUP BY s.id ORDER BY s.id
@@ -47,6 +48,7 @@ def list_studies(db: sqlite_utils.Database) -> list[dict]:
                 "views": sorted((row["views"] or "").split(",")) if row["views"] else [],
                 "origin": row["origin"],
                 "cohort": row["cohort"],
+                "day_offset": row["day_offset"],
             }
         )
     return rows

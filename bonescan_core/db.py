@@ -635,6 +635,17 @@ def _m018_evaluation_cache(db: sqlite_utils.Database) -> None:
         )""")
 
 
+def _m019_day_offsets(db: sqlite_utils.Database) -> None:
+    """Intervals between a patient's studies without their dates (``bonescan_core.priors``).
+    ``studies.day_offset``: days from the patient's first dated study (0 for that study), NULL
+    when the study's date is unknown. ``patients.day_anchor``: the first study's day, sealed by
+    a pad that only the patient's original identifier (never stored) gives back, so that an
+    earlier study imported later can shift the offsets; NULL while no study of the patient has
+    a date. Studies stored before this migration keep NULL: their dates were never kept."""
+    db.execute("ALTER TABLE studies ADD COLUMN day_offset INTEGER CHECK (day_offset >= 0)")
+    db.execute("ALTER TABLE patients ADD COLUMN day_anchor INTEGER")
+
+
 MIGRATIONS: list[tuple[str, Callable[[sqlite_utils.Database], None]]] = [
     ("001_foundation", _m001_foundation),
     ("002_training", _m002_training),
@@ -654,6 +665,7 @@ MIGRATIONS: list[tuple[str, Callable[[sqlite_utils.Database], None]]] = [
     ("016_split_grouping", _m016_split_grouping),
     ("017_assisted_reads", _m017_assisted_reads),
     ("018_evaluation_cache", _m018_evaluation_cache),
+    ("019_day_offsets", _m019_day_offsets),
 ]
 
 

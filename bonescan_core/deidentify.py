@@ -2,8 +2,9 @@
 the few facts kept.
 
 Only :class:`DicomFacts` leaves a DICOM header: sex, age in years (stored as a 10-year band by
-ingest), the study year, and the raw identifiers, which are there only so the caller can hash
-them or make sure none reaches storage (never stored or printed themselves). Everything else in
+ingest), the study year, and the raw identifiers and study date, which are there only so the
+caller can hash them, make sure none reaches storage, or turn the date into an interval
+(never stored or printed themselves). Everything else in
 the header is dropped.
 """
 
@@ -39,6 +40,10 @@ class DicomFacts:
         age_years: From PatientAge ("045Y" -> 45, "006M" -> 0), else from
             PatientBirthDate and StudyDate; None if unknown or implausible.
         study_year: Year of the study only, or None.
+        study_date: The study's date (StudyDate, else SeriesDate, AcquisitionDate,
+            ContentDate: the one the year comes from), or None. Raw like the identifiers:
+            there only so the caller can compute the study's day offset from the patient's
+            first study (``bonescan_core.priors``); never store or print it.
     """
 
     study_uid: str | None = field(repr=False)
@@ -47,6 +52,7 @@ class DicomFacts:
     sex: str | None
     age_years: int | None
     study_year: int | None
+    study_date: _dt.date | None = field(default=None, repr=False)
 
 
 
@@ -218,6 +224,7 @@ def dicom_facts(ds: Dataset, identifiers: tuple[str, ...]) -> DicomFacts:
         sex=sex if sex in ("F", "M", "O") else None,
         age_years=dicom_age_years(text("PatientAge"), text("PatientBirthDate"), study_date),
         study_year=year if year is not None and 1900 <= year <= 2200 else None,
+        study_date=day if day is not None and 1900 <= day.year <= 2200 else None,
     )
 
 

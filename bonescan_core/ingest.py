@@ -10,7 +10,10 @@ A rejected file leaves no rows, and one failure never aborts the batch. Rules (`
   ``0001-1-A.tif``, ``scan_ANT.png``) or a parent folder (``Anterior/``), or DICOM attributes;
 * study: files whose paths differ only by the view token; DICOM by StudyInstanceUID;
   a manifest CSV (``path, patient_id, study_id, view, label[, sex, age, primary_cancer, cohort,
-  lesions]``) overrides all of it;
+  lesions, study_date]``) overrides all of it;
+* study date: a manifest row's ``study_date`` (YYYY-MM-DD), else the DICOM date whose year is
+  kept; only the year and the study's day offset from its patient's first study are stored
+  (:mod:`bonescan_core.priors`), never the date;
 * lesion points: a manifest row's optional ``lesions`` cell, a JSON list of ``[view, row, col]``
   in the pixels of that row's file (:mod:`bonescan_core.lesions`); a point outside its image,
   or on a view the file does not hold, rejects the file with a reason that says what to fix.
@@ -42,6 +45,7 @@ capped (:data:`MAX_UPLOAD_FILES`, :data:`MAX_UPLOAD_BYTES`) and streamed to a te
 from __future__ import annotations
 
 import collections
+import datetime as dt
 import hashlib
 import json
 import multiprocessing
@@ -61,7 +65,7 @@ from typing import BinaryIO
 import numpy as np
 
 from bonescan_core import db as dbm
-from bonescan_core import lesions, pixelstore
+from bonescan_core import lesions, pixelstore, priors
 from bonescan_core.cohorts import DEFAULT_COHORT, CohortError, check_cohort
 from bonescan_core.csvfile import read_rows
 from bonescan_core.deidentify import DicomFacts, stored_file_name
@@ -196,6 +200,7 @@ class PlannedFile:
     ids: tuple[str, ...] = field(default=(), repr=False)  # raw manifest ids: compared with names, never stored
     lesions: tuple[lesions.LesionPoint, ...] = ()  # the manifest row's lesion points, in this file's pixels
     where: str = ""  # "manifest.csv line 4": where the row came from, for messages
+    study_date: dt.date | None = field(default=None, repr=False)  # the manifest's: turned into an offset, never stored
 
 
 @dataclass(frozen=True)
@@ -336,6 +341,10 @@ def _manifest_row(csv_path: Path, line_number: int, row: dict[str, str]) -> Plan
         points = lesions.parse_points(values.get("lesions", ""))
     except lesions.LesionError as error:
         raise bad(str(error)) from error
+    try:
+        study_date = priors.manifest_date(values["study_date"]) if values.get("study_date") else None
+    except ValueError as error:
+        raise bad(str(error)) from None
     path = Path(values["path"])
     return PlannedFile(
         path=path if path.is_absolute() else csv_path.parent / path,
@@ -349,9 +358,10 @@ def _manifest_row(csv_path: Path, line_number: int, row: dict[str, str]) -> Plan
         primary_cancer=values.get("primary_cancer") or None,
         from_manifest=True,
         cohort=cohort,
-        ids=(values["patient_id"], values["study_id"]),
+        ids=(values["patient_id"], values["study_id"], *(priors.date_spellings(study_date) if study_date else ())),
         lesions=points,
         where=f"{csv_path.name} line {line_number}",
+        study_date=study_date,
     )
 
 
@@ -543,8 +553,12 @@ def _store_rows(db: sqlite_utils.Database, decoded: DecodedFile, reviewer: str, 
     patient_id = _get_or_create_patient(db, salted_key(salt, "patient", patient), sex, age_band(age), plan.primary_cancer,
                                         identified=not patient.startswith("study:"))
     cohort = plan.cohort or DEFAULT_COHORT
+    day = plan.study_date or (facts.study_date if facts else None)  # a manifest overrides the header
+    year = plan.study_date.year if plan.study_date else (facts.study_year if facts else None)
     study_id, new_study, kept_cohort = _get_or_create_study(
-        db, salted_key(salt, "study", group), patient_id, facts.study_year if facts else None, "import", cohort)
+        db, salted_key(salt, "study", group), patient_id, year, "import", cohort)
+    if day is not None:
+        priors.record_study_day(db, study_id, patient_id, day, salted_key(salt, "day-anchor", patient))
     if kept_cohort != cohort:
         notes.append(f"study kept in cohort {kept_cohort!r}, where it was first imported (not {cohort!r})")
     image_ids, duplicates, views = [], 0, []
