@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from bonescan_core import db as dbm
-from bonescan_core import errors, imagecache, pixelstore, preprocess, runs, training
+from bonescan_core import errors, imagecache, pixelstore, preprocess, runs, splits, training
 from bonescan_core.cli import main
 from bonescan_core.ingest import add_demo_studies
 
@@ -201,8 +201,10 @@ def test_a_run_trains_on_the_cached_pixels_and_the_next_run_decodes_nothing(demo
         return original(images, *args, **kwargs)
 
     monkeypatch.setattr(preprocess, "image_batches", spy)
+    split_id = splits.ensure_split(demo_db, 0)
+    decodes.clear()
     config = training.TrainConfig(backbone="vgg19", weights="none", mode="full", epochs=1, batch_size=8, image_size=SIZE,
-                                  augment={})
+                                  augment={}, split_id=split_id)
     first = training.train_run(demo_db, config, Quiet(), tmp_path / "a" / "model.keras")
     n_images = first.facts["n_train"] + first.facts["n_val"] + first.facts["n_test"]
     assert len(decodes) == n_images == sum(f["decoded"] for f in first.facts["image_cache"].values())
@@ -213,7 +215,7 @@ def test_a_run_trains_on_the_cached_pixels_and_the_next_run_decodes_nothing(demo
 
     decodes.clear()
     again = training.TrainConfig(backbone="resnet50", weights="none", mode="full", epochs=1, batch_size=8,
-                                 image_size=SIZE, augment={}, split_id=first.facts["split_id"])
+                                 image_size=SIZE, augment={}, split_id=split_id)
     second = training.train_run(demo_db, again, Quiet(), tmp_path / "b" / "model.keras")
     assert len(decodes) == 0
     assert {subset: (f["mode"], f["decoded"]) for subset, f in second.facts["image_cache"].items()} == {
