@@ -187,7 +187,9 @@ def _run_child(args: list[str], options: list[str]) -> dict:
                             env={**os.environ, "PYTHONPATH": str(REPO), "TF_CPP_MIN_LOG_LEVEL": "2"})
     if result.returncode != 0:
         raise SystemExit(f"child {args} failed:\n{result.stderr[-3000:]}")
-    return json.loads(result.stdout.strip().splitlines()[-1])
+    line = result.stdout.strip().splitlines()[-1]
+    print(line, file=sys.stderr, flush=True)  # each measurement as it comes (the summary line waits for all)
+    return json.loads(line)
 
 
 def main() -> None:
