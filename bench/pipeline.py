@@ -1,5 +1,5 @@
 """Input-pipeline benchmark: training images/s through the real pipeline (database → decode →
-resize → augment → model) against the same model's train step on tensors already in memory
+resize → disk cache → batches read per step → augment → model) against the same model's train step on tensors already in memory
 (the ceiling). One JSON line per (backbone, size): backbone, size, pipeline_ips, ceiling_ips,
 ratio. Goal: ratio >= 0.95 with augmentation on.
 
@@ -75,7 +75,7 @@ def measure(db_path: Path, backbone: str, size: tuple[int, int], batch_size: int
     import keras
 
     from bonescan_core import db as dbm
-    from bonescan_core import models, preprocess
+    from bonescan_core import imagecache, models, preprocess
     from bonescan_core.review import study_statuses
 
     n_needed = batch_size * (steps + 1)
@@ -83,7 +83,8 @@ def measure(db_path: Path, backbone: str, size: tuple[int, int], batch_size: int
         labels = {sid: int(s.label == "metastatic") for sid, s in study_statuses(db).items() if s.included}
         samples = preprocess.list_samples(db, labels)[:n_needed]
         started = time.perf_counter()
-        images = preprocess.load_images(db, samples, size)  # decode + resize: the cached part of the pipeline
+        # decode + resize into the disk cache beside the database, as training does; batches read it per step
+        images, _ = imagecache.training_images(db, samples, size)
         decode_s = time.perf_counter() - started
     y = np.array([s.label for s in samples], dtype=np.float32)
     model = models.build_model(backbone, "none", size, seed=seed)
@@ -95,7 +96,7 @@ def measure(db_path: Path, backbone: str, size: tuple[int, int], batch_size: int
     # The ceiling: the bare model's train step on preprocessed batches already in memory (no decode, no augmentation).
     bare = models.build_model(backbone, "none", size, seed=seed)
     bare.compile(optimizer=keras.optimizers.Adam(1e-4), loss="binary_crossentropy")
-    x = preprocess.to_model_input(images.astype(np.float32), backbone)
+    x = preprocess.to_model_input(np.asarray(images, dtype=np.float32), backbone)
     in_memory = InMemoryBatches(x, y.reshape(-1, 1), batch_size)
     pipeline_rounds, ceiling_rounds = [], []
     for _ in range(rounds):

@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from bonescan_core import accounts, assessment, catalog, comparison, errors, runs, splits
+from bonescan_core import accounts, assessment, catalog, comparison, errors, imagecache, runs, splits
 from bonescan_core import db as dbm
 from bonescan_core.agreement import pairwise
 from bonescan_core.errors import BonescanError, InputError
@@ -440,6 +440,24 @@ def cmd_runs(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_cache(args: argparse.Namespace) -> int:
+    cache = imagecache.ImageCache.beside(dbm.resolve_path(args.db))
+    if args.clear:
+        removed = cache.clear()
+        if args.json:
+            _print_json(removed)
+        else:
+            print(f"removed {removed['removed_entries']} entries ({removed['removed_bytes'] / 1e6:.1f} MB) from {removed['path']}")
+        return EXIT_OK
+    summary = cache.summary()
+    if args.json:
+        _print_json(summary)
+    else:
+        sizes = ", ".join(f"{s['size']} v{s['version']}: {s['entries']}" for s in summary["sizes"]) or "empty"
+        print(f"{summary['path']}: {summary['entries']} entries, {summary['bytes'] / 1e6:.1f} MB ({sizes})")
+    return EXIT_OK
+
+
 def cmd_cancel(args: argparse.Namespace) -> int:
     with dbm.opened(args.db) as db:
         status = jobs.request_cancel(db, args.run)
@@ -702,6 +720,11 @@ def build_parser() -> argparse.ArgumentParser:
     verb = verbs.add_parser("cancel", help="ask a queued or running run to stop")
     verb.add_argument("run", type=int, metavar="RUN")
     verb.set_defaults(func=cmd_cancel)
+
+    verb = verbs.add_parser("cache", help="the decoded-image cache beside the runs: size and entries, or --clear")
+    verb.add_argument("--json", action="store_true", help='print {"path", "version", "entries", "bytes", "unfinished", "sizes"}')
+    verb.add_argument("--clear", action="store_true", help="remove every entry (training rebuilds what it needs)")
+    verb.set_defaults(func=cmd_cache)
 
     verb = verbs.add_parser("adjudicator", help="mark a reviewer as adjudicator (may record the consensus)")
     verb.add_argument("name")

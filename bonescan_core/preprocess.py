@@ -10,8 +10,10 @@ The steps, in order (the paper's min-max normalisation first):
    each view fitted into its half, :func:`compose_views`) or ``fusion`` (one sample per
    study: the anterior view and the horizontally mirrored posterior view, each fitted to
    (H, W), stacked, :func:`fusion_views`; the model runs one shared backbone over both);
-4. cached in memory as float16 (N, H, W), or (N, 2, H, W) for fusion, in [0, 1] (570
-   images at 646 x 220: 160 MB);
+4. cached as float16 (N, H, W), or (N, 2, H, W) for fusion, in [0, 1]: for training, one
+   file per image and frame size on disk, read per batch (``imagecache``; memory stays flat
+   as the dataset grows); :func:`load_images` holds them in memory (570 images at
+   646 x 220: 160 MB);
 5. inside the model's compiled step (:func:`with_input_pipeline`): geometric augmentation
    on training batches only (Keras layers, :func:`make_augmenter`; each view of a
    composite or a fusion sample augmented on its own, so a flip never swaps the
@@ -34,7 +36,7 @@ from __future__ import annotations
 import functools
 import math
 import os
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
@@ -129,44 +131,54 @@ def prepare_image(pixels: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     return fit_to(minmax(pixels), size)
 
 
-def fusion_views(anterior: np.ndarray | None, posterior: np.ndarray | None, size: tuple[int, int]) -> np.ndarray:
+def fusion_views(anterior: Any, posterior: Any, size: tuple[int, int],
+                 fit: Callable[[Any, tuple[int, int]], np.ndarray] = prepare_image) -> np.ndarray:
     """A fusion sample: the anterior view and the horizontally mirrored posterior view, stacked.
 
     Mirrored so that the patient's left lies on the same side in both (the posterior view is
     acquired from behind): one shared backbone then sees the same anatomy in the same place.
 
     Args:
-        anterior: (h, w) counts, or None (that view stays blank).
+        anterior: (h, w) counts, or None (that view stays blank); or whatever ``fit`` takes.
         posterior: (h, w) counts, or None.
         size: (H, W) each view is fitted to.
+        fit: (view, (H, W)) -> (H, W) in [0, 1]; :func:`prepare_image`, or a cache lookup
+            giving the same values (``imagecache``).
 
     Returns:
         (2, H, W) float32 in [0, 1]: row 0 the anterior view, row 1 the posterior view
         mirrored left-right (:func:`prepare_image` each, min-max normalised on its own).
     """
     blank = np.zeros(size, dtype=np.float32)
-    front = prepare_image(anterior, size) if anterior is not None else blank
-    back = prepare_image(posterior, size)[:, ::-1] if posterior is not None else blank
+    front = fit(anterior, size) if anterior is not None else blank
+    back = fit(posterior, size)[:, ::-1] if posterior is not None else blank
     return np.stack([front, back])
 
 
-def compose_views(anterior: np.ndarray | None, posterior: np.ndarray | None, size: tuple[int, int]) -> np.ndarray:
+def composite_halves(size: tuple[int, int]) -> tuple[tuple[int, int], tuple[int, int]]:
+    """The (H, w) frames of a composite's anterior (left) and posterior (right) half: W // 2 and W - W // 2 wide."""
+    height, width = size
+    return (height, width // 2), (height, width - width // 2)
+
+
+def compose_views(anterior: Any, posterior: Any, size: tuple[int, int],
+                  fit: Callable[[Any, tuple[int, int]], np.ndarray] = prepare_image) -> np.ndarray:
     """Anterior (left half) and posterior (right half) side by side, each normalised and fitted to its half.
 
     Args:
-        anterior: (h, w) counts, or None (that half stays blank).
+        anterior: (h, w) counts, or None (that half stays blank); or whatever ``fit`` takes.
         posterior: (h, w) counts, or None.
-        size: (H, W) of the composite; the halves are W // 2 and W - W // 2 wide.
+        size: (H, W) of the composite; the halves are W // 2 and W - W // 2 wide (:func:`composite_halves`).
+        fit: (view, (H, w)) -> (H, w) in [0, 1]; :func:`prepare_image`, or a cache lookup
+            giving the same values (``imagecache``).
 
     Returns:
         (H, W) float32 in [0, 1]. Each view is min-max normalised on its own (the views'
         count levels differ). The posterior view is not mirrored: it is shown as acquired.
     """
-    height, width = size
-    halves = (width // 2, width - width // 2)
     parts = [
-        prepare_image(view, (height, half)) if view is not None else np.zeros((height, half), dtype=np.float32)
-        for view, half in zip((anterior, posterior), halves, strict=True)
+        fit(view, half) if view is not None else np.zeros(half, dtype=np.float32)
+        for view, half in zip((anterior, posterior), composite_halves(size), strict=True)
     ]
     return np.concatenate(parts, axis=1)
 
@@ -344,25 +356,73 @@ def load_images(
     out = np.zeros((len(samples), 2, *size) if view_mode == "fusion" else (len(samples), *size), dtype=np.float16)
 
     def prepare(sample: Sample, blobs: Mapping[int, bytes]) -> np.ndarray:
-        arrays = [pixelstore.decode_pixels(blobs[i]) for i in sample.image_ids]
-        if view_mode in TWO_VIEW_MODES:
-            slots = dict(zip(sample.views, arrays, strict=True))
-            join = compose_views if view_mode == "composite" else fusion_views
-            return join(slots.get("anterior"), slots.get("posterior"), size)
-        return prepare_image(arrays[0], size)
+        arrays = {i: pixelstore.decode_pixels(blobs[i]) for i in sample.image_ids}
+        return sample_frame(sample, view_mode, size, lambda image_id, frame: prepare_image(arrays[image_id], frame))
 
+    for index, image in enumerate(map_blobs(db, samples, lambda sample: sample.image_ids, prepare, cancelled)):
+        out[index] = image.astype(np.float16)
+    return out
+
+
+def sample_frame(sample: Sample, view_mode: str, size: tuple[int, int],
+                 fit: Callable[[int, tuple[int, int]], np.ndarray]) -> np.ndarray:
+    """One sample's frame, each of its images fitted by ``fit(image_id, (h, w))``.
+
+    Args:
+        sample: from :func:`list_samples` with the same ``view_mode``.
+        size: (H, W).
+        fit: an image's (h, w) float frame in [0, 1] (:func:`prepare_image` of its pixels, or
+            the disk cache's copy of it); (h, w) is ``size``, or a composite's half
+            (:func:`frame_sizes` lists what a sample asks for).
+
+    Returns:
+        (H, W) for ``per_image`` and ``composite`` (:func:`compose_views`), (2, H, W) for
+        ``fusion`` (:func:`fusion_views`).
+    """
+    if view_mode in TWO_VIEW_MODES:
+        slots = dict(zip(sample.views, sample.image_ids, strict=True))
+        join = compose_views if view_mode == "composite" else fusion_views
+        return join(slots.get("anterior"), slots.get("posterior"), size, fit=fit)
+    return fit(sample.image_ids[0], size)
+
+
+def frame_sizes(sample: Sample, view_mode: str, size: tuple[int, int]) -> list[tuple[int, tuple[int, int]]]:
+    """(image_id, (h, w)) for each image :func:`sample_frame` fits: ``size``, or its half of a composite."""
+    if view_mode == "composite":
+        halves = dict(zip(("anterior", "posterior"), composite_halves(size), strict=True))
+        return [(image_id, halves[view]) for image_id, view in zip(sample.image_ids, sample.views, strict=True)]
+    return [(image_id, tuple(size)) for image_id in sample.image_ids]
+
+
+def map_blobs(
+    db: sqlite_utils.Database,
+    items: Sequence[Any],
+    image_ids: Callable[[Any], Iterable[int]],
+    work: Callable[[Any, Mapping[int, bytes]], Any],
+    cancelled: Callable[[], bool] | None = None,
+) -> Iterator[Any]:
+    """``work(item, blobs)`` for every item, in order, computed in a thread pool.
+
+    Args:
+        items: what to work on (samples, image ids).
+        image_ids: the images an item needs; their pixel blobs are read 32 items at a time.
+        work: (item, {image_id: pixel blob}) -> result; runs in a worker thread.
+        cancelled: polled after every 32 items; when it returns True the iteration stops
+            with ``InterruptedError``.
+
+    Yields:
+        The results in the order of ``items``.
+    """
     # zlib, NumPy and Pillow's resize release the GIL: threads decode in parallel.
     with ThreadPoolExecutor(max_workers=max(1, min(8, os.cpu_count() or 1))) as pool:
-        for start in range(0, len(samples), 32):
-            chunk = samples[start : start + 32]
-            ids = sorted({i for sample in chunk for i in sample.image_ids})
+        for start in range(0, len(items), 32):
+            chunk = items[start : start + 32]
+            ids = sorted({i for item in chunk for i in image_ids(item)})
             marks = ", ".join("?" for _ in ids)
             blobs = dict(db.execute(f"SELECT id, pixels FROM images WHERE id IN ({marks})", ids).fetchall())
-            for offset, image in enumerate(pool.map(prepare, chunk, [blobs] * len(chunk))):
-                out[start + offset] = image.astype(np.float16)
+            yield from pool.map(work, chunk, [blobs] * len(chunk))
             if cancelled is not None and cancelled():
                 raise InterruptedError("cancelled while loading images")
-    return out
 
 
 # --- augmentation and batches (Keras) --------------------------------------------------------------
@@ -535,12 +595,17 @@ def image_batches(
     """A ``keras.utils.PyDataset`` of grey batches over in-memory images (see ``ImageBatches``).
 
     Args:
-        images: (N, H, W) float16/float32 in [0, 1] from :func:`load_images`.
+        images: (N, H, W) float16/float32 in [0, 1] from :func:`load_images`, or an array-like
+            read from disk per batch (``imagecache.DiskImages``, the same values).
         labels: (N,) 0/1.
         batch_size: samples per batch (the last batch may be smaller).
         rng: shuffles the order at start and after every epoch; None keeps file order
             (validation, test, prediction).
         class_weights: {0: w0, 1: w1}; when given, batches carry per-sample weights.
-        workers: PyDataset threads (1: batches are made in the training thread).
+        workers: PyDataset threads (1: batches are made in the training thread). Images read
+            from disk get at least 2, so batches are read ahead in the background (Keras keeps
+            up to ``max_queue_size`` = 10 ready) while the model trains.
     """
+    if not isinstance(images, np.ndarray):
+        workers = max(workers, 2)
     return _batches_class()(images, labels, batch_size, rng=rng, class_weights=class_weights, workers=workers)

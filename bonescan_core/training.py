@@ -55,7 +55,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from bonescan_core import batchnorm, calibration, errors, models, preprocess, reproducibility, runs, studystats
+from bonescan_core import batchnorm, calibration, errors, imagecache, models, preprocess, reproducibility, runs, studystats
 from bonescan_core import splits as splitting
 from bonescan_core.heavy import jax_module, keras_module, sqlite_utils, tensorflow_module
 from bonescan_core.models import weights_kind
@@ -372,7 +372,8 @@ def _batch_sizes(n: int, batch_size: int) -> list[int]:
 
 @dataclass
 class _Data:
-    """Samples per subset, their labels (N,) int, and (N, H, W) float16 images once loaded."""
+    """Samples per subset, their labels (N,) int, and (N, H, W) float16 images once loaded
+    (an ``imagecache.DiskImages`` read per batch, or an in-memory array: the same values)."""
 
     samples: dict[str, list[Sample]]
     labels: dict[str, np.ndarray]
@@ -399,15 +400,20 @@ def _select_samples(db: sqlite_utils.Database, split_id: int, config: TrainConfi
     return _Data(samples, labels)
 
 
-def _load(db: sqlite_utils.Database, data: _Data, config: TrainConfig, tracker: _Progress, subsets: tuple[str, ...]) -> None:
+def _load(db: sqlite_utils.Database, data: _Data, config: TrainConfig, tracker: _Progress,
+          subsets: tuple[str, ...]) -> dict[str, Any]:
+    """Each subset's images: read per batch from the disk cache (``imagecache``), or in memory.
+    Returns the ``image_cache`` fact: per subset, what was reused and what decoded."""
+    facts: dict[str, Any] = {}
     for subset in subsets:
         tracker.send({"phase": "loading", "subset": subset, "images": len(data.samples[subset])}, force=True)
         try:
-            data.images[subset] = preprocess.load_images(
+            data.images[subset], facts[subset] = imagecache.training_images(
                 db, data.samples[subset], config.image_size, config.view_mode, cancelled=tracker.reporter.cancelled
             )
         except InterruptedError as error:
             raise TrainingCancelled("training cancelled while loading images") from error
+    return {"image_cache": facts}
 
 
 def _phase_learning_rate(config: TrainConfig, phase: str) -> float:
@@ -668,7 +674,7 @@ def train_run(db: sqlite_utils.Database, config: TrainConfig, reporter: Reporter
                 for subset in ("val", "test")
             }
         else:
-            _load(db, data, config, tracker, ("train", "val", "test"))
+            facts.update(_load(db, data, config, tracker, ("train", "val", "test")))
             model = models.build_model(bb, config.weights, config.image_size, config.dropout, seed=config.seed,
                                        views=2 if config.view_mode == "fusion" else 1)
             ran, class_weights = _fit_phases(keras, model, config, data, tracker, rng, workers, notes)
