@@ -417,7 +417,9 @@ def test_migration_upgrades_an_existing_database_keeping_its_rows(tmp_path, monk
         with dbm.opened(path) as old:
             assert "accounts" not in old.table_names()
             ids = add_bare_studies(old, 3)
-            rv.add_review(old, rv.Review(ids[0], "ann", "include", "metastatic", ("flare",)))
+            with dbm.write(old):  # a review as the code of that time wrote it (later columns did not exist)
+                old["reviews"].insert({"study_id": ids[0], "reviewer": "ann", "created_at": dbm.utc_now(),
+                                       "decision": "include", "label": "metastatic", "criteria": "flare"})
             salt = dbm.salt(old)
     with dbm.opened(path) as db:
         assert "003_accounts" in {row[0] for row in db.execute("SELECT name FROM _migrations")}
