@@ -74,7 +74,7 @@ def test_cli_evaluate_explain_export_round_trip(finished_run, tmp_path):
     exported = run_cli("export", str(run_id), "--out", str(bundle), db_path=db_path)
     assert exported.returncode == 0, exported.stderr
     assert sorted(p.name for p in bundle.iterdir()) == sorted(["model.keras", "config.json", "metrics.json", "predictions.csv",
-                                                               "report.html", "predict.py", "bonescan_layers.py"])
+                                                               "report.html", "model_card.md", "predict.py", "bonescan_layers.py"])
     assert json.loads((bundle / "metrics.json").read_text())["run"] == run_id
     assert json.loads((bundle / "config.json").read_text())["backbone"] == "resnet50"
     report = (bundle / "report.html").read_text()
