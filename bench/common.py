@@ -28,6 +28,12 @@ def versions(names: tuple[str, ...] = DISTRIBUTIONS) -> dict[str, str | None]:
     return found
 
 
+def image_size(text: str) -> tuple[int, int]:
+    """An ``HxW`` argument (``646x220``, either case of x) as (height, width)."""
+    height, width = (int(part) for part in text.lower().split("x"))
+    return height, width
+
+
 def environment(**extra: object) -> dict:
     """Machine, CPU count, Python, UTC date and library versions, plus ``extra`` fields."""
     return {"machine": platform.machine(), "cpus": os.cpu_count(), "python": platform.python_version(),

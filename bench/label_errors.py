@@ -37,12 +37,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import environment  # noqa: E402 - bench/ is on the path only after the line above
-
-
-def _size(text: str) -> tuple[int, int]:
-    height, width = (int(part) for part in text.lower().split("x"))
-    return height, width
+from common import environment, image_size  # noqa: E402 - bench/ is on the path only after the line above
 
 
 def flip_labels(db, fraction: float, seed: int) -> list[int]:
@@ -73,7 +68,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0, help="the run's seed (weights, batches)")
     parser.add_argument("--backbone", default="resnet50")
     parser.add_argument("--epochs", type=int, default=None)
-    parser.add_argument("--image-size", type=_size, default=(128, 64), metavar="HxW")
+    parser.add_argument("--image-size", type=image_size, default=(128, 64), metavar="HxW")
     parser.add_argument("--view-mode", default="per_image")
     parser.add_argument("--keep", type=Path, default=None, metavar="DIR",
                         help="work in this new folder and keep it (database and runs/), e.g. to open the app on it")

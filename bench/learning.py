@@ -28,12 +28,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import environment  # noqa: E402 - bench/ is on the path only after the line above
-
-
-def _size(text: str) -> tuple[int, int]:
-    height, width = (int(part) for part in text.lower().split("x"))
-    return height, width
+from common import environment, image_size  # noqa: E402 - bench/ is on the path only after the line above
 
 
 def _metric(block: dict | None, name: str) -> dict | None:
@@ -47,7 +42,7 @@ def main() -> None:
     parser.add_argument("--studies", type=int, default=None)
     parser.add_argument("--demo-seed", type=int, default=0, help="seed of the demo phantoms (issue 12 uses 7)")
     parser.add_argument("--epochs", type=int, default=None)
-    parser.add_argument("--image-size", type=_size, default=None, metavar="HxW")
+    parser.add_argument("--image-size", type=image_size, default=None, metavar="HxW")
     parser.add_argument("--no-augment", action="store_true")
     parser.add_argument("--view-mode", default=None, help="per_image, composite or fusion (default: the backbone's)")
     parser.add_argument("--patience", type=int, default=None)

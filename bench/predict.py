@@ -38,7 +38,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import environment
+from common import environment, image_size
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -95,7 +95,7 @@ def main() -> None:
     parser.add_argument("--gradcam-studies", type=int, default=100, help="studies whose maps are timed (default 100)")
     args = parser.parse_args()
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    size = tuple(int(v) for v in args.image_size.lower().split("x"))
+    size = image_size(args.image_size)
 
     from bonescan_core import db as dbm
     from bonescan_core import prediction, preprocess, runs
