@@ -177,7 +177,7 @@ def test_no_planted_phi_reaches_the_database_runs_exports_or_logs(db_path, tmp_p
     cli(log, "label", "1", "--reviewer", "dr_b", "--metastatic", "--criteria", "typical_pattern", "--note", "hot spine",
         db_path=db_path)
     split = json.loads(cli(log, "split", "--seed", "0", "--test", "0.3", "--val", "0.3", "--json", db_path=db_path))
-    run_id = int(cli(log, "train", "--backbone", "densenet121", "--weights", "none", "--mode", "full", "--epochs", "1",
+    run_id = int(cli(log, "train", "--backbone", "scintinet", "--view-mode", "per_image", "--weights", "none", "--mode", "full", "--epochs", "1",
                      "--batch-size", "8", "--image-size", "64x32", "--split", str(split["id"]), "--queue",
                      db_path=db_path).strip())
     wait_for_worker(jobs.start_worker(db_path, idle_exit_s=0.5), timeout_s=400)
