@@ -22,7 +22,7 @@ from .conftest import AppServer, open_app, wait_for_streamlit_idle
 
 pytestmark = pytest.mark.e2e
 
-RUN_TIMEOUT_S = 600  # ResNet50 from scratch at 64x32 on 100 demo studies: about a minute on 2 cores
+RUN_TIMEOUT_S = 900  # ResNet50 from scratch at 64x32 on 100 demo studies: about a minute on 2 cores
 
 
 @pytest.fixture
@@ -57,7 +57,7 @@ def test_demo_label_train_evaluate(app_server: AppServer, browser_page, stop_wor
     open_app(page, app_server, "/")
     page.get_by_role("tab", name="Demo dataset").click()
     page.get_by_role("button", name="Load demo dataset").click()
-    expect(page.get_by_test_id("stAlertContentSuccess")).to_contain_text("Added", timeout=120_000)
+    expect(page.get_by_test_id("stAlertContentSuccess")).to_contain_text("Added", timeout=300_000)
     wait_for_streamlit_idle(page)
 
     # 2. Three studies labelled with the keyboard (m: metastatic, n: no metastasis).
