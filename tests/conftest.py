@@ -53,3 +53,13 @@ def add_bare_studies(db, n: int) -> list[int]:
 def studies(db) -> list[int]:
     """Ten bare studies in the test database."""
     return add_bare_studies(db, 10)
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Longest first: files of real-browser (e2e) and training (slow) tests start before the quick
+    ones, so the two xdist workers (pyproject addopts) end together instead of one of them running
+    the browser files alone at the end. The order within each group stays the collection order."""
+    def group(item: pytest.Item) -> int:
+        return 0 if item.get_closest_marker("e2e") else 1 if item.get_closest_marker("slow") else 2
+
+    items.sort(key=group)
