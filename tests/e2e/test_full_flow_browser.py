@@ -22,7 +22,7 @@ from .conftest import AppServer, open_app, wait_for_streamlit_idle
 
 pytestmark = pytest.mark.e2e
 
-RUN_TIMEOUT_S = 900  # ResNet50 from scratch at 64x32 on 100 demo studies: about a minute on 2 cores
+RUN_TIMEOUT_S = 900  # ResNet50 from scratch at 64x32 on 100 demo studies: about 1.5 minutes here, ~3x that on CI
 
 
 @pytest.fixture
