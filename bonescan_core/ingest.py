@@ -48,7 +48,6 @@ import collections
 import datetime as dt
 import hashlib
 import json
-import multiprocessing
 import os
 import re
 import secrets
@@ -56,8 +55,6 @@ import shutil
 import tempfile
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from concurrent.futures import Future, ProcessPoolExecutor
-from concurrent.futures.process import BrokenProcessPool
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import BinaryIO
@@ -68,6 +65,7 @@ from bonescan_core import db as dbm
 from bonescan_core import lesions, pixelstore, priors
 from bonescan_core.cohorts import DEFAULT_COHORT, CohortError, check_cohort
 from bonescan_core.csvfile import read_rows
+from bonescan_core.decodepool import DecodePool, WorkerDied
 from bonescan_core.deidentify import DicomFacts, stored_file_name
 from bonescan_core.errors import BonescanError, InputError, Unavailable
 from bonescan_core.heavy import sqlite_utils
@@ -693,53 +691,38 @@ def _decoded_in_order(pending: Iterable[_Pending], total: int, jobs: int) -> Ite
     """(pending, decoded) in the planned order; decoded is None for settled files.
 
     With ``jobs`` > 1 and at least :data:`MIN_POOL_FILES` files, decoding runs in that many
-    worker processes (spawned; they import only the readers, never TensorFlow),
-    at most ``jobs`` × :data:`WINDOW_PER_JOB` files ahead.
+    spawned worker processes (:class:`~bonescan_core.decodepool.DecodePool`; they import only
+    the readers, never TensorFlow), at most ``jobs`` × :data:`WINDOW_PER_JOB` files ahead. A
+    worker that dies raises :class:`DecoderStopped` for the first file not yet stored.
     """
     if jobs <= 1 or total < MIN_POOL_FILES:
         for item in pending:
             yield item, None if item.outcome else decode_file(item.plan, item.resolved)  # type: ignore[arg-type]
         return
-    # Always 'spawn': a forked worker copies every other thread's held locks, and by the time
-    # an import runs the process may hold native threads (TensorFlow's, the app's) that
-    # threading.active_count() cannot see, so a fork risks hung or crashed workers (a pool broke
-    # once in the test suite while fork was chosen). Spawned workers import the readers once.
-    pool = ProcessPoolExecutor(max_workers=jobs, mp_context=multiprocessing.get_context("spawn"))
-    try:
-        window: collections.deque[tuple[_Pending, Future[DecodedFile] | None]] = collections.deque()
+    with DecodePool(decode_file, jobs) as pool:
+        window: collections.deque[tuple[_Pending, bool]] = collections.deque()  # (item, handed to a worker)
         for item in pending:
-            try:
-                future = None if item.outcome else pool.submit(decode_file, item.plan, item.resolved)
-            except BrokenProcessPool as error:  # a worker died before this file could be handed out
-                raise _decoder_stopped(item) from error
-            window.append((item, future))
-            while len(window) > jobs * WINDOW_PER_JOB or (window and window[0][1] is None):
+            decoding = not item.outcome
+            if decoding:
+                try:
+                    pool.submit(item.plan, item.resolved)
+                except WorkerDied as error:
+                    raise _decoder_stopped(item) from error
+            window.append((item, decoding))
+            while len(window) > jobs * WINDOW_PER_JOB or (window and not window[0][1]):
                 yield _settle(window.popleft(), pool)
         while window:
             yield _settle(window.popleft(), pool)
-    finally:
-        pool.shutdown(wait=True, cancel_futures=True)
 
 
-SETTLE_POLL_S = 5.0  # how often a wait for a decoded file checks that every decode worker is alive
-
-
-def _settle(entry: tuple[_Pending, Future[DecodedFile] | None],
-            pool: ProcessPoolExecutor) -> tuple[_Pending, DecodedFile | None]:
-    item, future = entry
-    if future is None:
+def _settle(entry: tuple[_Pending, bool], pool: DecodePool) -> tuple[_Pending, DecodedFile | None]:
+    item, decoding = entry
+    if not decoding:
         return item, None
-    while True:
-        try:
-            return item, future.result(timeout=SETTLE_POLL_S)
-        except BrokenProcessPool as error:
-            raise _decoder_stopped(item) from error
-        except TimeoutError:
-            # The executor notices a killed worker by itself, but not always (a worker killed
-            # while the pool spawns or feeds others has hung an import): look at the processes.
-            processes = list((getattr(pool, "_processes", None) or {}).values())
-            if any(process.exitcode not in (None, 0) for process in processes):
-                raise _decoder_stopped(item) from None
+    try:
+        return item, pool.next_result()
+    except WorkerDied as error:
+        raise _decoder_stopped(item) from error
 
 
 def _decoder_stopped(item: _Pending) -> DecoderStopped:

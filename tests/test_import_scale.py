@@ -21,7 +21,7 @@ from bad_corpus import make_bad_corpus, make_good_corpus
 from conftest import REPO
 from PIL import Image
 
-from bonescan_core import cli, ingest
+from bonescan_core import cli, decodepool, ingest
 from bonescan_core import db as dbm
 
 
@@ -63,14 +63,14 @@ def snapshot(db) -> dict[str, list[tuple]]:
     }
 
 
-class PoolSpy(ingest.ProcessPoolExecutor):
-    """The real pool, recording the start method of each pool made."""
+class PoolSpy(decodepool.DecodePool):
+    """The real pool, recording the start method of each worker process made."""
 
     methods: list[str] = []
 
-    def __init__(self, *args, **kwargs) -> None:
-        PoolSpy.methods.append(kwargs["mp_context"].get_start_method())
-        super().__init__(*args, **kwargs)
+    def _start(self) -> None:
+        super()._start()
+        PoolSpy.methods.extend(process._start_method for process in self.processes)
 
 
 @pytest.mark.parametrize("with_thread", [False, True], ids=["one-thread", "threaded-like-the-app"])
@@ -80,7 +80,7 @@ def test_parallel_import_gives_the_same_rows_and_outcomes_as_one_process(tmp_pat
         one = ingest.import_files(db, [folder], label_from_folder=True, jobs=1)
         rows_one = snapshot(db)
     PoolSpy.methods = []
-    monkeypatch.setattr(ingest, "ProcessPoolExecutor", PoolSpy)
+    monkeypatch.setattr(ingest, "DecodePool", PoolSpy)
     stop = threading.Event()
     thread = threading.Thread(target=stop.wait, daemon=True)  # a second thread, as Streamlit runs
     if with_thread:
@@ -91,7 +91,7 @@ def test_parallel_import_gives_the_same_rows_and_outcomes_as_one_process(tmp_pat
             rows_two = snapshot(db)
     finally:
         stop.set()
-    assert PoolSpy.methods == ["spawn"]  # never fork: native threads (TensorFlow's) would be copied mid-lock
+    assert PoolSpy.methods == ["spawn", "spawn"]  # never fork: native threads (TensorFlow's) would be copied mid-lock
     assert [(o.path, o.status, o.detail, o.image_ids) for o in two] == [(o.path, o.status, o.detail, o.image_ids) for o in one]
     assert rows_two == rows_one
     by_name = {o.path.name: o for o in two}
@@ -105,7 +105,7 @@ def test_parallel_import_gives_the_same_rows_and_outcomes_as_one_process(tmp_pat
 
 
 def test_small_batches_and_jobs_1_decode_in_this_process(db, tmp_path, monkeypatch):
-    monkeypatch.setattr(ingest, "ProcessPoolExecutor", None)  # any pool would fail
+    monkeypatch.setattr(ingest, "DecodePool", None)  # any pool would fail
     write_scans(tmp_path / "few", ingest.MIN_POOL_FILES // 2 - 1)
     outcomes = ingest.import_files(db, [tmp_path / "few"], jobs=8)
     assert [o.status for o in outcomes] == ["imported"] * (ingest.MIN_POOL_FILES - 2)
