@@ -11,13 +11,13 @@ import streamlit as st
 from app_pages.common import allowed, cached_study_images, data_version, db_path, denial, open_db, reviewer, still_signed_in
 from bonescan_core import (
     assessment,
+    assist,
     calibration,
     comparison,
     errors,
     evaluation,
     external,
     jobs,
-    localisation,
     pixelstore,
     plots,
     prediction,
@@ -190,15 +190,6 @@ def cached_explorer_table(database: str, run_id: int, threshold: float, version:
                         columns=EXPLORER_COLUMNS)
 
 
-def heatmap(run_id: int, image_id: int) -> np.ndarray:
-    """The Grad-CAM map of one image: computed once (the model loads on first use; Keras is
-    imported only then) and cached in the database."""
-    from bonescan_core import explain
-
-    with open_db() as db:
-        return explain.explain_image(db, db_path(), run_id, image_id)
-
-
 def label_of(run: runs.Run) -> str:
     return f"Run {run.id} · {evaluation.run_label(run.backbone, run.id)} · {run.settings.mode} · " \
            f"{run.settings.weights} · split {run.split_id}"
@@ -366,23 +357,17 @@ with explorer_tab:
         st.markdown(f"Probability **{chosen_row['probability']:.3f}** · threshold {threshold_now:.3f} · "
                     f"reference label **{'metastatic' if chosen_row['label'] else 'no metastasis'}**")
         opacity = st.slider("Grad-CAM opacity", 0.0, 1.0, 0.45, 0.05, key="ex_opacity")
-        images = cached_study_images(study_id)
-        predicted = {row["image_id"]: row["probability"] for row in rows if row["study_id"] == study_id}
-        panels, captions = [], []
         try:
-            with st.spinner("Computing Grad-CAM..."):
-                for image in images:
-                    if image["id"] in predicted:
-                        shared = localisation.shared_scale(heatmap(run_id, image["id"]), predicted[image["id"]])
-                        panels.append(plots.overlay(image["pixels"], shared, opacity=opacity, upper=image["display_max"]))
-                    else:
-                        grey = pixelstore.to_display(image["pixels"], upper=image["display_max"])
-                        panels.append(np.repeat(grey[..., None], 3, axis=2))
-                    captions.append(f"{(image['view'] or 'view ?').capitalize()} (image {image['id']})")
-            st.image(pixelstore.side_by_side(panels, 700), caption=" | ".join(captions))
+            with st.spinner("Computing Grad-CAM..."), open_db() as db:
+                overlays = assist.study_overlays(db, db_path(), run_id, study_id, cached_study_images(study_id),
+                                                 opacity=opacity)
+            st.image(pixelstore.side_by_side([overlay.rgb for overlay in overlays], 700),
+                     caption=" | ".join(overlay.name for overlay in overlays))
             st.caption("Maps on one scale for every image: evidence relative to the image's strongest, times the "
                        "probability, so a confident negative stays cold.")
-        except Exception as error:  # noqa: BLE001 - a missing model must not break the explorer
+            if note := assist.empty_map_note(overlays):
+                st.caption(note)
+        except errors.BonescanError as error:  # e.g. the run's model file is gone and a map was not stored
             st.error(f"Grad-CAM is not available for this run: {error}")
         with open_db() as db:
             trail = rv.history(db, study_id)

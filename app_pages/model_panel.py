@@ -41,14 +41,15 @@ def shown_studies() -> set[int]:
 
 
 @st.cache_data(max_entries=16, show_spinner=False)
-def _overlays(database: str, run_id: int, study_id: int, opacity: float) -> tuple[np.ndarray, str]:
-    """(the study's views with the run's maps, side by side at 700 px; their captions)."""
+def _overlays(database: str, run_id: int, study_id: int, opacity: float) -> tuple[np.ndarray, str, str | None]:
+    """(the study's views with the run's maps, side by side at 700 px; their captions; the
+    note on empty maps, or None)."""
     images = cached_study_images(study_id)
     with open_db() as db:
         overlays = assist.study_overlays(db, database, run_id, study_id, images, opacity=opacity)
     captions = " | ".join(f"{(o.view or 'view ?').capitalize()}: Grad-CAM"
                           + ("" if o.probability is None else f" (p={o.probability:.3f})") for o in overlays)
-    return pixelstore.side_by_side([o.rgb for o in overlays], 700), captions
+    return pixelstore.side_by_side([o.rgb for o in overlays], 700), captions, assist.empty_map_note(overlays)
 
 
 def panel(study_id: int, run_id: int | None, visible: bool, blind: bool) -> None:
@@ -87,8 +88,10 @@ def panel(study_id: int, run_id: int | None, visible: bool, blind: bool) -> None
     opacity = st.slider("Grad-CAM opacity", 0.0, 1.0, 0.45, 0.05, key="rv_model_opacity")
     try:
         with st.spinner("Computing Grad-CAM..."):
-            picture, captions = _overlays(str(db_path()), run_id, study_id, opacity)
+            picture, captions, empty_note = _overlays(str(db_path()), run_id, study_id, opacity)
     except errors.BonescanError as error:  # e.g. the run's model file is gone and a map was not stored
         st.error(f"Grad-CAM is not available for this run: {error}")
         return
     st.image(picture, caption=captions)
+    if empty_note:
+        st.caption(empty_note)

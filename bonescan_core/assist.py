@@ -170,12 +170,30 @@ class Overlay:
             confident negative stays cold); the plain display when the run has no
             out-of-sample prediction of this image (e.g. a view a composite run does not use).
         probability: the run's probability for the image, None when it has none.
+        empty_map: True when the image has a prediction but its Grad-CAM map is zero
+            everywhere: no region raised the model's probability of metastasis (the overlay
+            is the plain scan, which says nothing by itself).
     """
 
     image_id: int
     view: str | None
     rgb: np.ndarray
     probability: float | None
+    empty_map: bool = False
+
+    @property
+    def name(self) -> str:
+        """``Anterior (image 12)``: how a caption names the image."""
+        return f"{(self.view or 'view ?').capitalize()} (image {self.image_id})"
+
+
+def empty_map_note(overlays: Sequence[Overlay]) -> str | None:
+    """A caption for the images whose map is empty, or None when every map shows something."""
+    empty = [overlay.name for overlay in overlays if overlay.empty_map]
+    if not empty:
+        return None
+    return (f"{', '.join(empty)}: the Grad-CAM map is empty. No region raised the model's probability of "
+            "metastasis, so the overlay is the plain scan.")
 
 
 def study_overlays(db: sqlite_utils.Database, db_path: str | os.PathLike[str], run_id: int, study_id: int,
@@ -213,14 +231,16 @@ def study_overlays(db: sqlite_utils.Database, db_path: str | os.PathLike[str], r
     overlays = []
     for image in images:
         image_id = int(image["id"])
+        empty = False
         if image_id in probability:
             heat = localisation.shared_scale(maps[image_id], probability[image_id])
             rgb = plots.overlay(image["pixels"], heat, opacity=plots.DEFAULT_OPACITY if opacity is None else opacity,
                                 upper=image["display_max"])
+            empty = not bool(np.any(np.nan_to_num(maps[image_id]) > 0))
         else:
             grey = pixelstore.to_display(image["pixels"], upper=image["display_max"])
             rgb = np.repeat(grey[..., None], 3, axis=2)
-        overlays.append(Overlay(image_id, image.get("view"), rgb, probability.get(image_id)))
+        overlays.append(Overlay(image_id, image.get("view"), rgb, probability.get(image_id), empty))
     return overlays
 
 

@@ -938,6 +938,7 @@ EXPLORER_ORDERS: dict[str, tuple[str, bool]] = {
     "top losses first": ("loss", True),
     "least confident first": ("confidence", False),
     "most confident first": ("confidence", True),
+    "highest probability first": ("probability", True),  # what the model finds most suspicious
 }
 """The explorer's sort orders: name -> (row key, descending)."""
 

@@ -132,6 +132,31 @@ def test_opinion_never_gives_a_training_prediction(db):
         assist.study_overlays(db, "unused.db", run_id, studies[0], [])
 
 
+def test_an_empty_map_is_named_in_a_note_and_a_map_with_evidence_is_not(db):
+    """A map that is zero everywhere leaves the plain scan; the note says so, so a grey overlay
+    is never mistaken for a map that failed to draw."""
+    from bonescan_core import catalog, runs
+
+    add_demo_studies(db, 1, seed=0)
+    study = db.execute("SELECT id FROM studies").fetchone()[0]
+    read(db, study, "metastatic")
+    run_id = insert_run(db, {study: "val"}, {study: ("val", 0.8)})
+    images = catalog.study_images(db, study)
+    anterior, posterior = (next(image for image in images if image["view"] == view) for view in ("anterior", "posterior"))
+    with dbm.write(db):
+        db["predictions"].insert_all([{"run_id": run_id, "image_id": image["id"], "subset": "val", "label": 1,
+                                       "probability": 0.8} for image in images])
+    evidence = np.zeros(anterior["pixels"].shape, dtype=np.float32)
+    evidence[10:20, 10:20] = 1.0
+    runs.store_heatmaps(db, run_id, {anterior["id"]: evidence,
+                                     posterior["id"]: np.zeros(posterior["pixels"].shape, dtype=np.float32)})
+    overlays = {o.view: o for o in assist.study_overlays(db, "unused.db", run_id, study, images)}
+    assert (overlays["anterior"].empty_map, overlays["posterior"].empty_map) == (False, True)
+    note = assist.empty_map_note(list(overlays.values()))
+    assert note.startswith(f"Posterior (image {posterior['id']}): the Grad-CAM map is empty")
+    assert assist.empty_map_note([overlays["anterior"]]) is None
+
+
 # --- the assisted flag ---------------------------------------------------------------------------------
 
 def test_assisted_reviews_are_stored_and_exported(db, tmp_path):

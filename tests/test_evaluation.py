@@ -323,15 +323,20 @@ def test_youden_threshold_is_the_best_cut_of_sklearns_roc_curve(seed):
 
 def test_explorer_rows_filter_and_sort():
     rows = [
-        {"image_id": 1, "outcome": "TP", "subset": "test", "view": "anterior", "criteria": "flare", "loss": 0.2, "confidence": 0.4},
-        {"image_id": 2, "outcome": "FN", "subset": "val", "view": "posterior", "criteria": "", "loss": 2.0, "confidence": 0.1},
-        {"image_id": 3, "outcome": "FP", "subset": "test", "view": None, "criteria": "flare;trauma", "loss": 1.0, "confidence": 0.3},
-        {"image_id": 4, "outcome": "TN", "subset": "test", "view": "anterior", "criteria": "trauma", "loss": 0.2, "confidence": 0.2},
+        {"image_id": 1, "outcome": "TP", "subset": "test", "view": "anterior", "criteria": "flare", "loss": 0.2,
+         "confidence": 0.4, "probability": 0.9},
+        {"image_id": 2, "outcome": "FN", "subset": "val", "view": "posterior", "criteria": "", "loss": 2.0,
+         "confidence": 0.1, "probability": 0.4},
+        {"image_id": 3, "outcome": "FP", "subset": "test", "view": None, "criteria": "flare;trauma", "loss": 1.0,
+         "confidence": 0.3, "probability": 0.8},
+        {"image_id": 4, "outcome": "TN", "subset": "test", "view": "anterior", "criteria": "trauma", "loss": 0.2,
+         "confidence": 0.2, "probability": 0.3},
     ]
     ids = lambda kept: [row["image_id"] for row in kept]  # noqa: E731
     assert ids(ev.filter_explorer_rows(rows)) == [2, 3, 1, 4]  # top losses first; ties keep their order
     assert ids(ev.filter_explorer_rows(rows, order="least confident first")) == [2, 4, 3, 1]
     assert ids(ev.filter_explorer_rows(rows, order="most confident first")) == [1, 3, 4, 2]
+    assert ids(ev.filter_explorer_rows(rows, order="highest probability first")) == [1, 3, 2, 4]
     assert ids(ev.filter_explorer_rows(rows, outcomes=["TP", "FP"], subsets=["test"])) == [3, 1]
     assert ids(ev.filter_explorer_rows(rows, views=["anterior"], criterion="trauma")) == [4]
     assert ids(ev.filter_explorer_rows(rows, criterion="flare")) == [3, 1]

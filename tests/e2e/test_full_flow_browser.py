@@ -15,7 +15,7 @@ import pytest
 from playwright.sync_api import expect
 
 from bonescan_core import db as dbm
-from bonescan_core import jobs, runs
+from bonescan_core import evaluation, jobs, runs
 from bonescan_core import review as rv
 
 from .conftest import AppServer, open_app, wait_for_streamlit_idle
@@ -115,11 +115,26 @@ def test_demo_label_train_evaluate(app_server: AppServer, browser_page, stop_wor
     expect(confusion).to_contain_text("Predicted")
     page.get_by_role("tab", name="Per-image explorer").click()
     wait_for_streamlit_idle(page, timeout_s=120)
+    # The image the model finds most suspicious: a one-epoch model's top-loss image may be a
+    # confident miss whose map is empty (which machine's arithmetic decides), never this one.
+    page.get_by_test_id("stRadio").filter(has_text="Sort").get_by_text("highest probability first").click()
+    wait_for_streamlit_idle(page, timeout_s=120)
+    with dbm.opened(app_server.db_path) as db:
+        rows = evaluation.explorer_rows(db, run_id, 0.5)
+    first = evaluation.filter_explorer_rows(rows, order="highest probability first")[0]
+    expect(page.get_by_text(f"Study {first['study_id']} · image {first['image_id']}")).to_be_visible()
     expect(page.get_by_test_id("stAlertContentError")).to_have_count(0)
     expect(page.get_by_text("Grad-CAM opacity")).to_be_visible()
     overlay = page.get_by_test_id("stImage").locator("img").first
     overlay.scroll_into_view_if_needed()
     page.wait_for_function("img => img.complete && img.naturalWidth > 0", arg=overlay.element_handle(), timeout=30_000)
+    with dbm.opened(app_server.db_path) as db:  # the maps the page computed and stored for the study
+        study_maps = [runs.cached_explanation(db, run_id, row["image_id"]) for row in rows
+                      if row["study_id"] == first["study_id"]]
+    assert study_maps and all(cached is not None for cached in study_maps), "the explorer stored no map of its study"
+    if max(float(heat.max()) for heat, _ in study_maps) == 0:  # nothing to colour: the page must say so
+        expect(page.get_by_text("the Grad-CAM map is empty")).to_be_visible()
+        return
     # The scan itself is grey (R = G = B); the heatmap colours it. Count coloured pixels.
     coloured = overlay.evaluate("""img => {
         const canvas = document.createElement('canvas');
