@@ -24,12 +24,15 @@ from collections.abc import Callable
 from multiprocessing.connection import Connection
 from typing import Any
 
+from bonescan_core.errors import Unavailable
+
 START_METHOD = "spawn"
 JOIN_TIMEOUT_S = 5.0  # a worker told to stop that has not ended by then is killed
 
 
-class WorkerDied(RuntimeError):
-    """A worker process ended before it returned a result (killed, out of memory)."""
+class WorkerDied(Unavailable):
+    """A worker process ended before it returned a result (killed, out of memory). The import
+    turns it into ``ingest.DecoderStopped``, which says what to do."""
 
 
 def _serve(connection: Connection, function: Callable[..., Any]) -> None:
