@@ -47,7 +47,7 @@ def _overlays(database: str, run_id: int, study_id: int, opacity: float) -> tupl
     images = cached_study_images(study_id)
     with open_db() as db:
         overlays = assist.study_overlays(db, database, run_id, study_id, images, opacity=opacity)
-    captions = " | ".join(f"{(o.view or 'view ?').capitalize()}: Grad-CAM"
+    captions = " | ".join(f"{o.view_label}: Grad-CAM"
                           + ("" if o.probability is None else f" (p={o.probability:.3f})") for o in overlays)
     return pixelstore.side_by_side([o.rgb for o in overlays], 700), captions, assist.empty_map_note(overlays)
 

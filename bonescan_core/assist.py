@@ -182,9 +182,14 @@ class Overlay:
     empty_map: bool = False
 
     @property
+    def view_label(self) -> str:
+        """``Anterior``, or ``View ?`` when the view is not known."""
+        return (self.view or "view ?").capitalize()
+
+    @property
     def name(self) -> str:
         """``Anterior (image 12)``: how a caption names the image."""
-        return f"{(self.view or 'view ?').capitalize()} (image {self.image_id})"
+        return f"{self.view_label} (image {self.image_id})"
 
 
 def empty_map_note(overlays: Sequence[Overlay]) -> str | None:
@@ -236,7 +241,7 @@ def study_overlays(db: sqlite_utils.Database, db_path: str | os.PathLike[str], r
             heat = localisation.shared_scale(maps[image_id], probability[image_id])
             rgb = plots.overlay(image["pixels"], heat, opacity=plots.DEFAULT_OPACITY if opacity is None else opacity,
                                 upper=image["display_max"])
-            empty = not bool(np.any(np.nan_to_num(maps[image_id]) > 0))
+            empty = localisation.peak_of(maps[image_id]) is None  # no positive value anywhere
         else:
             grey = pixelstore.to_display(image["pixels"], upper=image["display_max"])
             rgb = np.repeat(grey[..., None], 3, axis=2)
