@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import REPO
+from conftest import REPO, tiny_run
 from streamlit.testing.v1 import AppTest
 
 from bonescan_core import assessment, calibration, cli, evaluation, plots, runs, splits, studystats, training
@@ -18,9 +18,7 @@ from bonescan_core import db as dbm
 from bonescan_core.ingest import add_demo_studies
 
 SIZE = (64, 32)
-# scintinet: a tiny run whose backbone is not the point (an ImageNet backbone costs ~5x the time to build)
-TINY = training.TrainConfig(backbone="scintinet", view_mode="per_image", weights="none", mode="full", epochs=1, batch_size=8, image_size=SIZE,
-                            learning_rate=1e-4)
+TINY = tiny_run(image_size=SIZE, learning_rate=1e-4)
 
 
 def sigmoid(z):

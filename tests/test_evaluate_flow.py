@@ -4,19 +4,15 @@ explains and exports it, and the exported bundle loads back with safe_mode=True.
 import json
 
 import pytest
-from conftest import REPO, run_cli
+from conftest import REPO, run_cli, tiny_run
 from streamlit.testing.v1 import AppTest
 
 from bonescan_core import db as dbm
 from bonescan_core import jobs, runs
 from bonescan_core.ingest import add_demo_studies
-from bonescan_core.training import TrainConfig
 
 pytestmark = pytest.mark.slow
 
-# A tiny run whose backbone is not the point: scintinet builds and traces ~5x faster than an ImageNet backbone.
-TINY = {"backbone": "scintinet", "view_mode": "per_image", "weights": "none", "mode": "full", "epochs": 1, "batch_size": 8,
-        "image_size": (64, 32)}
 
 
 @pytest.fixture(scope="module")
@@ -25,7 +21,7 @@ def finished_run(tmp_path_factory):
     db_path = tmp_path_factory.mktemp("run") / "labels.db"
     with dbm.opened(db_path) as db:
         add_demo_studies(db, 16, seed=21)
-        config = TrainConfig(**TINY)
+        config = tiny_run()
         run_id = jobs.enqueue(db, config.backbone, config.to_dict(), config.identity_hash())
     assert jobs.run_worker(db_path, once=True, echo=lambda line: None) == 1
     with dbm.opened(db_path) as db:
@@ -117,7 +113,7 @@ def test_map_precomputation_yields_to_a_queued_run(tmp_path):
         add_demo_studies(db, 16, seed=21)
         run_ids = []
         for seed in (0, 1):
-            config = TrainConfig(**TINY, seed=seed)
+            config = tiny_run(seed=seed)
             run_ids.append(jobs.enqueue(db, config.backbone, config.to_dict(), config.identity_hash()))
     assert jobs.run_worker(db_path, once=True, echo=lambda line: None) == 2
     with dbm.opened(db_path) as db:

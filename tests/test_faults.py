@@ -15,20 +15,16 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import REPO
+from conftest import REPO, tiny_run
 
 from bonescan_core import db as dbm
 from bonescan_core import jobs, runs
 from bonescan_core import review as rv
 from bonescan_core.ingest import add_demo_studies
-from bonescan_core.training import TrainConfig
-
-# scintinet: a tiny run whose backbone is not the point (an ImageNet backbone costs ~5x the time to build)
-TINY = {"backbone": "scintinet", "view_mode": "per_image", "weights": "none", "mode": "full", "batch_size": 4, "image_size": (64, 32), "augment": {}}
 
 
 def enqueue(db, **settings) -> int:
-    config = TrainConfig(**{**TINY, **settings})
+    config = tiny_run(**{"batch_size": 4, "augment": {}, **settings})
     return jobs.enqueue(db, config.backbone, config.to_dict(), config.identity_hash())
 
 

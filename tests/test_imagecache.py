@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import tiny_run
 
 from bonescan_core import db as dbm
 from bonescan_core import errors, imagecache, pixelstore, preprocess, runs, splits, training
@@ -204,8 +205,7 @@ def test_a_run_trains_on_the_cached_pixels_and_the_next_run_decodes_nothing(demo
     monkeypatch.setattr(preprocess, "image_batches", spy)
     split_id = splits.ensure_split(demo_db, 0)
     decodes.clear()
-    config = training.TrainConfig(backbone="scintinet", view_mode="per_image", weights="none", mode="full", epochs=1,
-                                  batch_size=8, image_size=SIZE, augment={}, split_id=split_id)
+    config = tiny_run(image_size=SIZE, augment={}, split_id=split_id)
     first = training.train_run(demo_db, config, Quiet(), tmp_path / "a" / "model.keras")
     n_images = first.facts["n_train"] + first.facts["n_val"] + first.facts["n_test"]
     assert len(decodes) == n_images == sum(f["decoded"] for f in first.facts["image_cache"].values())

@@ -16,13 +16,12 @@ import sys
 import numpy as np
 import pytest
 import tifffile
-from conftest import REPO, run_cli
+from conftest import REPO, run_cli, tiny_run
 from PIL import Image
 
 from bonescan_core import db as dbm
 from bonescan_core import jobs, pixelstore, preprocess, report, runs, studystats
 from bonescan_core.ingest import add_demo_studies
-from bonescan_core.training import TrainConfig
 
 PREDICT = REPO / "bonescan_core" / "bundle" / "predict.py"
 
@@ -78,7 +77,7 @@ def run_bundle(bundle, argv_lists, cwd):
 
 def train(db_path, **settings):
     with dbm.opened(db_path) as db:
-        config = TrainConfig(**{"weights": "none", "mode": "full", "epochs": 1, "batch_size": 8, "image_size": (64, 32), **settings})
+        config = tiny_run(**settings)
         run_id = jobs.enqueue(db, config.backbone, config.to_dict(), config.identity_hash())
     assert jobs.run_worker(db_path, once=True, echo=lambda line: None) == 1
     with dbm.opened(db_path) as db:
