@@ -15,10 +15,13 @@ scan is positive if ANY place shows one. So the network
    then halves the resolution with max pooling, which keeps a 1-3 px hot spot alive where
    striding or averaging would dilute it;
 3. looks at "local bone" (receptive field ~160 px at 1024 x 256: a vertebra and its
-   neighbours, a few ribs, both knees) with plain 3 x 3 convolutions, GroupNorm (statistics
-   per image, so batch size 1-16 and inference behave the same) and ReLU;
+   neighbours, a few ribs, both knees) with plain 3 x 3 convolutions and ReLU, and no
+   normalisation layer: GroupNorm's per-image statistics let the network read the whole
+   image's lesion burden in the air and the legs, and BatchNorm needs large batches (without
+   one, batch size 1-16 and inference behave the same);
 4. turns the last feature map (stride 16) into a 1 x 1 **lesion-evidence map** (one logit per
-   place) and pools it with a smooth maximum (log-sum-exp, :func:`smooth_max`): the image's
+   place; with the reader channels, plus a 1 x 1 convolution of their cell maxima, starting as
+   their sum) and pools it with a smooth maximum (log-sum-exp, :func:`smooth_max`): the image's
    logit is, within ``log(places) / SHARPNESS``, the strongest evidence anywhere, and unlike a
    hard maximum every place gets a gradient (a hard max trains one place per image per step:
    on 100 demo studies it had not started to learn after 7 epochs).
@@ -213,10 +216,12 @@ def build(image_size: tuple[int, int] = DEFAULT_SIZE, dropout: float = 0.3, seed
         A ``keras.Model`` named ``bonescan_scintinet``: input ``image`` (None, H, W, 3) float32
         (with ``views=2``: (None, 2, H, W, 3), and ``features`` / ``evidence`` hold 2 rows per study)
         (raw counts or the app's 0..255, any positive scale); output (None, 1) float32, the
-        probability of metastasis. Layers: :func:`robust_scale` ops, ``stem``/``stageK_convJ`` Conv2D with
-        ``*_norm`` GroupNorm and ReLU, ``poolK`` MaxPooling2D, ``features`` (last ReLU, the
-        (None, H/16, W/16, 128) map), ``head_dropout``, ``evidence`` (1 x 1 Conv2D → (None,
-        H/16, W/16, 1) logits), :func:`smooth_max` ops and ``head_pool`` (an Identity layer
+        probability of metastasis. Layers: :func:`robust_scale` ops, ``stem``/``stageK_convJ`` Conv2D
+        (no bias) and ReLU, ``poolK`` MaxPooling2D, ``features`` (last ReLU, the
+        (None, H/16, W/16, 128) map), ``head_dropout``, ``evidence`` ((None, H/16, W/16, 1)
+        logits: a 1 x 1 Conv2D of the features, ``evidence_learned``, plus with the reader
+        channels a 1 x 1 Conv2D without bias of the reader cells, ``evidence_reader``, kernel 1
+        at start), :func:`smooth_max` ops and ``head_pool`` (an Identity layer
         naming its (None, 1) result), ``head_dense`` (Dense(1, sigmoid), kernel 1 and bias 0
         at start: the pooled evidence is the logit).
     """
@@ -239,16 +244,18 @@ def build(image_size: tuple[int, int] = DEFAULT_SIZE, dropout: float = 0.3, seed
     def init() -> Any:
         return keras.initializers.HeNormal(seed=seed + next(counter))
 
-    def conv_norm_relu(x: Any, filters: int, kernel: int, name: str, strides: int = 1, dilation: int = 1,
-                       relu_name: str | None = None) -> Any:
+    def conv_relu(x: Any, filters: int, kernel: int, name: str, strides: int = 1, dilation: int = 1,
+                  relu_name: str | None = None) -> Any:
+        # No normalisation layer: GroupNorm's per-image statistics carried the whole image's lesion
+        # burden to every place, and the network learnt to read it in the air and the legs
+        # (docs/scintinet.md, "No normalisation layer"). BatchNorm needs large batches. No bias either
+        # (as measured): a ReLU network without biases maps an empty place to zero evidence features.
         x = layers.Conv2D(filters, kernel, strides=strides, padding="same", dilation_rate=dilation, use_bias=False,
                           kernel_initializer=init(), name=name)(x)
-        # Groups of 8 channels: statistics per image, so batch size and inference do not matter.
-        x = layers.GroupNormalization(groups=max(1, filters // 8), name=f"{name}_norm")(x)
         return layers.Activation("relu", name=relu_name or f"{name}_relu")(x)
 
     filters, kernel, stride = STEM
-    x = conv_norm_relu(x, filters, kernel, "stem", strides=stride)
+    x = conv_relu(x, filters, kernel, "stem", strides=stride)
     for stage, (filters, n_convs, dilation) in enumerate(STAGES, start=1):
         # Max, not mean or stride: a 1-3 px hot spot survives the halving at full strength.
         x = layers.MaxPooling2D(2, padding="same", name=f"pool{stage}")(x)
@@ -259,10 +266,18 @@ def build(image_size: tuple[int, int] = DEFAULT_SIZE, dropout: float = 0.3, seed
             x = layers.Concatenate(name="reader_skip")([x, cells])
         for index in range(n_convs):
             last_of_stage = index == n_convs - 1
-            x = conv_norm_relu(x, filters, 3, f"stage{stage}_conv{index + 1}", dilation=dilation if last_of_stage else 1,
+            x = conv_relu(x, filters, 3, f"stage{stage}_conv{index + 1}", dilation=dilation if last_of_stage else 1,
                                relu_name=LAST_CONV_LAYER if last_of_stage and stage == len(STAGES) else None)
     x = layers.SpatialDropout2D(dropout, seed=seed, name="head_dropout")(x)
-    evidence = layers.Conv2D(1, 1, kernel_initializer=keras.initializers.GlorotUniform(seed=seed + 1), name="evidence")(x)
+    learned = layers.Conv2D(1, 1, kernel_initializer=keras.initializers.GlorotUniform(seed=seed + 1),
+                            name="evidence" if not reader else "evidence_learned")(x)
+    if reader:
+        # The reader channels' cell maxima also reach the evidence directly (a 1 x 1 conv, starting as
+        # their sum): each place starts as a contrast detector, and the learned part adds to it.
+        direct = layers.Conv2D(1, 1, kernel_initializer="ones", use_bias=False, name="evidence_reader")(cells)
+        evidence = layers.Add(name="evidence")([learned, direct])
+    else:
+        evidence = learned
     if views == 2:  # (2N, h, w, 1) → (N, 2h, w, 1): a study's two evidence maps stacked, pooled together
         h, w = int(evidence.shape[1]), int(evidence.shape[2])
         evidence = keras.ops.reshape(evidence, (-1, 2 * h, w, 1))
