@@ -35,7 +35,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from bonescan_core import errors
+from bonescan_core import errors, scintinet
 from bonescan_core.heavy import keras_module
 
 if TYPE_CHECKING:  # pragma: no cover - typing only; keras is imported lazily
@@ -161,11 +161,11 @@ BACKBONES: dict[str, Backbone] = {
         name="scintinet",
         application="",  # built by bonescan_core.scintinet, not keras.applications
         module="",
-        last_conv_layer="features",  # the stride-16 map the 1 x 1 lesion-evidence map reads
+        last_conv_layer=scintinet.LAST_CONV_LAYER,  # the stride-16 lesion-evidence map itself
         imagenet_file="",
         imagenet_url="",
         finetune_from="",
-        n_features=128,
+        n_features=scintinet.N_FEATURES,
         modes=("full",),  # random weights: freezing any part of it would freeze noise
         default_weights="none",
         default_mode="full",
@@ -390,8 +390,6 @@ def _fuse_views(features: Any) -> Any:
 def _build_from_scratch(bb: Backbone, kind: str, weights: str | os.PathLike[str] | None, size: tuple[int, int],
                         dropout: float, seed: int, views: int = 1) -> keras.Model:
     """A backbone without ImageNet weights (``scintinet``): random weights, or a whole-model weights file."""
-    from bonescan_core import scintinet
-
     if kind == "imagenet":
         ensure_imagenet(bb)  # raises the InputError that says to use --weights none
     path = Path(weights) if kind == "file" else None

@@ -32,7 +32,7 @@ classes). It fits the app's registry contract (``bonescan_core.models``): input 
 (None, H, W, 3) float32 (the app repeats the grey view on three channels; any channel layout of
 one grey image works because the channels are averaged), output (None, 1) float32 sigmoid from
 ``head_dense``, layers ``head_pool`` / ``head_dropout`` / ``head_dense`` present, Grad-CAM on
-:data:`LAST_CONV_LAYER` (the input of the evidence map).
+:data:`LAST_CONV_LAYER` (the evidence map itself).
 
 Importing this module does not import Keras.
 """
@@ -65,8 +65,12 @@ RING_FLOOR = 0.05  # added to the ring level (in units of the 99.5th percentile)
 CONTRAST_CLIP = 8.0  # point contrast above this (injection sites, bladder edges) saturates
 MIRROR_WINDOW: tuple[int, int] = (9, 33)  # tolerance of the left-right comparison: the midline is within ±3 % of the centre
 OTHER_VIEW_WINDOW = 9  # the other view's contrast is taken as its maximum this close to the same place
-LAST_CONV_LAYER = "features"  # the stride-16 feature map the evidence map reads; Grad-CAM's target
-N_FEATURES = STAGES[-1][0]
+# Grad-CAM's target: the evidence map itself (one logit per stride-16 place). Not `features`: the
+# reader cells reach the evidence beside it, so `features` is no cut point of the graph (Grad-CAM
+# under JAX needs one) and a map of it would miss the direct reader path. On one channel, Grad-CAM
+# is ReLU(evidence) over its maximum: the places that raise the probability of metastasis.
+LAST_CONV_LAYER = "evidence"
+N_FEATURES = 1
 
 
 def robust_scale(image: Any, percentile: float = PERCENTILE, clip: float = CLIP) -> Any:
@@ -267,7 +271,7 @@ def build(image_size: tuple[int, int] = DEFAULT_SIZE, dropout: float = 0.3, seed
         for index in range(n_convs):
             last_of_stage = index == n_convs - 1
             x = conv_relu(x, filters, 3, f"stage{stage}_conv{index + 1}", dilation=dilation if last_of_stage else 1,
-                               relu_name=LAST_CONV_LAYER if last_of_stage and stage == len(STAGES) else None)
+                               relu_name="features" if last_of_stage and stage == len(STAGES) else None)
     x = layers.SpatialDropout2D(dropout, seed=seed, name="head_dropout")(x)
     learned = layers.Conv2D(1, 1, kernel_initializer=keras.initializers.GlorotUniform(seed=seed + 1),
                             name="evidence" if not reader else "evidence_learned")(x)

@@ -45,8 +45,9 @@ def test_fusion_weights_are_shared_by_the_views(keras):
     single = models.build_model("scintinet", "none", SMALL, seed=0)
     fused = models.build_model("scintinet", "none", SMALL, seed=0, views=2)
     # One backbone, not two: fusion adds only the weights that read its one extra reader channel (the other
-    # view's contrast), in the stem (5 x 5 x 16) and where the channels join the last stage (3 x 3 x 128).
-    extra = 5 * 5 * scintinet.STEM[0] + 3 * 3 * scintinet.STAGES[-1][0]
+    # view's contrast), in the stem (5 x 5 x 16), where the channels join the last stage (3 x 3 x 128) and
+    # in the evidence map's direct reader path (1).
+    extra = 5 * 5 * scintinet.STEM[0] + 3 * 3 * scintinet.STAGES[-1][0] + 1
     assert fused.count_params() == single.count_params() + extra
     plain = [scintinet.build(SMALL, seed=0, views=views, reader=False).count_params() for views in (1, 2)]
     assert plain[0] == plain[1]
